@@ -1,0 +1,150 @@
+"""The ``moonq`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from producers.client import Client
+from producers.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, MoonqError
+from producers.render import Renderer
+
+DEFAULT_MODEL = "kimi-k2.5"
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        try:
+            request = json.loads(text)
+        except ValueError as err:
+            raise InvalidRequest([("--file", f"is not valid JSON: {err}")]) from None
+        if isinstance(request, dict) and args.model:
+            request["model"] = args.model
+        return request  # type: ignore[no-any-return]
+    if not args.prompt:
+        raise InvalidRequest([("prompt", "give a prompt, or --file with a request")])
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    request = {"model": args.model or DEFAULT_MODEL, "messages": messages}
+    if args.max_tokens:
+        request["max_completion_tokens"] = args.max_tokens
+    return request
+
+
+def _follow(client: Client, job_id: str, as_json: bool) -> int:
+    renderer = Renderer(sys.stdout)
+    code = 0
+    for event in client.job(job_id).events():
+        if as_json:
+            print(event.model_dump_json(exclude_none=True), flush=True)
+        else:
+            renderer.event(event)
+        if event.type == "failed":
+            code = 1
+        elif event.type == "cancelled":
+            code = 130
+        elif event.type == "completed" and not as_json:
+            usage = (event.result or {}).get("usage") or {}
+            print(
+                f"[job {job_id}: {usage.get('prompt_tokens', '?')} prompt + "
+                f"{usage.get('completion_tokens', '?')} completion tokens]",
+                file=sys.stderr,
+            )
+    return code
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    job = client.submit(_request_from_args(args))
+    print(job.id if args.no_wait else f"[job {job.id}]", file=sys.stdout if args.no_wait else sys.stderr, flush=True)
+    return 0 if args.no_wait else _follow(client, job.id, args.json)
+
+
+def cmd_follow(client: Client, args: argparse.Namespace) -> int:
+    return _follow(client, args.job, args.json)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    rec = client.job(args.job).record()
+    shown = {k: rec[k] for k in ("status", "model", "attempt", "enqueued_at", "started_at", "finished_at") if k in rec}
+    if "error" in rec:
+        shown["error"] = json.loads(rec["error"])
+    print(json.dumps({"id": args.job, **shown}, indent=2))
+    return 0
+
+
+def cmd_result(client: Client, args: argparse.Namespace) -> int:
+    print(client.job(args.job).result(timeout=args.timeout).model_dump_json(indent=2, exclude_none=True))
+    return 0
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    ended = client.job(args.job).cancel()
+    print("cancel requested" if ended else "job had already ended")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moonq", description="Chat-completion jobs on a Celery + Redis queue.")
+    p.add_argument("--redis-url", help="overrides REDIS_URL")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="submit a job and stream its answer")
+    s.add_argument("prompt", nargs="?", help="the user message")
+    s.add_argument("--file", help="a JSON chat-completions request ('-' = stdin)")
+    s.add_argument("--model", help=f"model (default {DEFAULT_MODEL}; overrides the file's)")
+    s.add_argument("--system", help="a system message")
+    s.add_argument("--max-tokens", type=int, help="max_completion_tokens")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.add_argument("--json", action="store_true", help="print events as JSON lines")
+    s.set_defaults(func=cmd_submit)
+    for name, func, text in (("follow", cmd_follow, "stream a job's events"), ("status", cmd_status, "a job's state")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("job")
+        if name == "follow":
+            c.add_argument("--json", action="store_true", help="print events as JSON lines")
+        c.set_defaults(func=func)
+    r = sub.add_parser("result", help="wait for a job and print its completion")
+    r.add_argument("job")
+    r.add_argument("--timeout", type=float, default=None)
+    r.set_defaults(func=cmd_result)
+    c = sub.add_parser("cancel", help="cancel a job")
+    c.add_argument("job")
+    c.set_defaults(func=cmd_cancel)
+    sub.add_parser("simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False)
+    sub.add_parser("demo", help="run the demo: private Redis, simulator, one worker, sample jobs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # These two own their flags: hand them the rest of the line untouched.
+    if argv[:1] == ["simulate"]:
+        from simulator.cli import main as simulate
+
+        return simulate(argv[1:])
+    if argv[:1] == ["demo"]:
+        from producers.demo import main as demo
+
+        return demo(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.redis_url) as client:
+            return int(args.func(client, args))
+    except InvalidRequest as err:
+        print(f"moonq: invalid request: {err}", file=sys.stderr)
+        return 2
+    except JobNotFound as err:
+        print(f"moonq: no such job: {err}", file=sys.stderr)
+        return 3
+    except (JobFailed, JobTimeout, MoonqError) as err:
+        print(f"moonq: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

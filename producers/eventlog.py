@@ -1,0 +1,131 @@
+"""The job record and its event log: one atomic append, and a reader that never misses.
+
+Writers (the worker, and a producer cancelling a queued job) go through ``APPEND_LUA``, so
+sequence numbers, the replay log, the live channel and the job record never disagree.
+Readers subscribe first, then replay the log, then follow the channel, filling any gap from
+the log: pub/sub alone is at-most-once, the log makes it exactly-once for the reader.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from producers.keys import Keys
+from producers.wire import TERMINAL_STATUSES, Event
+
+# KEYS[1] job hash, KEYS[2] log stream.
+# ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
+# that is not terminal), ARGV[5] n = number of events, ARGV[6 .. 5+n] event bodies: JSON objects
+# without "seq" (the script assigns it), then field/value pairs to set on the job hash.
+# Returns the last seq written, or 0 when nothing was written because the job is missing (-0),
+# already ended, owned by someone else, or not in the required status.
+APPEND_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 0 end
+local n = tonumber(ARGV[5])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+for i = 1, n do
+  seq = seq + 1
+  local body = ARGV[5 + i]
+  local msg = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+  redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
+  redis.call('PUBLISH', ARGV[1], msg)
+end
+redis.call('HSET', KEYS[1], 'seq', seq)
+for i = 6 + n, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local ttl = tonumber(ARGV[2])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return seq
+"""
+
+
+def event_body(job_id: str, type: str, **fields: Any) -> str:
+    """An event as JSON without ``seq`` (``APPEND_LUA`` adds it); None-valued fields are left out."""
+    data = Event(job_id=job_id, seq=0, type=type, **fields).model_dump(mode="json", exclude_none=True)
+    del data["seq"]
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def append_args(
+    keys: Keys,
+    job_id: str,
+    bodies: list[str],
+    *,
+    ttl_s: int,
+    owner: str = "",
+    require_status: str = "",
+    fields: dict[str, str] | None = None,
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV for ``APPEND_LUA``."""
+    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, len(bodies), *bodies]
+    for name, value in (fields or {}).items():
+        argv += [name, value]
+    return [keys.job(job_id), keys.log(job_id)], argv
+
+
+def parse_entries(entries: list[tuple[Any, dict[Any, Any]]]) -> list[Event]:
+    return [Event.model_validate_json(fields[b"e"] if b"e" in fields else fields["e"]) for _, fields in entries]
+
+
+def read_log(client: redis.Redis, keys: Keys, job_id: str, after_seq: int = 0) -> list[Event]:
+    """Events of a job with seq > ``after_seq``, in order."""
+    return parse_entries(client.xrange(keys.log(job_id), min=f"{after_seq + 1}-0", max="+"))
+
+
+def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
+    """Yield the job's events after ``after_seq``: replayed, then live, ending after the terminal one.
+
+    Each event is yielded once, in seq order. If the job record disappears (expired) while
+    no terminal event was seen, iteration simply ends.
+    """
+    last = after_seq
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.events(job_id))
+    try:
+        from_log = True  # subscribed first, so the log read covers everything before now
+        while True:
+            if from_log:
+                for event in read_log(client, keys, job_id, last):
+                    last = event.seq
+                    yield event
+                    if event.terminal:
+                        return
+                from_log = False
+            msg = pubsub.get_message(timeout=poll_s)
+            if msg is None:
+                # Quiet: re-read the log in case a live message was lost (pub/sub is at-most-once).
+                if not client.exists(keys.job(job_id)):
+                    return
+                from_log = True
+                continue
+            event = Event.model_validate_json(msg["data"])
+            if event.seq <= last:
+                continue
+            if event.seq > last + 1:
+                from_log = True  # a gap: the log has what we missed
+                continue
+            last = event.seq
+            yield event
+            if event.terminal:
+                return
+    finally:
+        pubsub.close()
+
+
+def job_record(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
+    raw = client.hgetall(keys.job(job_id))
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+
+
+def is_terminal(status: str | None) -> bool:
+    return status in TERMINAL_STATUSES

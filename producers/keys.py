@@ -1,0 +1,44 @@
+"""Every Redis key and channel moonq uses, in one place.
+
+Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
+
+    P:job:<id>          hash   job record: status, model, attempt, times, result, error.
+                               Written by the producer at submit and by the worker after;
+                               expires ``result_ttl_s`` after the job ends.
+    P:log:<id>          stream replay log; entry id ``<seq>-0``, field ``e`` = event JSON.
+                               The explicit id makes Redis refuse a duplicate or out-of-order
+                               seq, so a stale writer cannot corrupt the log. Same TTL as the job.
+    P:events:<id>       pub/sub channel carrying the same events live.
+    P:cancel            pub/sub channel on which job ids to cancel are announced to workers.
+
+The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
+``global_keyprefix``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key and channel names under one prefix."""
+
+    prefix: str = "moonq"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def log(self, job_id: str) -> str:
+        return f"{self.prefix}:log:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    @property
+    def broker_prefix(self) -> str:
+        return f"{self.prefix}:"

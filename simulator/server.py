@@ -1,0 +1,122 @@
+"""Serving the app with uvicorn: in a background thread (tests, demo) or in the foreground (CLI)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+
+from simulator.app import create_app
+from simulator.config import SimConfig
+
+# Many clients hold a stream each; the default backlog of 100 drops bursts of connects.
+LISTEN_BACKLOG = 4096
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket; binding before serving lets port 0 resolve to a known free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def build_server(cfg: SimConfig, *, shutdown_timeout_s: int = 1) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(cfg),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        backlog=LISTEN_BACKLOG,
+        # Open streams would otherwise hold shutdown until they finish.
+        timeout_graceful_shutdown=shutdown_timeout_s,
+    )
+    return uvicorn.Server(config)
+
+
+class SimServer:
+    """The simulator on a real socket, served by uvicorn in a daemon thread.
+
+    Example:
+        with SimServer(SimConfig(), port=0) as sim:
+            httpx.get(f"{sim.base_url}/models", headers={"Authorization": "Bearer sk-test"})
+    """
+
+    def __init__(
+        self,
+        cfg: SimConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg or SimConfig()
+        self.host = host
+        self._requested_port = port
+        self._startup_timeout_s = startup_timeout_s
+        self._sock: socket.socket | None = None
+        self._port: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("SimServer is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self) -> SimServer:
+        """Starts serving; returns once the server accepts connections.
+
+        Raises:
+            OSError: the address cannot be bound.
+            RuntimeError: the server did not come up within ``startup_timeout_s``.
+        """
+        if self._thread is not None:
+            raise RuntimeError("SimServer is already started")
+        self._sock = bind_socket(self.host, self._requested_port)
+        self._port = int(self._sock.getsockname()[1])
+        self._server = build_server(self.cfg)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("simulator failed to start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._sock is not None:
+            self._sock.close()
+        self._server = None
+        self._thread = None
+        self._sock = None
+
+    def __enter__(self) -> SimServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,47 @@
+"""SSE framing and pacing of a response.
+
+Kept apart from what is said (generate/render) so a per-request ``Delivery`` can later inject
+faults — drop the connection after chunk k, omit ``[DONE]``, corrupt a frame, stall — by
+transforming the frame list or the pacing, without touching generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+SSE_CONTENT_TYPE = "text/event-stream"
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How one response is paced on the wire."""
+
+    first_token_latency_s: float = 0.0
+    chunk_interval_s: float = 0.0
+
+    def duration_s(self, frames: int) -> float:
+        """Wall time a stream of ``frames`` frames takes; a non-stream answer waits as long."""
+        return self.first_token_latency_s + self.chunk_interval_s * max(frames - 1, 0)
+
+
+def encode_frame(chunk: dict[str, Any]) -> bytes:
+    data = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def sse_frames(chunks: Iterable[dict[str, Any]]) -> list[bytes]:
+    return [*map(encode_frame, chunks), DONE_FRAME]
+
+
+async def paced(frames: list[bytes], delivery: Delivery) -> AsyncIterator[bytes]:
+    # asyncio.sleep, not time.sleep: one server holds thousands of concurrent streams.
+    for i, frame in enumerate(frames):
+        pause = delivery.first_token_latency_s if i == 0 else delivery.chunk_interval_s
+        if pause > 0:
+            await asyncio.sleep(pause)
+        yield frame
