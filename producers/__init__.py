@@ -1,9 +1,9 @@
 """moonq for producing services: validate and enqueue chat-completion jobs, follow their events.
 
-    from producers import Client
-    job = Client().submit({"model": "kimi-k2.5", "messages": [{"role": "user", "content": "Hi"}]})
-    for event in job.events(): ...
-    job.result().choices[0].message.content
+from producers import Client
+job = Client().submit({"model": "kimi-k2.5", "messages": [{"role": "user", "content": "Hi"}]})
+for event in job.events(): ...
+job.result().choices[0].message.content
 """
 
 from producers.client import Client, Job

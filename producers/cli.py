@@ -69,7 +69,9 @@ def cmd_follow(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     rec = client.job(args.job).record()
-    shown = {k: rec[k] for k in ("status", "model", "attempt", "enqueued_at", "started_at", "finished_at") if k in rec}
+    shown: dict[str, Any] = {
+        k: rec[k] for k in ("status", "model", "attempt", "enqueued_at", "started_at", "finished_at") if k in rec
+    }
     if "error" in rec:
         shown["error"] = json.loads(rec["error"])
     print(json.dumps({"id": args.job, **shown}, indent=2))
@@ -113,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="cancel a job")
     c.add_argument("job")
     c.set_defaults(func=cmd_cancel)
-    sub.add_parser("simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False)
+    sub.add_parser(
+        "simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False
+    )
     sub.add_parser("demo", help="run the demo: private Redis, simulator, one worker, sample jobs")
     return p
 

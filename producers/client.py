@@ -113,7 +113,7 @@ class Job:
             JobTimeout: ``timeout`` seconds passed first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(self.client.keys.events(self.id))
         try:
             while True:

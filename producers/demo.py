@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from producers.client import Client
-from producers.local import RedisServer
+from producers.client import Client, Job
+from producers.local import RedisServer, WorkerProcess
 from producers.render import BOLD, RESET, Renderer
 
 WEATHER_TOOL = {
@@ -42,43 +38,48 @@ class Sample:
 
 def samples() -> list[Sample]:
     user = {"role": "user", "content": "What is the weather in Beijing today?"}
-    partial = {"role": "assistant", "content": "Once upon a time, in a lighthouse,", "partial": True}
+    prefix = "Once upon a time, in a lighthouse,"
+    partial = {"role": "assistant", "content": prefix, "partial": True}
     return [
-        Sample("Plain chat (kimi-k2.5, thinking off)", {
-            "model": "kimi-k2.5", "thinking": {"type": "disabled"}, "temperature": 0.6,
-            "messages": [{"role": "system", "content": "You are Kimi."},
-                         {"role": "user", "content": "Say hello to a new moonq user."}],
-        }),
-        Sample("Tool call (kimi-k2.5 offered get_weather)", {
-            "model": "kimi-k2.5", "thinking": {"type": "disabled"}, "temperature": 0.6,
-            "messages": [user], "tools": [WEATHER_TOOL],
-        }),
-        Sample("Partial Mode (the model continues the prefix)", {
-            "model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Tell a very short story."}, partial],
-        }, prefix=partial["content"]),
-        Sample("Thinking model (reasoning_content, then the answer)", {
-            "model": "kimi-k2-thinking", "max_completion_tokens": 2048,
-            "messages": [{"role": "user", "content": "Is 1001 a prime number?"}],
-        }),
+        Sample(
+            "Plain chat (kimi-k2.5, thinking off)",
+            {
+                "model": "kimi-k2.5",
+                "thinking": {"type": "disabled"},
+                "temperature": 0.6,
+                "messages": [
+                    {"role": "system", "content": "You are Kimi."},
+                    {"role": "user", "content": "Say hello to a new moonq user."},
+                ],
+            },
+        ),
+        Sample(
+            "Tool call (kimi-k2.5 offered get_weather)",
+            {
+                "model": "kimi-k2.5",
+                "thinking": {"type": "disabled"},
+                "temperature": 0.6,
+                "messages": [user],
+                "tools": [WEATHER_TOOL],
+            },
+        ),
+        Sample(
+            "Partial Mode (the model continues the prefix)",
+            {
+                "model": "moonshot-v1-8k",
+                "messages": [{"role": "user", "content": "Tell a very short story."}, partial],
+            },
+            prefix=prefix,
+        ),
+        Sample(
+            "Thinking model (reasoning_content, then the answer)",
+            {
+                "model": "kimi-k2-thinking",
+                "max_completion_tokens": 2048,
+                "messages": [{"role": "user", "content": "Is 1001 a prime number?"}],
+            },
+        ),
     ]
-
-
-@contextmanager
-def _worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
-            yield proc
-        finally:
-            proc.terminate()  # SIGTERM: Celery's warm shutdown
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _environment(stack: ExitStack) -> tuple[dict[str, str], list[str]]:
@@ -103,42 +104,78 @@ def _environment(stack: ExitStack) -> tuple[dict[str, str], list[str]]:
 def run(out: Any = sys.stdout) -> int:
     with ExitStack() as stack:
         env, notes = _environment(stack)
-        log_path = Path(tempfile.mkdtemp(prefix="moonq-demo-")) / "worker.log"
-        stack.enter_context(_worker(env, log_path))
-        notes.append(f"one worker node: celery -A worker worker (log: {log_path})")
+        node = stack.enter_context(WorkerProcess(env))
+        notes.append(f"one worker node: celery -A worker worker (log: {node.log_path})")
         for note in notes:
             print(f"• {note}", file=out)
         client = stack.enter_context(Client(env["REDIS_URL"]))
+        bold = (lambda t: f"{BOLD}{t}{RESET}") if out.isatty() else (lambda t: t)
         rows = []
         for sample in samples():
-            print(f"\n{BOLD}── {sample.title}{RESET}", file=out)
-            submitted = time.monotonic()
-            job = client.submit(sample.request)
-            renderer = Renderer(out)
-            first: float | None = None
-            if sample.prefix:
-                out.write(sample.prefix)
-            for event in job.events():
-                if event.type == "delta" and first is None:
-                    first = time.monotonic() - submitted
-                renderer.event(event)
-            rec = job.record()
-            usage = job.result().usage if rec["status"] == "succeeded" else None
-            rows.append((sample.title.split(" (")[0], rec["status"], usage, first, time.monotonic() - submitted))
-        _summary(rows, out)
-        return 0 if all(r[1] == "succeeded" for r in rows) else 1
+            print(bold(f"\n── {sample.title}"), file=out)
+            rows.append(_run_sample(client, sample.title.split(" (")[0], sample.request, sample.prefix, out))
+            result = client.job(rows[-1].job_id).result() if rows[-1].status == "succeeded" else None
+            if result is not None and result.choices[0].finish_reason == "tool_calls":
+                # Answer the call the way an application would, and let the model finish.
+                reply = _tool_reply(sample.request, result)
+                print(bold('   tool result sent back: {"temp_c": 21, "sky": "clear"}'), file=out)
+                rows.append(_run_sample(client, "Tool result turn", reply, "", out))
+        _summary(rows, out, bold)
+        return 0 if all(r.status == "succeeded" for r in rows) else 1
 
 
-def _summary(rows: list[tuple[str, str, Any, float | None, float]], out: Any) -> None:
-    print(f"\n{BOLD}── Summary{RESET}", file=out)
-    print(f"{'job':<22}{'outcome':<11}{'prompt':>8}{'compl.':>8}{'first delta':>13}{'total':>9}", file=out)
+@dataclass
+class Row:
+    job_id: str
+    title: str
+    status: str
+    usage: Any
+    first_delta_s: float | None
+    total_s: float
+
+
+def _run_sample(client: Client, title: str, request: dict[str, Any], prefix: str, out: Any) -> Row:
+    submitted = time.monotonic()
+    job: Job = client.submit(request)
+    renderer = Renderer(out)
+    first: float | None = None
+    out.write(prefix)
+    for event in job.events():
+        if event.type == "delta" and first is None:
+            first = time.monotonic() - submitted
+        renderer.event(event)
+    status = job.status()
+    usage = job.result().usage if status == "succeeded" else None
+    return Row(job.id, title, status, usage, first, time.monotonic() - submitted)
+
+
+def _tool_reply(request: dict[str, Any], result: Any) -> dict[str, Any]:
+    assistant = result.choices[0].message.model_dump(exclude_none=True)
+    tools = [
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "clear"}'}
+        for call in result.choices[0].message.tool_calls or []
+    ]
+    return {**request, "messages": [*request["messages"], assistant, *tools]}
+
+
+def _summary(rows: list[Row], out: Any, bold: Any) -> None:
+    print(bold("\n── Summary"), file=out)
+    print(f"{'job':<20}{'outcome':<11}{'prompt':>8}{'compl.':>8}{'first delta':>13}{'total':>10}", file=out)
     prompt = completion = 0
-    for title, status, usage, first, total in rows:
-        p, c = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+    latencies = []
+    for row in rows:
+        p, c = (row.usage.prompt_tokens, row.usage.completion_tokens) if row.usage else (0, 0)
         prompt, completion = prompt + p, completion + c
-        ttft = f"{first * 1000:.0f} ms" if first is not None else "-"
-        print(f"{title:<22}{status:<11}{p:>8}{c:>8}{ttft:>13}{total * 1000:>6.0f} ms", file=out)
-    print(f"{len(rows)} jobs, {prompt} prompt + {completion} completion tokens", file=out)
+        latencies.append(row.total_s)
+        ttft = f"{row.first_delta_s * 1000:.0f} ms" if row.first_delta_s is not None else "-"
+        print(f"{row.title:<20}{row.status:<11}{p:>8}{c:>8}{ttft:>13}{row.total_s * 1000:>7.0f} ms", file=out)
+    latencies.sort()
+    print(
+        f"{len(rows)} jobs, {prompt} prompt + {completion} completion tokens;"
+        f" latency (submit → last event) median {latencies[len(latencies) // 2] * 1000:.0f} ms,"
+        f" max {latencies[-1] * 1000:.0f} ms",
+        file=out,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

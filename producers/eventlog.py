@@ -73,13 +73,13 @@ def append_args(
     return [keys.job(job_id), keys.log(job_id)], argv
 
 
-def parse_entries(entries: list[tuple[Any, dict[Any, Any]]]) -> list[Event]:
+def parse_entries(entries: list[tuple[Any, Any]]) -> list[Event]:
     return [Event.model_validate_json(fields[b"e"] if b"e" in fields else fields["e"]) for _, fields in entries]
 
 
 def read_log(client: redis.Redis, keys: Keys, job_id: str, after_seq: int = 0) -> list[Event]:
     """Events of a job with seq > ``after_seq``, in order."""
-    return parse_entries(client.xrange(keys.log(job_id), min=f"{after_seq + 1}-0", max="+"))
+    return parse_entries(client.xrange(keys.log(job_id), min=f"{after_seq + 1}-0", max="+") or [])
 
 
 def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
@@ -89,7 +89,7 @@ def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, 
     no terminal event was seen, iteration simply ends.
     """
     last = after_seq
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(keys.events(job_id))
     try:
         from_log = True  # subscribed first, so the log read covers everything before now
@@ -124,7 +124,9 @@ def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, 
 
 def job_record(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
     raw = client.hgetall(keys.job(job_id))
-    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
+    }
 
 
 def is_terminal(status: str | None) -> bool:

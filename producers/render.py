@@ -32,7 +32,9 @@ class Renderer:
             self._delta(event.delta)
         elif event.type == "retry":
             self._switch("note")
-            self.out.write(self._style(DIM, f"[retrying: attempt {event.attempt} in {event.delay_s:.1f}s: {event.reason}]"))
+            self.out.write(
+                self._style(DIM, f"[retrying: attempt {event.attempt} in {event.delay_s:.1f}s: {event.reason}]")
+            )
         elif event.type == "failed" and event.error is not None:
             self._switch("note")
             self.out.write(self._style(RED, f"[failed: {event.error.type}: {event.error.message}]"))
@@ -55,6 +57,9 @@ class Renderer:
             fn = call.get("function") or {}
             if fn.get("name"):
                 self._switch("tool")
-                self.out.write(("\n" if self._mode == "tool" and call.get("index", 0) else "") + self._style(BOLD, f"→ {fn['name']}"))
+                self.out.write(
+                    ("\n" if self._mode == "tool" and call.get("index", 0) else "")
+                    + self._style(BOLD, f"→ {fn['name']}")
+                )
             if fn.get("arguments"):
                 self.out.write(fn["arguments"])

@@ -253,7 +253,9 @@ class ChatRequest(_Open):
         last = self.messages[-1]
         json_out = self.response_format is not None and self.response_format.type != "text"
         if last.partial and json_out:
-            raise ValueError("response_format: Partial Mode cannot be combined with response_format json_object/json_schema")
+            raise ValueError(
+                "response_format: Partial Mode cannot be combined with response_format json_object/json_schema"
+            )
         if isinstance(self.tool_choice, NamedToolChoice):
             wanted = self.tool_choice.function.get("name")
             offered = {t.function.name for t in self.tools or []}

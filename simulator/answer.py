@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from simulator.config import SimConfig
 from simulator.finish import Outcome, conclude
 from simulator.generate import draft
 from simulator.render import Json, Meta, completion_body, stream_chunks, usage
+from simulator.tokens import compact_json
 from simulator.validate import ChatRequest
 
 
@@ -46,10 +48,14 @@ def answer(cfg: SimConfig, cache: PrefixCache, req: ChatRequest) -> Answer:
     return Answer(req, Meta(req.model), outcomes, cached)
 
 
-def chunk_sizes(cfg: SimConfig, seed: int) -> Callable[[], int]:
-    """Tokens per stream fragment: fixed when configured, else 1-3 like the real API."""
+def chunk_sizes(cfg: SimConfig, req: ChatRequest) -> Callable[[], int]:
+    """Tokens per stream fragment: fixed when configured, else 1-3 like the real API.
+
+    Seeded from the request so a replayed request streams byte-identical fragments.
+    """
     if cfg.tokens_per_chunk is not None:
         fixed = cfg.tokens_per_chunk
         return lambda: fixed
-    rng = random.Random(seed)
+    material = compact_json([cfg.seed, req.model, req.messages]).encode()
+    rng = random.Random(hashlib.sha256(material).digest())
     return lambda: rng.randint(1, 3)

@@ -57,7 +57,7 @@ class _Simulator:
     async def chat(self, request: Request) -> Response:
         req = parse_chat_request(await _json_body(request))
         result = answer(self.cfg, self.cache, req)
-        frames = sse_frames(result.chunks(chunk_sizes(self.cfg, hash(result.meta.id))))
+        frames = sse_frames(result.chunks(chunk_sizes(self.cfg, req)))
         delivery = self.delivery(request)
         if req.stream:
             headers = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"}

@@ -106,9 +106,9 @@ def _model(body: dict[str, Any]) -> ModelSpec:
 
 def _thinking(body: dict[str, Any], spec: ModelSpec) -> tuple[bool, str | None]:
     raw = body.get("thinking")
-    kind = raw.get("type") if isinstance(raw, dict) else raw
-    if kind not in (None, "enabled", "disabled"):
-        raise invalid_request("thinking.type must be 'enabled' or 'disabled'")
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if (raw is not None and not isinstance(raw, dict)) or kind not in (None, "enabled", "disabled"):
+        raise invalid_request('thinking must be {"type": "enabled"} or {"type": "disabled"}')
     if spec.thinking is Thinking.ENABLED_ONLY and kind == "disabled":
         raise rejected("invalid thinking: only type=enabled is allowed for this model")
     if spec.thinking is Thinking.DEFAULT_ON:

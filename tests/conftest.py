@@ -76,8 +76,14 @@ def settings(redis_url: str, sim: SimServer) -> Settings:
 @pytest.fixture(scope="session")
 def worker(settings: Settings) -> Iterator[Any]:
     app = create_app(settings)
-    with start_worker(app, pool="threads", concurrency=settings.concurrency, perform_ping_check=False,
-                      loglevel="WARNING", shutdown_timeout=20) as w:
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=settings.concurrency,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=20,
+    ) as w:
         yield w
     stop_all()
 

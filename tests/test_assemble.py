@@ -29,22 +29,40 @@ def assemble(chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[i
 
 def test_tool_call_stream_from_the_docs() -> None:
     # MOONSHOT_API.md §12, verbatim shapes.
-    result, published = assemble([
-        chunk(ch({"role": "assistant", "content": ""})),
-        chunk(ch({"reasoning_content": "User wants weather; "})),
-        chunk(ch({"reasoning_content": "call get_weather."})),
-        chunk(ch({"tool_calls": [{"index": 0, "id": "get_weather:0", "type": "function",
-                                  "function": {"name": "get_weather", "arguments": ""}}]})),
-        chunk(ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})),
-        chunk(ch({"tool_calls": [{"index": 0, "function": {"arguments": '"Beijing"}'}}]})),
-        chunk(ch({}, finish="tool_calls", usage=USAGE)),
-        chunk(usage=USAGE),
-    ])
+    result, published = assemble(
+        [
+            chunk(ch({"role": "assistant", "content": ""})),
+            chunk(ch({"reasoning_content": "User wants weather; "})),
+            chunk(ch({"reasoning_content": "call get_weather."})),
+            chunk(
+                ch(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "get_weather:0",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            ),
+            chunk(ch({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})),
+            chunk(ch({"tool_calls": [{"index": 0, "function": {"arguments": '"Beijing"}'}}]})),
+            chunk(ch({}, finish="tool_calls", usage=USAGE)),
+            chunk(usage=USAGE),
+        ]
+    )
     msg = result["choices"][0]["message"]
     assert msg["content"] == ""
     assert msg["reasoning_content"] == "User wants weather; call get_weather."
     assert msg["tool_calls"] == [
-        {"id": "get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'}}
+        {
+            "id": "get_weather:0",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'},
+        }
     ]
     assert result["choices"][0]["finish_reason"] == "tool_calls"
     assert result["usage"] == USAGE
@@ -69,12 +87,24 @@ def test_usage_from_either_placement(chunks: list[dict[str, Any]], usage: dict[s
 def test_several_choices_and_parallel_tool_calls() -> None:
     u0 = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
     u1 = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-    result, _ = assemble([
-        chunk(ch({"content": "a"}, 0), ch({"tool_calls": [{"index": 0, "id": "x:0", "function": {"name": "x"}},
-                                                          {"index": 1, "id": "y:1", "function": {"name": "y"}}]}, 1)),
-        chunk(ch({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}, 1)),
-        chunk(ch({}, 0, "stop", usage=u0), ch({}, 1, "tool_calls", usage=u1)),
-    ])
+    result, _ = assemble(
+        [
+            chunk(
+                ch({"content": "a"}, 0),
+                ch(
+                    {
+                        "tool_calls": [
+                            {"index": 0, "id": "x:0", "function": {"name": "x"}},
+                            {"index": 1, "id": "y:1", "function": {"name": "y"}},
+                        ]
+                    },
+                    1,
+                ),
+            ),
+            chunk(ch({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}, 1)),
+            chunk(ch({}, 0, "stop", usage=u0), ch({}, 1, "tool_calls", usage=u1)),
+        ]
+    )
     assert [c["index"] for c in result["choices"]] == [0, 1]
     calls = result["choices"][1]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["x", "y"] and calls[1]["function"]["arguments"] == "{}"
@@ -82,10 +112,12 @@ def test_several_choices_and_parallel_tool_calls() -> None:
 
 
 def test_unknown_fields_are_kept() -> None:
-    result, _ = assemble([
-        chunk(ch({"content": "x", "new_field": {"a": 1}}), system_fingerprint="fp_1"),
-        chunk(ch({}, finish="stop")),
-    ])
+    result, _ = assemble(
+        [
+            chunk(ch({"content": "x", "new_field": {"a": 1}}), system_fingerprint="fp_1"),
+            chunk(ch({}, finish="stop")),
+        ]
+    )
     assert result["system_fingerprint"] == "fp_1"
     assert result["choices"][0]["message"]["new_field"] == {"a": 1}
 

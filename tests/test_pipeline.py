@@ -13,7 +13,10 @@ from producers.wire import Event
 from tests.conftest import API_KEY
 
 USER = {"role": "user", "content": "Write two sentences about the Moon."}
-PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 WEATHER = {
     "type": "function",
     "function": {
@@ -65,14 +68,24 @@ def test_the_callers_stream_flag_does_not_change_the_job(run: Any) -> None:
     ids=["image-base64", "image-ms-bare", "video-ms", "video-base64"],
 )
 def test_multimodal_content(run: Any, part: dict[str, Any]) -> None:
-    job = run({"model": "kimi-k2.5", "thinking": {"type": "disabled"}, "temperature": 0.6,
-               "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]})
+    job = run(
+        {
+            "model": "kimi-k2.5",
+            "thinking": {"type": "disabled"},
+            "temperature": 0.6,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}],
+        }
+    )
     assert job.status() == "succeeded" and message(job).content
 
 
 def test_upstream_rejection_fails_the_job_with_the_upstreams_error(run: Any) -> None:
-    job = run({"model": "moonshot-v1-8k",
-               "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}]})
+    job = run(
+        {
+            "model": "moonshot-v1-8k",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}]}],
+        }
+    )
     assert job.collected[-1].type == "failed"
     with pytest.raises(JobFailed) as info:
         job.result(timeout=5)
@@ -88,7 +101,9 @@ def test_unknown_model_is_a_404_failure(run: Any) -> None:
 
 def test_partial_mode_continues_without_repeating_the_prefix(run: Any) -> None:
     prefix = "The Moon is"
-    job = run({"model": "moonshot-v1-8k", "messages": [USER, {"role": "assistant", "content": prefix, "partial": True}]})
+    job = run(
+        {"model": "moonshot-v1-8k", "messages": [USER, {"role": "assistant", "content": prefix, "partial": True}]}
+    )
     content = message(job).content
     assert content and not content.startswith(prefix)
 
@@ -105,15 +120,21 @@ def test_tool_use_round_trip(run: Any) -> None:
     fragments = [e for e in first.collected if e.type == "delta" and e.delta and "tool_calls" in e.delta]
     assert len(fragments) >= 2  # streamed in pieces, joined by the worker
     assistant = result.choices[0].message.model_dump(exclude_none=True)
-    second = run({**base, "messages": [ask, assistant,
-                                       {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]})
+    second = run(
+        {**base, "messages": [ask, assistant, {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]}
+    )
     assert second.result(timeout=5).choices[0].finish_reason == "stop" and message(second).content
 
 
 def test_thinking_streams_reasoning_before_content(run: Any) -> None:
     job = run({"model": "kimi-k2-thinking", "messages": [USER], "max_completion_tokens": 4096})
-    kinds = [k for e in job.collected if e.type == "delta" and e.delta
-             for k in ("reasoning_content", "content") if e.delta.get(k)]
+    kinds = [
+        k
+        for e in job.collected
+        if e.type == "delta" and e.delta
+        for k in ("reasoning_content", "content")
+        if e.delta.get(k)
+    ]
     assert kinds and kinds[0] == "reasoning_content" and "content" in kinds
     assert kinds.index("content") > max(i for i, k in enumerate(kinds) if k == "reasoning_content")
     msg = message(job)
@@ -126,10 +147,20 @@ def test_json_mode_answers_json(run: Any) -> None:
 
 
 def test_json_schema_mode(run: Any) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
-    job = run({"model": "kimi-k2.6", "thinking": {"type": "disabled"}, "temperature": 0.6, "messages": [USER],
-               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}})
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    job = run(
+        {
+            "model": "kimi-k2.6",
+            "thinking": {"type": "disabled"},
+            "temperature": 0.6,
+            "messages": [USER],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        }
+    )
     data = json.loads(message(job).content)
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
 
@@ -151,9 +182,14 @@ def test_max_completion_tokens_ends_with_length(run: Any) -> None:
 
 
 def test_prompt_cache_key_reports_cached_tokens(run: Any) -> None:
-    request = {"model": "kimi-k2.6", "thinking": {"type": "disabled"}, "temperature": 0.6,
-               "prompt_cache_key": "session-cache-test", "safety_identifier": "user-7f3a",
-               "messages": [{"role": "system", "content": "You are Kimi. " * 40}, USER]}
+    request = {
+        "model": "kimi-k2.6",
+        "thinking": {"type": "disabled"},
+        "temperature": 0.6,
+        "prompt_cache_key": "session-cache-test",
+        "safety_identifier": "user-7f3a",
+        "messages": [{"role": "system", "content": "You are Kimi. " * 40}, USER],
+    }
     run(request)
     usage = run(request).result(timeout=5).usage
     assert usage.cached_tokens and 0 < usage.cached_tokens <= usage.prompt_tokens
@@ -177,13 +213,25 @@ def test_unknown_job(client: Client) -> None:
         client.job("no-such-job").status()
 
 
+def all_values(r: redis.Redis, key: bytes) -> Any:
+    kind = r.type(key)
+    if kind == b"string":
+        return r.get(key)
+    if kind == b"hash":
+        return r.hgetall(key)
+    if kind == b"list":
+        return r.lrange(key, 0, -1)
+    if kind == b"stream":
+        return r.xrange(key)
+    if kind == b"set":
+        return r.smembers(key)
+    return r.zrange(key, 0, -1)
+
+
 def test_the_api_key_never_reaches_redis(run: Any, r: redis.Redis) -> None:
     run({"model": "kimi-k2.5", "messages": [USER], "thinking": {"type": "disabled"}, "temperature": 0.6})
     run({"model": "kimi-k9-does-not-exist", "messages": [USER]})
-    for key in r.scan_iter(count=1000):
-        kind = r.type(key)
-        values: Any = {
-            b"string": lambda: [r.get(key)], b"hash": lambda: r.hgetall(key).items(), b"list": lambda: r.lrange(key, 0, -1),
-            b"stream": lambda: r.xrange(key), b"set": lambda: r.smembers(key), b"zset": lambda: r.zrange(key, 0, -1),
-        }[kind]()
-        assert API_KEY.encode() not in repr(values).encode(), key
+    keys = list(r.scan_iter(count=1000))
+    assert any(k.startswith(b"moonq:job:") for k in keys)
+    for key in keys:
+        assert API_KEY.encode() not in repr(all_values(r, key)).encode(), key

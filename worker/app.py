@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     def run_job(envelope: dict[str, Any]) -> str:
         return runtime_for(settings).run(envelope)
 
-    app.moonq_settings = settings  # type: ignore[attr-defined]
+    app.moonq_settings = settings
     return app
 
 

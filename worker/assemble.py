@@ -124,7 +124,9 @@ class StreamAssembler:
             raise StreamInterrupted("stream ended without any choice", type="incomplete_stream")
         unfinished = [i for i, c in self._choices.items() if c.finish_reason is None]
         if unfinished:
-            raise StreamInterrupted(f"stream ended without finish_reason for choice {unfinished}", type="incomplete_stream")
+            raise StreamInterrupted(
+                f"stream ended without finish_reason for choice {unfinished}", type="incomplete_stream"
+            )
         completion: dict[str, Any] = {**self._meta, "object": "chat.completion"}
         completion["choices"] = [c.build(i) for i, c in sorted(self._choices.items())]
         usage = self.usage()

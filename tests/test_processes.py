@@ -1,0 +1,99 @@
+"""The product as users start it: the real `celery -A worker worker` process, the `moonq` CLI, `moonq demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from producers import Client
+from producers.local import WorkerProcess
+from simulator import SimServer
+from tests.conftest import API_KEY
+from worker.settings import Settings
+
+USER = {"role": "user", "content": "Hello from a real worker process"}
+
+
+@pytest.fixture
+def node_env(fresh_prefix: Settings, sim: SimServer) -> dict[str, str]:
+    # Its own prefix: the embedded test worker must not take these jobs.
+    return {
+        "REDIS_URL": fresh_prefix.redis_url,
+        "MOONQ_PREFIX": fresh_prefix.prefix,
+        "MOONSHOT_BASE_URL": sim.base_url,
+        "MOONSHOT_API_KEY": API_KEY,
+    }
+
+
+@pytest.fixture
+def node(node_env: dict[str, str]) -> Iterator[WorkerProcess]:
+    with WorkerProcess(node_env) as proc:
+        yield proc
+
+
+def test_real_celery_worker_process_runs_jobs(node: WorkerProcess, fresh_prefix: Settings) -> None:
+    with Client(settings=fresh_prefix) as client:
+        jobs = [client.submit({"model": "kimi-k2-turbo-preview", "messages": [USER]}) for _ in range(5)]
+        results = [job.result(timeout=20) for job in jobs]
+    assert all(r.choices[0].finish_reason == "stop" and r.choices[0].message.content for r in results)
+    log = node.log()
+    # The defaults users get with no flags: the thread pool at moonq's concurrency, JSON only.
+    assert "concurrency: 64 (thread)" in log
+    assert API_KEY not in log
+
+
+def moonq(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producers.cli", *args],
+        env={**os.environ, **env}, input=stdin, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_cli_submit_streams_then_status_and_result(worker: Any, settings: Settings) -> None:
+    env = {"REDIS_URL": settings.redis_url}
+    done = moonq("submit", "Say hi", "--model", "moonshot-v1-8k", env=env)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stderr.split("[job ")[1].split("]")[0]
+    with Client(settings=settings) as client:
+        content = client.job(job_id).result().choices[0].message.content
+    assert done.stdout.strip() == content.strip()
+    status = json.loads(moonq("status", job_id, env=env).stdout)
+    assert status["status"] == "succeeded" and status["attempt"] == "1"
+    result = json.loads(moonq("result", job_id, env=env).stdout)
+    assert result["choices"][0]["message"]["content"] == content
+    events = [json.loads(line) for line in moonq("follow", job_id, "--json", env=env).stdout.splitlines()]
+    assert events[-1]["type"] == "completed" and [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
+    env = {"REDIS_URL": settings.redis_url}
+    request = {"model": "moonshot-v1-8k", "messages": [USER], "response_format": {"type": "json_object"}}
+    done = moonq("submit", "--file", "-", "--no-wait", env=env, stdin=json.dumps(request))
+    assert done.returncode == 0
+    job_id = done.stdout.strip()
+    with Client(settings=settings) as client:
+        assert json.loads(client.job(job_id).result(timeout=20).choices[0].message.content)
+    bad = moonq("submit", "--file", "-", env=env, stdin=json.dumps({"model": "m", "messages": [], "stop": list("abcdef")}))
+    assert bad.returncode == 2
+    assert "messages:" in bad.stderr and "stop: at most 5 stop words" in bad.stderr
+    missing = moonq("status", "no-such-job", env=env)
+    assert missing.returncode == 3 and "no such job" in missing.stderr
+
+
+def test_make_demo_runs_the_main_job_and_cleans_up() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MOONSHOT_API_KEY", "CELERY_BROKER_URL")}
+    before = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
+    done = subprocess.run([sys.executable, "-m", "producers.cli", "demo"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for section in ("Plain chat", "Tool call", "Tool result turn", "Partial Mode", "Thinking model", "Summary"):
+        assert section in done.stdout
+    assert "5 jobs" in done.stdout and "failed" not in done.stdout
+    after = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)  # the demo's worker is gone
