@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,9 +31,14 @@ from simulator.validate import parse_chat_request, parse_estimate_request
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(cfg: SimConfig | None = None) -> Starlette:
-    """Builds the simulator's ASGI app; each app has its own context cache."""
-    sim = _Simulator(cfg or SimConfig())
+def create_app(cfg: SimConfig | None = None, *, closing: threading.Event | None = None) -> Starlette:
+    """Builds the simulator's ASGI app; each app has its own context cache.
+
+    Args:
+        cfg: the simulator's knobs; defaults to ``SimConfig()``.
+        closing: once set, open streams end at their next chunk so the server can shut down promptly.
+    """
+    sim = _Simulator(cfg or SimConfig(), closing or threading.Event())
     routes = [
         Route("/v1/chat/completions", _api(sim.chat), methods=["POST"]),
         Route("/v1/models", _api(sim.models), methods=["GET"]),
@@ -46,8 +52,9 @@ def create_app(cfg: SimConfig | None = None) -> Starlette:
 
 
 class _Simulator:
-    def __init__(self, cfg: SimConfig) -> None:
+    def __init__(self, cfg: SimConfig, closing: threading.Event) -> None:
         self.cfg = cfg
+        self.closing = closing
         self.cache = PrefixCache(cfg.cache_entries)
 
     def delivery(self, request: Request) -> Delivery:
@@ -61,7 +68,7 @@ class _Simulator:
         delivery = self.delivery(request)
         if req.stream:
             headers = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"}
-            return StreamingResponse(paced(frames, delivery), headers=headers)
+            return StreamingResponse(paced(frames, delivery, self.closing.is_set), headers=headers)
         await asyncio.sleep(delivery.duration_s(len(frames)))
         return json_response(result.body())
 

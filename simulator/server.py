@@ -8,6 +8,7 @@ import time
 from types import TracebackType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from simulator.app import create_app
 from simulator.config import SimConfig
@@ -30,15 +31,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_server(cfg: SimConfig, *, shutdown_timeout_s: int = 1) -> uvicorn.Server:
+def build_server(app: ASGIApp, *, shutdown_timeout_s: int = 1) -> uvicorn.Server:
     config = uvicorn.Config(
-        create_app(cfg),
+        app,
         log_level="warning",
         access_log=False,
         lifespan="off",
         ws="none",
         backlog=LISTEN_BACKLOG,
-        # Open streams would otherwise hold shutdown until they finish.
+        # A request still sleeping (first-token latency) would otherwise hold shutdown until it ends.
         timeout_graceful_shutdown=shutdown_timeout_s,
     )
     return uvicorn.Server(config)
@@ -68,6 +69,7 @@ class SimServer:
         self._port: int | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     @property
     def port(self) -> int:
@@ -91,7 +93,8 @@ class SimServer:
             raise RuntimeError("SimServer is already started")
         self._sock = bind_socket(self.host, self._requested_port)
         self._port = int(self._sock.getsockname()[1])
-        self._server = build_server(self.cfg)
+        self._closing.clear()
+        self._server = build_server(create_app(self.cfg, closing=self._closing))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout_s
@@ -103,6 +106,8 @@ class SimServer:
         return self
 
     def stop(self) -> None:
+        """Stops serving: open streams end at their next chunk; returns when the thread is gone."""
+        self._closing.set()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

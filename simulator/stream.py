@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,11 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 @dataclass(frozen=True)
 class Delivery:
-    """How one response is paced on the wire."""
+    """The per-request plan for putting a response on the wire.
+
+    Today it only paces; fault injection extends it (e.g. ``drop_after_frames``, ``omit_done``,
+    ``corrupt_frame``, ``stall_s``) and applies those to the frame list in ``paced``.
+    """
 
     first_token_latency_s: float = 0.0
     chunk_interval_s: float = 0.0
@@ -38,10 +42,14 @@ def sse_frames(chunks: Iterable[dict[str, Any]]) -> list[bytes]:
     return [*map(encode_frame, chunks), DONE_FRAME]
 
 
-async def paced(frames: list[bytes], delivery: Delivery) -> AsyncIterator[bytes]:
+async def paced(frames: list[bytes], delivery: Delivery, closing: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """Yields ``frames`` on the delivery's schedule; stops early once ``closing()`` is true."""
     # asyncio.sleep, not time.sleep: one server holds thousands of concurrent streams.
     for i, frame in enumerate(frames):
         pause = delivery.first_token_latency_s if i == 0 else delivery.chunk_interval_s
         if pause > 0:
             await asyncio.sleep(pause)
+        if closing():
+            # Shutting down: end the body cleanly without [DONE], as a dropped upstream stream looks.
+            return
         yield frame

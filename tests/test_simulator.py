@@ -150,8 +150,8 @@ def test_tool_call_fragments_reassemble(client: httpx.Client) -> None:
     chunks = events(chat(client, model="kimi-k2-turbo-preview", tools=[WEATHER], stream=True))
     fragments = [f for c in chunks for f in c["choices"][0]["delta"].get("tool_calls", [])]
     head, *rest = fragments
-    assert head == {"index": 0, "id": "get_weather:0", "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    function = {"name": "get_weather", "arguments": ""}
+    assert head == {"index": 0, "id": "get_weather:0", "type": "function", "function": function}
     assert len(rest) >= 2 and all(set(f) == {"index", "function"} and set(f["function"]) == {"arguments"} for f in rest)
     arguments = json.loads("".join(f["function"]["arguments"] for f in rest))
     assert isinstance(arguments["city"], str) and arguments["city"]
@@ -164,6 +164,19 @@ def test_tool_call_fragments_reassemble(client: httpx.Client) -> None:
     history = [*USER, message, {"role": "tool", "tool_call_id": "get_weather:0", "content": '{"temp": 21}'}]
     follow = ok(client, model="kimi-k2-turbo-preview", tools=[WEATHER], messages=history)
     assert follow["choices"][0]["finish_reason"] == "stop" and follow["choices"][0]["message"]["content"]
+
+
+def test_thinking_tool_call_and_tool_choice(client: httpx.Client) -> None:
+    clock = _tool("get_time", {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]})
+    chunks = events(chat(client, model="kimi-k2.6", tools=[WEATHER, clock], stream=True))
+    kinds = [k for c in chunks[1:-1] for k in c["choices"][0]["delta"]]
+    assert kinds[0] == "reasoning_content" and set(kinds) == {"reasoning_content", "tool_calls"}
+    # A named tool_choice (thinking off) calls that tool; "none" answers in text.
+    named = {"type": "function", "function": {"name": "get_time"}}
+    request = {"model": "kimi-k2-turbo-preview", "tools": [WEATHER, clock]}
+    [call] = ok(client, **request, tool_choice=named)["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time" and "zone" in json.loads(call["function"]["arguments"])
+    assert "tool_calls" not in ok(client, **request, tool_choice="none")["choices"][0]["message"]
 
 
 def test_web_search_builtin(client: httpx.Client) -> None:

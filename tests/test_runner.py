@@ -1,0 +1,118 @@
+"""The runner driven directly (no Celery): cancel, redelivery of an ended job, upstream auth errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from producers import Client, JobCancelled
+from simulator import SimConfig, SimServer
+from tests.conftest import API_KEY
+from worker.runtime import Runtime
+from worker.settings import Settings
+
+USER = {"role": "user", "content": "Tell me a long story about the sea."}
+
+
+@pytest.fixture(scope="module")
+def slow_sim() -> Iterator[SimServer]:
+    with SimServer(SimConfig(seed=3, chunk_interval_s=0.05)) as server:
+        yield server
+
+
+def runtime(fresh_prefix: Settings, base_url: str, key: str | None = API_KEY) -> Runtime:
+    settings = Settings(
+        redis_url=fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=base_url, moonshot_api_key=key
+    )
+    return Runtime(settings).start()
+
+
+def envelope(client: Client, job_id: str) -> dict[str, Any]:
+    return json.loads(client.job(job_id).record()["envelope"])  # type: ignore[no-any-return]
+
+
+def test_cancel_aborts_a_running_stream_within_a_second(fresh_prefix: Settings, slow_sim: SimServer) -> None:
+    rt = runtime(fresh_prefix, slow_sim.base_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER], "max_completion_tokens": 400})
+            future = rt.submit(envelope(client, job.id))
+            events = job.events()
+            first = next(events)
+            assert first.type == "delta"  # streaming has started
+            asked = time.monotonic()
+            assert job.cancel() is True
+            assert future.result(timeout=5) == "cancelled"
+            elapsed = time.monotonic() - asked
+            rest = list(events)
+            assert rest[-1].type == "cancelled" and [e for e in rest if e.terminal] == [rest[-1]]
+            assert elapsed < 1.0
+            assert job.status() == "cancelled"
+            with pytest.raises(JobCancelled):
+                job.result(timeout=1)
+            assert job.cancel() is False  # already ended
+    finally:
+        rt.stop()
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_the_delivery_is_skipped(fresh_prefix: Settings, sim: SimServer) -> None:
+    rt = runtime(fresh_prefix, sim.base_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            assert job.cancel() is True
+            assert job.status() == "cancelled"
+            assert [e.type for e in job.events()] == ["cancelled"]
+            assert rt.run(envelope(client, job.id)) == "skipped"
+            assert [e.type for e in job.events()] == ["cancelled"]
+    finally:
+        rt.stop()
+
+
+def test_a_redelivered_finished_job_runs_no_second_time(fresh_prefix: Settings, sim: SimServer) -> None:
+    rt = runtime(fresh_prefix, sim.base_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            env = envelope(client, job.id)
+            assert rt.run(env) == "succeeded"
+            events = list(job.events())
+            assert rt.run(env) == "skipped"  # at-least-once delivery: the duplicate is a no-op
+            assert list(job.events()) == events
+            assert job.record()["attempt"] == "1"
+    finally:
+        rt.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "error_type"),
+    [(None, "invalid_authentication_error"), ("not-a-key", "incorrect_api_key_error")],
+)
+def test_upstream_auth_errors_fail_the_job(fresh_prefix: Settings, sim: SimServer, key: str | None, error_type: str) -> None:
+    rt = runtime(fresh_prefix, sim.base_url, key)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            assert rt.run(envelope(client, job.id)) == "failed"
+            error = list(job.events())[-1].error
+            assert error is not None and (error.status, error.type) == (401, error_type)
+    finally:
+        rt.stop()
+
+
+def test_unreachable_upstream_fails_with_a_connection_error(fresh_prefix: Settings) -> None:
+    from producers.local import free_port
+
+    rt = runtime(fresh_prefix, f"http://127.0.0.1:{free_port()}/v1")
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            assert rt.run(envelope(client, job.id)) == "failed"
+            error = list(job.events())[-1].error
+            assert error is not None and error.type == "connection_error"
+    finally:
+        rt.stop()
