@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from worker.errors import StreamInterrupted, UpstreamError, UpstreamUnavailable, error_from_response
+from worker.retry import parse_retry_after
 from worker.settings import Settings
 from worker.sse import SSEDecoder
 
@@ -53,7 +54,9 @@ async def stream_chat(client: httpx.AsyncClient, request: dict[str, Any]) -> Asy
     try:
         async with client.stream("POST", "chat/completions", json=upstream_payload(request)) as response:
             if response.status_code != 200:
-                raise error_from_response(response.status_code, await response.aread(), response.headers)
+                error = error_from_response(response.status_code, await response.aread(), response.headers)
+                error.retry_after_s = parse_retry_after(response.headers, error.message)
+                raise error
             decoder = SSEDecoder()
             async for raw in response.aiter_raw():
                 for event in decoder.feed(raw):
