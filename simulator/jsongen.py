@@ -26,43 +26,52 @@ def schema_value(schema: Any, rng: random.Random, name: str = "") -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):  # ["string", "null"]: the first non-null type
         kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "string"
-    return _BY_TYPE.get(kind, _string)(schema, rng, name)
+    if kind is None and "properties" in schema:
+        kind = "object"
+    generate = _BY_TYPE.get(kind, _string) if isinstance(kind, str) else _string
+    return generate(schema, rng, name)
+
+
+def _bound(schema: dict[str, Any], key: str, default: int) -> int:
+    # Schemas come from clients: ignore non-numeric bounds and clamp huge ones so output stays small.
+    value = schema.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return int(max(-(10**9), min(value, 10**9)))
 
 
 def _object(schema: dict[str, Any], rng: random.Random, name: str) -> Any:
     properties: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
     required = schema.get("required")
-    keys = required if isinstance(required, list) and required else list(properties)
+    keys = [k for k in required if isinstance(k, str)] if isinstance(required, list) and required else list(properties)
     return {key: schema_value(properties.get(key, {"type": "string"}), rng, key) for key in keys}
 
 
 def _array(schema: dict[str, Any], rng: random.Random, name: str) -> Any:
-    low = int(schema.get("minItems", 1))
-    high = max(low, min(int(schema.get("maxItems", 2)), 2))
+    low = min(max(_bound(schema, "minItems", 1), 0), 8)
+    high = max(low, min(_bound(schema, "maxItems", 2), 2))
     item_name = name[:-1] if name.endswith("s") else name
-    return [
-        schema_value(schema.get("items", {"type": "string"}), rng, item_name) for _ in range(rng.randint(low, high))
-    ]
+    items = schema.get("items", {"type": "string"})
+    return [schema_value(items, rng, item_name) for _ in range(rng.randint(low, high))]
 
 
 def _integer(schema: dict[str, Any], rng: random.Random, name: str) -> Any:
-    low = int(schema.get("minimum", 0))
-    return rng.randint(low, int(schema.get("maximum", low + 100)))
+    low = _bound(schema, "minimum", 0)
+    return rng.randint(low, max(low, _bound(schema, "maximum", low + 100)))
 
 
 def _number(schema: dict[str, Any], rng: random.Random, name: str) -> Any:
-    low = float(schema.get("minimum", 0))
-    return round(rng.uniform(low, float(schema.get("maximum", low + 100))), 2)
+    low = _bound(schema, "minimum", 0)
+    return round(rng.uniform(low, max(low, _bound(schema, "maximum", low + 100))), 2)
 
 
 def _string(schema: dict[str, Any], rng: random.Random, name: str) -> Any:
     text = _string_by_hint(schema.get("format"), name.lower(), rng)
-    min_length = int(schema.get("minLength", 0))
+    min_length = min(_bound(schema, "minLength", 0), 256)
     while len(text) < min_length:
         text += " " + rng.choice(VOCABULARY)
-    return text[: int(schema["maxLength"])] if "maxLength" in schema else text
+    max_length = _bound(schema, "maxLength", len(text))
+    return text[: max(max_length, min_length)]
 
 
 def _string_by_hint(fmt: Any, name: str, rng: random.Random) -> str:

@@ -49,7 +49,7 @@ def _check_message(i: int, message: Any, spec: ModelSpec, *, is_last: bool) -> N
     if not isinstance(message, dict):
         raise invalid_request(f"the message at position {i} must be an object")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise invalid_request(f"the message at position {i} has an unknown role {role!r}")
     _check_content(i, role, message.get("content"), spec)
     if message.get("partial") and (not is_last or role != "assistant"):
@@ -75,7 +75,7 @@ def _check_part(i: int, part: Any, spec: ModelSpec) -> None:
         if not isinstance(part.get("text"), str):
             raise invalid_request(f"a text part of the message at position {i} has no text")
         return
-    if kind not in MEDIA_TOKENS:
+    if not isinstance(kind, str) or kind not in MEDIA_TOKENS:
         raise invalid_request(f"the message at position {i} has a content part of unknown type {kind!r}")
     medium = "image" if kind == "image_url" else "video"
     if not spec.vision:

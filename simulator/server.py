@@ -20,7 +20,9 @@ LISTEN_BACKLOG = 4096
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket; binding before serving lets port 0 resolve to a known free port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # An explicit IPPROTO_TCP makes asyncio set TCP_NODELAY on accepted connections; with proto 0
+    # it does not, and Nagle plus delayed ACKs add ~40 ms to every keep-alive response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

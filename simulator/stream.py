@@ -43,13 +43,23 @@ def sse_frames(chunks: Iterable[dict[str, Any]]) -> list[bytes]:
 
 
 async def paced(frames: list[bytes], delivery: Delivery, closing: Callable[[], bool]) -> AsyncIterator[bytes]:
-    """Yields ``frames`` on the delivery's schedule; stops early once ``closing()`` is true."""
-    # asyncio.sleep, not time.sleep: one server holds thousands of concurrent streams.
+    """Yields ``frames`` on the delivery's schedule; stops early once ``closing()`` is true.
+
+    Frames due at the same moment go out as one write: the bytes are identical, and an unpaced
+    stream costs one syscall instead of one per chunk (~100 us each through Starlette and h11).
+    """
+    due: list[bytes] = []
     for i, frame in enumerate(frames):
+        # asyncio.sleep, not time.sleep: one server holds thousands of concurrent streams.
         pause = delivery.first_token_latency_s if i == 0 else delivery.chunk_interval_s
         if pause > 0:
+            if due:
+                yield b"".join(due)
+                due = []
             await asyncio.sleep(pause)
         if closing():
             # Shutting down: end the body cleanly without [DONE], as a dropped upstream stream looks.
             return
-        yield frame
+        due.append(frame)
+    if due:
+        yield b"".join(due)

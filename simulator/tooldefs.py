@@ -53,7 +53,7 @@ def check_tool_choice(raw: Any, tools: Sequence[Tool], spec: ModelSpec, thinking
     if thinking:
         raise rejected("tool_choice 'specified' is incompatible with thinking enabled")
     name = function.get("name")
-    if name not in {tool_name(tool) for tool in tools}:
+    if not isinstance(name, str) or name not in {tool_name(tool) for tool in tools}:
         raise invalid_request(f"tool_choice names the function {name!r}, which is not in tools")
     return "specified", name
 
@@ -64,7 +64,7 @@ def _check_tool(i: int, tool: Any) -> None:
         raise invalid_request(f"tools[{i}] must be an object with a function")
     name = function.get("name")
     if tool.get("type") == "builtin_function":
-        if name not in BUILTINS:
+        if not isinstance(name, str) or name not in BUILTINS:
             raise invalid_request(f"unknown builtin_function {name!r}")
         return
     if tool.get("type") != "function":

@@ -193,13 +193,13 @@ def _stop(raw: Any) -> tuple[str, ...]:
 
 
 def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise invalid_request("stream must be a boolean")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_request("stream_options must be an object")
-    return stream, bool(options and options.get("include_usage"))
+    return bool(stream), bool(options and options.get("include_usage"))
 
 
 def _optional_str(body: dict[str, Any], key: str) -> str | None:

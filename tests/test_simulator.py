@@ -38,25 +38,25 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
+def sim_server() -> Iterator[SimServer]:
     with SimServer(SimConfig(seed=0), port=0) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def client(sim: SimServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sim.base_url, headers=KEY, timeout=10) as c:
+def api(sim_server: SimServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim_server.base_url, headers=KEY, timeout=10) as c:
         yield c
 
 
-def chat(client: httpx.Client, **body: Any) -> httpx.Response:
+def chat(api: httpx.Client, **body: Any) -> httpx.Response:
     body.setdefault("model", "moonshot-v1-8k")
     body.setdefault("messages", USER)
-    return client.post("/chat/completions", json=body)
+    return api.post("/chat/completions", json=body)
 
 
-def ok(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = chat(client, **body)
+def ok(api: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = chat(api, **body)
     assert response.status_code == 200, response.text
     return dict(response.json())
 
@@ -84,8 +84,8 @@ def test_public_interface() -> None:
     assert simulator.__all__ == sorted(simulator.__all__) == ["SimConfig", "SimServer", "create_app", "main"]
 
 
-def test_plain_completion(client: httpx.Client) -> None:
-    response = chat(client)
+def test_plain_completion(api: httpx.Client) -> None:
+    response = chat(api)
     assert response.headers["content-type"] == "application/json; charset=utf-8"
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["msh-request-id"])
     body = response.json()
@@ -104,8 +104,8 @@ def test_plain_completion(client: httpx.Client) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_stream_format(client: httpx.Client) -> None:
-    response = chat(client, stream=True)
+def test_stream_format(api: httpx.Client) -> None:
+    response = chat(api, stream=True)
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/event-stream"
     assert "msh-request-id" in response.headers
@@ -121,33 +121,33 @@ def test_stream_format(client: httpx.Client) -> None:
     assert all("usage" not in c for c in chunks)
     final = last["choices"][0]
     assert final["delta"] == {} and final["finish_reason"] == "stop"
-    plain = ok(client)
+    plain = ok(api)
     assert "".join(deltas(middle, "content")) == plain["choices"][0]["message"]["content"]
     assert final["usage"] == plain["usage"]
 
 
-def test_stream_include_usage(client: httpx.Client) -> None:
-    chunks = events(chat(client, stream=True, stream_options={"include_usage": True}))
+def test_stream_include_usage(api: httpx.Client) -> None:
+    chunks = events(chat(api, stream=True, stream_options={"include_usage": True}))
     *ordinary, usage_chunk = chunks
     assert usage_chunk["choices"] == [] and usage_chunk["object"] == "chat.completion.chunk"
     assert all(c["usage"] is None for c in ordinary)
     assert ordinary[-1]["choices"][0]["usage"] == usage_chunk["usage"]
 
 
-def test_thinking_streams_reasoning_before_content(client: httpx.Client) -> None:
-    chunks = events(chat(client, model="kimi-k2-thinking", stream=True))
+def test_thinking_streams_reasoning_before_content(api: httpx.Client) -> None:
+    chunks = events(chat(api, model="kimi-k2-thinking", stream=True))
     kinds = [k for c in chunks[1:-1] for k in c["choices"][0]["delta"]]
     assert kinds[0] == "reasoning_content" and "content" in kinds
     assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content")  # no reasoning after content
-    message = ok(client, model="kimi-k2-thinking")["choices"][0]["message"]
+    message = ok(api, model="kimi-k2-thinking")["choices"][0]["message"]
     assert message["reasoning_content"] == "".join(deltas(chunks, "reasoning_content"))
     assert message["content"] == "".join(deltas(chunks[1:], "content"))
-    off = ok(client, model="kimi-k2.6", thinking={"type": "disabled"})["choices"][0]["message"]
+    off = ok(api, model="kimi-k2.6", thinking={"type": "disabled"})["choices"][0]["message"]
     assert "reasoning_content" not in off
 
 
-def test_tool_call_fragments_reassemble(client: httpx.Client) -> None:
-    chunks = events(chat(client, model="kimi-k2-turbo-preview", tools=[WEATHER], stream=True))
+def test_tool_call_fragments_reassemble(api: httpx.Client) -> None:
+    chunks = events(chat(api, model="kimi-k2-turbo-preview", tools=[WEATHER], stream=True))
     fragments = [f for c in chunks for f in c["choices"][0]["delta"].get("tool_calls", [])]
     head, *rest = fragments
     function = {"name": "get_weather", "arguments": ""}
@@ -156,32 +156,32 @@ def test_tool_call_fragments_reassemble(client: httpx.Client) -> None:
     arguments = json.loads("".join(f["function"]["arguments"] for f in rest))
     assert isinstance(arguments["city"], str) and arguments["city"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    body = ok(client, model="kimi-k2-turbo-preview", tools=[WEATHER])
+    body = ok(api, model="kimi-k2-turbo-preview", tools=[WEATHER])
     message = body["choices"][0]["message"]
     assert message["content"] == "" and body["choices"][0]["finish_reason"] == "tool_calls"
     assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == arguments
     # With the tool result appended, the model answers in text.
     history = [*USER, message, {"role": "tool", "tool_call_id": "get_weather:0", "content": '{"temp": 21}'}]
-    follow = ok(client, model="kimi-k2-turbo-preview", tools=[WEATHER], messages=history)
+    follow = ok(api, model="kimi-k2-turbo-preview", tools=[WEATHER], messages=history)
     assert follow["choices"][0]["finish_reason"] == "stop" and follow["choices"][0]["message"]["content"]
 
 
-def test_thinking_tool_call_and_tool_choice(client: httpx.Client) -> None:
+def test_thinking_tool_call_and_tool_choice(api: httpx.Client) -> None:
     clock = _tool("get_time", {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]})
-    chunks = events(chat(client, model="kimi-k2.6", tools=[WEATHER, clock], stream=True))
+    chunks = events(chat(api, model="kimi-k2.6", tools=[WEATHER, clock], stream=True))
     kinds = [k for c in chunks[1:-1] for k in c["choices"][0]["delta"]]
     assert kinds[0] == "reasoning_content" and set(kinds) == {"reasoning_content", "tool_calls"}
     # A named tool_choice (thinking off) calls that tool; "none" answers in text.
     named = {"type": "function", "function": {"name": "get_time"}}
     request = {"model": "kimi-k2-turbo-preview", "tools": [WEATHER, clock]}
-    [call] = ok(client, **request, tool_choice=named)["choices"][0]["message"]["tool_calls"]
+    [call] = ok(api, **request, tool_choice=named)["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_time" and "zone" in json.loads(call["function"]["arguments"])
-    assert "tool_calls" not in ok(client, **request, tool_choice="none")["choices"][0]["message"]
+    assert "tool_calls" not in ok(api, **request, tool_choice="none")["choices"][0]["message"]
 
 
-def test_web_search_builtin(client: httpx.Client) -> None:
+def test_web_search_builtin(api: httpx.Client) -> None:
     tools = [{"type": "builtin_function", "function": {"name": "$web_search"}}]
-    body = ok(client, model="kimi-k2-turbo-preview", tools=tools)
+    body = ok(api, model="kimi-k2-turbo-preview", tools=tools)
     [call] = body["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "$web_search" and call["id"] == "$web_search:0"
     arguments = json.loads(call["function"]["arguments"])
@@ -193,26 +193,26 @@ def test_web_search_builtin(client: httpx.Client) -> None:
         "name": "$web_search",
         "content": call["function"]["arguments"],
     }
-    follow = ok(client, model="kimi-k2-turbo-preview", tools=tools, messages=[*USER, answer, result])
+    follow = ok(api, model="kimi-k2-turbo-preview", tools=tools, messages=[*USER, answer, result])
     assert follow["choices"][0]["finish_reason"] == "stop"
     # Search results are billed as input tokens.
     assert follow["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"] + arguments["usage"]["total_tokens"]
 
 
-def test_partial_mode_continues_without_repeating(client: httpx.Client) -> None:
+def test_partial_mode_continues_without_repeating(api: httpx.Client) -> None:
     prefix = "Once upon a time"
     messages = [*USER, {"role": "assistant", "content": prefix, "partial": True}]
-    content = ok(client, messages=messages)["choices"][0]["message"]["content"]
+    content = ok(api, messages=messages)["choices"][0]["message"]["content"]
     assert not content.startswith(prefix) and prefix not in content
     assert re.match(r" [a-z]", content)  # reads on mid-sentence
 
 
-def test_json_object_mode(client: httpx.Client) -> None:
-    content = ok(client, response_format={"type": "json_object"})["choices"][0]["message"]["content"]
+def test_json_object_mode(api: httpx.Client) -> None:
+    content = ok(api, response_format={"type": "json_object"})["choices"][0]["message"]["content"]
     assert isinstance(json.loads(content), dict)
 
 
-def test_json_schema_mode(client: httpx.Client) -> None:
+def test_json_schema_mode(api: httpx.Client) -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -226,7 +226,7 @@ def test_json_schema_mode(client: httpx.Client) -> None:
         "required": ["title", "year", "score", "done", "tags", "mood"],
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "film", "strict": True, "schema": schema}}
-    value = json.loads(ok(client, response_format=fmt)["choices"][0]["message"]["content"])
+    value = json.loads(ok(api, response_format=fmt)["choices"][0]["message"]["content"])
     assert set(value) == set(schema["required"])
     assert isinstance(value["title"], str) and isinstance(value["done"], bool)
     assert isinstance(value["year"], int) and 1900 <= value["year"] <= 2030
@@ -234,41 +234,41 @@ def test_json_schema_mode(client: httpx.Client) -> None:
     assert value["tags"] and all(isinstance(t, str) for t in value["tags"])
 
 
-def test_stop_cuts_before_stop_string(client: httpx.Client) -> None:
-    full = ok(client)["choices"][0]["message"]["content"]
+def test_stop_cuts_before_stop_string(api: httpx.Client) -> None:
+    full = ok(api)["choices"][0]["message"]["content"]
     words = full.split()
     stop = " " + words[len(words) // 2]
-    body = ok(client, stop=[stop, "never-appears"])
+    body = ok(api, stop=[stop, "never-appears"])
     assert body["choices"][0]["message"]["content"] == full[: full.index(stop)]
     assert body["choices"][0]["finish_reason"] == "stop"
-    streamed = events(chat(client, stop=stop, stream=True))
+    streamed = events(chat(api, stop=stop, stream=True))
     assert "".join(deltas(streamed[1:], "content")) == full[: full.index(stop)]
 
 
-def test_length_cut(client: httpx.Client) -> None:
-    full = ok(client)["choices"][0]["message"]["content"]
-    body = ok(client, max_completion_tokens=5)
+def test_length_cut(api: httpx.Client) -> None:
+    full = ok(api)["choices"][0]["message"]["content"]
+    body = ok(api, max_completion_tokens=5)
     content = body["choices"][0]["message"]["content"]
     assert full.startswith(content) and count(content) == 5
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 5
     # The deprecated max_tokens still works.
-    assert ok(client, max_tokens=3)["choices"][0]["finish_reason"] == "length"
+    assert ok(api, max_tokens=3)["choices"][0]["finish_reason"] == "length"
 
 
-def test_budget_spent_on_reasoning(client: httpx.Client) -> None:
-    body = ok(client, model="kimi-k2-thinking", max_completion_tokens=4)
+def test_budget_spent_on_reasoning(api: httpx.Client) -> None:
+    body = ok(api, model="kimi-k2-thinking", max_completion_tokens=4)
     [choice] = body["choices"]
     assert choice["finish_reason"] == "length" and choice["message"]["content"] == ""
     assert count(choice["message"]["reasoning_content"]) == 4 and body["usage"]["completion_tokens"] == 4
 
 
-def test_n_choices(client: httpx.Client) -> None:
-    body = ok(client, n=2)
+def test_n_choices(api: httpx.Client) -> None:
+    body = ok(api, n=2)
     first, second = body["choices"]
     assert (first["index"], second["index"]) == (0, 1)
     assert first["message"]["content"] != second["message"]["content"]
     assert body["usage"]["completion_tokens"] == sum(count(c["message"]["content"]) for c in body["choices"])
-    chunks = events(chat(client, n=2, stream=True))
+    chunks = events(chat(api, n=2, stream=True))
     finals = {c["choices"][0]["index"]: c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]}
     assert set(finals) == {0, 1}
     assert [finals[i]["usage"]["completion_tokens"] for i in (0, 1)] == [
@@ -277,21 +277,19 @@ def test_n_choices(client: httpx.Client) -> None:
     ]
 
 
-def test_context_cache(client: httpx.Client) -> None:
-    system_only = client.post(
-        "/tokenizers/estimate-token-count", json={"model": "kimi-k2.6", "messages": SYSTEM_USER[:1]}
-    )
+def test_context_cache(api: httpx.Client) -> None:
+    system_only = api.post("/tokenizers/estimate-token-count", json={"model": "kimi-k2.6", "messages": SYSTEM_USER[:1]})
     expected = system_only.json()["data"]["total_tokens"]
     request = {"model": "kimi-k2.6", "messages": SYSTEM_USER, "prompt_cache_key": "cache-test"}
-    assert ok(client, **request)["usage"]["cached_tokens"] == 0
-    usage = ok(client, **request)["usage"]
+    assert ok(api, **request)["usage"]["cached_tokens"] == 0
+    usage = ok(api, **request)["usage"]
     assert usage["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"] == expected
     assert usage["prompt_tokens"] > expected  # prompt_tokens includes the cached part
     # Another key is another cache; k2.5 reports the nested spelling only.
-    assert ok(client, **{**request, "prompt_cache_key": "other"})["usage"]["cached_tokens"] == 0
+    assert ok(api, **{**request, "prompt_cache_key": "other"})["usage"]["cached_tokens"] == 0
     k25 = {**request, "model": "kimi-k2.5"}
-    ok(client, **k25)
-    usage = ok(client, **k25)["usage"]
+    ok(api, **k25)
+    usage = ok(api, **k25)["usage"]
     assert "cached_tokens" not in usage and usage["prompt_tokens_details"]["cached_tokens"] == expected
 
 
@@ -303,9 +301,9 @@ def test_context_cache(client: httpx.Client) -> None:
         ("Bearer not-a-key", "incorrect_api_key_error", "Incorrect API key provided"),
     ],
 )
-def test_auth_errors(sim: SimServer, authorization: str | None, error_type: str, message: str) -> None:
+def test_auth_errors(sim_server: SimServer, authorization: str | None, error_type: str, message: str) -> None:
     headers = {"Authorization": authorization} if authorization else {}
-    response = httpx.post(f"{sim.base_url}/chat/completions", json={"model": "kimi-k2.5"}, headers=headers)
+    response = httpx.post(f"{sim_server.base_url}/chat/completions", json={"model": "kimi-k2.5"}, headers=headers)
     assert response.status_code == 401
     assert (
         response.content
@@ -439,6 +437,7 @@ VALIDATION_CASES: list[tuple[str, dict[str, Any], str]] = [
         "tool_choice 'specified' is incompatible with thinking enabled",
     ),
     ("k3 effort", {"model": "kimi-k3", "reasoning_effort": "extreme"}, _INVALID + "reasoning_effort must be one of"),
+    ("stream not bool", {"stream": "yes"}, _INVALID + "stream must be a boolean"),
     ("token limit", {"max_completion_tokens": 8190}, _INVALID + "Your request exceeded model token limit : 8192"),
 ]
 
@@ -446,9 +445,9 @@ VALIDATION_CASES: list[tuple[str, dict[str, Any], str]] = [
 @pytest.mark.parametrize(
     ("overrides", "message"), [c[1:] for c in VALIDATION_CASES], ids=[c[0] for c in VALIDATION_CASES]
 )
-def test_validation_errors(client: httpx.Client, overrides: dict[str, Any], message: str) -> None:
+def test_validation_errors(api: httpx.Client, overrides: dict[str, Any], message: str) -> None:
     body = {"model": "moonshot-v1-8k", "messages": USER, **overrides}
-    response = client.post("/chat/completions", json={k: v for k, v in body.items() if v is not None})
+    response = api.post("/chat/completions", json={k: v for k, v in body.items() if v is not None})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type"} and error["type"] == "invalid_request_error"
@@ -456,54 +455,74 @@ def test_validation_errors(client: httpx.Client, overrides: dict[str, Any], mess
 
 
 @pytest.mark.parametrize("content", [b"[1, 2]", b"{not json"])
-def test_body_must_be_json_object(client: httpx.Client, content: bytes) -> None:
-    response = client.post("/chat/completions", content=content, headers={"content-type": "application/json"})
+def test_body_must_be_json_object(api: httpx.Client, content: bytes) -> None:
+    response = api.post("/chat/completions", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["message"] == "Invalid request: the request body must be a JSON object"
 
 
-def test_unknown_fields_are_ignored(client: httpx.Client) -> None:
-    assert chat(client, store=True, metadata={"x": 1}, safety_identifier="u-1").status_code == 200
+ODD_BODIES: list[dict[str, Any]] = [
+    {"messages": [{"role": ["user"], "content": "hi"}]},
+    {"messages": [{"role": "user", "content": [{"type": {"x": 1}}]}]},
+    {"tools": [{"type": "builtin_function", "function": {"name": ["$web_search"]}}]},
+    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": {}}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": {"a": 1}, "minLength": 10**30}}}},
+    {
+        "tools": [
+            _tool("get_x", {"type": "object", "properties": {"n": {"type": "integer", "minimum": 9, "maximum": 1}}})
+        ]
+    },
+]
 
 
-def test_unknown_model(client: httpx.Client) -> None:
-    response = chat(client, model="gpt-4o")
+@pytest.mark.parametrize("overrides", ODD_BODIES)
+def test_odd_input_is_answered_not_crashed(api: httpx.Client, overrides: dict[str, Any]) -> None:
+    response = chat(api, **overrides)
+    assert response.status_code in (200, 400) and response.headers["content-type"].startswith("application/json")
+
+
+def test_unknown_fields_are_ignored(api: httpx.Client) -> None:
+    assert chat(api, store=True, metadata={"x": 1}, safety_identifier="u-1").status_code == 200
+
+
+def test_unknown_model(api: httpx.Client) -> None:
+    response = chat(api, model="gpt-4o")
     assert response.status_code == 404
     assert response.json() == {
         "error": {"message": "Not found the model gpt-4o or Permission denied", "type": "resource_not_found_error"}
     }
 
 
-def test_unknown_route_answers_like_the_gateway(client: httpx.Client) -> None:
-    response = client.get("/chat/completions")
+def test_unknown_route_answers_like_the_gateway(api: httpx.Client) -> None:
+    response = api.get("/chat/completions")
     assert response.status_code == 404 and "msh-request-id" in response.headers
     assert response.json()["error"] == "url.not_found"
 
 
-def test_models_list(client: httpx.Client) -> None:
-    data = client.get("/models").json()["data"]
+def test_models_list(api: httpx.Client) -> None:
+    data = api.get("/models").json()["data"]
     ids = {m["id"] for m in data}
     assert {"kimi-k3", "kimi-k2.7-code-highspeed", "kimi-k2.5", "moonshot-v1-auto", "kimi-latest"} <= ids
     assert len(ids) == 18 and all(m["object"] == "model" and m["owned_by"] == "moonshot" for m in data)
 
 
-def test_token_estimate_equals_prompt_tokens(client: httpx.Client) -> None:
+def test_token_estimate_equals_prompt_tokens(api: httpx.Client) -> None:
     messages = [
         *SYSTEM_USER,
         {"role": "assistant", "content": "Rivers flow."},
         {"role": "user", "content": "你好世界"},
     ]
-    estimate = client.post("/tokenizers/estimate-token-count", json={"model": "kimi-k2.5", "messages": messages})
+    estimate = api.post("/tokenizers/estimate-token-count", json={"model": "kimi-k2.5", "messages": messages})
     assert estimate.status_code == 200
     assert (
         estimate.json()["data"]["total_tokens"]
-        == ok(client, model="kimi-k2.5", messages=messages)["usage"]["prompt_tokens"]
+        == ok(api, model="kimi-k2.5", messages=messages)["usage"]["prompt_tokens"]
     )
 
 
-def test_determinism(client: httpx.Client) -> None:
-    first = ok(client, n=3)["choices"]
-    assert [c["message"] for c in ok(client, n=3)["choices"]] == [c["message"] for c in first]
+def test_determinism(api: httpx.Client) -> None:
+    first = ok(api, n=3)["choices"]
+    assert [c["message"] for c in ok(api, n=3)["choices"]] == [c["message"] for c in first]
     with SimServer(SimConfig(seed=1)) as other, httpx.Client(base_url=other.base_url, headers=KEY) as c:
         assert ok(c, n=3)["choices"][0]["message"] != first[0]["message"]
 
