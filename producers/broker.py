@@ -21,8 +21,13 @@ def broker_config(settings: ClientSettings) -> dict[str, Any]:
         "accept_content": ["json"],
         "task_default_queue": settings.queue,
         "broker_connection_retry_on_startup": True,
-        # Every Redis key moonq writes starts with the prefix, the broker's too.
-        "broker_transport_options": {"global_keyprefix": settings.keys.broker_prefix},
+        "broker_transport_options": {
+            # Every Redis key moonq writes starts with the prefix, the broker's too.
+            "global_keyprefix": settings.keys.broker_prefix,
+            # Ten priority lists, 0 the most urgent (Celery's default folds 10 levels into 4).
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+        },
     }
 
 

@@ -19,33 +19,41 @@ from producers.wire import TERMINAL_STATUSES, Event
 
 # KEYS[1] job hash, KEYS[2] log stream.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
-# that is not terminal), ARGV[5] n = number of events, ARGV[6 .. 5+n] event bodies: JSON objects
-# without "seq" (the script assigns it), then field/value pairs to set on the job hash.
-# Returns the last seq written, or 0 when nothing was written because the job is missing (-0),
-# already ended, owned by someone else, or not in the required status.
+# that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] n = number
+# of events, ARGV[7 .. 6+n] event bodies: JSON objects without "seq" (the script assigns it), then
+# field/value pairs to set on the job hash.
+# Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
+# already ended, owned by someone else, or not in the required status. A writer that retries a call
+# whose reply was lost finds the seq already advanced by exactly its n events and gets success
+# without a second copy: writes are idempotent for the owner.
 APPEND_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
+local n = tonumber(ARGV[6])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and
+   (ARGV[3] == '' or redis.call('HGET', KEYS[1], 'owner') == ARGV[3]) then
+  return seq
+end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 0 end
-local n = tonumber(ARGV[5])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 for i = 1, n do
   seq = seq + 1
-  local body = ARGV[5 + i]
+  local body = ARGV[6 + i]
   local msg = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
   redis.call('PUBLISH', ARGV[1], msg)
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
-for i = 6 + n, #ARGV, 2 do
+for i = 7 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local ttl = tonumber(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-return seq
+if n > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return math.max(seq, 1)
 """
 
 
@@ -64,10 +72,12 @@ def append_args(
     ttl_s: int,
     owner: str = "",
     require_status: str = "",
+    expected_seq: int | None = None,
     fields: dict[str, str] | None = None,
 ) -> tuple[list[str], list[str | int]]:
     """KEYS and ARGV for ``APPEND_LUA``."""
-    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, len(bodies), *bodies]
+    expected = "" if expected_seq is None else expected_seq
+    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, expected, len(bodies), *bodies]
     for name, value in (fields or {}).items():
         argv += [name, value]
     return [keys.job(job_id), keys.log(job_id)], argv

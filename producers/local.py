@@ -118,8 +118,11 @@ class WorkerProcess:
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Block until the node answers a ping on the broker."""
         assert self.proc is not None
-        settings = ClientSettings(redis_url=self.env["REDIS_URL"], broker_url=self.env.get("CELERY_BROKER_URL", ""),
-                                  prefix=self.env.get("MOONQ_PREFIX", "moonq"))
+        settings = ClientSettings(
+            redis_url=self.env["REDIS_URL"],
+            broker_url=self.env.get("CELERY_BROKER_URL", ""),
+            prefix=self.env.get("MOONQ_PREFIX", "moonq"),
+        )
         app = producer_app(settings)
         deadline = time.monotonic() + timeout_s
         try:

@@ -31,6 +31,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 TASK_NAME = "moonq.run_job"
 DEFAULT_QUEUE = "moonq"
+DEFAULT_PRIORITY = 5
 
 JobStatus = Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -52,6 +53,8 @@ class JobEnvelope(_Strict):
     job_id: str
     request: dict[str, Any]
     enqueued_at: float = Field(default_factory=time.time)
+    # 0 is the most urgent, as in Celery's Redis transport; it orders the broker queue and the limiter's line.
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
 
 
 class ErrorInfo(_Strict):

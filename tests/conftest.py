@@ -61,16 +61,26 @@ def sim() -> Iterator[SimServer]:
         yield server
 
 
+# Delays shrunk so retries and liveness play out in test time; the logic is the production logic.
+FAST: dict[str, Any] = {
+    "backoff_base_s": 0.01,
+    "max_retry_delay_s": 0.05,
+    "heartbeat_interval_s": 0.5,
+    "heartbeat_stale_s": 1.5,
+    "visibility_timeout_s": 3.0,
+    "lease_ttl_s": 3.0,
+    "read_timeout_s": 10.0,
+    "attempt_timeout_s": 30.0,
+}
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    return Settings(**{"redis_url": redis_url, "moonshot_api_key": API_KEY, **FAST, **overrides})
+
+
 @pytest.fixture(scope="session")
 def settings(redis_url: str, sim: SimServer) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        moonshot_base_url=sim.base_url,
-        moonshot_api_key=API_KEY,
-        concurrency=16,
-        read_timeout_s=10.0,
-        attempt_timeout_s=30.0,
-    )
+    return make_settings(redis_url, moonshot_base_url=sim.base_url, concurrency=16)
 
 
 @pytest.fixture(scope="session")
@@ -111,4 +121,4 @@ def run(client: Client, worker: Any) -> Any:
 @pytest.fixture
 def fresh_prefix(redis_url: str) -> Settings:
     """Settings with a prefix no other test uses: an empty keyspace and a queue nobody consumes."""
-    return Settings(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    return make_settings(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")

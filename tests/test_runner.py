@@ -11,7 +11,7 @@ import pytest
 
 from producers import Client, JobCancelled
 from simulator import SimConfig, SimServer
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, make_settings
 from worker.runtime import Runtime
 from worker.settings import Settings
 
@@ -24,9 +24,9 @@ def slow_sim() -> Iterator[SimServer]:
         yield server
 
 
-def runtime(fresh_prefix: Settings, base_url: str, key: str | None = API_KEY) -> Runtime:
-    settings = Settings(
-        redis_url=fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=base_url, moonshot_api_key=key
+def runtime(fresh_prefix: Settings, base_url: str, key: str | None = API_KEY, **overrides: Any) -> Runtime:
+    settings = make_settings(
+        fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=base_url, moonshot_api_key=key, **overrides
     )
     return Runtime(settings).start()
 
@@ -107,12 +107,16 @@ def test_upstream_auth_errors_fail_the_job(fresh_prefix: Settings, sim: SimServe
 def test_unreachable_upstream_fails_with_a_connection_error(fresh_prefix: Settings) -> None:
     from producers.local import free_port
 
-    rt = runtime(fresh_prefix, f"http://127.0.0.1:{free_port()}/v1")
+    rt = runtime(fresh_prefix, f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
     try:
         with Client(settings=fresh_prefix) as client:
             job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
             assert rt.run(envelope(client, job.id)) == "failed"
-            error = list(job.events())[-1].error
-            assert error is not None and error.type == "connection_error"
+            events = list(job.events())
+            assert [(e.type, e.attempt, e.reason) for e in events[:-1]] == [
+                ("retry", 2, "connection_error"), ("retry", 3, "connection_error")
+            ]
+            assert events[-1].error is not None and events[-1].error.type == "connection_error"
+            assert job.record()["attempt"] == "3"
     finally:
         rt.stop()

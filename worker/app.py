@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
-from celery.signals import worker_shutdown
+from celery import Celery, Task
+from celery.exceptions import Reject
+from celery.signals import worker_shutdown, worker_shutting_down
 
 from producers.broker import broker_config
 from producers.wire import TASK_NAME
-from worker.runtime import runtime_for, stop_all
+from worker.runtime import runtime_for, shutdown_all, stop_all
 from worker.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a node: the producers' broker settings plus how jobs run."""
+    base = broker_config(settings)
     return {
-        **broker_config(settings),
+        **base,
+        "broker_transport_options": {
+            **base["broker_transport_options"],
+            # Redelivery of a dead node's messages (see keepalive.py): after this many seconds without
+            # a heartbeat, looked for every 2 s by any live node, instead of Redis' 1 h / 100 s defaults.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+            # A node killed while holding the restore mutex must not block redelivery for 5 minutes.
+            "unacked_mutex_expire": 30,
+        },
         # The job record in Redis is the result store; Celery's would only duplicate it.
         "task_ignore_result": True,
         # Ack after the job ends, so a node that dies mid-job leaves its message to be redelivered.
@@ -37,12 +49,21 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("moonq", set_as_current=False)
     app.conf.update(celery_config(settings))
 
-    @app.task(name=TASK_NAME, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
-    def run_job(envelope: dict[str, Any]) -> str:
-        return runtime_for(settings).run(envelope)
+    @app.task(name=TASK_NAME, ignore_result=True, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def run_job(task: Task, envelope: dict[str, Any]) -> str:
+        outcome = runtime_for(settings).run(envelope, task.request.delivery_info.get("delivery_tag"))
+        if outcome == "requeued":
+            raise Reject("worker shutting down", requeue=True)
+        return outcome
 
     app.moonq_settings = settings
     return app
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _requeue_running_jobs(**_: Any) -> None:
+    # Warm shutdown (SIGTERM) would wait for every running stream to finish; hand them back instead.
+    shutdown_all()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

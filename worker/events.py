@@ -27,7 +27,9 @@ class Fenced(Exception):
 class EventWriter:
     """Writes one job's events, in order, as the attempt holding ``owner``."""
 
-    def __init__(self, redis: Redis, script: AsyncScript, keys: Keys, job_id: str, *, owner: str, ttl_s: int) -> None:
+    def __init__(
+        self, redis: Redis, script: AsyncScript, keys: Keys, job_id: str, *, owner: str, ttl_s: int, seq: int
+    ) -> None:
         self._redis = redis
         self._script = script
         self._keys = keys
@@ -37,6 +39,7 @@ class EventWriter:
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self.seq = seq  # the last seq in the log, as this writer knows it
         self.events_written = 0
         self.round_trips = 0
 
@@ -58,10 +61,13 @@ class EventWriter:
             raise
 
     async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
-        keys, argv = append_args(self._keys, self.job_id, bodies, ttl_s=self._ttl_s, owner=self._owner, fields=fields)
+        keys, argv = append_args(
+            self._keys, self.job_id, bodies, ttl_s=self._ttl_s, owner=self._owner, expected_seq=self.seq, fields=fields
+        )
         self.round_trips += 1
         if not await self._script(keys=keys, args=argv, client=self._redis):
             raise Fenced(self.job_id)
+        self.seq += len(bodies)
         self.events_written += len(bodies)
 
     async def drain(self) -> None:
@@ -72,8 +78,8 @@ class EventWriter:
         if self._error is not None:
             raise self._error
 
-    async def finish(self, type: str, record: dict[str, Any], **fields: Any) -> None:
-        """Write the terminal event and the job record's final fields in one atomic step."""
+    async def write(self, type: str | None, record: dict[str, Any], **fields: Any) -> None:
+        """After everything queued: one event (or none) and job-record fields, in one atomic step."""
         await self.drain()
         encoded = {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in record.items()}
-        await self._append([event_body(self.job_id, type, **fields)], encoded)
+        await self._append([event_body(self.job_id, type, **fields)] if type else [], encoded)

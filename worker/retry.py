@@ -47,7 +47,9 @@ class RetryPolicy:
     deadline_s: float = 3600.0
 
 
-def parse_retry_after(headers: Mapping[str, str] | None, message: str = "", *, now: float | None = None) -> float | None:
+def parse_retry_after(
+    headers: Mapping[str, str] | None, message: str = "", *, now: float | None = None
+) -> float | None:
     """The delay the server asked for, in seconds, or None if it named none.
 
     Reads ``retry-after-ms`` first, then ``retry-after`` (seconds, or an HTTP date), then
@@ -86,7 +88,7 @@ def should_retry(error: BaseException, attempt: int, elapsed_s: float, policy: R
 
 def backoff_delay(attempt: int, policy: RetryPolicy, *, rand: float | None = None) -> float:
     """Exponential backoff for the retry after attempt ``attempt``: 0.5, 1, 2, 4 … s, capped, jittered."""
-    base = min(policy.initial_delay_s * 2 ** (attempt - 1), policy.max_delay_s)
+    base = min(policy.initial_delay_s * 2.0 ** (attempt - 1), policy.max_delay_s)
     r = random.random() if rand is None else rand
     return base * (1 - JITTER * r)
 

@@ -1,9 +1,9 @@
-"""One attempt at one job: claim it, stream the upstream, relay deltas, record one outcome.
+"""One delivery of one job: claim it, run attempts until an outcome, record exactly one ending.
 
 Delivery is at least once, so ``run_job`` is written to be called more than once for the
-same job: the claim refuses a job that has already ended, and every write afterwards is
-fenced by the attempt's owner token, so a stale attempt cannot add to or end a job that
-another attempt owns.
+same job: the claim refuses a job that has already ended, waits while another live node
+owns it, and every write afterwards is fenced by this delivery's owner token, so a stale
+delivery can neither add to nor end a job that another one owns.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
@@ -22,41 +22,62 @@ from redis.commands.core import AsyncScript
 from producers.keys import Keys
 from producers.wire import JobEnvelope
 from worker.assemble import StreamAssembler
-from worker.errors import UpstreamError
+from worker.errors import RateLimited, UpstreamError, UpstreamUnavailable
+from worker.estimate import reservation
 from worker.events import EventWriter, Fenced
+from worker.ratelimit import Limiter
+from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.settings import Settings
 from worker.upstream import stream_chat
 
 log = logging.getLogger("moonq.worker")
 
-# KEYS[1] job hash. ARGV[1] owner token, ARGV[2] now (unix s), ARGV[3] ttl_s, ARGV[4] model,
-# ARGV[5] enqueued_at, ARGV[6] envelope JSON (to rebuild a record that expired while queued).
-# Returns {verdict, attempt}: 'run' (now owned by ARGV[1]), 'cancel' (a cancel was requested
-# before it started), or the terminal status it already has ('succeeded'/'failed'/'cancelled').
+# KEYS[1] job hash. ARGV[1] owner token, ARGV[2] ttl_s, ARGV[3] model, ARGV[4] enqueued_at,
+# ARGV[5] envelope JSON (to rebuild a record that expired while queued), ARGV[6] stale_ms: an
+# owner whose heartbeat is older than this is presumed dead.
+# Returns {verdict, attempt, seq}: 'run' (now owned by ARGV[1]), 'cancel' (cancel requested before
+# it started), 'busy' (a live owner is running it: a redelivered copy must not run it twice), or
+# the terminal status it already has ('succeeded' / 'failed' / 'cancelled').
 CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
-  redis.call('HSET', KEYS[1], 'status', 'queued', 'model', ARGV[4], 'enqueued_at', ARGV[5],
-             'seq', 0, 'envelope', ARGV[6])
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'model', ARGV[3], 'enqueued_at', ARGV[4],
+             'seq', 0, 'envelope', ARGV[5])
   status = 'queued'
 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
-  return {status, 0}
+  return {status, 0, seq}
+end
+if status == 'running' or status == 'retrying' then
+  local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
+  if now - beat < tonumber(ARGV[6]) and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+    return {'busy', 0, seq}
+  end
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat_at', now)
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  return {'cancel', attempt}
+  return {'cancel', attempt, seq}
 end
 redis.call('HSET', KEYS[1], 'status', 'running')
 if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  redis.call('HSET', KEYS[1], 'started_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {'run', attempt}
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return {'run', attempt, seq}
 """
 
-Outcome = Literal["succeeded", "failed", "cancelled", "skipped"]
+Outcome = Literal["succeeded", "failed", "cancelled", "skipped", "requeued"]
+
+
+@dataclass
+class Running:
+    task: asyncio.Task[Any]
+    owner: str
+    delivery_tag: str | None
 
 
 @dataclass
@@ -69,89 +90,167 @@ class JobContext:
     http: httpx.AsyncClient
     append: AsyncScript
     claim: AsyncScript
-    running: dict[str, asyncio.Task[Any]]
+    limiter: Limiter
+    policy: RetryPolicy
+    running: dict[str, Running] = field(default_factory=dict)
+    shutting_down: bool = False
 
 
-async def run_job(ctx: JobContext, envelope: JobEnvelope) -> Outcome:
-    """Run one delivery of a job to its outcome (or to ``skipped`` if it already has one)."""
+async def _claim(ctx: JobContext, envelope: JobEnvelope, owner: str) -> tuple[str, int, int]:
+    """Claim the job; while another live node runs it, wait (it may die, or finish)."""
+    stale_ms = int(ctx.settings.heartbeat_stale_s * 1000)
+    args: list[str | int | float] = [
+        owner,
+        ctx.settings.result_ttl_s,
+        str(envelope.request.get("model", "")),
+        envelope.enqueued_at,
+        envelope.model_dump_json(),
+        stale_ms,
+    ]
+    while True:
+        verdict, attempt, seq = await ctx.claim(keys=[ctx.keys.job(envelope.job_id)], args=args, client=ctx.redis)
+        verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+        if verdict != "busy":
+            return verdict, int(attempt), int(seq)
+        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | None = None) -> Outcome:
+    """Run one delivery of a job to its outcome (``skipped`` if it already had one)."""
     job_id = envelope.job_id
     owner = uuid.uuid4().hex
-    model = str(envelope.request.get("model", ""))
-    verdict, attempt = await ctx.claim(
-        keys=[ctx.keys.job(job_id)],
-        args=[owner, time.time(), ctx.settings.result_ttl_s, model, envelope.enqueued_at, envelope.model_dump_json()],
-        client=ctx.redis,
-    )
-    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-    writer = EventWriter(ctx.redis, ctx.append, ctx.keys, job_id, owner=owner, ttl_s=ctx.settings.result_ttl_s)
+    task = asyncio.current_task()
+    assert task is not None
+    verdict, attempt, seq = await _claim(ctx, envelope, owner)
+    writer = EventWriter(ctx.redis, ctx.append, ctx.keys, job_id, owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq)
     if verdict == "cancel":
-        await _end_cancelled(writer)
-        return "cancelled"
+        return await _end_cancelled(writer)
     if verdict != "run":
         log.info("job %s already %s; delivery skipped", job_id, verdict)
         return "skipped"
-    task = asyncio.current_task()
-    assert task is not None
-    ctx.running[job_id] = task
+    ctx.running[job_id] = Running(task, owner, delivery_tag)
     try:
         # A cancel announced between the claim and registering in ``running`` is caught here.
-        if await ctx.redis.hget(ctx.keys.job(job_id), "cancel_requested") == b"1":
+        if await _cancel_requested(ctx, job_id):
             raise asyncio.CancelledError
-        return await _attempt(ctx, envelope, writer, attempt)
+        if attempt > ctx.policy.max_attempts:
+            # Deliveries that never finished (e.g. a job that keeps killing its node) still end.
+            info = {"type": "attempts_exhausted", "message": f"{attempt - 1} attempts started, none finished"}
+            return await _end_failed(writer, {**info, "status": None}, attempt)
+        return await _attempts(ctx, envelope, writer, attempt)
     except asyncio.CancelledError:
-        if await ctx.redis.hget(ctx.keys.job(job_id), "cancel_requested") != b"1":
-            raise  # the worker is shutting down, not a user's cancel
-        await _end_cancelled(writer)
-        return "cancelled"
+        if await _cancel_requested(ctx, job_id):
+            return await _end_cancelled(writer)
+        if ctx.shutting_down:
+            return await _requeue(writer, attempt)
+        raise
     except Fenced:
-        log.warning("job %s: attempt %s lost ownership; it stops writing", job_id, attempt)
+        log.warning("job %s: delivery lost ownership; it stops writing", job_id)
         return "skipped"
     finally:
         ctx.running.pop(job_id, None)
 
 
-async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
-    job_id = envelope.job_id
-    assembler = StreamAssembler()
+async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
+    return bool(await ctx.redis.hget(ctx.keys.job(job_id), "cancel_requested") == b"1")
+
+
+async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
+    """Attempt after attempt until one succeeds or the policy says stop; the one retry loop."""
     started = time.monotonic()
+    while True:
+        try:
+            result = await _attempt(ctx, envelope, writer, attempt)
+        except UpstreamError as err:
+            if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
+                return await _end_failed(writer, err.info(), attempt)
+            delay = retry_delay(err, attempt, ctx.policy)
+            if isinstance(err, RateLimited):
+                await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
+            attempt += 1
+            await writer.write(
+                "retry",
+                {"status": "retrying", "attempt": str(attempt)},
+                attempt=attempt,
+                reason=err.type,
+                delay_s=delay,
+            )
+            log.info(
+                "job %s retry attempt=%s reason=%s status=%s delay_s=%.2f",
+                envelope.job_id,
+                attempt,
+                err.type,
+                err.status,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            await writer.write(None, {"status": "running"})
+            continue
+        await writer.write(
+            "completed",
+            {"status": "succeeded", "result": result, "finished_at": str(time.time())},
+            attempt=attempt,
+            result=result,
+        )
+        usage = result.get("usage") or {}
+        log.info(
+            "job %s succeeded model=%s attempt=%s prompt_tokens=%s completion_tokens=%s latency_s=%.3f",
+            envelope.job_id,
+            result.get("model"),
+            attempt,
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+            time.monotonic() - started,
+        )
+        return "succeeded"
+
+
+async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> dict[str, Any]:
+    """One upstream call inside the fleet's limits; returns the assembled completion."""
+    request = envelope.request
+    lease = await ctx.limiter.acquire(
+        reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
+    )
+    used: int | None = None  # unknown: no refund
     try:
+        assembler = StreamAssembler()
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
-            async for chunk in stream_chat(ctx.http, envelope.request):
+            async for chunk in stream_chat(ctx.http, request):
                 for index, delta in assembler.feed(chunk):
                     writer.emit("delta", attempt=attempt, index=index, delta=delta)
         result = assembler.finish()
+        usage = result.get("usage") or {}
+        used = int(usage.get("total_tokens") or 0) or None
+        return result
     except UpstreamError as err:
-        await writer.finish(
-            "failed", {"status": "failed", "error": err.info(), "finished_at": str(time.time())}, error=err.info()
-        )
-        log.info("job %s failed attempt=%s type=%s status=%s", job_id, attempt, err.type, err.status)
-        return "failed"
-    except TimeoutError:
-        info = {"type": "timeout", "message": f"attempt exceeded {ctx.settings.attempt_timeout_s}s", "status": None}
-        await writer.finish("failed", {"status": "failed", "error": info, "finished_at": str(time.time())}, error=info)
-        return "failed"
-    await writer.finish(
-        "completed",
-        {"status": "succeeded", "result": result, "finished_at": str(time.time())},
-        attempt=attempt,
-        result=result,
-    )
-    usage = result.get("usage") or {}
-    log.info(
-        "job %s succeeded model=%s attempt=%s prompt_tokens=%s completion_tokens=%s latency_s=%.3f",
-        job_id,
-        result.get("model"),
-        attempt,
-        usage.get("prompt_tokens"),
-        usage.get("completion_tokens"),
-        time.monotonic() - started,
-    )
-    return "succeeded"
+        if err.status is not None:
+            used = 0  # answered with an error before generating anything
+        raise
+    except TimeoutError as err:
+        raise UpstreamUnavailable(f"attempt exceeded {ctx.settings.attempt_timeout_s}s", type="timeout") from err
+    finally:
+        await asyncio.shield(ctx.limiter.release(lease, used))
 
 
-async def _end_cancelled(writer: EventWriter) -> None:
+async def _end_failed(writer: EventWriter, info: dict[str, Any], attempt: int) -> Outcome:
+    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(time.time())}, error=info)
+    log.info("job %s failed attempt=%s type=%s status=%s", writer.job_id, attempt, info.get("type"), info.get("status"))
+    return "failed"
+
+
+async def _end_cancelled(writer: EventWriter) -> Outcome:
     try:
-        await writer.finish("cancelled", {"status": "cancelled", "finished_at": str(time.time())})
+        await writer.write("cancelled", {"status": "cancelled", "finished_at": str(time.time())})
     except Fenced:
         pass  # ended some other way first (e.g. the producer cancelled it while queued)
     log.info("job %s cancelled", writer.job_id)
+    return "cancelled"
+
+
+async def _requeue(writer: EventWriter, attempt: int) -> Outcome:
+    """The node is shutting down: hand the job back to the queue with a ``retry`` event."""
+    await writer.write(
+        "retry", {"status": "queued", "owner": ""}, attempt=attempt + 1, reason="worker_shutdown", delay_s=0.0
+    )
+    log.info("job %s requeued: worker shutting down", writer.job_id)
+    return "requeued"

@@ -2,22 +2,29 @@
 
 Celery's thread pool hands each job to a thread; the thread submits the job's coroutine to
 this loop and waits for it. Waiting threads cost only memory, while the loop multiplexes all
-upstream streams and Redis writes over shared connection pools. The loop also listens for
-cancel announcements and cancels the matching job's task.
+upstream streams and Redis writes over shared connection pools. The loop also runs the
+process's limiter, the heartbeats of its jobs, and one pub/sub listener for cancel
+announcements and limiter wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.retry import Retry
 
 from producers.eventlog import APPEND_LUA
 from producers.wire import JobEnvelope
+from worker.keepalive import keepalive
+from worker.ratelimit import Limiter
 from worker.runner import CLAIM_LUA, JobContext, Outcome, run_job
 from worker.settings import Settings
 from worker.upstream import build_client
@@ -25,15 +32,27 @@ from worker.upstream import build_client
 log = logging.getLogger("moonq.worker")
 
 
+def connect(settings: Settings) -> Redis:
+    """A client that rides out a Redis restart: commands retry with backoff for about a minute."""
+    retry = Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), retries=20)
+    return Redis.from_url(
+        settings.redis_url,
+        retry=retry,
+        retry_on_error=[ConnectionError, TimeoutError, ConnectionResetError],
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+
+
 class Runtime:
-    """Start with ``start()``; ``run(envelope)`` from any thread; ``stop()`` at shutdown."""
+    """Start with ``start()``; ``run(envelope)`` from any thread; ``shutdown()`` then ``stop()``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="moonq-loop", daemon=True)
         self.ctx: JobContext | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     def start(self) -> Runtime:
         self._thread.start()
@@ -41,7 +60,8 @@ class Runtime:
         return self
 
     async def _open(self) -> JobContext:
-        redis = Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        redis = connect(self.settings)
+        limiter = Limiter(redis, self.settings.prefix, self.settings.limits, lease_ttl_s=self.settings.lease_ttl_s)
         ctx = JobContext(
             settings=self.settings,
             keys=self.settings.keys,
@@ -49,46 +69,72 @@ class Runtime:
             http=build_client(self.settings),
             append=redis.register_script(APPEND_LUA),
             claim=redis.register_script(CLAIM_LUA),
-            running={},
+            limiter=limiter,
+            policy=self.settings.retry_policy,
         )
-        self._listener = asyncio.create_task(self._listen_for_cancels(ctx))
+        limiter.start()
+        self._background = [asyncio.create_task(self._listen(ctx)), asyncio.create_task(keepalive(ctx))]
         return ctx
 
-    async def _listen_for_cancels(self, ctx: JobContext) -> None:
+    async def _listen(self, ctx: JobContext) -> None:
+        cancel, wake = ctx.keys.cancel, ctx.limiter.wake_channel
         while True:
             try:
-                pubsub = ctx.redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(ctx.keys.cancel)
-                async for msg in pubsub.listen():
-                    task = ctx.running.get(msg["data"].decode())
-                    if task is not None:
-                        task.cancel()
+                async with ctx.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(cancel, wake)
+                    ctx.limiter.wake()  # anything missed while unsubscribed: ask again
+                    async for msg in pubsub.listen():
+                        if msg["channel"].decode() == wake:
+                            ctx.limiter.wake()
+                            continue
+                        running = ctx.running.get(msg["data"].decode())
+                        if running is not None:
+                            running.task.cancel()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis went away: resubscribe; runner re-checks the flag on claim
-                log.warning("cancel listener lost its connection; resubscribing", exc_info=True)
+            except (RedisError, OSError):
+                # Redis went away: resubscribe. A cancel sent meanwhile is still caught, because the
+                # runner re-reads the job's cancel flag when it claims and after each attempt.
+                log.warning("listener lost its Redis connection; resubscribing", exc_info=True)
                 await asyncio.sleep(1.0)
 
-    def submit(self, envelope: dict[str, Any]) -> Future[Outcome]:
+    def submit(self, envelope: dict[str, Any], delivery_tag: str | None = None) -> Future[Outcome]:
         assert self.ctx is not None, "Runtime.start() first"
-        return asyncio.run_coroutine_threadsafe(run_job(self.ctx, JobEnvelope.model_validate(envelope)), self.loop)
+        job = JobEnvelope.model_validate(envelope)
+        return asyncio.run_coroutine_threadsafe(run_job(self.ctx, job, delivery_tag), self.loop)
 
-    def run(self, envelope: dict[str, Any]) -> Outcome:
+    def run(self, envelope: dict[str, Any], delivery_tag: str | None = None) -> Outcome:
         """Run one job to its outcome, blocking the calling (pool) thread."""
-        return self.submit(envelope).result()
+        return self.submit(envelope, delivery_tag).result()
+
+    def shutdown(self) -> None:
+        """Hand every running job back to the queue now (warm shutdown must not wait for long streams)."""
+        if self.ctx is None:
+            return
+        ctx = self.ctx
+
+        def _cancel_all() -> None:
+            ctx.shutting_down = True
+            for running in ctx.running.values():
+                running.task.cancel()
+
+        self.loop.call_soon_threadsafe(_cancel_all)
 
     def stop(self) -> None:
         if self.ctx is not None:
-            asyncio.run_coroutine_threadsafe(self._close(self.ctx), self.loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._close(self.ctx), self.loop).result(timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
 
     async def _close(self, ctx: JobContext) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-        await ctx.http.aclose()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await ctx.limiter.stop()
+        with contextlib.suppress(Exception):
+            await ctx.http.aclose()
         await ctx.redis.aclose()
 
 
@@ -103,6 +149,12 @@ def runtime_for(settings: Settings) -> Runtime:
         if rt is None:
             rt = _runtimes[id(settings)] = Runtime(settings).start()
         return rt
+
+
+def shutdown_all() -> None:
+    with _lock:
+        for rt in _runtimes.values():
+            rt.shutdown()
 
 
 def stop_all() -> None:

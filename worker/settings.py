@@ -6,9 +6,11 @@ reads the environment; everything else gets a ``Settings`` passed in.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from producers.settings import ClientSettings
+from worker.ratelimit import Limits
+from worker.retry import INITIAL_RETRY_DELAY, MAX_ATTEMPTS, MAX_RETRY_AFTER_DELAY, MAX_RETRY_DELAY, RetryPolicy
 
 
 class Settings(ClientSettings):
@@ -20,10 +22,15 @@ class Settings(ClientSettings):
     moonshot_base_url: str = Field(
         default="https://api.moonshot.ai/v1", validation_alias=AliasChoices("MOONSHOT_BASE_URL", "moonshot_base_url")
     )
-    # Fleet-wide limits (None = no limit); enforced from the next work item on.
+    # Fleet-wide limits (None = no limit), shared in Redis by every node (worker/ratelimit.py).
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_inflight: int | None = Field(default=None, ge=1)
+    # Bucket sizes: requests / tokens that may go back to back; default 1 s of RPM, 2% of TPM.
+    rpm_burst: int | None = Field(default=None, ge=1)
+    tpm_burst: int | None = Field(default=None, ge=1)
+    # In-flight slots of a dead node come back after this long.
+    lease_ttl_s: float = Field(default=15.0, gt=0)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     # Jobs one node runs at once. LLM calls wait on the network, not the CPU: a node holds
     # many in flight on an asyncio loop, each Celery thread only waits for its job's future.
@@ -33,3 +40,42 @@ class Settings(ClientSettings):
     read_timeout_s: float = Field(default=300.0, gt=0)
     # A whole attempt, first byte to [DONE]; k3 answers may run for many minutes.
     attempt_timeout_s: float = Field(default=1800.0, gt=0)
+
+    # Retries (worker/retry.py): attempts per job, first backoff, backoff cap, and a deadline
+    # from the first attempt's start after which no new attempt begins.
+    max_attempts: int = Field(default=MAX_ATTEMPTS, ge=1)
+    backoff_base_s: float = Field(default=INITIAL_RETRY_DELAY, ge=0)
+    max_retry_delay_s: float = Field(default=MAX_RETRY_DELAY, ge=0)
+    max_retry_after_s: float = Field(default=MAX_RETRY_AFTER_DELAY, ge=0)
+    job_deadline_s: float = Field(default=3600.0, gt=0)
+
+    # Liveness. A running job's owner beats every heartbeat_interval_s; a job whose owner has been
+    # silent for heartbeat_stale_s may be taken over. Broker messages of a dead node are redelivered
+    # visibility_timeout_s after its last beat (Redis broker; Celery's default is one hour).
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_stale_s: float = Field(default=15.0, gt=0)
+    visibility_timeout_s: float = Field(default=20.0, gt=0)
+
+    @model_validator(mode="after")
+    def _liveness_order(self) -> Settings:
+        if not self.heartbeat_interval_s * 2 <= self.heartbeat_stale_s <= self.visibility_timeout_s:
+            raise ValueError(
+                "need heartbeat_interval_s * 2 <= heartbeat_stale_s <= visibility_timeout_s, so a live job is"
+                " never redelivered and a redelivered job is never waited for"
+            )
+        self.limits  # noqa: B018 -- validates the bursts against their limits
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.max_inflight, self.rpm_burst, self.tpm_burst)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_delay_s=self.backoff_base_s,
+            max_delay_s=self.max_retry_delay_s,
+            max_retry_after_s=self.max_retry_after_s,
+            deadline_s=self.job_deadline_s,
+        )

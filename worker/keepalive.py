@@ -1,0 +1,55 @@
+"""Proof of life for the jobs a process is running, so that only dead nodes' jobs move.
+
+Every ``heartbeat_interval_s`` one script call per process refreshes, for each running job,
+the job record's ``heartbeat_at`` (only while this process still owns it) and the score of its
+broker message in kombu's ``unacked_index``. Kombu redelivers a message whose score is older
+than the visibility timeout, so a live job's message never is, however long the job runs
+(Celery issue #5935), while a killed node's messages come back within the timeout instead of
+Redis' default hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.exceptions import RedisError
+
+from worker.runner import JobContext
+
+log = logging.getLogger("moonq.worker")
+
+# KEYS[1] kombu's unacked_index zset, KEYS[2..n+1] job hashes.
+# ARGV[1..n] owner tokens, ARGV[n+1..2n] delivery tags ('' when not from a broker).
+KEEPALIVE_LUA = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local n = #KEYS - 1
+for i = 1, n do
+  if redis.call('HGET', KEYS[i + 1], 'owner') == ARGV[i] then
+    redis.call('HSET', KEYS[i + 1], 'heartbeat_at', now_ms)
+  end
+  if ARGV[n + i] ~= '' then
+    redis.call('ZADD', KEYS[1], 'XX', now_s, ARGV[n + i])
+  end
+end
+return n
+"""
+
+
+async def keepalive(ctx: JobContext) -> None:
+    """Beat for every running job of this process, forever."""
+    script = ctx.redis.register_script(KEEPALIVE_LUA)
+    unacked_index = f"{ctx.keys.broker_prefix}unacked_index"
+    while True:
+        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+        running = list(ctx.running.items())
+        if not running:
+            continue
+        keys = [unacked_index, *(ctx.keys.job(job_id) for job_id, _ in running)]
+        args = [r.owner for _, r in running] + [r.delivery_tag or "" for _, r in running]
+        try:
+            await script(keys=keys, args=args)
+        except RedisError:
+            log.warning("heartbeat failed; will try again", exc_info=True)

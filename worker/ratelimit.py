@@ -1,0 +1,242 @@
+"""The fleet-wide limiter: requests/min, tokens/min and concurrent requests, shared in Redis.
+
+Every node and process asks the same Redis, and check-and-reserve is one Lua script
+(``ACQUIRE_LUA``), so no two callers can both take the last unit of capacity (the overshoot
+LiteLLM's multi-instance limits had for years came from separate read and write steps).
+
+Rates are continuously refilling buckets, not fixed windows. A bucket of capacity ``B`` (the
+burst) refilled at ``(L - B) / 60`` per second never admits more than ``L`` in any 60 s
+window: at most ``B`` stored at the window's start plus ``L - B`` refilled during it. So the
+configured limit is a hard ceiling per sliding minute, and steady throughput is ``L - B``
+(98% of ``L`` at the default burst of 2%). One exception, documented: a single TPM
+reservation larger than the burst is let through when the bucket is full, leaving it in debt,
+so raise ``MOONQ_TPM_BURST`` above your largest request to keep the ceiling exact.
+
+TPM reserves what Moonshot checks, the prompt estimate plus the completion budget
+(``max_completion_tokens``, or the model's default), and ``release`` refunds the difference
+once the real usage is known. In-flight slots are leases that expire unless renewed, so a
+node that dies gives its slots back within ``lease_ttl_s``. A 429 from the upstream sets a
+shared cool-down that every caller honours.
+
+Waiting is ordered and does not spin: each process queues its waiters by (priority,
+enqueue time) and only its best waiter asks Redis, registered in a fleet-wide waiting list
+that the script serves head first. A waiter sleeps for exactly the deficit the script reports,
+or until a release or grant is announced on the wake channel.
+
+Key families (``P`` = prefix): ``P:limit:rpm`` and ``P:limit:tpm`` hashes {tokens, ts};
+``P:limit:inflight`` zset lease → expiry ms; ``P:limit:cooldown`` string, until ms;
+``P:limit:waiters`` zset process → rank, ``P:limit:alive`` zset process → expiry ms;
+channel ``P:limit:wake``. Times are Redis' own clock (``TIME``), so node clocks may differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
+
+log = logging.getLogger("moonq.limiter")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Fleet limits; None means no limit on that axis."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_inflight: int | None = None
+    rpm_burst: int | None = None
+    tpm_burst: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, limit, burst in (("rpm", self.rpm, self.rpm_burst), ("tpm", self.tpm, self.tpm_burst)):
+            if limit is not None and burst is not None and not 1 <= burst < limit:
+                raise ValueError(f"{name}_burst must be at least 1 and below {name} ({limit}); got {burst}")
+
+    @property
+    def rpm_bucket(self) -> int:
+        """Burst of the RPM bucket: one second's worth by default."""
+        if self.rpm is None:
+            return 0
+        return self.rpm_burst or max(1, self.rpm // 60)
+
+    @property
+    def tpm_bucket(self) -> int:
+        """Burst of the TPM bucket: 2% of the limit by default (so 98% of it is usable)."""
+        if self.tpm is None:
+            return 0
+        return self.tpm_burst or max(1, math.ceil(self.tpm * 0.02))
+
+    def argv(self) -> list[int]:
+        return [self.rpm or 0, self.rpm_bucket, self.tpm or 0, self.tpm_bucket, self.max_inflight or 0]
+
+
+def rank(priority: int, enqueued_at_s: float) -> float:
+    """Waiting-line order: lower priority number first, then first enqueued (exact in a double)."""
+    return priority * 1e13 + math.floor(enqueued_at_s * 1000)
+
+
+@dataclass
+class Lease:
+    """Capacity granted to one upstream call; give it back with ``Limiter.release``."""
+
+    id: str
+    reserved_tokens: int
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: float
+    seq: int
+    cost: int = field(compare=False)
+    future: asyncio.Future[Lease] = field(compare=False)
+
+
+class Limiter:
+    """One per process: queues the process's waiters and asks Redis on behalf of the best one."""
+
+    def __init__(
+        self, redis: Redis, prefix: str, limits: Limits, *, lease_ttl_s: float = 15.0, waiter_ttl_s: float = 10.0
+    ) -> None:
+        self._redis = redis
+        self.limits = limits
+        self.lease_ttl_s = lease_ttl_s
+        self.waiter_ttl_s = waiter_ttl_s
+        p = f"{prefix}:limit"
+        self._keys = [f"{p}:rpm", f"{p}:tpm", f"{p}:inflight", f"{p}:cooldown", f"{p}:waiters", f"{p}:alive"]
+        self.wake_channel = f"{p}:wake"
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._release = redis.register_script(RELEASE_LUA)
+        self._cooldown = redis.register_script(COOLDOWN_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._leave = redis.register_script(LEAVE_LUA)
+        self._heap: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._leases: set[str] = set()
+        self._registered = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._renew_loop())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self._leave(keys=self._keys[4:6], args=[self._id, self.wake_channel])
+
+    def wake(self) -> None:
+        """Capacity may have changed somewhere in the fleet: let the best waiter ask again."""
+        self._wake.set()
+
+    async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
+        """Wait, in (priority, enqueue time) order, until the fleet has room for one call of this cost."""
+        waiter = _Waiter(
+            rank(priority, enqueued_at_s), next(self._seq), cost_tokens, asyncio.get_running_loop().create_future()
+        )
+        heapq.heappush(self._heap, waiter)
+        self._wake.set()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                await self.release(waiter.future.result(), used_tokens=0)
+            raise
+
+    async def release(self, lease: Lease, used_tokens: int | None) -> None:
+        """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
+        self._leases.discard(lease.id)
+        refund = 0 if used_tokens is None else lease.reserved_tokens - used_tokens
+        keys = [self._keys[1], self._keys[2]]
+        args: list[str | int] = [lease.id, refund, self.limits.tpm or 0, self.limits.tpm_bucket, self.wake_channel]
+        await self._release(keys=keys, args=args)
+
+    async def cooldown(self, delay_s: float) -> None:
+        """Hold every caller in the fleet back for ``delay_s`` (the upstream said 429)."""
+        await self._cooldown(keys=[self._keys[3]], args=[max(1, int(delay_s * 1000)), self.wake_channel])
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                await self._serve_head()
+            except asyncio.CancelledError:
+                raise
+            except RedisError:
+                log.warning("limiter cannot reach Redis; waiters keep waiting", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    async def _serve_head(self) -> None:
+        while self._heap and self._heap[0].future.done():  # cancelled while waiting
+            heapq.heappop(self._heap)
+        if not self._heap:
+            if self._registered:
+                await self._leave(keys=self._keys[4:6], args=[self._id, self.wake_channel])
+                self._registered = False
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        head = self._heap[0]
+        lease_id = uuid.uuid4().hex
+        self._wake.clear()  # before asking: a wake during the call must not be lost
+        granted, wait_ms, _reason = await self._acquire(
+            keys=self._keys,
+            args=[
+                self._id,
+                head.rank,
+                int(self.waiter_ttl_s * 1000),
+                lease_id,
+                int(self.lease_ttl_s * 1000),
+                head.cost,
+                *self.limits.argv(),
+                self.wake_channel,
+            ],
+        )
+        self._registered = not granted
+        if granted:
+            # Not heappop: a better waiter may have arrived during the call and now be on top.
+            self._heap.remove(head)
+            heapq.heapify(self._heap)
+            lease = Lease(lease_id, head.cost)
+            if head.future.done():  # cancelled during the call: give it straight back
+                await self.release(lease, used_tokens=0)
+            else:
+                self._leases.add(lease_id)
+                head.future.set_result(lease)
+            return
+        # Sleep for the deficit, or until woken; never longer than the waiter registration lives.
+        timeout = self.waiter_ttl_s / 3 if wait_ms < 0 else min(wait_ms / 1000, self.waiter_ttl_s / 3)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            if not self._leases and not self._registered:
+                continue
+            try:
+                await self._renew(
+                    keys=[self._keys[2], self._keys[4], self._keys[5]],
+                    args=[
+                        int(self.lease_ttl_s * 1000),
+                        self._id if self._registered else "",
+                        int(self.waiter_ttl_s * 1000),
+                        *self._leases,
+                    ],
+                )
+            except RedisError:
+                log.warning("limiter could not renew its leases", exc_info=True)
