@@ -74,7 +74,8 @@ class RedisServer:
         wait_for_port(self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the server (SIGTERM, so it writes its AOF if it keeps one); ``keep_data`` for a restart."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -82,7 +83,14 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port with the same data directory."""
+        self.stop(keep_data=True)
+        time.sleep(down_s)
+        self.start()
 
     def __enter__(self) -> RedisServer:
         return self.start()

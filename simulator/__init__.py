@@ -9,5 +9,6 @@ from simulator.app import create_app
 from simulator.cli import main
 from simulator.config import SimConfig
 from simulator.server import SimServer
+from simulator.stats import max_in_window
 
-__all__ = ["SimConfig", "SimServer", "create_app", "main"]
+__all__ = ["SimConfig", "SimServer", "create_app", "main", "max_in_window"]

@@ -1,15 +1,15 @@
 """The HTTP layer: Starlette routes, auth, request ids and JSON/SSE responses.
 
-Only I/O lives here; every decision is in validate/generate/finish/render.
+Only I/O lives here; every decision is in validate/generate/finish/render, and in gate/faults for
+quotas and injected faults.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,35 +20,51 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from simulator.answer import answer, chunk_sizes
+from simulator.answer import Answer, answer, chunk_sizes
 from simulator.cache import PrefixCache
 from simulator.catalog import CATALOG
 from simulator.config import SimConfig
 from simulator.errors import JSON_CONTENT_TYPE, ApiError, bad_api_key, invalid_request, missing_auth
-from simulator.stream import SSE_CONTENT_TYPE, Delivery, paced, sse_frames
+from simulator.faults import Plan, plan
+from simulator.gate import Gate
+from simulator.scripts import parse_sim
+from simulator.stream import SSE_CONTENT_TYPE, Delivery, cut_short, hide_cut_tracebacks, paced, pause_s
 from simulator.validate import parse_chat_request, parse_estimate_request
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def create_app(cfg: SimConfig | None = None, *, closing: threading.Event | None = None) -> Starlette:
-    """Builds the simulator's ASGI app; each app has its own context cache.
+    """Builds the simulator's ASGI app; each app has its own context cache, quotas and stats.
 
     Args:
         cfg: the simulator's knobs; defaults to ``SimConfig()``.
         closing: once set, open streams end at their next chunk so the server can shut down promptly.
     """
     sim = _Simulator(cfg or SimConfig(), closing or threading.Event())
+    hide_cut_tracebacks()
     routes = [
-        Route("/v1/chat/completions", _api(sim.chat), methods=["POST"]),
+        Route("/v1/chat/completions", _api(sim.chat, on_status=sim.gate.count), methods=["POST"]),
         Route("/v1/models", _api(sim.models), methods=["GET"]),
         Route("/v1/tokenizers/estimate-token-count", _api(sim.estimate), methods=["POST"]),
+        # Test hooks, outside /v1 and without auth: the real API has nothing here.
+        Route("/_sim/stats", sim.stats, methods=["GET"]),
+        Route("/_sim/reset", sim.reset, methods=["POST"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: _http_error},
     )
+    app.state.gate = sim.gate
+    return app
+
+
+def gate_of(app: Starlette) -> Gate:
+    """The admission gate (quotas, faults, stats) of an app built by ``create_app``."""
+    gate = app.state.gate
+    assert isinstance(gate, Gate)
+    return gate
 
 
 class _Simulator:
@@ -56,21 +72,43 @@ class _Simulator:
         self.cfg = cfg
         self.closing = closing
         self.cache = PrefixCache(cfg.cache_entries)
-
-    def delivery(self, request: Request) -> Delivery:
-        # One place to choose per-request pacing; scripted faults will be selected here.
-        return Delivery(self.cfg.first_token_latency_s, self.cfg.chunk_interval_s)
+        self.gate = Gate(cfg)
+        self.pacing = Delivery(cfg.first_token_latency_s, cfg.chunk_interval_s)
 
     async def chat(self, request: Request) -> Response:
-        req = parse_chat_request(await _json_body(request))
-        result = answer(self.cfg, self.cache, req)
-        frames = sse_frames(result.chunks(chunk_sizes(self.cfg, req)))
-        delivery = self.delivery(request)
+        body = await _json_body(request)
+        req = parse_chat_request(body)
+        ticket = self.gate.admit(req, parse_sim(body))
+        try:
+            result = answer(self.cfg, self.cache, req)
+            wire = plan(ticket.fault, result.chunks(chunk_sizes(self.cfg, req)), self.pacing)
+        except BaseException:
+            self.gate.settle(ticket, 500, 0, 0)
+            raise
+        usage = result.usage()
+
+        def settle() -> None:
+            # Charged in full even if the stream was cut: the tokens were generated all the same.
+            self.gate.settle(ticket, 200, usage["completion_tokens"], usage["total_tokens"])
+
         if req.stream:
             headers = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"}
-            return StreamingResponse(paced(frames, delivery, self.closing.is_set), headers=headers)
-        await asyncio.sleep(delivery.duration_s(len(frames)))
-        return json_response(result.body())
+            return _Tracked(paced(wire.frames, wire.delivery, self.closing.is_set), settle, headers)
+        return await self._reply(result, wire, settle)
+
+    async def _reply(self, result: Answer, wire: Plan, settle: Callable[[], None]) -> Response:
+        # A non-stream answer waits as long as its stream would take, then comes in one piece.
+        try:
+            await pause_s(wire.delivery.duration_s(len(wire.frames)), self.closing.is_set)
+        except BaseException:
+            settle()
+            raise
+        body = _compact(result.body())
+        if wire.delivery.cut_after is not None:
+            headers = {"content-type": JSON_CONTENT_TYPE, "content-length": str(len(body))}
+            return _Tracked(cut_short(body), settle, headers)
+        settle()
+        return Response(body, headers={"content-type": JSON_CONTENT_TYPE})
 
     async def models(self, request: Request) -> Response:
         return json_response({"data": [_model_entry(spec.id, spec.created) for spec in CATALOG.values()]})
@@ -79,14 +117,42 @@ class _Simulator:
         total = parse_estimate_request(await _json_body(request))
         return json_response({"data": {"total_tokens": total}})
 
+    async def stats(self, request: Request) -> Response:
+        return json_response(self.gate.stats())
 
-def _api(endpoint: Endpoint) -> Endpoint:
+    async def reset(self, request: Request) -> Response:
+        self.gate.reset()
+        return json_response({"reset": True})
+
+
+class _Tracked(StreamingResponse):
+    """A streamed body that reports when it is over, however it ends (done, cut, client gone).
+
+    A ``finally`` in the body iterator is not enough: if the client leaves before the first
+    chunk, the iterator never starts and its ``finally`` never runs.
+    """
+
+    def __init__(self, content: AsyncIterable[bytes], on_close: Callable[[], None], headers: Mapping[str, str]) -> None:
+        super().__init__(content, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _api(endpoint: Endpoint, on_status: Callable[[int], None] | None = None) -> Endpoint:
     async def wrapped(request: Request) -> Response:
         try:
             _authorize(request)
-            return await endpoint(request)
+            response = await endpoint(request)
         except ApiError as err:
-            return error_response(err)
+            response = error_response(err)
+        if on_status is not None:
+            on_status(response.status_code)
+        return response
 
     return wrapped
 
@@ -134,13 +200,17 @@ def _model_entry(model: str, created: int) -> dict[str, Any]:
     }
 
 
+def _compact(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, status_code=status, headers={"content-type": JSON_CONTENT_TYPE})
+    return Response(_compact(payload), status_code=status, headers={"content-type": JSON_CONTENT_TYPE})
 
 
 def error_response(err: ApiError) -> Response:
-    return Response(err.body(), status_code=err.status, headers={"content-type": JSON_CONTENT_TYPE})
+    # No Retry-After, ever: the real API sends none, the delay is only in the message (§7).
+    return Response(err.body(), status_code=err.status, headers={"content-type": err.content_type})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

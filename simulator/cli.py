@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from simulator.config import SimConfig
+from simulator.faults import DEFAULT_RANDOM_KINDS
 from simulator.server import SimServer
 
 # Interactive use wants a visible stream: ~0.4 s to first token, then ~30 chunks a second.
@@ -27,7 +28,24 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-interval-ms", type=float, default=DEFAULT_CHUNK_INTERVAL_MS, help="pause between chunks"
     )
     parser.add_argument("--tokens-per-chunk", type=int, default=None, help="fixed fragment size (default: 1-3)")
+    faults = parser.add_argument_group("faults and account limits")
+    faults.add_argument("--fault-rate", type=float, default=0.0, help="share of requests given a random fault, 0..1")
+    faults.add_argument(
+        "--fault-kinds",
+        type=_specs,
+        default=DEFAULT_RANDOM_KINDS,
+        help=f"comma-separated faults to draw from, e.g. overload,stall:2 (default: {','.join(DEFAULT_RANDOM_KINDS)})",
+    )
+    faults.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
+    faults.add_argument(
+        "--tpm", type=int, default=None, help="tokens per minute, prompt + max_tokens (default: unlimited)"
+    )
+    faults.add_argument("--max-concurrency", type=int, default=None, help="requests in flight (default: unlimited)")
     return parser
+
+
+def _specs(text: str) -> tuple[str, ...]:
+    return tuple(spec.strip() for spec in text.split(",") if spec.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             first_token_latency_s=args.latency_ms / 1000,
             chunk_interval_s=args.chunk_interval_ms / 1000,
             tokens_per_chunk=args.tokens_per_chunk,
+            fault_rate=args.fault_rate,
+            fault_kinds=args.fault_kinds,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            max_concurrency=args.max_concurrency,
         )
     except ValueError as err:
         print(f"moonq simulate: {err}", file=sys.stderr)

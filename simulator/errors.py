@@ -14,6 +14,8 @@ JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 class ApiError(Exception):
     """An error response: HTTP status, Moonshot error ``type`` and message."""
 
+    content_type = JSON_CONTENT_TYPE
+
     def __init__(self, status: int, type_: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -46,3 +48,52 @@ def missing_auth() -> ApiError:
 
 def bad_api_key() -> ApiError:
     return ApiError(401, "incorrect_api_key_error", "Incorrect API key provided")
+
+
+# Placeholders for the account in rate-limit messages, where the real API names the org and key.
+ORG = "org-sim"
+ACCESS_KEY = "ak-sim"
+_ACCOUNT = f"Your account {ORG}<{ACCESS_KEY}>"
+
+
+def engine_overloaded() -> ApiError:
+    return ApiError(429, "engine_overloaded_error", "The engine is currently overloaded, please try again later")
+
+
+def rate_limited(limit: str, retry_after_s: int) -> ApiError:
+    """429 for the concurrency and RPM axes; ``limit`` is e.g. ``"max RPM: 200"``.
+
+    The delay lives only in the text: the real API sends no Retry-After header (MOONSHOT_API.md §1).
+    """
+    message = f"{_ACCOUNT} request reached organization {limit}, please try again after {retry_after_s} seconds"
+    return ApiError(429, "rate_limit_reached_error", message)
+
+
+def tpm_limited(current: int, limit: int) -> ApiError:
+    return ApiError(
+        429, "rate_limit_reached_error", f"{_ACCOUNT} request reached TPM rate limit, current:{current}, limit:{limit}"
+    )
+
+
+def quota_exceeded() -> ApiError:
+    message = f"You exceeded your current token quota: <{ORG}> 0.0, please check your account balance"
+    return ApiError(429, "exceeded_current_quota_error", message)
+
+
+def server_error() -> ApiError:
+    # §7 documents only file-extraction texts for server_error; a generic one suits a chat request.
+    return ApiError(500, "server_error", "Internal server error, please try again later")
+
+
+class EdgeError(ApiError):
+    """A failure answered by the edge proxy in front of the API: plain text, not the API's JSON."""
+
+    content_type = "text/plain"
+
+    def body(self) -> bytes:
+        return self.message.encode()
+
+
+def edge_unavailable() -> EdgeError:
+    # Envoy's wording when no upstream answers; 502/503/504 from the edge are plausible (§7).
+    return EdgeError(503, "", "upstream connect error or disconnect/reset before headers. reset reason: overflow")

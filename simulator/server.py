@@ -6,11 +6,13 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from simulator.app import create_app
+from simulator.app import create_app, gate_of
 from simulator.config import SimConfig
 
 # Many clients hold a stream each; the default backlog of 100 drops bursts of connects.
@@ -72,6 +74,7 @@ class SimServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._app: Starlette | None = None
 
     @property
     def port(self) -> int:
@@ -96,7 +99,8 @@ class SimServer:
         self._sock = bind_socket(self.host, self._requested_port)
         self._port = int(self._sock.getsockname()[1])
         self._closing.clear()
-        self._server = build_server(create_app(self.cfg, closing=self._closing))
+        self._app = create_app(self.cfg, closing=self._closing)
+        self._server = build_server(self._app)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout_s
@@ -119,6 +123,23 @@ class SimServer:
         self._server = None
         self._thread = None
         self._sock = None
+
+    def stats(self) -> dict[str, Any]:
+        """What ``GET /_sim/stats`` returns; still readable after ``stop()``.
+
+        Raises:
+            RuntimeError: the server was never started.
+        """
+        return gate_of(self._started_app()).stats()
+
+    def reset(self) -> None:
+        """What ``POST /_sim/reset`` does: clears stats, quota windows and script counters."""
+        gate_of(self._started_app()).reset()
+
+    def _started_app(self) -> Starlette:
+        if self._app is None:
+            raise RuntimeError("SimServer is not started")
+        return self._app
 
     def __enter__(self) -> SimServer:
         return self.start()

@@ -118,6 +118,18 @@ def run(client: Client, worker: Any) -> Any:
     return _run
 
 
+def node_env(settings: Settings, base_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a real worker process under ``settings``' Redis and prefix, with fast liveness."""
+    env = {
+        "REDIS_URL": settings.redis_url,
+        "MOONQ_PREFIX": settings.prefix,
+        "MOONSHOT_BASE_URL": base_url,
+        "MOONSHOT_API_KEY": API_KEY,
+    }
+    env.update({f"MOONQ_{k.upper()}": str(v) for k, v in FAST.items()})
+    return {**env, **extra}
+
+
 @pytest.fixture
 def fresh_prefix(redis_url: str) -> Settings:
     """Settings with a prefix no other test uses: an empty keyspace and a queue nobody consumes."""

@@ -21,19 +21,16 @@ USER = {"role": "user", "content": "Hello from a real worker process"}
 
 
 @pytest.fixture
-def node_env(fresh_prefix: Settings, sim: SimServer) -> dict[str, str]:
-    # Its own prefix: the embedded test worker must not take these jobs.
-    return {
+def node(fresh_prefix: Settings, sim: SimServer) -> Iterator[WorkerProcess]:
+    # Its own prefix: the embedded test worker must not take these jobs. No liveness overrides:
+    # this is the node exactly as users start it.
+    env = {
         "REDIS_URL": fresh_prefix.redis_url,
         "MOONQ_PREFIX": fresh_prefix.prefix,
         "MOONSHOT_BASE_URL": sim.base_url,
         "MOONSHOT_API_KEY": API_KEY,
     }
-
-
-@pytest.fixture
-def node(node_env: dict[str, str]) -> Iterator[WorkerProcess]:
-    with WorkerProcess(node_env) as proc:
+    with WorkerProcess(env) as proc:
         yield proc
 
 
@@ -51,7 +48,11 @@ def test_real_celery_worker_process_runs_jobs(node: WorkerProcess, fresh_prefix:
 def moonq(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producers.cli", *args],
-        env={**os.environ, **env}, input=stdin, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -79,7 +80,9 @@ def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
     job_id = done.stdout.strip()
     with Client(settings=settings) as client:
         assert json.loads(client.job(job_id).result(timeout=20).choices[0].message.content)
-    bad = moonq("submit", "--file", "-", env=env, stdin=json.dumps({"model": "m", "messages": [], "stop": list("abcdef")}))
+    bad = moonq(
+        "submit", "--file", "-", env=env, stdin=json.dumps({"model": "m", "messages": [], "stop": list("abcdef")})
+    )
     assert bad.returncode == 2
     assert "messages:" in bad.stderr and "stop: at most 5 stop words" in bad.stderr
     missing = moonq("status", "no-such-job", env=env)
@@ -89,8 +92,9 @@ def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
 def test_make_demo_runs_the_main_job_and_cleans_up() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MOONSHOT_API_KEY", "CELERY_BROKER_URL")}
     before = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
-    done = subprocess.run([sys.executable, "-m", "producers.cli", "demo"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "producers.cli", "demo"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for section in ("Plain chat", "Tool call", "Tool result turn", "Partial Mode", "Thinking model", "Summary"):
         assert section in done.stdout

@@ -50,7 +50,9 @@ async def _wake_all(redis: Redis, channel: str, limiters: list[Limiter]) -> None
 
 
 async def hold(lim: Limiter, seconds: float, log: list[tuple[str, float]], name: str, **kw: Any) -> None:
-    lease = await lim.acquire(kw.pop("cost", 1), priority=kw.pop("priority", 5), enqueued_at_s=kw.pop("at", time.time()))
+    lease = await lim.acquire(
+        kw.pop("cost", 1), priority=kw.pop("priority", 5), enqueued_at_s=kw.pop("at", time.time())
+    )
     log.append((name, time.monotonic()))
     await asyncio.sleep(seconds)
     await lim.release(lease, used_tokens=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 
 import pytest
 
@@ -30,7 +31,7 @@ POLICY = RetryPolicy()
 
 
 def body(type_: str, message: str = "m") -> bytes:
-    return ('{"error":{"message":"%s","type":"%s"}}' % (message, type_)).encode()
+    return json.dumps({"error": {"message": message, "type": type_}}).encode()
 
 
 @pytest.mark.parametrize(
@@ -104,8 +105,11 @@ NOW = 1_767_225_600.0
         ({"retry-after": email.utils.formatdate(NOW + 7, usegmt=True)}, "", 7.0),
         ({"retry-after": email.utils.formatdate(NOW - 7, usegmt=True)}, "", 0.0),
         ({"retry-after": "soon"}, "", None),
-        ({}, "Your account org<ak> request reached organization max concurrency: 50, please try again after 3 seconds",
-         3.0),
+        (
+            {},
+            "Your account org<ak> request reached organization max concurrency: 50, please try again after 3 seconds",
+            3.0,
+        ),
         ({}, "max RPM: 200, please try again after 12 seconds", 12.0),
         ({}, "The engine is currently overloaded, please try again later", None),
         (None, "", None),

@@ -26,7 +26,11 @@ def slow_sim() -> Iterator[SimServer]:
 
 def runtime(fresh_prefix: Settings, base_url: str, key: str | None = API_KEY, **overrides: Any) -> Runtime:
     settings = make_settings(
-        fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=base_url, moonshot_api_key=key, **overrides
+        fresh_prefix.redis_url,
+        prefix=fresh_prefix.prefix,
+        moonshot_base_url=base_url,
+        moonshot_api_key=key,
+        **overrides,
     )
     return Runtime(settings).start()
 
@@ -59,7 +63,9 @@ def test_cancel_aborts_a_running_stream_within_a_second(fresh_prefix: Settings, 
         rt.stop()
 
 
-def test_cancel_of_a_queued_job_is_immediate_and_the_delivery_is_skipped(fresh_prefix: Settings, sim: SimServer) -> None:
+def test_cancel_of_a_queued_job_is_immediate_and_the_delivery_is_skipped(
+    fresh_prefix: Settings, sim: SimServer
+) -> None:
     rt = runtime(fresh_prefix, sim.base_url)
     try:
         with Client(settings=fresh_prefix) as client:
@@ -92,7 +98,9 @@ def test_a_redelivered_finished_job_runs_no_second_time(fresh_prefix: Settings, 
     ("key", "error_type"),
     [(None, "invalid_authentication_error"), ("not-a-key", "incorrect_api_key_error")],
 )
-def test_upstream_auth_errors_fail_the_job(fresh_prefix: Settings, sim: SimServer, key: str | None, error_type: str) -> None:
+def test_upstream_auth_errors_fail_the_job(
+    fresh_prefix: Settings, sim: SimServer, key: str | None, error_type: str
+) -> None:
     rt = runtime(fresh_prefix, sim.base_url, key)
     try:
         with Client(settings=fresh_prefix) as client:
@@ -114,7 +122,8 @@ def test_unreachable_upstream_fails_with_a_connection_error(fresh_prefix: Settin
             assert rt.run(envelope(client, job.id)) == "failed"
             events = list(job.events())
             assert [(e.type, e.attempt, e.reason) for e in events[:-1]] == [
-                ("retry", 2, "connection_error"), ("retry", 3, "connection_error")
+                ("retry", 2, "connection_error"),
+                ("retry", 3, "connection_error"),
             ]
             assert events[-1].error is not None and events[-1].error.type == "connection_error"
             assert job.record()["attempt"] == "3"

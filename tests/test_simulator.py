@@ -81,7 +81,11 @@ def deltas(chunks: list[Any], key: str) -> list[str]:
 
 
 def test_public_interface() -> None:
-    assert simulator.__all__ == sorted(simulator.__all__) == ["SimConfig", "SimServer", "create_app", "main"]
+    assert (
+        simulator.__all__
+        == sorted(simulator.__all__)
+        == ["SimConfig", "SimServer", "create_app", "main", "max_in_window"]
+    )
 
 
 def test_plain_completion(api: httpx.Client) -> None:

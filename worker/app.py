@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 from celery import Celery, Task
@@ -13,12 +15,21 @@ from producers.wire import TASK_NAME
 from worker.runtime import runtime_for, shutdown_all, stop_all
 from worker.settings import Settings
 
+log = logging.getLogger("moonq.worker")
+
+# Celery warns on every broker reconnect that it will one day cancel late-ack tasks on connection
+# loss. moonq's tasks are meant to outlive a reconnect (see worker/broker.py), so we opt out on
+# purpose ("worker_cancel_long_running_tasks_on_connection_loss": False) and drop the reminder.
+warnings.filterwarnings("ignore", message=".*worker_cancel_long_running_tasks_on_connection_loss.*")
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a node: the producers' broker settings plus how jobs run."""
     base = broker_config(settings)
+    redis_broker = settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
     return {
         **base,
+        **({"broker_transport": "worker.broker:Transport"} if redis_broker else {}),
         "broker_transport_options": {
             **base["broker_transport_options"],
             # Redelivery of a dead node's messages (see keepalive.py): after this many seconds without
@@ -40,6 +51,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_concurrency": settings.concurrency,
         "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
 
 
@@ -51,7 +63,16 @@ def create_app(settings: Settings | None = None) -> Celery:
 
     @app.task(name=TASK_NAME, ignore_result=True, shared=False, bind=True)  # type: ignore[untyped-decorator]
     def run_job(task: Task, envelope: dict[str, Any]) -> str:
-        outcome = runtime_for(settings).run(envelope, task.request.delivery_info.get("delivery_tag"))
+        # kombu puts the delivery tag in the message properties; keepalive.py keeps it from redelivery.
+        tag = (task.request.properties or {}).get("delivery_tag")
+        try:
+            outcome = runtime_for(settings).run(envelope, tag)
+        except Exception as err:
+            # Not an upstream failure (those end the job): Redis gone for longer than the client's
+            # retries, or a bug. Celery would ack a failed task and strand the job as "running";
+            # back to the queue instead. The job's attempt budget bounds how often this can repeat.
+            log.exception("job %s: delivery aborted; requeued", envelope.get("job_id"))
+            raise Reject(f"delivery aborted: {err!r}", requeue=True) from err
         if outcome == "requeued":
             raise Reject("worker shutting down", requeue=True)
         return outcome

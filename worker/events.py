@@ -56,9 +56,8 @@ class EventWriter:
             while self._pending:
                 batch, self._pending = self._pending, []
                 await self._append(batch, {})
-        except BaseException as err:
+        except Exception as err:  # kept for the job's next emit/drain, which raises it in the job's task
             self._error = err
-            raise
 
     async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
         keys, argv = append_args(

@@ -35,9 +35,10 @@ log = logging.getLogger("moonq.worker")
 # KEYS[1] job hash. ARGV[1] owner token, ARGV[2] ttl_s, ARGV[3] model, ARGV[4] enqueued_at,
 # ARGV[5] envelope JSON (to rebuild a record that expired while queued), ARGV[6] stale_ms: an
 # owner whose heartbeat is older than this is presumed dead.
-# Returns {verdict, attempt, seq}: 'run' (now owned by ARGV[1]), 'cancel' (cancel requested before
-# it started), 'busy' (a live owner is running it: a redelivered copy must not run it twice), or
-# the terminal status it already has ('succeeded' / 'failed' / 'cancelled').
+# Returns {verdict, attempt, seq}: 'run' (now owned by ARGV[1]), 'takeover' (the same, but the last
+# owner died mid-attempt), 'cancel' (cancel requested before it started), 'busy' (a live owner is
+# running it: a redelivered copy must not run it twice), or the terminal status it already has
+# ('succeeded' / 'failed' / 'cancelled').
 CLAIM_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,6 +68,8 @@ if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
   redis.call('HSET', KEYS[1], 'started_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+-- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
+if status ~= 'queued' then return {'takeover', attempt, seq} end
 return {'run', attempt, seq}
 """
 
@@ -125,11 +128,15 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
     writer = EventWriter(ctx.redis, ctx.append, ctx.keys, job_id, owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq)
     if verdict == "cancel":
         return await _end_cancelled(writer)
-    if verdict != "run":
+    if verdict not in ("run", "takeover"):
         log.info("job %s already %s; delivery skipped", job_id, verdict)
         return "skipped"
     ctx.running[job_id] = Running(task, owner, delivery_tag)
     try:
+        if verdict == "takeover":
+            # Subscribers saw deltas of an attempt that will never finish: tell them it is superseded.
+            await writer.write("retry", {}, attempt=attempt, reason="worker_lost", delay_s=0.0)
+            log.info("job %s taken over from a lost worker; attempt=%s", job_id, attempt)
         # A cancel announced between the claim and registering in ``running`` is caught here.
         if await _cancel_requested(ctx, job_id):
             raise asyncio.CancelledError

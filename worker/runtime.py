@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
-from redis.retry import Retry
 
 from producers.eventlog import APPEND_LUA
 from producers.wire import JobEnvelope
@@ -38,7 +38,8 @@ def connect(settings: Settings) -> Redis:
     return Redis.from_url(
         settings.redis_url,
         retry=retry,
-        retry_on_error=[ConnectionError, TimeoutError, ConnectionResetError],
+        # OSError: a refused connect while Redis restarts is a socket error before redis-py wraps it.
+        retry_on_error=[ConnectionError, TimeoutError, OSError],
         health_check_interval=30,
         socket_keepalive=True,
     )

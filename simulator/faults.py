@@ -1,0 +1,178 @@
+"""Fault kinds: what each one does to a request, and the ``name[:param]`` spec that names one.
+
+Two families, kept in one registry:
+
+- HTTP-level faults (``overload``, ``rate_limit``, ``quota``, ``server_error``, ``unavailable``)
+  answer with an error instead of a completion, stream or not.
+- Delivery faults change how a 200 reaches the client: ``drop`` (connection cut mid-body),
+  ``truncate`` (clean end without ``[DONE]``), ``no_finish``, ``corrupt``, ``stall``, ``slow_first``.
+  ``truncate``, ``no_finish`` and ``corrupt`` reshape SSE frames, so a JSON body has nothing for
+  them to act on (``stream_only``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from simulator.errors import ApiError, edge_unavailable, engine_overloaded, quota_exceeded, rate_limited, server_error
+from simulator.stream import DONE_FRAME, Delivery, encode_frame
+
+
+class Param(Enum):
+    NONE = "none"
+    SECONDS = "seconds"  # a number >= 0
+    COUNT = "count"  # an integer >= 0: seconds in a message, or a frame position
+
+
+@dataclass(frozen=True)
+class FaultKind:
+    name: str
+    param: Param = Param.NONE
+    # None for frame positions: the default is the middle of the stream, known only per response.
+    default: float | None = None
+    stream_only: bool = False
+
+
+# Long enough to trip a typical client read timeout; a spec like "stall:0.3" shortens it.
+DEFAULT_STALL_S = 30.0
+# Delay quoted by the rate_limit fault unless given ("rate_limit:3"); short, so retry tests stay fast.
+DEFAULT_RETRY_AFTER_S = 1
+# The account limit quoted by the ``rate_limit`` fault: tier 1 (MOONSHOT_API.md §8).
+FAULT_RPM = 200
+
+KINDS: dict[str, FaultKind] = {
+    kind.name: kind
+    for kind in (
+        FaultKind("ok"),
+        FaultKind("overload"),
+        FaultKind("rate_limit", Param.COUNT, DEFAULT_RETRY_AFTER_S),
+        FaultKind("quota"),
+        FaultKind("server_error"),
+        FaultKind("unavailable"),
+        FaultKind("drop", Param.COUNT),
+        FaultKind("truncate", Param.COUNT, stream_only=True),
+        FaultKind("no_finish", stream_only=True),
+        FaultKind("corrupt", Param.COUNT, stream_only=True),
+        FaultKind("stall", Param.SECONDS, DEFAULT_STALL_S),
+        FaultKind("slow_first", Param.SECONDS, DEFAULT_STALL_S),
+    )
+}
+# What ``fault_rate`` draws from unless configured: the transient faults a retrying client must survive.
+DEFAULT_RANDOM_KINDS = ("overload", "rate_limit", "server_error", "unavailable", "drop", "truncate", "corrupt")
+
+_ERRORS: dict[str, Callable[[Fault], ApiError]] = {
+    "overload": lambda f: engine_overloaded(),
+    "rate_limit": lambda f: rate_limited(f"max RPM: {FAULT_RPM}", int(f.value)),
+    "quota": lambda f: quota_exceeded(),
+    "server_error": lambda f: server_error(),
+    "unavailable": lambda f: edge_unavailable(),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: FaultKind
+    param: float | None = None  # as given after the colon; None means the kind's default
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def value(self) -> float:
+        """The parameter, or the kind's default; only meaningful for kinds with a fixed default."""
+        chosen = self.param if self.param is not None else self.kind.default
+        return 0.0 if chosen is None else chosen
+
+    def applies(self, stream: bool) -> bool:
+        """Whether the fault changes anything for this request; ``ok`` never does."""
+        return self.name != "ok" and (stream or not self.kind.stream_only)
+
+    def error(self) -> ApiError | None:
+        """The error that replaces the answer, for HTTP-level faults."""
+        make = _ERRORS.get(self.name)
+        return make(self) if make is not None else None
+
+
+def parse_fault(spec: Any) -> Fault:
+    """Parses ``"name"`` or ``"name:param"``, e.g. ``"stall:2"`` or ``"drop:5"``.
+
+    Raises:
+        ValueError: unknown name, or a parameter the kind does not take; the message suits
+            being prefixed with the field it came from.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"must be a fault name string, got {spec!r}")
+    name, colon, raw = spec.partition(":")
+    kind = KINDS.get(name.strip())
+    if kind is None:
+        raise ValueError(f"has an unknown fault {name!r}; known faults: {', '.join(KINDS)}")
+    if not colon:
+        return Fault(kind)
+    if kind.param is Param.NONE:
+        raise ValueError(f"{spec!r}: the fault {kind.name} takes no parameter")
+    try:
+        value = float(raw) if kind.param is Param.SECONDS else int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        unit = "seconds" if kind.param is Param.SECONDS else "an integer"
+        raise ValueError(f"{spec!r}: the parameter of {kind.name} must be {unit} >= 0")
+    return Fault(kind, value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one 200 answer goes on the wire: its SSE frames and their pacing."""
+
+    frames: list[bytes]
+    delivery: Delivery
+
+
+def plan(fault: Fault | None, chunks: list[dict[str, Any]], base: Delivery) -> Plan:
+    """Applies a delivery fault to a normal stream of ``chunks`` paced by ``base``.
+
+    Frame positions count SSE frames from 0; a position past the end is clamped so the fault
+    still shows (a ``drop`` never lets ``[DONE]`` through, a ``truncate`` never a finish_reason).
+    """
+    frames = [*map(encode_frame, chunks), DONE_FRAME]
+    name = fault.name if fault is not None else "ok"
+    # Frames before the first finish_reason: where a cut still leaves the answer unfinished.
+    unfinished = next((i for i, chunk in enumerate(chunks) if _finishes(chunk)), len(chunks))
+    at = _position(fault, unfinished)
+    if name == "drop":
+        return Plan(frames, replace(base, cut_after=min(at, len(frames) - 1)))
+    if name == "truncate":
+        return Plan(frames[: min(at, unfinished)], base)
+    if name == "no_finish":
+        return Plan([*(encode_frame(c) for c in chunks if not _finishes(c)), DONE_FRAME], base)
+    if name == "corrupt":
+        # Inserted, not replacing, so a client that skipped the line would still see the whole answer.
+        at = max(1, min(at, len(frames) - 2))
+        return Plan([*frames[:at], _mangled(frames[at]), *frames[at:]], base)
+    if name == "stall" and fault is not None:
+        return Plan(frames, replace(base, stall_before=max(1, len(frames) // 2), stall_s=fault.value))
+    if name == "slow_first" and fault is not None:
+        return Plan(frames, replace(base, first_token_latency_s=fault.value))
+    return Plan(frames, base)
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    return any(choice.get("finish_reason") is not None for choice in chunk.get("choices") or ())
+
+
+def _mangled(frame: bytes) -> bytes:
+    # Half a real frame's JSON, the way a proxy mangling a buffer shows; cut on a character, not a byte,
+    # so the line still decodes as UTF-8 and only the JSON parse fails.
+    text = frame.decode().removesuffix("\n\n")
+    return (text[: len(text) // 2] + "\n\n").encode()
+
+
+def _position(fault: Fault | None, unfinished: int) -> int:
+    if fault is not None and fault.param is not None:
+        return int(fault.param)
+    # "Some chunks": half of the unfinished part, at least the role chunk.
+    return max(1, unfinished // 2)
