@@ -58,7 +58,7 @@ def _follow(client: Client, job_id: str, as_json: bool) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    job = client.submit(_request_from_args(args))
+    job = client.submit(_request_from_args(args), priority=args.priority)
     print(job.id if args.no_wait else f"[job {job.id}]", file=sys.stdout if args.no_wait else sys.stderr, flush=True)
     return 0 if args.no_wait else _follow(client, job.id, args.json)
 
@@ -89,6 +89,24 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failed(client: Client, args: argparse.Namespace) -> int:
+    rows = client.failed(args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        err = row["error"]
+        print(f"{row['id']}  {row['model']:<24} attempts={row['attempts']:<3} {err.get('type')}: {err.get('message')}")
+    print(f"{len(rows)} failed job(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    job = client.retry(args.job)
+    print(job.id)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moonq", description="Chat-completion jobs on a Celery + Redis queue.")
     p.add_argument("--redis-url", help="overrides REDIS_URL")
@@ -99,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help=f"model (default {DEFAULT_MODEL}; overrides the file's)")
     s.add_argument("--system", help="a system message")
     s.add_argument("--max-tokens", type=int, help="max_completion_tokens")
+    s.add_argument("--priority", type=int, default=5, help="0 (most urgent) to 9; default 5")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(func=cmd_submit)
@@ -112,9 +131,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--timeout", type=float, default=None)
     r.set_defaults(func=cmd_result)
-    c = sub.add_parser("cancel", help="cancel a job")
+    c = sub.add_parser("cancel", help="cancel a job (queued: never runs; running: stream aborted)")
     c.add_argument("job")
     c.set_defaults(func=cmd_cancel)
+    f = sub.add_parser("failed", help="list failed jobs (dead letters), newest first")
+    f.add_argument("--limit", type=int, default=100)
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_failed)
+    c = sub.add_parser("retry", help="run a failed or cancelled job again as a new job; prints its id")
+    c.add_argument("job")
+    c.set_defaults(func=cmd_retry)
     sub.add_parser(
         "simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False
     )

@@ -11,10 +11,18 @@ from typing import Any
 import redis
 
 from producers.broker import producer_app
-from producers.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout
 from producers.eventlog import APPEND_LUA, append_args, event_body, follow, is_terminal, job_record
 from producers.settings import ClientSettings
-from producers.wire import TASK_NAME, ChatCompletion, ChatRequest, Event, JobEnvelope, validate_request
+from producers.wire import (
+    DEFAULT_PRIORITY,
+    TASK_NAME,
+    ChatCompletion,
+    ChatRequest,
+    Event,
+    JobEnvelope,
+    validate_request,
+)
 
 
 class Client:
@@ -34,35 +42,86 @@ class Client:
         self._append = self.redis.register_script(APPEND_LUA)
         self._celery = producer_app(settings)
 
-    def submit(self, request: dict[str, Any] | ChatRequest) -> Job:
+    def submit(self, request: dict[str, Any] | ChatRequest, *, priority: int = DEFAULT_PRIORITY) -> Job:
         """Validate ``request`` and enqueue it as a new job.
 
+        Args:
+            request: a chat-completions body (dict) or a ``ChatRequest``.
+            priority: 0 (most urgent) to 9; orders both the queue and the wait for rate-limit capacity.
+
         Raises:
-            InvalidRequest: the request broke a documented rule; nothing was enqueued.
+            InvalidRequest: the request or an option broke a documented rule; nothing was enqueued.
         """
+        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
+            raise InvalidRequest([("priority", f"must be an integer from 0 (most urgent) to 9 (got {priority!r})")])
         payload = validate_request(request).to_payload()
-        envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload)
+        return self._enqueue(JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority), {})
+
+    def _enqueue(self, envelope: JobEnvelope, extra: dict[str, str]) -> Job:
         job_key = self.keys.job(envelope.job_id)
         # The record exists before the message does, so a worker always finds it.
-        self.redis.hset(
-            job_key,
-            mapping={
-                "status": "queued",
-                "model": payload["model"],
-                "enqueued_at": repr(envelope.enqueued_at),
-                "seq": 0,
-                "envelope": envelope.model_dump_json(),
-            },
-        )
+        record: dict[Any, Any] = {
+            "status": "queued",
+            "model": str(envelope.request["model"]),
+            "enqueued_at": repr(envelope.enqueued_at),
+            "priority": envelope.priority,
+            "seq": 0,
+            "envelope": envelope.model_dump_json(),
+            **extra,
+        }
+        self.redis.hset(job_key, mapping=record)
         self.redis.expire(job_key, self.settings.result_ttl_s)
         try:
             self._celery.send_task(
-                TASK_NAME, args=[envelope.model_dump(mode="json")], task_id=envelope.job_id, queue=self.settings.queue
+                TASK_NAME,
+                args=[envelope.model_dump(mode="json")],
+                task_id=envelope.job_id,
+                queue=self.settings.queue,
+                priority=envelope.priority,
             )
         except Exception:
             self.redis.delete(job_key)
             raise
         return Job(self, envelope.job_id)
+
+    def failed(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recent dead letters: jobs that ended ``failed``, newest first."""
+        out = []
+        entries: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
+            self.keys.failed, 0, limit - 1, withscores=True
+        )
+        for raw_id, finished_at in entries:
+            job_id = raw_id.decode()
+            rec = job_record(self.redis, self.keys, job_id)
+            if rec.get("status") == "failed":  # not expired, not re-run under the same id
+                error = json.loads(rec.get("error") or "{}")
+                out.append(
+                    {
+                        "id": job_id,
+                        "model": rec.get("model"),
+                        "finished_at": finished_at,
+                        "attempts": int(rec.get("attempt") or 0),
+                        "error": error,
+                    }
+                )
+        return out
+
+    def retry(self, job_id: str) -> Job:
+        """Run a failed (or cancelled) job's request again, as a new job; returns the new job.
+
+        The old job keeps its outcome and its events (each job ends exactly once); the new record
+        names it in ``retry_of``.
+        """
+        rec = self.job(job_id).record()
+        if rec["status"] not in ("failed", "cancelled"):
+            raise InvalidRequest(
+                [("job", f"only a failed or cancelled job can be retried (job {job_id} is {rec['status']})")]
+            )
+        old = JobEnvelope.model_validate_json(rec["envelope"])
+        envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=old.request, priority=old.priority)
+        job = self._enqueue(envelope, {"retry_of": job_id})
+        self.redis.zrem(self.keys.failed, job_id)
+        return job
 
     def job(self, job_id: str) -> Job:
         """A handle for an existing job (not checked until used)."""

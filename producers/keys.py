@@ -10,6 +10,9 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
                                seq, so a stale writer cannot corrupt the log. Same TTL as the job.
     P:events:<id>       pub/sub channel carrying the same events live.
     P:cancel            pub/sub channel on which job ids to cancel are announced to workers.
+    P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
+                               entries older than ``result_ttl_s`` are trimmed on each insert.
+    P:limit:*           the fleet limiter's state (see ``worker/ratelimit.py``).
 
 The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
 ``global_keyprefix``.
@@ -34,6 +37,10 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.prefix}:failed"
 
     @property
     def cancel(self) -> str:

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from producers import Client
+from producers import Client, JobFailed
 from producers.local import WorkerProcess
 from simulator import SimServer
 from tests.conftest import API_KEY
@@ -101,3 +102,22 @@ def test_make_demo_runs_the_main_job_and_cleans_up() -> None:
     assert "5 jobs" in done.stdout and "failed" not in done.stdout
     after = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)  # the demo's worker is gone
+
+
+def test_cli_dead_letters_retry_and_cancel(worker: Any, settings: Settings) -> None:
+    env = {"REDIS_URL": settings.redis_url}
+    key = uuid.uuid4().hex
+    request = {"model": "moonshot-v1-8k", "messages": [USER], "sim": {"script": ["quota", "ok"], "key": key}}
+    with Client(settings=settings) as client:
+        job = client.submit(request)
+        with pytest.raises(JobFailed):
+            job.result(timeout=20)
+        listed = json.loads(moonq("failed", "--json", env=env).stdout)
+        assert job.id in [row["id"] for row in listed]
+        new_id = moonq("retry", job.id, env=env).stdout.strip()
+        assert client.job(new_id).result(timeout=20).choices[0].message.content
+        assert job.id not in [row["id"] for row in json.loads(moonq("failed", "--json", env=env).stdout)]
+        done = moonq("cancel", new_id, env=env)
+        assert done.returncode == 0 and "already ended" in done.stdout
+        bad = moonq("retry", new_id, env=env)
+        assert bad.returncode == 2 and "only a failed or cancelled job can be retried" in bad.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from producers import Client, JobCancelled
+from producers import Client, InvalidRequest, JobCancelled
 from simulator import SimConfig, SimServer
 from tests.conftest import API_KEY, make_settings
 from worker.runtime import Runtime
@@ -129,3 +129,29 @@ def test_unreachable_upstream_fails_with_a_connection_error(fresh_prefix: Settin
             assert job.record()["attempt"] == "3"
     finally:
         rt.stop()
+
+
+def test_jobs_waiting_for_capacity_start_in_priority_order(fresh_prefix: Settings, slow_sim: SimServer) -> None:
+    rt = runtime(fresh_prefix, slow_sim.base_url, max_inflight=1)
+    short = {"model": "moonshot-v1-8k", "messages": [USER], "max_completion_tokens": 5}
+    try:
+        with Client(settings=fresh_prefix) as client:
+            blocker = client.submit(short)
+            first = rt.submit(envelope(client, blocker.id))
+            next(blocker.events())  # it holds the only slot
+            jobs = [(p, client.submit(short, priority=p)) for p in (9, 5, 0, 3)]
+            futures = [rt.submit(envelope(client, job.id)) for _, job in jobs]
+            assert first.result(timeout=10) == "succeeded"
+            assert [f.result(timeout=20) for f in futures] == ["succeeded"] * 4
+            finished = sorted(jobs, key=lambda pj: float(pj[1].record()["finished_at"]))
+            assert [p for p, _ in finished] == [0, 3, 5, 9]
+    finally:
+        rt.stop()
+
+
+def test_priority_is_validated_before_enqueueing(fresh_prefix: Settings, r: Any) -> None:
+    with Client(settings=fresh_prefix) as client:
+        for bad in (-1, 10, "high", True):
+            with pytest.raises(InvalidRequest, match="priority: must be an integer from 0"):
+                client.submit({"model": "m", "messages": [USER]}, priority=bad)  # type: ignore[arg-type]
+    assert r.keys(f"{fresh_prefix.prefix}:*") == []

@@ -143,7 +143,7 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
         if attempt > ctx.policy.max_attempts:
             # Deliveries that never finished (e.g. a job that keeps killing its node) still end.
             info = {"type": "attempts_exhausted", "message": f"{attempt - 1} attempts started, none finished"}
-            return await _end_failed(writer, {**info, "status": None}, attempt)
+            return await _end_failed(ctx, writer, {**info, "status": None}, attempt)
         return await _attempts(ctx, envelope, writer, attempt)
     except asyncio.CancelledError:
         if await _cancel_requested(ctx, job_id):
@@ -170,7 +170,7 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
             result = await _attempt(ctx, envelope, writer, attempt)
         except UpstreamError as err:
             if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
-                return await _end_failed(writer, err.info(), attempt)
+                return await _end_failed(ctx, writer, err.info(), attempt)
             delay = retry_delay(err, attempt, ctx.policy)
             if isinstance(err, RateLimited):
                 await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
@@ -239,8 +239,15 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
         await asyncio.shield(ctx.limiter.release(lease, used))
 
 
-async def _end_failed(writer: EventWriter, info: dict[str, Any], attempt: int) -> Outcome:
-    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(time.time())}, error=info)
+async def _end_failed(ctx: JobContext, writer: EventWriter, info: dict[str, Any], attempt: int) -> Outcome:
+    now = time.time()
+    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
+    # The dead-letter index (``moonq failed``); trimmed to the records' lifetime.
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(ctx.keys.failed, {writer.job_id: now})
+        pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
+        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
+        await pipe.execute()
     log.info("job %s failed attempt=%s type=%s status=%s", writer.job_id, attempt, info.get("type"), info.get("status"))
     return "failed"
 
