@@ -13,6 +13,7 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
     P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
                                entries older than ``result_ttl_s`` are trimmed on each insert.
     P:limit:*           the fleet limiter's state (see ``worker/ratelimit.py``).
+    P:nodes             zset metrics URL -> last heartbeat (unix s) of each live node, for ``moonq top``.
 
 The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
 ``global_keyprefix``.
@@ -37,6 +38,10 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
 
     @property
     def failed(self) -> str:

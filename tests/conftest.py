@@ -71,6 +71,7 @@ FAST: dict[str, Any] = {
     "lease_ttl_s": 3.0,
     "read_timeout_s": 10.0,
     "attempt_timeout_s": 30.0,
+    "metrics_port": 0,  # tests that scrape pick a free port
 }
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.signals import worker_shutdown, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from producers.broker import broker_config
 from producers.wire import TASK_NAME
+from worker.exporter import start_exporter
 from worker.runtime import runtime_for, shutdown_all, stop_all
 from worker.settings import Settings
 
@@ -79,6 +80,16 @@ def create_app(settings: Settings | None = None) -> Celery:
 
     app.moonq_settings = settings
     return app
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_node(sender: Any = None, **_: Any) -> None:
+    # The runtime starts before the first job (its cancel listener and node heartbeat too), and so
+    # does the node's /metrics endpoint.
+    settings = getattr(getattr(sender, "app", None), "moonq_settings", None)
+    if settings is None:
+        return
+    runtime_for(settings).metrics_url = start_exporter(settings)
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]

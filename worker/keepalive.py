@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
@@ -38,12 +40,13 @@ return n
 """
 
 
-async def keepalive(ctx: JobContext) -> None:
-    """Beat for every running job of this process, forever."""
+async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> None:
+    """Beat for every running job of this process, and announce the node's /metrics URL, forever."""
     script = ctx.redis.register_script(KEEPALIVE_LUA)
     unacked_index = f"{ctx.keys.broker_prefix}unacked_index"
     while True:
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+        await _announce(ctx, metrics_url())
         running = list(ctx.running.items())
         if not running:
             continue
@@ -53,3 +56,18 @@ async def keepalive(ctx: JobContext) -> None:
             await script(keys=keys, args=args)
         except RedisError:
             log.warning("heartbeat failed; will try again", exc_info=True)
+
+
+async def _announce(ctx: JobContext, url: str | None) -> None:
+    """``P:nodes`` zset: metrics URL -> last beat (unix s); readers drop entries older than 30 s."""
+    if url is None:
+        return
+    now = time.time()
+    try:
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(ctx.keys.nodes, {url: now})
+            pipe.zremrangebyscore(ctx.keys.nodes, "-inf", now - 3600)
+            pipe.expire(ctx.keys.nodes, 3600)
+            await pipe.execute()
+    except RedisError:
+        log.warning("could not announce the node", exc_info=True)

@@ -94,6 +94,8 @@ class Lease:
 
     id: str
     reserved_tokens: int
+    waited_s: float = 0.0
+    limit: str = "none"  # the limit that held the call back last: rpm, tpm, inflight, cooldown, queued
 
 
 @dataclass(order=True)
@@ -102,6 +104,8 @@ class _Waiter:
     seq: int
     cost: int = field(compare=False)
     future: asyncio.Future[Lease] = field(compare=False)
+    since: float = field(compare=False, default=0.0)
+    held_by: str = field(compare=False, default="none")
 
 
 class Limiter:
@@ -146,9 +150,8 @@ class Limiter:
 
     async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
         """Wait, in (priority, enqueue time) order, until the fleet has room for one call of this cost."""
-        waiter = _Waiter(
-            rank(priority, enqueued_at_s), next(self._seq), cost_tokens, asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(rank(priority, enqueued_at_s), next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heap, waiter)
         self._wake.set()
         try:
@@ -193,7 +196,7 @@ class Limiter:
         head = self._heap[0]
         lease_id = uuid.uuid4().hex
         self._wake.clear()  # before asking: a wake during the call must not be lost
-        granted, wait_ms, _reason = await self._acquire(
+        granted, wait_ms, reason = await self._acquire(
             keys=self._keys,
             args=[
                 self._id,
@@ -211,13 +214,15 @@ class Limiter:
             # Not heappop: a better waiter may have arrived during the call and now be on top.
             self._heap.remove(head)
             heapq.heapify(self._heap)
-            lease = Lease(lease_id, head.cost)
+            waited = asyncio.get_running_loop().time() - head.since
+            lease = Lease(lease_id, head.cost, waited, head.held_by)
             if head.future.done():  # cancelled during the call: give it straight back
                 await self.release(lease, used_tokens=0)
             else:
                 self._leases.add(lease_id)
                 head.future.set_result(lease)
             return
+        head.held_by = reason.decode() if isinstance(reason, bytes) else str(reason)
         # Sleep for the deficit, or until woken; never longer than the waiter registration lives.
         timeout = self.waiter_ttl_s / 3 if wait_ms < 0 else min(wait_ms / 1000, self.waiter_ttl_s / 3)
         with contextlib.suppress(TimeoutError):

@@ -21,6 +21,7 @@ from redis.commands.core import AsyncScript
 
 from producers.keys import Keys
 from producers.wire import JobEnvelope
+from worker import metrics
 from worker.assemble import StreamAssembler
 from worker.errors import RateLimited, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
@@ -29,6 +30,7 @@ from worker.ratelimit import Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.settings import Settings
 from worker.upstream import stream_chat
+from worker.usage import Price, cost_usd, token_counts
 
 log = logging.getLogger("moonq.worker")
 
@@ -95,6 +97,7 @@ class JobContext:
     claim: AsyncScript
     limiter: Limiter
     policy: RetryPolicy
+    prices: dict[str, Price] = field(default_factory=dict)
     running: dict[str, Running] = field(default_factory=dict)
     shutting_down: bool = False
 
@@ -126,36 +129,44 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
     assert task is not None
     verdict, attempt, seq = await _claim(ctx, envelope, owner)
     writer = EventWriter(ctx.redis, ctx.append, ctx.keys, job_id, owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq)
+    model = metrics.model_label(str(envelope.request.get("model", "")))
     if verdict == "cancel":
-        return await _end_cancelled(writer)
+        return await _end_cancelled(writer, envelope)
     if verdict not in ("run", "takeover"):
-        log.info("job %s already %s; delivery skipped", job_id, verdict)
+        log.info("event=delivery_skipped job_id=%s status=%s", job_id, verdict)
         return "skipped"
+    if attempt == 1:
+        metrics.QUEUE_WAIT.labels(model).observe(max(0.0, time.time() - envelope.enqueued_at))
     ctx.running[job_id] = Running(task, owner, delivery_tag)
+    metrics.IN_PROGRESS.labels(model).inc()
     try:
         if verdict == "takeover":
             # Subscribers saw deltas of an attempt that will never finish: tell them it is superseded.
             await writer.write("retry", {}, attempt=attempt, reason="worker_lost", delay_s=0.0)
-            log.info("job %s taken over from a lost worker; attempt=%s", job_id, attempt)
+            metrics.RETRIES.labels(model, "worker_lost").inc()
+            log.info(
+                "event=job_retry job_id=%s model=%s attempt=%s reason=worker_lost delay_s=0", job_id, model, attempt
+            )
         # A cancel announced between the claim and registering in ``running`` is caught here.
         if await _cancel_requested(ctx, job_id):
             raise asyncio.CancelledError
         if attempt > ctx.policy.max_attempts:
             # Deliveries that never finished (e.g. a job that keeps killing its node) still end.
             info = {"type": "attempts_exhausted", "message": f"{attempt - 1} attempts started, none finished"}
-            return await _end_failed(ctx, writer, {**info, "status": None}, attempt)
+            return await _end_failed(ctx, writer, envelope, {**info, "status": None}, attempt)
         return await _attempts(ctx, envelope, writer, attempt)
     except asyncio.CancelledError:
         if await _cancel_requested(ctx, job_id):
-            return await _end_cancelled(writer)
+            return await _end_cancelled(writer, envelope)
         if ctx.shutting_down:
             return await _requeue(writer, attempt)
         raise
     except Fenced:
-        log.warning("job %s: delivery lost ownership; it stops writing", job_id)
+        log.warning("event=delivery_fenced job_id=%s: lost ownership; it stops writing", job_id)
         return "skipped"
     finally:
         ctx.running.pop(job_id, None)
+        metrics.IN_PROGRESS.labels(model).dec()
 
 
 async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
@@ -165,12 +176,13 @@ async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
 async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
     """Attempt after attempt until one succeeds or the policy says stop; the one retry loop."""
     started = time.monotonic()
+    model = metrics.model_label(str(envelope.request.get("model", "")))
     while True:
         try:
             result = await _attempt(ctx, envelope, writer, attempt)
         except UpstreamError as err:
             if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
-                return await _end_failed(ctx, writer, err.info(), attempt)
+                return await _end_failed(ctx, writer, envelope, err.info(), attempt)
             delay = retry_delay(err, attempt, ctx.policy)
             if isinstance(err, RateLimited):
                 await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
@@ -182,64 +194,78 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
                 reason=err.type,
                 delay_s=delay,
             )
+            metrics.RETRIES.labels(model, metrics.reason_label(err.type)).inc()
             log.info(
-                "job %s retry attempt=%s reason=%s status=%s delay_s=%.2f",
-                envelope.job_id,
-                attempt,
-                err.type,
-                err.status,
-                delay,
-            )
+                "event=job_retry job_id=%s model=%s attempt=%s reason=%s status=%s delay_s=%.2f",
+                envelope.job_id, model, attempt, err.type, err.status, delay,
+            )  # fmt: skip
             await asyncio.sleep(delay)
             await writer.write(None, {"status": "running"})
             continue
         await writer.write(
-            "completed",
-            {"status": "succeeded", "result": result, "finished_at": str(time.time())},
-            attempt=attempt,
-            result=result,
-        )
-        usage = result.get("usage") or {}
+            "completed", {"status": "succeeded", "result": result, "finished_at": str(time.time())},
+            attempt=attempt, result=result,
+        )  # fmt: skip
+        counts = token_counts(result.get("usage"))
+        for kind, n in counts.items():
+            if n:
+                metrics.TOKENS.labels(model, kind).inc(n)
+        metrics.COST.labels(model).inc(cost_usd(counts, ctx.prices.get(str(envelope.request.get("model")))))
+        _record_end(envelope, "succeeded")
         log.info(
-            "job %s succeeded model=%s attempt=%s prompt_tokens=%s completion_tokens=%s latency_s=%.3f",
-            envelope.job_id,
-            result.get("model"),
-            attempt,
-            usage.get("prompt_tokens"),
-            usage.get("completion_tokens"),
-            time.monotonic() - started,
-        )
+            "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
+            " cached_tokens=%s latency_s=%.3f",
+            envelope.job_id, model, attempt, counts["prompt"], counts["completion"], counts["cached"],
+            time.time() - envelope.enqueued_at,
+        )  # fmt: skip
         return "succeeded"
+
+
+def _record_end(envelope: JobEnvelope, outcome: str) -> None:
+    model = metrics.model_label(str(envelope.request.get("model", "")))
+    metrics.JOBS.labels(model, outcome).inc()
+    metrics.JOB_DURATION.labels(model, outcome).observe(max(0.0, time.time() - envelope.enqueued_at))
 
 
 async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> dict[str, Any]:
     """One upstream call inside the fleet's limits; returns the assembled completion."""
     request = envelope.request
+    model = metrics.model_label(str(request.get("model", "")))
     lease = await ctx.limiter.acquire(
         reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
     )
+    metrics.RATELIMIT_WAIT.labels(lease.limit).observe(lease.waited_s)
     used: int | None = None  # unknown: no refund
+    status: int | None = None
+    sent = time.monotonic()
     try:
         assembler = StreamAssembler()
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
             async for chunk in stream_chat(ctx.http, request):
+                if assembler.chunks == 0:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
                 for index, delta in assembler.feed(chunk):
                     writer.emit("delta", attempt=attempt, index=index, delta=delta)
         result = assembler.finish()
+        status = 200
         usage = result.get("usage") or {}
         used = int(usage.get("total_tokens") or 0) or None
         return result
     except UpstreamError as err:
+        status = err.status
         if err.status is not None:
             used = 0  # answered with an error before generating anything
         raise
     except TimeoutError as err:
         raise UpstreamUnavailable(f"attempt exceeded {ctx.settings.attempt_timeout_s}s", type="timeout") from err
     finally:
+        metrics.UPSTREAM_DURATION.labels(model, metrics.status_label(status)).observe(time.monotonic() - sent)
         await asyncio.shield(ctx.limiter.release(lease, used))
 
 
-async def _end_failed(ctx: JobContext, writer: EventWriter, info: dict[str, Any], attempt: int) -> Outcome:
+async def _end_failed(
+    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, info: dict[str, Any], attempt: int
+) -> Outcome:
     now = time.time()
     await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
     # The dead-letter index (``moonq failed``); trimmed to the records' lifetime.
@@ -248,16 +274,22 @@ async def _end_failed(ctx: JobContext, writer: EventWriter, info: dict[str, Any]
         pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
         pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
         await pipe.execute()
-    log.info("job %s failed attempt=%s type=%s status=%s", writer.job_id, attempt, info.get("type"), info.get("status"))
+    _record_end(envelope, "failed")
+    log.info(
+        "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",
+        writer.job_id, metrics.model_label(str(envelope.request.get("model", ""))), attempt, info.get("type"),
+        info.get("status"), now - envelope.enqueued_at,
+    )  # fmt: skip
     return "failed"
 
 
-async def _end_cancelled(writer: EventWriter) -> Outcome:
+async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope) -> Outcome:
     try:
         await writer.write("cancelled", {"status": "cancelled", "finished_at": str(time.time())})
     except Fenced:
-        pass  # ended some other way first (e.g. the producer cancelled it while queued)
-    log.info("job %s cancelled", writer.job_id)
+        return "cancelled"  # ended some other way first (e.g. the producer cancelled it while queued)
+    _record_end(envelope, "cancelled")
+    log.info("event=job_cancelled job_id=%s", writer.job_id)
     return "cancelled"
 
 
@@ -266,5 +298,5 @@ async def _requeue(writer: EventWriter, attempt: int) -> Outcome:
     await writer.write(
         "retry", {"status": "queued", "owner": ""}, attempt=attempt + 1, reason="worker_shutdown", delay_s=0.0
     )
-    log.info("job %s requeued: worker shutting down", writer.job_id)
+    log.info("event=job_requeued job_id=%s reason=worker_shutdown", writer.job_id)
     return "requeued"

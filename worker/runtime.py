@@ -28,6 +28,7 @@ from worker.ratelimit import Limiter
 from worker.runner import CLAIM_LUA, JobContext, Outcome, run_job
 from worker.settings import Settings
 from worker.upstream import build_client
+from worker.usage import load_prices
 
 log = logging.getLogger("moonq.worker")
 
@@ -54,6 +55,7 @@ class Runtime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="moonq-loop", daemon=True)
         self.ctx: JobContext | None = None
         self._background: list[asyncio.Task[None]] = []
+        self.metrics_url: str | None = None  # announced in Redis for `moonq top` (keepalive.py)
 
     def start(self) -> Runtime:
         self._thread.start()
@@ -72,9 +74,13 @@ class Runtime:
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
             policy=self.settings.retry_policy,
+            prices=load_prices(self.settings.prices_file),
         )
         limiter.start()
-        self._background = [asyncio.create_task(self._listen(ctx)), asyncio.create_task(keepalive(ctx))]
+        self._background = [
+            asyncio.create_task(self._listen(ctx)),
+            asyncio.create_task(keepalive(ctx, lambda: self.metrics_url)),
+        ]
         return ctx
 
     async def _listen(self, ctx: JobContext) -> None:

@@ -31,7 +31,12 @@ class Settings(ClientSettings):
     tpm_burst: int | None = Field(default=None, ge=1)
     # In-flight slots of a dead node come back after this long.
     lease_ttl_s: float = Field(default=15.0, gt=0)
+    # Each node serves /metrics here (0 = off). metrics_host is the bind address; the node also
+    # announces its URL in Redis for `moonq top`, using this host or, for 0.0.0.0, its hostname.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # JSON price table laid over the defaults in worker/usage.py (USD per 1M tokens).
+    prices_file: str | None = None
     # Jobs one node runs at once. LLM calls wait on the network, not the CPU: a node holds
     # many in flight on an asyncio loop, each Celery thread only waits for its job's future.
     concurrency: int = Field(default=64, ge=1)

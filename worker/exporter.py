@@ -1,0 +1,122 @@
+"""A node's ``/metrics`` endpoint, with the gauges that are read from Redis at scrape time.
+
+``moonq_queue_depth`` counts the broker's queue (all ten priority lists) when Prometheus asks,
+so it is right however many nodes there are. The limiter gauges show the fleet's headroom: the
+configured limit, what is available now (bucket tokens; free in-flight slots) and any shared
+cool-down. Scrape-time reads use their own short-timeout client; if Redis does not answer, these
+gauges are left out of that scrape rather than failing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.metrics import REGISTRY
+from worker.settings import Settings
+
+log = logging.getLogger("moonq.worker")
+
+# kombu's Redis transport names priority lists "<queue>\x06\x16<n>"; priority 0 uses the bare name.
+PRIORITY_SEP = "\x06\x16"
+
+
+def queue_lists(settings: Settings) -> list[str]:
+    base = f"{settings.keys.broker_prefix}{settings.queue}"
+    return [base] + [f"{base}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+
+
+def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> float:
+    """Tokens in a limiter bucket now, refilled the way ``ACQUIRE_LUA`` does it."""
+    if state[0] is None:
+        return float(burst)
+    rate = max(limit - burst, 1) / 60000
+    return min(burst, float(state[0]) + (now_ms - float(state[1])) * rate)
+
+
+class RedisCollector(Collector):
+    """Queue depth and limiter headroom, read from Redis on each scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            yield from self._collect()
+        except (redis.RedisError, OSError):
+            log.warning("scrape: Redis did not answer; queue and limiter gauges skipped")
+
+    def _collect(self) -> Iterator[GaugeMetricFamily]:
+        s, p = self.settings, f"{self.settings.prefix}:limit"
+        pipe = self.redis.pipeline(transaction=False)
+        for name in queue_lists(s):
+            pipe.llen(name)
+        pipe.time()
+        pipe.hmget(f"{p}:rpm", "tokens", "ts")
+        pipe.hmget(f"{p}:tpm", "tokens", "ts")
+        pipe.get(f"{p}:cooldown")
+        pipe.zrangebyscore(f"{p}:inflight", "-inf", "+inf", withscores=True)
+        *lengths, (sec, usec), rpm, tpm, cooldown, leases = pipe.execute()
+        now_ms = sec * 1000 + usec / 1000
+        depth = GaugeMetricFamily("moonq_queue_depth", "Jobs waiting in the broker queue.", labels=["queue"])
+        depth.add_metric([s.queue], sum(lengths))
+        yield depth
+        limits = s.limits
+        limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
+        available = GaugeMetricFamily(
+            "moonq_ratelimit_available",
+            "Capacity available now: bucket tokens (rpm, tpm; negative is debt) or free in-flight slots.",
+            labels=["limit"],
+        )
+        if limits.rpm:
+            limit.add_metric(["rpm"], limits.rpm)
+            available.add_metric(["rpm"], _bucket_now(rpm, now_ms, limits.rpm, limits.rpm_bucket))
+        if limits.tpm:
+            limit.add_metric(["tpm"], limits.tpm)
+            available.add_metric(["tpm"], _bucket_now(tpm, now_ms, limits.tpm, limits.tpm_bucket))
+        if limits.max_inflight:
+            live = sum(1 for _, expiry in leases if expiry > now_ms)
+            limit.add_metric(["inflight"], limits.max_inflight)
+            available.add_metric(["inflight"], limits.max_inflight - live)
+        yield limit
+        yield available
+        cool = GaugeMetricFamily(
+            "moonq_ratelimit_cooldown_seconds", "Remaining shared cool-down after an upstream 429."
+        )
+        cool.add_metric([], max(0.0, (float(cooldown or 0) - now_ms) / 1000))
+        yield cool
+
+
+_started: dict[int, str] = {}
+
+
+def advertised_url(settings: Settings, port: int) -> str:
+    host = settings.metrics_host if settings.metrics_host not in ("", "0.0.0.0") else socket.gethostname()
+    return f"http://{host}:{port}/metrics"
+
+
+def start_exporter(settings: Settings) -> str | None:
+    """Serve ``/metrics`` for this process (once); returns its URL, or None when disabled (port 0)."""
+    if settings.metrics_port == 0:
+        return None
+    if settings.metrics_port in _started:
+        return _started[settings.metrics_port]
+    try:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY)
+    except OSError as err:  # e.g. two nodes on one host with the same MOONQ_METRICS_PORT
+        log.error(
+            "event=metrics_disabled port=%s error=%r: set MOONQ_METRICS_PORT per node", settings.metrics_port, err
+        )
+        return None
+    REGISTRY.register(RedisCollector(settings))
+    url = _started[settings.metrics_port] = advertised_url(settings, settings.metrics_port)
+    log.info("event=metrics_listening url=%s", url)
+    return url

@@ -1,0 +1,89 @@
+"""The Prometheus metric families of a node (names and labels are DESIGN.md's contract).
+
+A node is one process (Celery's thread pool plus one asyncio loop), so one registry holds
+everything and counters never jump when pool threads come and go: no multiprocess mode, no
+shared directory to clean. Labels stay bounded: model names outside the known set collapse
+into ``other``, statuses and reasons into small fixed sets, and no job id is ever a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# LLM latencies run from tens of milliseconds (a cached short answer) to many minutes (a long
+# reasoning stream): roughly x2.5 steps from 25 ms to 30 min.
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1200, 1800)
+# Time to first token and waits for capacity are shorter: 10 ms to 5 min.
+SHORT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+KNOWN_MODELS = frozenset({
+    "kimi-k3", "kimi-k2.7-code", "kimi-k2.7-code-highspeed", "kimi-k2.6", "kimi-k2.5",
+    "kimi-k2-0905-preview", "kimi-k2-0711-preview", "kimi-k2-turbo-preview", "kimi-k2-thinking",
+    "kimi-k2-thinking-turbo", "kimi-latest", "moonshot-v1-8k", "moonshot-v1-32k", "moonshot-v1-128k",
+    "moonshot-v1-auto", "moonshot-v1-8k-vision-preview", "moonshot-v1-32k-vision-preview",
+    "moonshot-v1-128k-vision-preview",
+})  # fmt: skip
+KNOWN_STATUSES = frozenset({"200", "400", "401", "403", "404", "408", "409", "422", "429", "500", "502", "503", "504"})
+KNOWN_REASONS = frozenset({
+    "engine_overloaded_error", "rate_limit_reached_error", "server_error", "unexpected_output",
+    "upstream_error", "timeout", "connection_error", "connection_dropped", "incomplete_stream",
+    "invalid_chunk", "worker_lost", "worker_shutdown",
+})  # fmt: skip
+OTHER = "other"
+
+JOBS = Counter("moonq_jobs", "Jobs that ended, by outcome.", ["model", "outcome"], registry=REGISTRY)
+TOKENS = Counter(
+    "moonq_tokens",
+    "Tokens the upstream reported: prompt, completion, cached (part of prompt), reasoning (part of completion).",
+    ["model", "type"],
+    registry=REGISTRY,
+)
+COST = Counter("moonq_cost_usd", "Estimated spend from reported usage and the price table.", ["model"],
+               registry=REGISTRY)  # fmt: skip
+UPSTREAM_DURATION = Histogram(
+    "moonq_upstream_request_duration_seconds",
+    "One upstream call, request sent to stream end (or error).",
+    ["model", "status"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "moonq_time_to_first_token_seconds", "Request sent to first streamed chunk.", ["model"],
+    buckets=SHORT_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+JOB_DURATION = Histogram(
+    "moonq_job_duration_seconds", "Enqueue to the job's end.", ["model", "outcome"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+QUEUE_WAIT = Histogram(
+    "moonq_queue_wait_seconds", "Enqueue to the first start of the job.", ["model"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+RETRIES = Counter("moonq_retries", "New attempts, by the reason the previous one ended.", ["model", "reason"],
+                  registry=REGISTRY)  # fmt: skip
+RATELIMIT_WAIT = Histogram(
+    "moonq_ratelimit_wait_seconds",
+    "Time a call waited for fleet capacity, by the limit that held it last (none = no wait).",
+    ["limit"],
+    buckets=SHORT_BUCKETS,
+    registry=REGISTRY,
+)
+IN_PROGRESS = Gauge("moonq_jobs_in_progress", "Jobs this node is running now.", ["model"], registry=REGISTRY)
+
+
+def model_label(model: str) -> str:
+    return model if model in KNOWN_MODELS else OTHER
+
+
+def status_label(status: int | None) -> str:
+    """HTTP status as text; ``error`` for no answer at all (connection, timeout, cut stream)."""
+    if status is None:
+        return "error"
+    text = str(status)
+    return text if text in KNOWN_STATUSES else f"{text[0]}xx"
+
+
+def reason_label(reason: str) -> str:
+    return reason if reason in KNOWN_REASONS else OTHER
