@@ -56,8 +56,10 @@ def node_run(redis_url: str, sim: SimServer) -> Iterator[dict[str, Any]]:
 
     settings = make_settings(redis_url, prefix=f"m{uuid.uuid4().hex[:6]}", metrics_port=free_port(),
                              moonshot_base_url=sim.base_url)  # fmt: skip
-    env = node_env(settings, sim.base_url, MOONQ_METRICS_PORT=str(settings.metrics_port), MOONQ_METRICS_HOST="127.0.0.1",
-                   MOONQ_RPM="6000", MOONQ_TPM="5000000", MOONQ_MAX_INFLIGHT="50")  # fmt: skip
+    env = node_env(
+        settings, sim.base_url, MOONQ_METRICS_PORT=str(settings.metrics_port), MOONQ_METRICS_HOST="127.0.0.1",
+        MOONQ_RPM="6000", MOONQ_TPM="5000000", MOONQ_MAX_INFLIGHT="50",
+    )  # fmt: skip
     with WorkerProcess(env) as node, Client(settings=settings) as client:
         results = [client.submit(r).result(timeout=30) for r in REQUESTS]
         failed = client.submit({"model": "kimi-k9-unknown", "messages": USER})
