@@ -17,6 +17,7 @@ from producers.settings import ClientSettings
 from producers.wire import (
     DEFAULT_PRIORITY,
     TASK_NAME,
+    TERMINAL_EVENTS,
     ChatCompletion,
     ChatRequest,
     Event,
@@ -138,6 +139,10 @@ class Client:
         self.close()
 
 
+def _is_terminal_message(data: bytes) -> bool:
+    return json.loads(data).get("type") in TERMINAL_EVENTS
+
+
 class Job:
     """A handle on one job; cheap to create, every method reads Redis afresh."""
 
@@ -182,10 +187,11 @@ class Job:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise JobTimeout(f"job {self.id} still {rec['status']} after {timeout}s")
-                # Any event wakes us to re-read the record; the poll bound covers a lost message.
-                pubsub.get_message(timeout=min(1.0, left) if left is not None else 1.0)
-                while pubsub.get_message(timeout=0) is not None:
-                    pass
+                # Only a terminal event sends us back to the record (deltas are many); the poll bound
+                # covers a lost message.
+                msg = pubsub.get_message(timeout=min(1.0, left) if left is not None else 1.0)
+                while msg is not None and not _is_terminal_message(msg["data"]):
+                    msg = pubsub.get_message(timeout=min(1.0, left) if left is not None else 1.0)
         finally:
             pubsub.close()
 

@@ -241,11 +241,14 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
     try:
         assembler = StreamAssembler()
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
+            first_token = True
             async for chunk in stream_chat(ctx.http, request):
-                if assembler.chunks == 0:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
                 for index, delta in assembler.feed(chunk):
                     writer.emit("delta", attempt=attempt, index=index, delta=delta)
+                    # The role-only opening chunk is not a token; reasoning, text or a tool call is.
+                    if first_token and any(delta.get(k) for k in ("content", "reasoning_content", "tool_calls")):
+                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
+                        first_token = False
         result = assembler.finish()
         status = 200
         usage = result.get("usage") or {}
