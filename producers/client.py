@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -41,24 +42,37 @@ class Client:
         self.keys = settings.keys
         self.redis = redis.Redis.from_url(settings.redis_url)
         self._append = self.redis.register_script(APPEND_LUA)
+        self._claim_key = self.redis.register_script(IDEMPOTENCY_LUA)
         self._celery = producer_app(settings)
 
-    def submit(self, request: dict[str, Any] | ChatRequest, *, priority: int = DEFAULT_PRIORITY) -> Job:
+    def submit(
+        self,
+        request: dict[str, Any] | ChatRequest,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Validate ``request`` and enqueue it as a new job.
 
         Args:
             request: a chat-completions body (dict) or a ``ChatRequest``.
             priority: 0 (most urgent) to 9; orders both the queue and the wait for rate-limit capacity.
+            idempotency_key: submitting the same key again within ``result_ttl_s`` returns the first
+                job instead of running the request again.
 
         Raises:
-            InvalidRequest: the request or an option broke a documented rule; nothing was enqueued.
+            InvalidRequest: the request or an option broke a documented rule (or the idempotency key
+                was used before with a different request); nothing was enqueued.
         """
         if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
             raise InvalidRequest([("priority", f"must be an integer from 0 (most urgent) to 9 (got {priority!r})")])
+        if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
+            raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         payload = validate_request(request).to_payload()
-        return self._enqueue(JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority), {})
+        envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
+        return self._enqueue(envelope, {}, idempotency_key)
 
-    def _enqueue(self, envelope: JobEnvelope, extra: dict[str, str]) -> Job:
+    def _enqueue(self, envelope: JobEnvelope, extra: dict[str, str], idempotency_key: str | None = None) -> Job:
         job_key = self.keys.job(envelope.job_id)
         # The record exists before the message does, so a worker always finds it.
         record: dict[Any, Any] = {
@@ -70,8 +84,24 @@ class Client:
             "envelope": envelope.model_dump_json(),
             **extra,
         }
-        self.redis.hset(job_key, mapping=record)
-        self.redis.expire(job_key, self.settings.result_ttl_s)
+        if idempotency_key is None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(job_key, mapping=record)
+                pipe.expire(job_key, self.settings.result_ttl_s)
+                pipe.execute()
+        else:
+            digest = _request_digest(envelope)
+            flat = [x for kv in record.items() for x in kv]
+            keys = [self.keys.idempotency(idempotency_key), job_key]
+            first = self._claim_key(keys=keys, args=[envelope.job_id, digest, self.settings.result_ttl_s, *flat])
+            if first:
+                return self._existing(first.decode(), digest, idempotency_key)
+        self._send(envelope)
+        if idempotency_key is not None:
+            self.redis.hset(job_key, "sent", "1")
+        return Job(self, envelope.job_id)
+
+    def _send(self, envelope: JobEnvelope) -> None:
         try:
             self._celery.send_task(
                 TASK_NAME,
@@ -81,9 +111,22 @@ class Client:
                 priority=envelope.priority,
             )
         except Exception:
-            self.redis.delete(job_key)
+            self.redis.delete(self.keys.job(envelope.job_id))
             raise
-        return Job(self, envelope.job_id)
+
+    def _existing(self, stored: str, digest: str, key: str) -> Job:
+        job_id, _, first_digest = stored.partition("|")
+        if first_digest != digest:
+            raise InvalidRequest([("idempotency_key", f"{key!r} was used for a different request (job {job_id})")])
+        job = Job(self, job_id)
+        rec = job_record(self.redis, self.keys, job_id)
+        # The first submitter died between recording the job and sending its message: send it now.
+        # (A duplicate message is harmless: the claim runs a job once.)
+        if rec.get("status") == "queued" and rec.get("sent") != "1":
+            if time.time() - float(rec.get("enqueued_at") or 0) > RESEND_AFTER_S:
+                self._send(JobEnvelope.model_validate_json(rec["envelope"]))
+                self.redis.hset(self.keys.job(job_id), "sent", "1")
+        return job
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters: jobs that ended ``failed``, newest first."""
@@ -137,6 +180,29 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# KEYS[1] idempotency key, KEYS[2] job hash. ARGV[1] job id, ARGV[2] request digest, ARGV[3] ttl_s,
+# ARGV[4..] job record field/value pairs. Records the job under the key unless the key is taken;
+# returns "" when it recorded, else the stored "<job id>|<digest>" of the first submission.
+IDEMPOTENCY_LUA = """
+local first = redis.call('GET', KEYS[1])
+if first then return first end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return ''
+"""
+# A job recorded under an idempotency key but never sent (its submitter died) is sent again by a
+# later submitter once it is this old.
+RESEND_AFTER_S = 5.0
+
+
+def _request_digest(envelope: JobEnvelope) -> str:
+    body = json.dumps({"request": envelope.request, "priority": envelope.priority}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _is_terminal_message(data: bytes) -> bool:

@@ -10,6 +10,7 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
                                seq, so a stale writer cannot corrupt the log. Same TTL as the job.
     P:events:<id>       pub/sub channel carrying the same events live.
     P:cancel            pub/sub channel on which job ids to cancel are announced to workers.
+    P:idem:<sha256>     string "<job id>|<request digest>" for an idempotency key; expires with the job.
     P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
                                entries older than ``result_ttl_s`` are trimmed on each insert.
     P:limit:*           the fleet limiter's state (see ``worker/ratelimit.py``).
@@ -21,6 +22,7 @@ The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -38,6 +40,9 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
     @property
     def nodes(self) -> str:

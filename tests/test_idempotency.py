@@ -1,0 +1,65 @@
+"""Idempotency keys: the same key within the retention window returns the same job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from producers import Client, InvalidRequest
+from producers.wire import JobEnvelope
+from worker.settings import Settings
+
+REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Once only."}]}
+
+
+def queued(r: redis.Redis, settings: Settings) -> int:
+    return sum(int(r.llen(k)) for k in r.keys(f"{settings.prefix}:{settings.queue}*"))  # type: ignore[misc]
+
+
+def test_same_key_same_job_and_one_message(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        a = client.submit(REQ, idempotency_key="order-42")
+        b = client.submit(REQ, idempotency_key="order-42")
+        c = client.submit(REQ, idempotency_key="order-43")
+    assert a.id == b.id != c.id
+    assert queued(r, fresh_prefix) == 2
+
+
+def test_same_key_with_another_request_is_refused(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        first = client.submit(REQ, idempotency_key="k")
+        with pytest.raises(
+            InvalidRequest, match=f"idempotency_key: 'k' was used for a different request .job {first.id}"
+        ):
+            client.submit({**REQ, "temperature": 0.1}, idempotency_key="k")
+    assert queued(r, fresh_prefix) == 1
+
+
+def test_a_submitter_that_died_before_sending_is_covered(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        first = client.submit(REQ, idempotency_key="crash")
+        # As if it had died between recording the job and sending its message, 10 s ago.
+        r.delete(*r.keys(f"{fresh_prefix.prefix}:{fresh_prefix.queue}*"))
+        key = fresh_prefix.keys.job(first.id)
+        r.hdel(key, "sent")
+        r.hset(key, "enqueued_at", float(r.hget(key, "enqueued_at") or 0) - 10)
+        again = client.submit(REQ, idempotency_key="crash")
+    assert again.id == first.id and queued(r, fresh_prefix) == 1
+
+
+def test_keyed_jobs_run_once_end_to_end(run: Any, client: Client) -> None:
+    job = run(REQ)  # warm: the worker is up
+    a = client.submit(REQ, idempotency_key=f"e2e-{job.id}")
+    b = client.submit(REQ, idempotency_key=f"e2e-{job.id}")
+    assert a.id == b.id
+    result = a.result(timeout=20)
+    assert b.result(timeout=1) == result
+    assert JobEnvelope.model_validate_json(a.record()["envelope"]).request == REQ
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 256, 7])
+def test_bad_keys_are_rejected(fresh_prefix: Settings, bad: Any) -> None:
+    with Client(settings=fresh_prefix) as client, pytest.raises(InvalidRequest, match="idempotency_key"):
+        client.submit(REQ, idempotency_key=bad)
