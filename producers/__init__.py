@@ -6,11 +6,14 @@ for event in job.events(): ...
 job.result().choices[0].message.content
 """
 
+from producers.aio import AsyncClient, AsyncJob
 from producers.client import Client, Job
 from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout, MoonqError
 from producers.wire import ChatCompletion, ChatRequest, Event
 
 __all__ = [
+    "AsyncClient",
+    "AsyncJob",
     "ChatCompletion",
     "ChatRequest",
     "Client",

@@ -260,6 +260,15 @@ def _request_digest(envelope: JobEnvelope) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def outcome_of(job_id: str, rec: dict[str, str]) -> ChatCompletion:
+    """The completion of an ended job's record, or the exception its ending calls for."""
+    if rec["status"] == "succeeded":
+        return ChatCompletion.model_validate_json(rec["result"])
+    if rec["status"] == "cancelled":
+        raise JobCancelled(job_id, {"type": "cancelled", "message": "the job was cancelled", "status": None})
+    raise JobFailed(job_id, json.loads(rec.get("error") or "{}"))
+
+
 def _is_terminal_message(data: bytes) -> bool:
     return json.loads(data).get("type") in TERMINAL_EVENTS
 
@@ -304,7 +313,7 @@ class Job:
             while True:
                 rec = self.record()
                 if is_terminal(rec["status"]):
-                    return self._outcome(rec)
+                    return outcome_of(self.id, rec)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise JobTimeout(f"job {self.id} still {rec['status']} after {timeout}s")
@@ -315,13 +324,6 @@ class Job:
                     msg = pubsub.get_message(timeout=min(1.0, left) if left is not None else 1.0)
         finally:
             pubsub.close()
-
-    def _outcome(self, rec: dict[str, str]) -> ChatCompletion:
-        if rec["status"] == "succeeded":
-            return ChatCompletion.model_validate_json(rec["result"])
-        if rec["status"] == "cancelled":
-            raise JobCancelled(self.id, {"type": "cancelled", "message": "the job was cancelled", "status": None})
-        raise JobFailed(self.id, json.loads(rec.get("error") or "{}"))
 
     def cancel(self) -> bool:
         """Stop the job: a queued one never runs, a running one is aborted within about a second.

@@ -133,10 +133,14 @@ def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, 
 
 
 def job_record(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
-    raw = client.hgetall(keys.job(job_id))
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
-    }
+    return decode_record(client.hgetall(keys.job(job_id)))
+
+
+def decode_record(raw: Any) -> dict[str, str]:
+    def text(x: bytes | str) -> str:
+        return x.decode() if isinstance(x, bytes) else x
+
+    return {text(k): text(v) for k, v in (raw or {}).items()}
 
 
 def is_terminal(status: str | None) -> bool:

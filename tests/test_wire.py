@@ -246,6 +246,8 @@ def test_defaults_are_not_injected() -> None:
 def test_public_surface() -> None:
     assert producers.__all__ == sorted(producers.__all__)
     assert set(producers.__all__) == {
+        "AsyncClient",
+        "AsyncJob",
         "ChatCompletion",
         "ChatRequest",
         "Client",
