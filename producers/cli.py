@@ -89,6 +89,14 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(client: Client, args: argparse.Namespace) -> int:
+    from producers.batch import run_batch
+
+    answered, failed = run_batch(client, Path(args.input), Path(args.output), window=args.window)
+    print(f"{answered} line(s) answered, {failed} failed; output: {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_failed(client: Client, args: argparse.Namespace) -> int:
     rows = client.failed(args.limit)
     if args.json:
@@ -134,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="cancel a job (queued: never runs; running: stream aborted)")
     c.add_argument("job")
     c.set_defaults(func=cmd_cancel)
+    b = sub.add_parser("batch", help="run an OpenAI/Moonshot batch JSONL file; resumable")
+    b.add_argument("input", help="JSONL: {custom_id, method, url, body} per line")
+    b.add_argument("-o", "--output", required=True, help="JSONL answers; run again to resume")
+    b.add_argument("--window", type=int, default=500, help="jobs in flight at most (default 500)")
+    b.set_defaults(func=cmd_batch)
     f = sub.add_parser("failed", help="list failed jobs (dead letters), newest first")
     f.add_argument("--limit", type=int, default=100)
     f.add_argument("--json", action="store_true")

@@ -1,0 +1,186 @@
+"""``moonq batch IN.jsonl -o OUT.jsonl``: the OpenAI/Moonshot batch line format through the queue.
+
+Input lines are ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``;
+output lines are ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
+"error": {"code", "message"} | null}``, one per custom_id, in completion order.
+
+Both files are streamed and at most ``window`` jobs are in flight, so memory is bounded by the
+window (plus the set of custom ids) whatever the file's length. Resuming is by output: a run
+skips every custom_id the output already holds, and each line is submitted with an
+idempotency key derived from its custom_id and body, so a line that was in flight when a run
+was interrupted is picked up again as the same job, not sent upstream twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from producers.client import Client
+from producers.errors import InvalidRequest
+from producers.wire import TERMINAL_STATUSES
+
+CHAT_URLS = ("/v1/chat/completions", "/chat/completions")
+
+
+@dataclass
+class Progress:
+    """A one-line progress bar with rate and ETA, redrawn on a terminal (stderr)."""
+
+    total: int
+    out: TextIO = sys.stderr
+    done: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _last_draw: float = 0.0
+
+    def add(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        now = time.monotonic()
+        if now - self._last_draw > 0.2 or self.done == self.total:
+            self._last_draw = now
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        rate = self.done / max(now - self.started, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = "--:--" if left == float("inf") else f"{int(left) // 60:02d}:{int(left) % 60:02d}"
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+                f" {rate:.1f}/s ETA {eta} failed {self.failed}")  # fmt: skip
+        end = "\n" if self.done == self.total else ""
+        self.out.write(("\r" if self.out.isatty() else "") + line + (end if self.out.isatty() else "\n"))
+        self.out.flush()
+
+
+def answered_ids(path: Path) -> set[str]:
+    """custom_ids already in an output file (a torn last line from a crash is ignored)."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    with path.open() as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["custom_id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def parse_line(line: str, number: int) -> tuple[str, dict[str, Any]]:
+    """``(custom_id, body)`` of one input line, or ``InvalidRequest`` naming what is wrong."""
+    where = f"line {number}"
+    try:
+        item = json.loads(line)
+    except ValueError as err:
+        raise InvalidRequest([(where, f"is not valid JSON: {err}")]) from None
+    if not isinstance(item, dict):
+        raise InvalidRequest([(where, "must be a JSON object")])
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InvalidRequest([(f"{where}.custom_id", "is required (a non-empty string)")])
+    if item.get("method", "POST") != "POST" or item.get("url", CHAT_URLS[0]) not in CHAT_URLS:
+        raise InvalidRequest([(f"{where}", "only POST /v1/chat/completions is supported")])
+    if not isinstance(item.get("body"), dict):
+        raise InvalidRequest([(f"{where}.body", "is required (the chat-completions request)")])
+    return custom_id, item["body"]
+
+
+def output_line(custom_id: str, job_id: str | None, rec: dict[str, str] | None, error: tuple[str, str] | None) -> str:
+    """One output line in the batch output shape."""
+    out: dict[str, Any] = {"id": f"batch_req_{job_id or custom_id}", "custom_id": custom_id, "response": None,
+                           "error": None}  # fmt: skip
+    if error is not None:
+        out["error"] = {"code": error[0], "message": error[1]}
+    elif rec is not None and rec["status"] == "succeeded":
+        out["response"] = {"status_code": 200, "request_id": job_id, "body": json.loads(rec["result"])}
+    elif rec is not None:
+        err = json.loads(rec.get("error") or '{"type": "cancelled", "message": "the job was cancelled"}')
+        if err.get("status"):  # the upstream answered with an error: pass its answer through
+            body = {"error": {"message": err.get("message"), "type": err.get("type")}}
+            out["response"] = {"status_code": err["status"], "request_id": job_id, "body": body}
+        else:
+            out["error"] = {"code": err.get("type"), "message": err.get("message")}
+    return json.dumps(out, ensure_ascii=False)
+
+
+def idempotency_key(custom_id: str, body: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+    return f"batch:{custom_id}:{digest}"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, line
+
+
+def run_batch(client: Client, src: Path, dst: Path, *, window: int = 500, poll_s: float = 0.2) -> tuple[int, int]:
+    """Run every unanswered line of ``src`` and append answers to ``dst``; returns (answered, failed)."""
+    done = answered_ids(dst)
+    todo = sum(1 for _, line in _lines(src)) - len(done)
+    progress = Progress(max(todo, 0))
+    pending: dict[str, str] = {}  # job id -> custom_id
+    seen: set[str] = set(done)
+    with dst.open("a") as out:
+
+        def write(line: str, ok: bool) -> None:
+            out.write(line + "\n")
+            out.flush()
+            progress.add(ok)
+
+        for number, line in _lines(src):
+            try:
+                custom_id, body = parse_line(line, number)
+                if custom_id in seen:
+                    continue
+                seen.add(custom_id)
+                job = client.submit(body, idempotency_key=idempotency_key(custom_id, body))
+                pending[job.id] = custom_id
+            except InvalidRequest as err:
+                cid = _custom_id_of(line) or f"line-{number}"
+                if cid not in done:
+                    write(output_line(cid, None, None, ("invalid_request", str(err))), False)
+                continue
+            while len(pending) >= window:
+                _collect(client, pending, write, poll_s)
+        while pending:
+            _collect(client, pending, write, poll_s)
+    return progress.done, progress.failed
+
+
+def _custom_id_of(line: str) -> str | None:
+    try:
+        value = json.loads(line).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _collect(client: Client, pending: dict[str, str], write: Any, poll_s: float) -> None:
+    """Write out every pending job that has ended; wait a moment if none has."""
+    ids = list(pending)
+    with client.redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(client.keys.job(job_id), "status")
+        statuses = pipe.execute()
+    ended = 0
+    for job_id, status in zip(ids, statuses, strict=True):
+        if status is None:  # the record expired before we read it: say so rather than wait forever
+            write(output_line(pending.pop(job_id), job_id, None, ("job_expired", "the job record expired")), False)
+            ended += 1
+        elif status.decode() in TERMINAL_STATUSES:
+            rec = client.job(job_id).record()
+            write(output_line(pending.pop(job_id), job_id, rec, None), rec["status"] == "succeeded")
+            ended += 1
+    if not ended:
+        time.sleep(poll_s)
