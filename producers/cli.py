@@ -158,7 +158,23 @@ def _parser() -> argparse.ArgumentParser:
         "simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False
     )
     sub.add_parser("demo", help="run the demo: private Redis, simulator, one worker, sample jobs")
+    sub.add_parser("gateway", help="serve the HTTP gateway (see `moonq gateway --help`)", add_help=False)
     return p
+
+
+def _gateway(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moonq gateway", description="The HTTP gateway (OpenAI-compatible + jobs API).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    from producers.gateway import serve
+
+    try:
+        serve(args.host, args.port)
+    except ValueError as err:  # e.g. no tokens configured
+        print(f"moonq gateway: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         from simulator.cli import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] == ["gateway"]:
+        return _gateway(argv[1:])
     if argv[:1] == ["demo"]:
         from producers.demo import main as demo
 

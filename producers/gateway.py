@@ -1,0 +1,258 @@
+"""The HTTP gateway: the chat-completions API and a jobs API, served through the queue.
+
+``POST /v1/chat/completions`` takes the API's own request and answers in its own shapes
+(stream or not), so the official OpenAI SDK pointed at the gateway works unchanged while the
+fleet's limits and retries apply. ``/v1/jobs`` is the asynchronous side: submit, read, follow
+as SSE (``id:`` = seq, ``Last-Event-ID`` resumes), cancel. Every route but ``/healthz`` and
+``/openapi.json`` needs ``Authorization: Bearer <token>`` with a token from
+``MOONQ_GATEWAY_TOKENS``; errors use Moonshot's error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from producers.aio import AsyncClient, AsyncJob
+from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
+from producers.gateway_openapi import openapi_document
+from producers.gateway_stream import ChunkStream, error_body, sse
+from producers.settings import ClientSettings
+from producers.wire import DEFAULT_PRIORITY
+
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+
+class GatewaySettings(ClientSettings):
+    """The gateway's settings (``MOONQ_GATEWAY_*``)."""
+
+    gateway_tokens: str = ""  # comma-separated bearer tokens
+    # Moonshot accepts bodies up to 100 MB (base64 images and videos); so do we, by default.
+    gateway_max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    # A caller who hangs up on a chat completion: cancel its job (saves tokens) or keep it running.
+    gateway_on_disconnect: Literal["cancel", "keep"] = "cancel"
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t.strip() for t in self.gateway_tokens.split(",") if t.strip()]
+
+
+def error(status: int, message: str, type_: str) -> JSONResponse:
+    return JSONResponse(error_body(message, type_), status_code=status)
+
+
+class Guard:
+    """ASGI middleware: bearer auth (constant-time) and a request size limit, before any route runs."""
+
+    def __init__(self, app: ASGIApp, tokens: list[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.tokens = [t.encode() for t in tokens]
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if not self._authorized(headers.get(b"authorization", b"")):
+            response = error(401, "Invalid Authentication", "invalid_authentication_error")
+            return await response(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            response = error(413, f"Invalid request: body is larger than {self.max_body_bytes} bytes",
+                             "invalid_request_error")  # fmt: skip
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # Compare against every token, always, so timing says nothing about which one nearly matched.
+        return any([hmac.compare_digest(token.strip(), t) for t in self.tokens])
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, read up to ``limit`` bytes (also for chunked bodies without a length)."""
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise InvalidRequest([("request", f"body is larger than {limit} bytes")])
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise InvalidRequest([("request", f"is not valid JSON: {err}")]) from None
+
+
+def job_options(request: Request) -> dict[str, Any]:
+    options: dict[str, Any] = {"idempotency_key": request.headers.get("idempotency-key")}
+    raw = request.headers.get("x-moonq-priority")
+    if raw is not None:
+        if not raw.isdigit():
+            raise InvalidRequest([("X-Moonq-Priority", f"must be an integer from 0 to 9 (got {raw!r})")])
+        options["priority"] = int(raw)
+    else:
+        options["priority"] = DEFAULT_PRIORITY
+    return options
+
+
+class Gateway:
+    """The routes, sharing one ``AsyncClient``."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.client: AsyncClient | None = None
+
+    @property
+    def c(self) -> AsyncClient:
+        if self.client is None:
+            self.client = AsyncClient(settings=self.settings)
+        return self.client
+
+    async def _submit(self, request: Request) -> tuple[AsyncJob, dict[str, Any]]:
+        body = await read_json(request, self.settings.gateway_max_body_bytes)
+        job = await self.c.submit(body, **job_options(request))
+        return job, body
+
+    async def chat_completions(self, request: Request) -> Response:
+        job, body = await self._submit(request)
+        headers = {"X-Moonq-Job-Id": job.id}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = ChunkStream(job.id, str(body["model"]), int(time.time()), include_usage)
+            return StreamingResponse(self._stream(job, chunks), media_type="text/event-stream", headers=headers)
+        waiter = asyncio.create_task(job.result())
+        if not await _finished_before_disconnect(request, waiter):
+            await self._disconnected(job)
+            return Response(status_code=499)
+        try:
+            result = waiter.result()
+        except JobCancelled:
+            return error(409, f"job {job.id} was cancelled", "cancelled")
+        except JobFailed as err:
+            status = int(err.error.get("status") or 502)
+            return JSONResponse(error_body(str(err.error.get("message")), str(err.error.get("type"))),
+                                status_code=status, headers=headers)  # fmt: skip
+        return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+
+    async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncIterator[bytes]:
+        try:
+            async for event in job.events():
+                data = chunks.feed(event)
+                if data:
+                    yield data
+                if chunks.done:
+                    return
+        finally:
+            if not chunks.done:  # the caller hung up (Starlette cancelled us) before the end
+                await asyncio.shield(self._disconnected(job))
+
+    async def _disconnected(self, job: AsyncJob) -> None:
+        if self.settings.gateway_on_disconnect == "cancel":
+            await job.cancel()
+
+    async def submit_job(self, request: Request) -> Response:
+        job, _ = await self._submit(request)
+        return JSONResponse({"id": job.id, "status": await job.status()}, status_code=202)
+
+    async def get_job(self, request: Request) -> Response:
+        job = self.c.job(request.path_params["job_id"])
+        rec = await job.record()
+        out: dict[str, Any] = {"id": job.id, "status": rec["status"], "model": rec.get("model"),
+                               "attempt": int(rec.get("attempt") or 0)}  # fmt: skip
+        for name in ("enqueued_at", "started_at", "finished_at"):
+            if rec.get(name):
+                out[name] = float(rec[name])
+        if rec["status"] == "succeeded":
+            out["result"] = json.loads(rec["result"])
+        if rec.get("error"):
+            out["error"] = json.loads(rec["error"])
+        return JSONResponse(out)
+
+    async def job_events(self, request: Request) -> Response:
+        job = self.c.job(request.path_params["job_id"])
+        last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+        if not last.isdigit():
+            raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last!r})")])
+        await job.record()
+
+        async def events() -> AsyncIterator[bytes]:
+            async for event in job.events(after_seq=int(last)):
+                data = json.dumps(event.model_dump(mode="json", exclude_none=True), ensure_ascii=False)
+                yield f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def cancel_job(self, request: Request) -> Response:
+        job = self.c.job(request.path_params["job_id"])
+        if await job.cancel():
+            return JSONResponse({"id": job.id, "status": "cancelled"})
+        status = await job.status()
+        return error(409, f"job {job.id} has already ended ({status})", "invalid_request_error")
+
+
+async def _finished_before_disconnect(request: Request, waiter: asyncio.Task[Any]) -> bool:
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(disconnected())
+    done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if waiter not in done:
+        waiter.cancel()
+        return False
+    return True
+
+
+async def _errors(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, InvalidRequest):
+        return error(400, f"Invalid request: {exc}", "invalid_request_error")
+    if isinstance(exc, JobNotFound):
+        return error(404, f"Not found the job {exc}", "resource_not_found_error")
+    raise exc
+
+
+def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
+    """The gateway as an ASGI app (serve it with uvicorn; ``moonq gateway`` does)."""
+    settings = settings or GatewaySettings()
+    if not settings.tokens:
+        raise ValueError("MOONQ_GATEWAY_TOKENS is empty: the gateway serves no one without a bearer token")
+    gw = Gateway(settings)
+    routes = [
+        Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
+        Route("/v1/jobs", gw.submit_job, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", gw.get_job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", gw.cancel_job, methods=["DELETE"]),
+        Route("/v1/jobs/{job_id}/events", gw.job_events, methods=["GET"]),
+        Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
+        Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={InvalidRequest: _errors, JobNotFound: _errors})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"Not found: {request.url.path}", "resource_not_found_error")
+
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, lambda r, e: error(405, "Method not allowed", "invalid_request_error"))
+    return Guard(app, settings.tokens, settings.gateway_max_body_bytes)
+
+
+def serve(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", proxy_headers=True)
+
+
+__all__ = ["GatewaySettings", "create_app", "serve", "sse"]
