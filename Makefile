@@ -42,5 +42,9 @@ all: lint typecheck test
 demo: install check-redis
 	$(BIN)/moonq demo
 
+# Fleet rate limits, moonq vs Celery's per-worker rate_limit (about 6 minutes); writes BENCHMARKS.md.
+bench: install check-redis
+	$(BIN)/python -m bench.limiter
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -115,6 +115,12 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    from producers.top_loop import run_top
+
+    return run_top(client.settings, args.node, args.interval, once=args.once)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moonq", description="Chat-completion jobs on a Celery + Redis queue.")
     p.add_argument("--redis-url", help="overrides REDIS_URL")
@@ -154,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("retry", help="run a failed or cancelled job again as a new job; prints its id")
     c.add_argument("job")
     c.set_defaults(func=cmd_retry)
+    t = sub.add_parser("top", help="live view of the fleet from the nodes' /metrics (no Grafana needed)")
+    t.add_argument("--node", action="append", default=[], metavar="URL",
+                   help="a node's metrics URL, repeatable; added to the nodes announced in Redis")  # fmt: skip
+    t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
+    t.add_argument("--once", action="store_true", help="print one snapshot (two scrapes --interval apart) and exit")
+    t.set_defaults(func=cmd_top)
     sub.add_parser(
         "simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False
     )

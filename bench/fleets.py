@@ -1,0 +1,167 @@
+"""The two systems under test, each as N real worker processes on one private Redis.
+
+``MoonqFleet``: ``celery -A worker worker`` (``producers.local.WorkerProcess``) with moonq's
+fleet limits in the environment; jobs go in with ``Client.submit_many``.
+``CeleryFleet``: ``celery -A bench.celery_baseline worker`` with a per-worker ``rate_limit``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+from celery import Celery
+
+from bench import celery_baseline
+from producers import Client
+from producers.broker import producer_app
+from producers.local import WorkerProcess
+from producers.settings import ClientSettings
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "sk-bench-0123456789abcdef"
+# A node's own settings: nothing inherited from the shell may change what is measured.
+_OWN_PREFIXES = ("MOONQ_", "MOONSHOT_", "REDIS_URL", "CELERY_", "BENCH_")
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}, **extra}
+
+
+def wait_for_nodes(app: Celery, names: list[str], procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+    """Block until every named node answers a ping on the broker."""
+    deadline = time.monotonic() + 90
+    seen: set[str] = set()
+    while not set(names) <= seen:
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"a worker exited ({proc.returncode}); its log:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not ready after 90 s: {sorted(set(names) - seen)} missing")
+        for reply in app.control.ping(timeout=0.5) or []:
+            seen.update(reply)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
+    """SIGTERM every process (Celery's warm shutdown), then SIGKILL what has not exited in time."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Fleet(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def enqueue(self, requests: list[dict[str, Any]]) -> None: ...
+    def counts(self) -> tuple[int, int]: ...
+    def stop(self) -> None: ...
+
+
+class MoonqFleet:
+    name = "moonq"
+
+    def __init__(self, redis_url: str, base_url: str, limits_env: dict[str, str], nodes: int, log_dir: Path) -> None:
+        self.settings = ClientSettings(redis_url=redis_url, prefix="bench")
+        env = {
+            "REDIS_URL": redis_url,
+            "MOONQ_PREFIX": self.settings.prefix,
+            "MOONSHOT_BASE_URL": base_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "MOONQ_METRICS_PORT": "0",
+            **limits_env,
+        }
+        self.names = [f"moonq{i + 1}@bench" for i in range(nodes)]
+        self.nodes = []
+        for name in self.names:
+            node = WorkerProcess(env, args=("-n", name), log_path=log_dir / f"{name.split('@')[0]}.log")
+            node.env = clean_env(env)
+            self.nodes.append(node)
+        self.client: Client | None = None
+        self.job_ids: list[str] = []
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(wait=False)
+        app = producer_app(self.settings)
+        try:
+            procs = [n.proc for n in self.nodes if n.proc is not None]
+            wait_for_nodes(app, self.names, procs, [n.log_path for n in self.nodes])
+        finally:
+            app.close()
+        self.client = Client(settings=self.settings)
+
+    def enqueue(self, requests: list[dict[str, Any]]) -> None:
+        assert self.client is not None
+        self.job_ids = [job.id for job in self.client.submit_many(requests)]
+
+    def counts(self) -> tuple[int, int]:
+        """(succeeded, failed) jobs so far."""
+        assert self.client is not None
+        with self.client.redis.pipeline(transaction=False) as pipe:
+            for job_id in self.job_ids:
+                pipe.hget(self.client.keys.job(job_id), "status")
+            statuses = pipe.execute()
+        return statuses.count(b"succeeded"), statuses.count(b"failed")
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        stop_all([n.proc for n in self.nodes if n.proc is not None])
+
+
+class CeleryFleet:
+    """``celery -A bench.celery_baseline worker -P threads -c C --prefetch-multiplier M``, N times."""
+
+    def __init__(
+        self, redis_url: str, base_url: str, rate_limit: str, nodes: int, log_dir: Path, concurrency: int, prefetch: int
+    ) -> None:
+        self.name = f"celery rate_limit -c {concurrency} prefetch {prefetch}"
+        self.worker_args = ["-P", "threads", "-c", str(concurrency), "--prefetch-multiplier", str(prefetch)]
+        self.redis_url = redis_url
+        self.env = clean_env(
+            {"BENCH_BROKER_URL": redis_url, "BENCH_BASE_URL": base_url, "BENCH_RATE_LIMIT": rate_limit}
+        )
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        self.names = [f"celery{i + 1}@bench" for i in range(nodes)]
+        self.logs = [log_dir / f"{name.split('@')[0]}.log" for name in self.names]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.app = celery_baseline.make_app(redis_url)
+        self.redis = redis.Redis.from_url(redis_url)
+
+    def start(self) -> None:
+        for name, log_path in zip(self.names, self.logs, strict=True):
+            cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_baseline", "worker"]
+            cmd += [*self.worker_args, "-n", name, "--loglevel", "WARNING"]
+            with log_path.open("ab") as log:
+                self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        wait_for_nodes(self.app, self.names, self.procs, self.logs)
+
+    def enqueue(self, requests: list[dict[str, Any]]) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for request in requests:
+                self.app.send_task(celery_baseline.TASK_NAME, args=[request], producer=producer)
+
+    def counts(self) -> tuple[int, int]:
+        ok, failed = self.redis.mget(celery_baseline.OK_KEY, celery_baseline.FAILED_KEY)
+        return int(ok or 0), int(failed or 0)
+
+    def retried(self) -> int:
+        return int(self.redis.get(celery_baseline.RETRIED_KEY) or 0)
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        self.app.close()
+        self.redis.close()

@@ -1,0 +1,310 @@
+"""Fleet rate limits: moonq's shared limiter vs plain Celery's per-worker ``rate_limit``, in one run.
+
+    python -m bench.limiter [--quick] [--rpm R] [--tpm T] [--window S] [--nodes N] [--no-write]
+
+Two scenarios against the local simulator, which enforces the account's limits like Moonshot
+(a sliding minute, 429 beyond it):
+
+* A (RPM): the simulator allows R requests per minute; each system runs N worker nodes limited
+  to R (moonq: ``MOONQ_RPM=R`` shared in Redis; Celery: ``rate_limit=f"{R}/m"`` on the task).
+* B (TPM): the simulator allows T tokens per minute (prompt + ``max_completion_tokens`` reserved
+  while a request runs, the real total after) and still R requests; moonq gets ``MOONQ_TPM=T``,
+  Celery the same ``rate_limit=f"{R}/m"`` (it has nothing for tokens).
+
+Celery runs as ``-P threads -c 1 --prefetch-multiplier 1``, where its rate limit delivers what
+it promises per worker; scenario A also runs it as ``-c 16`` with the default prefetch, where
+it does not (see BENCHMARKS.md).
+
+Each (scenario, system) runs alone on a fresh redis-server against a freshly reset simulator,
+with 1.3x the jobs the limit allows over the measurement window queued at its start, so the
+limit and not the supply is the bottleneck. From the simulator's own books over the window:
+429s, the most admitted in any 60 s (requests or charged tokens) vs the limit, and quota used =
+admitted / (limit x window / 60). Writes its section of BENCHMARKS.md (unless ``--quick`` or
+``--no-write``); worker logs go to ``.bench/limiter/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.fleets import REPO, CeleryFleet, Fleet, MoonqFleet
+from bench.sim import RecordingSim
+from producers.local import RedisServer
+from simulator import SimConfig, max_in_window
+from simulator.validate import parse_chat_request
+from worker.ratelimit import Limits
+
+MODEL = "moonshot-v1-8k"
+WINDOW_60_S = 60.0
+SUPPLY = 1.3  # jobs queued = this x what the limit allows over the window
+LOG_DIR = REPO / ".bench" / "limiter"
+PROGRESS_EVERY_S = 20.0
+
+
+@dataclass(frozen=True)
+class System:
+    key: str
+    label: str
+    concurrency: int = 0  # Celery only
+    prefetch: int = 0
+
+
+MOONQ = System("moonq", "moonq")
+CELERY = System("celery", "Celery rate_limit, -c 1, prefetch x1", concurrency=1, prefetch=1)
+CELERY_C16 = System("celery-c16", "Celery rate_limit, -c 16, default prefetch x4", concurrency=16, prefetch=4)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str  # "A" | "B"
+    axis: str  # "requests" | "tokens"
+    limit: int  # R or T: what the simulator enforces on this axis
+    rpm: int  # the simulator's RPM (both scenarios) and Celery's rate_limit per worker
+    sim: SimConfig
+    moonq_env: dict[str, str]
+    requests: list[dict[str, Any]]
+    burst: int  # moonq's bucket size on this axis (its default)
+    sim_reserve: int  # what the simulator reserves per request: prompt + output budget
+    systems: tuple[System, ...]
+
+    @property
+    def unit(self) -> str:
+        return "RPM" if self.axis == "requests" else "TPM"
+
+    @property
+    def title(self) -> str:
+        return f"{self.key} ({self.unit})"
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    system: System
+    window_s: float
+    jobs: int
+    nodes: int
+    admitted: int = 0  # requests admitted in the window
+    amount: float = 0.0  # admitted on the scenario's axis (requests or charged tokens)
+    max_60s: float = 0.0
+    # What was asked of the limit in the busiest 60 s: admitted requests as counted above, plus every
+    # request refused with a 429 (TPM: at the reservation the upstream checked it against).
+    asked_max_60s: float = 0.0
+    n429: int = 0
+    first_429_s: float | None = None  # from the window's start
+    other_errors: int = 0
+    ok: int = 0
+    failed: int = 0
+    rejected_by_axis: dict[str, int] = field(default_factory=dict)
+    retried: int | None = None
+    phase_s: float = 0.0
+
+    @property
+    def quota_used(self) -> float:
+        return self.amount / (self.scenario.limit * self.window_s / WINDOW_60_S)
+
+    @property
+    def unfinished(self) -> int:
+        return self.jobs - self.ok - self.failed
+
+
+def prompt(i: int) -> list[dict[str, str]]:
+    # Numbered, so every job gets its own answer (the simulator's answers are seeded by the request).
+    return [{"role": "user", "content": f"Request {i}: a few sentences on why queues smooth bursty traffic."}]
+
+
+def reservation(request: dict[str, Any]) -> int:
+    """The tokens the simulator (like Moonshot) reserves for ``request``: prompt + output budget x n."""
+    req = parse_chat_request(request)
+    return req.prompt_tokens + req.max_completion_tokens * req.n
+
+
+def scenarios(rpm: int, tpm: int, window_s: float) -> list[Scenario]:
+    rpm_requests = [{"model": MODEL, "messages": prompt(i)} for i in range(math.ceil(SUPPLY * rpm * window_s / 60))]
+    a = Scenario(
+        key="A",
+        axis="requests",
+        limit=rpm,
+        rpm=rpm,
+        sim=SimConfig(seed=7, rpm=rpm, tokens_per_chunk=8),
+        moonq_env={"MOONQ_RPM": str(rpm)},
+        requests=rpm_requests,
+        burst=Limits(rpm=rpm).rpm_bucket,
+        sim_reserve=reservation(rpm_requests[0]),
+        systems=(MOONQ, CELERY, CELERY_C16),
+    )
+    # B: answers of 50-250 tokens under a 256-token budget, so a request reserves ~280 tokens while
+    # it runs and is charged ~170 after: refunding the unused budget is part of what is measured.
+    answer_tokens, budget = (50, 250), 256
+    expected_charge = parse_chat_request({"model": MODEL, "messages": prompt(0)}).prompt_tokens + sum(answer_tokens) / 2
+    if tpm / expected_charge >= rpm:
+        raise SystemExit(f"--tpm {tpm} would not bind before --rpm {rpm} (~{expected_charge:.0f} tokens per request)")
+    tpm_jobs = math.ceil(SUPPLY * tpm * window_s / 60 / expected_charge)
+    b = Scenario(
+        key="B",
+        axis="tokens",
+        limit=tpm,
+        rpm=rpm,
+        sim=SimConfig(seed=7, rpm=rpm, tpm=tpm, answer_tokens=answer_tokens, tokens_per_chunk=16),
+        moonq_env={"MOONQ_TPM": str(tpm)},
+        requests=[{"model": MODEL, "messages": prompt(i), "max_completion_tokens": budget} for i in range(tpm_jobs)],
+        burst=Limits(tpm=tpm).tpm_bucket,
+        sim_reserve=reservation({"model": MODEL, "messages": prompt(0), "max_completion_tokens": budget}),
+        systems=(MOONQ, CELERY),
+    )
+    return [a, b]
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {message}", flush=True)
+
+
+def make_fleet(system: System, sc: Scenario, redis_url: str, base_url: str, nodes: int, log_dir: Path) -> Fleet:
+    if system is MOONQ:
+        return MoonqFleet(redis_url, base_url, sc.moonq_env, nodes, log_dir)
+    return CeleryFleet(redis_url, base_url, f"{sc.rpm}/m", nodes, log_dir, system.concurrency, system.prefetch)
+
+
+def run_phase(sc: Scenario, system: System, sim: RecordingSim, args: argparse.Namespace, say: Progress) -> Result:
+    log_dir = LOG_DIR / f"{sc.key}-{system.key}"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    started = time.monotonic()
+    name = f"{sc.title} {system.label}"
+    with RedisServer() as server:
+        fleet = make_fleet(system, sc, server.url, sim.base_url, args.nodes, log_dir)
+        try:
+            say(f"{name}: starting {args.nodes} worker processes")
+            fleet.start()
+            result = measure(sc, system, fleet, args, sim, say)
+            if isinstance(fleet, CeleryFleet):
+                result.retried = fleet.retried()
+        finally:
+            fleet.stop()
+    result.phase_s = time.monotonic() - started
+    say(f"{name}: done in {result.phase_s:.0f} s; {summary(result)}")
+    return result
+
+
+def measure(
+    sc: Scenario, system: System, fleet: Fleet, args: argparse.Namespace, sim: RecordingSim, say: Progress
+) -> Result:
+    """Queue the jobs, then watch for ``args.window`` s (less if every job has ended: nothing more is sent)."""
+    window_s = args.window
+    sim.reset()
+    t0 = time.monotonic()
+    fleet.enqueue(sc.requests)
+    say(f"{sc.title} {system.label}: {len(sc.requests)} jobs queued; measuring {window_s:.0f} s")
+    next_line = t0 + PROGRESS_EVERY_S
+    while (now := time.monotonic()) < t0 + window_s:
+        ok, failed = fleet.counts()
+        if ok + failed >= len(sc.requests):
+            say(f"  t={now - t0:3.0f}s every job has ended ({ok} ok, {failed} failed); nothing more will be sent")
+            break
+        if now >= next_line:
+            seen = [s for _, s in list(sim.arrivals)]
+            upstream = f"upstream 200={seen.count(200)} 429={seen.count(429)}"
+            say(f"  t={now - t0:3.0f}s jobs ok={ok} failed={failed}, {upstream}")
+            next_line += PROGRESS_EVERY_S
+        time.sleep(max(0.0, min(1.0, t0 + window_s - now)))
+    ok, failed = fleet.counts()
+    result = Result(scenario=sc, system=system, window_s=window_s, jobs=len(sc.requests), nodes=args.nodes)
+    result.ok, result.failed = ok, failed
+    stats, arrivals = sim.stats(), list(sim.arrivals)
+    tally(result, sim, stats, arrivals, t0)
+    dump(LOG_DIR / f"{sc.key}-{system.key}" / "raw.json", sim, stats, arrivals, t0)
+    return result
+
+
+def dump(path: Path, sim: RecordingSim, stats: dict[str, Any], arrivals: list[tuple[float, int]], t0: float) -> None:
+    """The raw books, times in seconds from the window's start, for a closer look after the run."""
+
+    def rel(t: float | None) -> float | None:
+        return None if t is None else round(sim.to_monotonic(t) - t0, 6)
+
+    admitted = [{**a, "start": rel(a["start"]), "end": rel(a["end"])} for a in stats["admitted"]]
+    raw = {
+        "admitted": admitted,
+        "arrivals": [[round(t - t0, 6), s] for t, s in arrivals],
+        "by_status": stats["by_status"],
+        "rejected": stats["rejected"],
+    }
+    path.write_text(json.dumps(raw))
+
+
+def tally(r: Result, sim: RecordingSim, stats: dict[str, Any], arrivals: list[tuple[float, int]], t0: float) -> None:
+    """The figures over [t0, t0 + window), from the simulator's admitted records and the arrival log."""
+    sc = r.scenario
+
+    def inside(t: float) -> bool:
+        return t0 <= t < t0 + r.window_s
+
+    admitted = [a for a in stats["admitted"] if inside(sim.to_monotonic(a["start"]))]
+    events = [
+        (sim.to_monotonic(a["start"]), float(1 if sc.axis == "requests" else a["charged_tokens"])) for a in admitted
+    ]
+    sent = [(t, s) for t, s in arrivals if inside(t)]
+    refused = [(t, float(1 if sc.axis == "requests" else sc.sim_reserve)) for t, s in sent if s == 429]
+    r.admitted = len(admitted)
+    r.amount = sum(w for _, w in events)
+    r.max_60s = max_in_window(events, WINDOW_60_S)
+    r.asked_max_60s = max_in_window(events + refused, WINDOW_60_S)
+    r.n429 = sum(1 for _, s in sent if s == 429)
+    r.first_429_s = min((t - t0 for t, s in sent if s == 429), default=None)
+    r.other_errors = sum(1 for _, s in sent if s not in (200, 429))
+    r.rejected_by_axis = dict(stats.get("rejected") or {})
+
+
+def summary(r: Result) -> str:
+    return (
+        f"429s={r.n429} max60s={r.max_60s:,.0f}/{r.scenario.limit:,} quota={r.quota_used:.1%}"
+        f" ok={r.ok} failed={r.failed}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rpm", type=int, default=600, help="R: the account's requests per minute (default 600)")
+    parser.add_argument("--tpm", type=int, default=60_000, help="T: the account's tokens per minute (default 60000)")
+    parser.add_argument("--window", type=float, default=None, help="measurement window per run, s (default 65)")
+    parser.add_argument("--nodes", type=int, default=4, help="worker processes per system (default 4)")
+    parser.add_argument("--quick", action="store_true", help="20 s windows, a smoke run; BENCHMARKS.md untouched")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these, e.g. A-moonq B-celery (implies --no-write)"
+    )
+    args = parser.parse_args()
+    args.window = args.window or (20.0 if args.quick else 65.0)
+    say = Progress()
+    results: list[Result] = []
+    plan = scenarios(args.rpm, args.tpm, args.window)
+    say(f"fleet limiter benchmark: {args.nodes} nodes per system, {args.window:.0f} s windows, logs in {LOG_DIR}")
+    for sc in plan:
+        with RecordingSim(sc.sim) as sim:
+            say(f"{sc.title}: simulator on {sim.base_url} (rpm={sc.sim.rpm}, tpm={sc.sim.tpm})")
+            for system in sc.systems:
+                if args.only is None or f"{sc.key}-{system.key}" in args.only:
+                    results.append(run_phase(sc, system, sim, args, say))
+    total_s = time.monotonic() - say.t0
+    print()
+    print(report.text_tables(results))
+    print(f"total run time {total_s:.0f} s")
+    if not (args.quick or args.no_write or args.only is not None):
+        report.write(args.output, results, args, total_s)
+        say(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The fleet limiter benchmark's tables and its section of BENCHMARKS.md (plus the shared Machine section).
+
+BENCHMARKS.md holds a ``## Machine`` section and one ``##`` section per benchmark; ``write``
+rewrites the Machine section and this benchmark's own, and keeps every other section as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import celery
+
+if TYPE_CHECKING:
+    from bench.limiter import Result
+
+TITLE = "# Benchmarks"
+PREAMBLE = "Measured figures from the benchmarks in `bench/`. Each `##` section is written by its benchmark's own run."
+MACHINE = "## Machine"
+SECTION = "## Fleet rate limiter: moonq vs Celery `rate_limit`"
+GOAL_QUOTA = 0.95
+HEADER = [
+    "system",
+    "limit",
+    "429s",
+    "max admitted in any 60 s",
+    "asked in busiest 60 s (admitted + 429'd)",
+    "quota used",
+    "jobs ok / failed",
+]
+
+
+def machine() -> dict[str, str]:
+    cpu, mem_kib = "unknown", 0
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    with open("/proc/meminfo") as f:
+        mem_kib = next((int(line.split()[1]) for line in f if line.startswith("MemTotal:")), 0)
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v=(\S+)", version)
+    return {
+        "CPU": cpu,
+        "Cores": str(os.cpu_count()),
+        "RAM": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": platform.python_version(),
+        "Redis": match.group(1) if match else version.strip(),
+        "Celery": celery.__version__,
+    }
+
+
+def _amount(r: Result, value: float) -> str:
+    return f"{value:,.0f}" + ("" if r.scenario.axis == "requests" else " tok")
+
+
+def rows(results: Sequence[Result]) -> list[list[str]]:
+    return [
+        [
+            r.system.label,
+            f"{r.scenario.limit:,} {r.scenario.unit}",
+            f"{r.n429:,}",
+            f"{_amount(r, r.max_60s)} ({r.max_60s / r.scenario.limit:.1%})",
+            _amount(r, r.asked_max_60s),
+            f"{r.quota_used:.1%}",
+            f"{r.ok:,} / {r.failed:,}" + (f" ({r.unfinished:,} still queued)" if r.unfinished else ""),
+        ]
+        for r in results
+    ]
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
+    return "\n".join(lines)
+
+
+def text_tables(results: Sequence[Result]) -> str:
+    out = []
+    for key in dict.fromkeys(r.scenario.key for r in results):
+        group = [r for r in results if r.scenario.key == key]
+        table = [HEADER, *rows(group)]
+        widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+        out.append(f"Scenario {group[0].scenario.title}, window {group[0].window_s:.0f} s")
+        out += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+        out.append("")
+    return "\n".join(out)
+
+
+def goals(r: Result) -> str:
+    misses = []
+    if r.n429:
+        misses.append(f"{r.n429} upstream 429{'s' if r.n429 != 1 else ''}")
+    if r.max_60s > r.scenario.limit or r.asked_max_60s > r.scenario.limit:
+        misses.append(f"the busiest 60 s asked for {r.asked_max_60s:,.0f} > {r.scenario.limit:,}")
+    if r.quota_used <= GOAL_QUOTA:
+        misses.append(f"quota used {r.quota_used:.1%} ≤ 95%")
+    if r.failed:
+        misses.append(f"{r.failed} failed jobs")
+    return "every goal met" if not misses else "missed: " + "; ".join(misses)
+
+
+def moonq_paragraph(m: Result) -> str:
+    sc = m.scenario
+    what = "requests" if sc.axis == "requests" else "tokens"
+    cap = sc.burst + (sc.limit - sc.burst) * m.window_s / 60
+    return (
+        f"**{sc.title}, moonq.** The shared bucket holds B = {sc.burst:,} {what} and refills at (L - B)/60 = "
+        f"{(sc.limit - sc.burst) / 60:,.1f} {what}/s, so it grants at most B + (L - B) = L in any 60 s, and at most "
+        f"{cap:,.0f} ({cap / (sc.limit * m.window_s / 60):.1%} of quota) in this {m.window_s:.0f} s window. It "
+        f"admitted {m.amount:,.0f} ({m.quota_used:.1%}); upstream 429s: {m.n429}. Goals (0 429s, never above L, "
+        f"> 95% used, 0 failed): {goals(m)}."
+    )
+
+
+def celery_paragraph(c: Result) -> str:
+    sc = c.scenario
+    what = "requests" if sc.axis == "requests" else "tokens"
+    tokens = "" if sc.axis == "requests" else " It has no notion of tokens, so TPM was never considered."
+    ran_out = (
+        " (the jobs ran out: those not admitted in the first seconds had spent their retries before the minute"
+        " rolled over)"
+        if c.failed and not c.unfinished
+        else ""
+    )
+    head = (
+        f"**{sc.title}, {c.system.label}.** The rate limit is a bucket per worker: {c.nodes} workers x "
+        f"{sc.rpm}/m, so the busiest 60 s asked for {c.asked_max_60s:,.0f} {what} against a limit of "
+        f"{sc.limit:,}.{tokens} "
+    )
+    if not c.n429:
+        return head + f"No 429s this time; {c.quota_used:.1%} of the quota used, {c.failed:,} jobs failed."
+    return head + (
+        f"The upstream turned the excess away ({c.n429:,} 429s), and that alone kept the admitted figure at the "
+        f"limit; {c.failed:,} jobs failed once their 5 retries were spent, and {c.quota_used:.1%} of the quota was "
+        f"used{ran_out}."
+    )
+
+
+def default_celery_paragraph(c: Result) -> str:
+    per_worker = c.admitted / c.window_s / c.nodes if c.window_s else 0.0
+    if per_worker > 0.8 * c.scenario.rpm / 60:
+        return (
+            f"**{c.scenario.title}, {c.system.label}.** {per_worker:.1f} tasks/s per worker, "
+            f"{c.quota_used:.1%} of the quota, {c.n429:,} 429s."
+        )
+    return (
+        f"**{c.scenario.title}, {c.system.label}.** With more than a few rate-limited messages prefetched, Celery "
+        f"{celery.__version__}'s rate limit fell to ~{per_worker:.1f} task/s per worker instead of "
+        f"{c.scenario.rpm / 60:g}: {c.quota_used:.1%} of the quota, {c.n429:,} 429s. Every held message arms its "
+        "own timer (`Consumer._schedule_bucket_request` re-arms one each time the bucket is empty), and kombu's "
+        "`Hub.fire_timers` runs at most 10 due timers per loop and then returns its 1 s default as the poll "
+        "timeout, so the event loop releases about one task per second. `-c 1 --prefetch-multiplier 1` keeps the "
+        "timers few, which is why the rows above use it."
+    )
+
+
+def miss_paragraph(results: Sequence[Result]) -> str:
+    missed = [r for r in results if r.system.key == "moonq" and r.n429]
+    if not missed:
+        return ""
+    where = "; ".join(
+        f"{r.scenario.key}: {r.n429} at t = {r.first_429_s:.1f} s" for r in missed if r.first_429_s is not None
+    )
+    if not all(r.first_429_s is not None and 55 <= r.first_429_s <= 65 for r in missed):
+        return (
+            f"**moonq drew 429s ({where}).** Not at the minute boundary this run; see the raw books per run in "
+            "`.bench/limiter/*/raw.json`."
+        )
+    return (
+        f"**Why moonq still drew 429s ({where}).** The bucket bounds *grant* times in Redis; the upstream counts "
+        "*arrival* times. The first burst of a run (full bucket) reaches the upstream later than requests granted "
+        "a minute on (cold connections, four processes waking on two cores), so the upstream's sliding minute that "
+        "begins inside that burst holds more than L: the 429s come about 60 s after the first admission. "
+        "(L - B)/60 leaves no margin for the delay between grant and arrival. Raw books per run are in "
+        "`.bench/limiter/*/raw.json`."
+    )
+
+
+def section(results: Sequence[Result], args: argparse.Namespace, total_s: float) -> str:
+    mach = machine()
+    by = {(r.scenario.key, r.system.key): r for r in results}
+    a, b = by[("A", "moonq")], by[("B", "moonq")]
+    charged = b.amount / b.admitted if b.admitted else 0.0
+    paragraphs = [moonq_paragraph(by[(k, "moonq")]) for k in ("A", "B")]
+    paragraphs += [celery_paragraph(by[(k, "celery")]) for k in ("A", "B")]
+    if ("A", "celery-c16") in by:
+        paragraphs.append(default_celery_paragraph(by[("A", "celery-c16")]))
+    paragraphs.append(miss_paragraph(results))
+    lines = [
+        SECTION,
+        "",
+        f"`make bench` (= `.venv/bin/python -m bench.limiter`), {datetime.date.today().isoformat()}; the whole run "
+        f"took {total_s:.0f} s. On {mach['CPU']}, {mach['Cores']} cores, {mach['RAM']}, Python {mach['Python']}, "
+        f"Redis {mach['Redis']}, Celery {mach['Celery']}.",
+        "",
+        f"**Setup.** Each system runs {args.nodes} worker processes on its own private redis-server against the local "
+        "simulator (`simulator/`, 127.0.0.1, no added latency), which enforces the account's limits like Moonshot: "
+        "a sliding minute, 429 beyond it. moonq: `celery -A worker worker` with its defaults (64 threads per node) "
+        "plus `MOONQ_RPM` or `MOONQ_TPM`. Baseline: `celery -A bench.celery_baseline worker -P threads -c 1 "
+        "--prefetch-multiplier 1`, one task that POSTs the body with httpx (non-streaming), "
+        f'`rate_limit="{args.rpm}/m"`, and the docs\' `autoretry_for` on 429/5xx with `retry_backoff` '
+        f"(1, 2, 4, 8, 16 s with full jitter, `max_retries=5`). Window {args.window:.0f} s, from the moment 1.3x "
+        "the jobs the limit allows over it are queued; the runs go one after the other, each against a freshly "
+        "reset simulator. *Max admitted in any 60 s* and *quota used* (admitted / (limit x window / 60)) come from "
+        "the simulator's admitted records, so the first can never exceed the limit; *asked in busiest 60 s* adds "
+        "every request the simulator refused with a 429 (TPM: at the reservation it was checked against) and is the "
+        "figure that shows an overshoot.",
+        "",
+        f"### A - RPM: the simulator allows R = {a.scenario.limit:,} requests per minute "
+        f"({a.jobs:,} jobs; moonq `MOONQ_RPM={a.scenario.limit}`)",
+        "",
+        markdown_table([r for r in results if r.scenario.key == "A"]),
+        "",
+        f"### B - TPM: the simulator allows T = {b.scenario.limit:,} tokens and R = {b.scenario.rpm:,} requests "
+        f"per minute ({b.jobs:,} jobs; moonq `MOONQ_TPM={b.scenario.limit}`)",
+        "",
+        "Every request sets `max_completion_tokens: 256` and gets a 50-250 token answer: the simulator reserves "
+        f"{b.scenario.sim_reserve} tokens while it runs and then charges its real total (~{charged:.0f} here). "
+        "Charged tokens are what is counted.",
+        "",
+        markdown_table([r for r in results if r.scenario.key == "B"]),
+        "",
+        rejected_note(results),
+        "",
+        "### What the numbers mean",
+        "",
+        "\n\n".join(p for p in paragraphs if p),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def rejected_note(results: Sequence[Result]) -> str:
+    bits = []
+    for r in results:
+        axes = ", ".join(f"{k} {v:,}" for k, v in sorted(r.rejected_by_axis.items())) or "none"
+        extra = f"; Celery retries {r.retried:,}" if r.retried is not None else ""
+        errors = f"; other upstream errors {r.other_errors}" if r.other_errors else ""
+        bits.append(f"{r.scenario.key} {r.system.label}: {axes}{extra}{errors}")
+    return "429s by the limit that refused them, per the simulator: " + " · ".join(bits) + "."
+
+
+def machine_section() -> str:
+    lines = [MACHINE, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in machine().items())]
+    return "\n".join(lines) + "\n"
+
+
+def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(preamble, [(heading line, whole section text)]) split at ``## `` headings."""
+    chunks = re.split(r"(?m)^(?=## )", text)
+    return chunks[0], [(s.splitlines()[0].strip(), s) for s in chunks[1:]]
+
+
+def write(path: Path, results: Sequence[Result], args: argparse.Namespace, total_s: float) -> None:
+    old = path.read_text() if path.exists() else f"{TITLE}\n\n{PREAMBLE}\n\n"
+    preamble, sections = split_sections(old)
+    fresh = {MACHINE: machine_section(), SECTION: section(results, args, total_s)}
+    out = [(h, fresh.pop(h) if h in fresh else s) for h, s in sections]
+    if MACHINE in fresh:
+        out.insert(0, (MACHINE, fresh.pop(MACHINE)))
+    out += list(fresh.items())
+    path.write_text(preamble.rstrip("\n") + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for _, s in out))
