@@ -37,7 +37,7 @@ def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> floa
     """Tokens in a limiter bucket now, refilled the way ``ACQUIRE_LUA`` does it."""
     if state[0] is None:
         return float(burst)
-    rate = max(limit - burst, 1) / 60000
+    rate = max(limit - burst, 1) / 62000  # as ACQUIRE_LUA: a 62 s refill period
     return min(burst, float(state[0]) + (now_ms - float(state[1])) * rate)
 
 

@@ -5,10 +5,13 @@ Every node and process asks the same Redis, and check-and-reserve is one Lua scr
 LiteLLM's multi-instance limits had for years came from separate read and write steps).
 
 Rates are continuously refilling buckets, not fixed windows. A bucket of capacity ``B`` (the
-burst) refilled at ``(L - B) / 60`` per second never admits more than ``L`` in any 60 s
-window: at most ``B`` stored at the window's start plus ``L - B`` refilled during it. So the
-configured limit is a hard ceiling per sliding minute, and steady throughput is ``L - B``
-(98% of ``L`` at the default burst of 2%). One exception, documented: a single TPM
+burst) refilled at ``(L - B) / 62`` per second never grants more than ``L`` in any 62 s
+window: at most ``B`` stored at the window's start plus ``L - B`` refilled during it. The two
+extra seconds are for the upstream, which counts requests when they *arrive*: a grant reaches
+it a little later (a new connection, a busy node), and the limiting benchmark saw a cold
+start's first burst arrive ~0.15 s behind its grants and draw a 429 one minute later. With the
+margin, arrivals keep under ``L`` per 60 s unless one request lags its grant by over 2 s.
+Steady throughput is ``(L - B) * 60/62`` per minute (about 95% of ``L`` at the default burst). One exception, documented: a single TPM
 reservation larger than the burst is let through when the bucket is full, leaving it in debt,
 so raise ``MOONQ_TPM_BURST`` above your largest request to keep the ceiling exact.
 

@@ -37,8 +37,9 @@ end
 
 -- Refill a bucket to now; returns tokens, rate per ms, burst.
 local function refill(key, limit, burst)
+  -- Refill over 62 s, not 60: the margin covers grant-to-arrival delay (see ratelimit.py).
   -- A limit no larger than its burst (e.g. 1 RPM) still refills: the ceiling is then burst + limit.
-  local rate = math.max(limit - burst, 1) / 60000
+  local rate = math.max(limit - burst, 1) / 62000
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens = tonumber(state[1])
   local ts = tonumber(state[2])
@@ -104,7 +105,7 @@ local refund, limit, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV
 if refund ~= 0 and limit > 0 then
   local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
   if state[1] then
-    local rate = math.max(limit - burst, 1) / 60000
+    local rate = math.max(limit - burst, 1) / 62000
     local tokens = math.min(burst, tonumber(state[1]) + (now - tonumber(state[2])) * rate)
     redis.call('HSET', KEYS[1], 'tokens', math.min(burst, tokens + refund), 'ts', now)
   end
