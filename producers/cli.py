@@ -58,7 +58,7 @@ def _follow(client: Client, job_id: str, as_json: bool) -> int:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    job = client.submit(_request_from_args(args), priority=args.priority)
+    job = client.submit(_request_from_args(args), priority=args.priority, idempotency_key=args.idempotency_key)
     print(job.id if args.no_wait else f"[job {job.id}]", file=sys.stdout if args.no_wait else sys.stderr, flush=True)
     return 0 if args.no_wait else _follow(client, job.id, args.json)
 
@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="a system message")
     s.add_argument("--max-tokens", type=int, help="max_completion_tokens")
     s.add_argument("--priority", type=int, default=5, help="0 (most urgent) to 9; default 5")
+    s.add_argument("--idempotency-key", help="the same key again returns the same job instead of a new run")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(func=cmd_submit)

@@ -63,3 +63,14 @@ def test_keyed_jobs_run_once_end_to_end(run: Any, client: Client) -> None:
 def test_bad_keys_are_rejected(fresh_prefix: Settings, bad: Any) -> None:
     with Client(settings=fresh_prefix) as client, pytest.raises(InvalidRequest, match="idempotency_key"):
         client.submit(REQ, idempotency_key=bad)
+
+
+def test_cli_idempotency_key(fresh_prefix: Settings) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REDIS_URL": fresh_prefix.redis_url, "MOONQ_PREFIX": fresh_prefix.prefix}
+    cmd = [sys.executable, "-m", "producers.cli", "submit", "hi", "--no-wait", "--idempotency-key", "cli-1"]
+    ids = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30).stdout.strip() for _ in range(2)]
+    assert ids[0] and ids[0] == ids[1]
