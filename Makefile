@@ -45,6 +45,7 @@ demo: install check-redis
 # Fleet rate limits, moonq vs Celery's per-worker rate_limit (about 6 minutes); writes BENCHMARKS.md.
 bench: install check-redis
 	$(BIN)/python -m bench.limiter
+	$(BIN)/python -m bench.enqueue
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
