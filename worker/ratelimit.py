@@ -13,7 +13,8 @@ start's first burst arrive ~0.15 s behind its grants and draw a 429 one minute l
 margin, arrivals keep under ``L`` per 60 s unless one request lags its grant by over 2 s.
 Steady throughput is ``(L - B) * 60/62`` per minute (about 95% of ``L`` at the default burst).
 One exception, documented: a single TPM reservation larger than the burst is let through when
-the bucket is full, leaving it in debt, so raise ``MOONQ_TPM_BURST`` above your largest request to keep the ceiling exact.
+the bucket is full, leaving it in debt, so raise ``MOONQ_TPM_BURST`` above your largest request
+to keep the ceiling exact.
 
 TPM reserves what Moonshot checks, the prompt estimate plus the completion budget
 (``max_completion_tokens``, or the model's default), and ``release`` refunds the difference
