@@ -11,6 +11,7 @@ as SSE (``id:`` = seq, ``Last-Event-ID`` resumes), cancel. Every route but ``/he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -239,7 +240,15 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
         Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={InvalidRequest: _errors, JobNotFound: _errors})
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        if gw.client is not None:  # close Redis connections on the loop that opened them
+            await gw.client.close()
+
+    app = Starlette(
+        routes=routes, exception_handlers={InvalidRequest: _errors, JobNotFound: _errors}, lifespan=lifespan
+    )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, f"Not found: {request.url.path}", "resource_not_found_error")

@@ -30,6 +30,7 @@ def gateway(redis_url: str) -> Iterator[str]:
     settings = GatewaySettings(redis_url=redis_url, gateway_tokens=f"other-token, {TOKEN}")
     sock = bind_socket("127.0.0.1", 0)
     server = build_server(create_app(settings))
+    server.config.lifespan = "on"  # the app closes its Redis connections at shutdown
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
