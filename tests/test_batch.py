@@ -38,8 +38,9 @@ def batch(env: dict[str, str], src: Path, dst: Path, *extra: str) -> subprocess.
     )  # fmt: skip
 
 
+@pytest.mark.timeout(240)  # two real processes and ~60 paced jobs; slow under a loaded CI machine
 def test_batch_output_shape_errors_and_resume(tmp_path: Path, fresh_prefix: Settings, paced_sim: SimServer) -> None:
-    n = 120
+    n = 60
     lines = [line(i) for i in range(n)]
     lines[5] = line(5, temperature="hot")  # our validation: answered as an error line, never sent
     lines[7] = line(7, sim={"fault": "quota"})  # upstream 429 quota: a response with its status
@@ -50,14 +51,19 @@ def test_batch_output_shape_errors_and_resume(tmp_path: Path, fresh_prefix: Sett
     with WorkerProcess(env):
         first = batch(env, src, dst, "--window", "10")
         deadline = time.monotonic() + 30
-        while (not dst.exists() or len(dst.read_text().splitlines()) < 30) and time.monotonic() < deadline:
+        while (not dst.exists() or len(dst.read_text().splitlines()) < 15) and time.monotonic() < deadline:
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)  # interrupted mid-run, jobs in flight
         first.communicate()
         partial = len(dst.read_text().splitlines())
-        assert 30 <= partial < n
+        assert 15 <= partial < n
         second = batch(env, src, dst)
-        _, err = second.communicate(timeout=60)
+        try:
+            _, err = second.communicate(timeout=180)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.communicate()
         assert second.returncode == 0, err
     rows = [json.loads(x) for x in dst.read_text().splitlines() if x.strip()]
     ids = [r["custom_id"] for r in rows]
