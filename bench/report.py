@@ -259,12 +259,17 @@ def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
     return chunks[0], [(s.splitlines()[0].strip(), s) for s in chunks[1:]]
 
 
-def write(path: Path, results: Sequence[Result], args: argparse.Namespace, total_s: float) -> None:
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Rewrites the Machine section and the section under ``heading``; every other section stays."""
     old = path.read_text() if path.exists() else f"{TITLE}\n\n{PREAMBLE}\n\n"
     preamble, sections = split_sections(old)
-    fresh = {MACHINE: machine_section(), SECTION: section(results, args, total_s)}
+    fresh = {MACHINE: machine_section(), heading: text}
     out = [(h, fresh.pop(h) if h in fresh else s) for h, s in sections]
     if MACHINE in fresh:
         out.insert(0, (MACHINE, fresh.pop(MACHINE)))
     out += list(fresh.items())
     path.write_text(preamble.rstrip("\n") + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for _, s in out))
+
+
+def write(path: Path, results: Sequence[Result], args: argparse.Namespace, total_s: float) -> None:
+    write_section(path, SECTION, section(results, args, total_s))

@@ -28,7 +28,7 @@ from simulator.errors import JSON_CONTENT_TYPE, ApiError, bad_api_key, invalid_r
 from simulator.faults import Plan, plan
 from simulator.gate import Gate
 from simulator.scripts import parse_sim
-from simulator.stream import SSE_CONTENT_TYPE, Delivery, cut_short, hide_cut_tracebacks, paced, pause_s
+from simulator.stream import SSE_CONTENT_TYPE, Delivery, cut_short, hide_cut_tracebacks, paced, pause_s, stamped
 from simulator.validate import parse_chat_request, parse_estimate_request
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -78,7 +78,8 @@ class _Simulator:
     async def chat(self, request: Request) -> Response:
         body = await _json_body(request)
         req = parse_chat_request(body)
-        ticket = self.gate.admit(req, parse_sim(body))
+        directive = parse_sim(body)
+        ticket = self.gate.admit(req, directive)
         try:
             result = answer(self.cfg, self.cache, req)
             wire = plan(ticket.fault, result.chunks(chunk_sizes(self.cfg, req)), self.pacing)
@@ -93,7 +94,8 @@ class _Simulator:
 
         if req.stream:
             headers = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache"}
-            return _Tracked(paced(wire.frames, wire.delivery, self.closing.is_set), settle, headers)
+            frames = paced(wire.frames, wire.delivery, self.closing.is_set)
+            return _Tracked(stamped(frames) if directive and directive.stamp else frames, settle, headers)
         return await self._reply(result, wire, settle)
 
     async def _reply(self, result: Answer, wire: Plan, settle: Callable[[], None]) -> Response:

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-interval-ms", type=float, default=DEFAULT_CHUNK_INTERVAL_MS, help="pause between chunks"
     )
     parser.add_argument("--tokens-per-chunk", type=int, default=None, help="fixed fragment size (default: 1-3)")
+    parser.add_argument(
+        "--answer-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), default=None, help="answer length range"
+    )
     faults = parser.add_argument_group("faults and account limits")
     faults.add_argument("--fault-rate", type=float, default=0.0, help="share of requests given a random fault, 0..1")
     faults.add_argument(
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             first_token_latency_s=args.latency_ms / 1000,
             chunk_interval_s=args.chunk_interval_ms / 1000,
             tokens_per_chunk=args.tokens_per_chunk,
+            **({"answer_tokens": tuple(args.answer_tokens)} if args.answer_tokens else {}),
             fault_rate=args.fault_rate,
             fault_kinds=args.fault_kinds,
             rpm=args.rpm,

@@ -6,6 +6,8 @@ The ``sim`` field (our queue passes unknown top-level fields through to the API 
   gets the n-th entry; the last entry repeats forever after. ``key`` defaults to a hash of the
   body without ``sim``, so a retried request (same body) walks the script.
 - ``{"fault": "stall:2"}`` — this fault on every request with this body.
+- ``"stamp": true`` beside either — every streamed content fragment starts with the moment the
+  simulator sent it, ``[t=<unix seconds>]``, for measuring relay latency downstream (benchmarks).
 
 Entries are fault specs, ``name`` or ``name:param`` (see ``faults.parse_fault``). Only requests
 that pass the quota check reach the picker, so a quota 429 does not use up a script entry.
@@ -24,7 +26,7 @@ from simulator.faults import Fault, parse_fault
 from simulator.tokens import compact_json
 
 SIM_FIELD = "sim"
-_SIM_KEYS = ("script", "fault", "key")
+_SIM_KEYS = ("script", "fault", "key", "stamp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Directive:
 
     script: tuple[Fault, ...]
     key: str
+    stamp: bool = False
 
 
 def parse_sim(body: dict[str, Any]) -> Directive | None:
@@ -61,10 +64,13 @@ def parse_sim(body: dict[str, Any]) -> Directive | None:
     key = raw.get("key")
     if key is not None and not isinstance(key, str):
         raise invalid_request(f"{SIM_FIELD}.key must be a string")
+    stamp = raw.get("stamp", False)
+    if not isinstance(stamp, bool):
+        raise invalid_request(f"{SIM_FIELD}.stamp must be a boolean")
     if key is None:
         rest = {name: value for name, value in body.items() if name != SIM_FIELD}
         key = hashlib.sha256(compact_json(rest).encode()).hexdigest()
-    return Directive(script, key)
+    return Directive(script, key, stamp)
 
 
 def _fault(spec: Any, field: str) -> Fault:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,19 @@ async def paced(frames: list[bytes], delivery: Delivery, closing: Callable[[], b
         yield b"".join(due)
     if delivery.cut_after is not None:
         raise ConnectionCut
+
+
+_CONTENT = b'"content":"'
+
+
+async def stamped(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``blocks`` with each content fragment prefixed by the wall-clock time it is sent, ``[t=<s>]``.
+
+    Stamped as the bytes are handed to the server, so a reader downstream can tell how long the
+    fragment took to reach it (``reasoning_content`` is left alone: its key does not match).
+    """
+    async for block in blocks:
+        yield block.replace(_CONTENT, _CONTENT + f"[t={time.time():.6f}]".encode())
 
 
 # How often a long pause looks at ``closing``: a 30 s stall must not hold a server shutdown.

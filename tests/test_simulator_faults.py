@@ -237,6 +237,7 @@ def test_script_walks_per_key_and_repeats_the_last_entry(api: httpx.Client) -> N
         ({"fault": "ok", "script": ["ok"]}, "sim needs exactly one of script or fault"),
         ({"fault": "ok", "key": 7}, "sim.key must be a string"),
         ({"fault": "ok", "faults": 1}, "sim.faults is not a known field"),
+        ({"fault": "ok", "stamp": "yes"}, "sim.stamp must be a boolean"),
         ("overload", "sim must be an object"),
     ],
 )
@@ -245,6 +246,22 @@ def test_bad_sim_field(api: httpx.Client, sim: Any, message: str) -> None:
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"].startswith(f"Invalid request: {message}")
+
+
+def test_stamp_prefixes_each_content_fragment_with_its_send_time(api: httpx.Client) -> None:
+    before = time.time()
+    raw = chat(api, stream=True, sim={"fault": "ok", "stamp": True}).read()
+    after = time.time()
+    chunks = [json.loads(f) for f in frames(raw) if f != "[DONE]"]
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks if "content" in c["choices"][0]["delta"]]
+    assert contents, "no content fragments"
+    for text in contents:
+        stamp = re.match(r"\[t=(\d+\.\d{6})\]", text)
+        assert stamp is not None, text
+        assert before <= float(stamp.group(1)) <= after
+    # Without the flag the same request is unstamped.
+    plain = [json.loads(f) for f in frames(chat(api, stream=True, sim={"fault": "ok"}).read()) if f != "[DONE]"]
+    assert not any("[t=" in c["choices"][0]["delta"].get("content", "") for c in plain)
 
 
 def _outcomes(server: SimServer, requests: int) -> list[str]:
