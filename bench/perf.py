@@ -47,6 +47,7 @@ from producers import AsyncClient, Client
 from producers.broker import producer_app
 from producers.local import RedisServer, WorkerProcess, free_port, wait_for_port
 from producers.settings import ClientSettings
+from producers.wire import TERMINAL_EVENTS
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Node performance: in-flight capacity, relay latency, per-job overhead"
@@ -144,6 +145,7 @@ class Node:
         self.worker = WorkerProcess(env, args=("-n", "perf@bench"), log_path=log_dir / "node.log")
         self.worker.env = clean_env(env)
         self.settings = ClientSettings(redis_url=redis_url, prefix=PREFIX)
+        self.ended: Ended | None = None
 
     def __enter__(self) -> Node:
         self.worker.start(wait=False)
@@ -154,9 +156,12 @@ class Node:
         finally:
             app.close()
         wait_for_port(self.metrics_port, timeout_s=20)
+        self.ended = Ended(self.settings.redis_url)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.ended is not None:
+            self.ended.close()
         self.worker.stop()
 
     @property
@@ -164,11 +169,28 @@ class Node:
         assert self.worker.proc is not None
         return self.worker.proc.pid
 
-    def ended(self) -> int:
-        """Jobs this node has ended (``moonq_jobs_total``, every outcome)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("moonq_jobs_total{")))  # fmt: skip
+
+class Ended:
+    """Counts terminal events on every job's channel (one PSUBSCRIBE): how the driver sees jobs end.
+
+    Watching pub/sub costs the node nothing, where polling its metrics or the job records would
+    add load and Redis commands to what is measured.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.count = 0
+        self._pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(**{f"{PREFIX}:events:*": self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.01, daemon=True)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if json.loads(message["data"])["type"] in TERMINAL_EVENTS:
+            self.count += 1
+
+    def close(self) -> None:
+        self._thread.stop()
+        self._thread.join(timeout=5)
+        self._pubsub.close()
 
 
 def wait_until(count: Any, target: int, timeout_s: float, poll_s: float = 0.02) -> float:
@@ -232,10 +254,12 @@ class Capacity:
 
 def moonq_batch(node: Node, client: Client, bodies: list[dict[str, Any]], timeout_s: float) -> float:
     """Submits ``bodies`` with submit_many and waits for the node to end them all; wall seconds."""
-    start = node.ended()
+    assert node.ended is not None
+    ended = node.ended
+    start = ended.count
     t0 = time.monotonic()
     client.submit_many(bodies)
-    t1 = wait_until(node.ended, start + len(bodies), timeout_s)
+    t1 = wait_until(lambda: ended.count, start + len(bodies), timeout_s, poll_s=0.005)
     return t1 - t0
 
 
@@ -249,12 +273,10 @@ def capacity(sizes: list[int], redis_url: str, log_dir: Path, rounds: int) -> tu
         moonq_batch(node, client, [body(i) for i in range(10)], 60)  # warm: connections, scripts, a few threads
         time.sleep(1.0)
         info["idle_rss_kib"] = rss_kib(node.pid)
-        # Idle cost of the node (heartbeats, broker polling) and the driver's metrics polls.
+        # Idle cost of the node (heartbeats, broker polling), subtracted from what jobs cost.
         before = command_calls(r)
         t0 = time.monotonic()
-        for _ in range(50):
-            node.ended()
-            time.sleep(0.02)
+        time.sleep(2.0)
         info["idle_calls_per_s"] = sum(diff(command_calls(r), before).values()) / (time.monotonic() - t0)
         for n in sizes:
             bodies = [body(i) for i in range(n)]

@@ -13,11 +13,12 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from producers.client import Client, _is_terminal_message, outcome_of
 from producers.errors import JobNotFound, JobTimeout
 from producers.eventlog import decode_record, parse_entries
+from producers.fanout import Fanout
 from producers.keys import Keys
 from producers.settings import ClientSettings
 from producers.wire import DEFAULT_PRIORITY, TERMINAL_STATUSES, ChatCompletion, ChatRequest, Event
@@ -26,11 +27,18 @@ from producers.wire import DEFAULT_PRIORITY, TERMINAL_STATUSES, ChatCompletion, 
 class AsyncClient:
     """An asyncio connection to one moonq queue. Use ``async with AsyncClient() as client``."""
 
-    def __init__(self, redis_url: str | None = None, *, settings: ClientSettings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, settings: ClientSettings | None = None, max_connections: int = 50
+    ) -> None:
         self._sync = Client(redis_url, settings=settings)
         self.settings = self._sync.settings
         self.keys: Keys = self._sync.keys
-        self.redis = Redis.from_url(self.settings.redis_url)
+        # Blocking and bounded: a burst of reads queues for a connection instead of failing past
+        # the pool's size; followers share one pub/sub connection (producers/fanout.py).
+        self.redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(self.settings.redis_url, max_connections=max_connections, timeout=30)
+        )
+        self.fanout = Fanout(self.redis)
 
     async def submit(
         self,
@@ -61,6 +69,7 @@ class AsyncClient:
         return AsyncJob(self, job.id)
 
     async def close(self) -> None:
+        await self.fanout.close()
         await self.redis.aclose()
         await asyncio.to_thread(self._sync.close)
 
@@ -95,19 +104,36 @@ class AsyncJob:
         await self.record()
         keys, r = self.client.keys, self.client.redis
         last = after_seq
-        async with r.pubsub(ignore_subscribe_messages=True) as pubsub:
-            await pubsub.subscribe(keys.events(self.id))
+        async with self.client.fanout.watch(keys.events(self.id)) as inbox:
+            # Subscribed first, so the log holds everything up to now. After that, live messages are
+            # taken as they come while each is the next seq; a gap or a quiet poll re-reads the log.
+            read_log = True
             while True:
-                # Subscribed first, so the log holds everything up to now; live messages then only
-                # wake us (one read path: no duplicates, no reordering), and a quiet poll re-reads it.
-                for event in parse_entries(await r.xrange(keys.log(self.id), min=f"{last + 1}-0", max="+") or []):
-                    last = event.seq
-                    yield event
-                    if event.terminal:
+                if read_log:
+                    read_log = False
+                    for event in parse_entries(await r.xrange(keys.log(self.id), min=f"{last + 1}-0", max="+") or []):
+                        last = event.seq
+                        yield event
+                        if event.terminal:
+                            return
+                while inbox.messages and not read_log:
+                    event = Event.model_validate_json(inbox.messages.popleft())
+                    if event.seq == last + 1:
+                        last = event.seq
+                        yield event
+                        if event.terminal:
+                            return
+                    elif event.seq > last + 1:
+                        read_log = True  # missed one (reconnect): the log has it
+                if read_log:
+                    continue
+                inbox.ready.clear()
+                try:
+                    await asyncio.wait_for(inbox.ready.wait(), poll_s)
+                except TimeoutError:
+                    read_log = True
+                    if not await r.exists(keys.job(self.id)):
                         return
-                msg = await pubsub.get_message(timeout=poll_s)
-                if msg is None and not await r.exists(keys.job(self.id)):
-                    return
 
     async def result(self, timeout: float | None = None) -> ChatCompletion:
         """As ``Job.result``: the completion, or ``JobFailed`` / ``JobCancelled`` / ``JobTimeout``."""

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             first_token_latency_s=args.latency_ms / 1000,
             chunk_interval_s=args.chunk_interval_ms / 1000,
             tokens_per_chunk=args.tokens_per_chunk,
-            **({"answer_tokens": tuple(args.answer_tokens)} if args.answer_tokens else {}),
+            answer_tokens=tuple(args.answer_tokens) if args.answer_tokens else SimConfig.answer_tokens,
             fault_rate=args.fault_rate,
             fault_kinds=args.fault_kinds,
             rpm=args.rpm,

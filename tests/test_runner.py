@@ -155,3 +155,15 @@ def test_priority_is_validated_before_enqueueing(fresh_prefix: Settings, r: Any)
             with pytest.raises(InvalidRequest, match="priority: must be an integer from 0"):
                 client.submit({"model": "m", "messages": [USER]}, priority=bad)  # type: ignore[arg-type]
     assert r.keys(f"{fresh_prefix.prefix}:*") == []
+
+
+def test_delta_body_is_event_body_without_the_model() -> None:
+    from producers.eventlog import delta_body, event_body
+
+    delta = {"content": 'héllo "world"', "tool_calls": [{"index": 0, "id": "t1"}]}
+    fast, slow = (
+        json.loads(delta_body("j", 2, 1, delta)),
+        json.loads(event_body("j", "delta", attempt=2, index=1, delta=delta)),
+    )
+    assert abs(fast.pop("ts") - slow.pop("ts")) < 1.0
+    assert list(fast) == list(slow) and fast == slow

@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from producers.eventlog import append_args, event_body
+from producers.eventlog import append_args, delta_body, event_body
 from producers.keys import Keys
 
 
@@ -48,6 +48,14 @@ class EventWriter:
         if self._error is not None:
             raise self._error
         self._pending.append(event_body(self.job_id, type, **fields))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+
+    def emit_delta(self, attempt: int, index: int, delta: dict[str, Any]) -> None:
+        """``emit("delta", ...)`` without the model round trip (the per-chunk hot path)."""
+        if self._error is not None:
+            raise self._error
+        self._pending.append(delta_body(self.job_id, attempt, index, delta))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
 

@@ -244,7 +244,7 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
             first_token = True
             async for chunk in stream_chat(ctx.http, request):
                 for index, delta in assembler.feed(chunk):
-                    writer.emit("delta", attempt=attempt, index=index, delta=delta)
+                    writer.emit_delta(attempt, index, delta)
                     # The role-only opening chunk is not a token; reasoning, text or a tool call is.
                     if first_token and any(delta.get(k) for k in ("content", "reasoning_content", "tool_calls")):
                         metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
@@ -270,13 +270,15 @@ async def _end_failed(
     ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, info: dict[str, Any], attempt: int
 ) -> Outcome:
     now = time.time()
-    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
-    # The dead-letter index (``moonq failed``); trimmed to the records' lifetime.
+    # The dead-letter index (``moonq failed``), trimmed to the records' lifetime. Indexed before the
+    # terminal event, so whoever sees the job fail finds it there; ``failed()`` lists an entry only
+    # once its record says failed, so an entry whose terminal write is then fenced stays hidden.
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.zadd(ctx.keys.failed, {writer.job_id: now})
         pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
         pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
         await pipe.execute()
+    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
     _record_end(envelope, "failed")
     log.info(
         "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",

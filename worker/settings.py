@@ -38,8 +38,11 @@ class Settings(ClientSettings):
     # JSON price table laid over the defaults in worker/usage.py (USD per 1M tokens).
     prices_file: str | None = None
     # Jobs one node runs at once. LLM calls wait on the network, not the CPU: a node holds
-    # many in flight on an asyncio loop, each Celery thread only waits for its job's future.
-    concurrency: int = Field(default=64, ge=1)
+    # many in flight on an asyncio loop, each Celery thread only waits for its job's future
+    # (~60 KiB per job in flight; see BENCHMARKS.md, "Node performance").
+    concurrency: int = Field(default=1000, ge=1)
+    # Connections of the node's Redis pool, shared by all its jobs (they queue for one when all are busy).
+    redis_max_connections: int = Field(default=50, ge=4)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # Longest silence allowed between two stream chunks (thinking models pause before answering).
     read_timeout_s: float = Field(default=300.0, gt=0)
