@@ -1,0 +1,75 @@
+"""AsyncClient followers share one pub/sub connection, and a missed message is read from the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import redis
+
+from producers import AsyncClient
+from worker.settings import Settings
+
+REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Fan out, please."}], "stream": True}
+
+
+def test_many_followers_on_a_small_pool(settings: Settings, worker: Any) -> None:
+    """40 jobs followed at once through a client whose pool holds 4 connections."""
+
+    async def main() -> list[list[Any]]:
+        async with AsyncClient(settings=settings, max_connections=4) as client:
+            jobs = await client.submit_many([REQ] * 40)
+
+            async def follow(job_id: str) -> list[Any]:
+                return [e async for e in client.job(job_id).events()]
+
+            streams = await asyncio.wait_for(asyncio.gather(*(follow(j.id) for j in jobs)), 60)
+            assert client.fanout.channels == 0  # every subscription given back
+            return streams
+
+    for events in asyncio.run(main()):
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].type == "completed"
+        assert any(e.type == "delta" for e in events)
+
+
+def _event(job_id: str, seq: int, type: str, **fields: Any) -> str:
+    return json.dumps({"seq": seq, "job_id": job_id, "type": type, "ts": time.time(), **fields})
+
+
+def test_a_gap_in_live_messages_is_filled_from_the_log(fresh_prefix: Settings) -> None:
+    """Events 1-3 are in the log but only 3 is published: the follower still yields 1, 2, 3 in order."""
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    keys = fresh_prefix.keys
+
+    async def main() -> list[Any]:
+        async with AsyncClient(settings=fresh_prefix) as client:
+            job = await client.submit(REQ)  # nobody consumes this prefix: we play the worker
+            seen: list[Any] = []
+
+            async def follow() -> None:
+                async for event in client.job(job.id).events(poll_s=30):  # no quiet poll to the rescue
+                    seen.append(event)
+
+            task = asyncio.create_task(follow())
+            while client.fanout.channels == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # subscription confirmed
+            for seq, type in ((1, "started"), (2, "delta"), (3, "delta")):
+                fields = {"attempt": 1, "index": 0, "delta": {"content": str(seq)}} if type == "delta" else {}
+                r.xadd(keys.log(job.id), {"e": _event(job.id, seq, type, **fields)}, id=f"{seq}-0")
+            r.publish(keys.events(job.id), _event(job.id, 3, "delta", attempt=1, index=0, delta={"content": "3"}))
+            final = _event(job.id, 4, "cancelled")
+            r.xadd(keys.log(job.id), {"e": final}, id="4-0")
+            r.publish(keys.events(job.id), final)
+            await asyncio.wait_for(task, 10)
+            return seen
+
+    assert [(e.seq, e.type) for e in asyncio.run(main())] == [
+        (1, "started"),
+        (2, "delta"),
+        (3, "delta"),
+        (4, "cancelled"),
+    ]
