@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench clean check-redis
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch clean check-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,29 @@ all: lint typecheck test
 demo: install check-redis
 	$(BIN)/moonq demo
 
-# Fleet rate limits, moonq vs Celery's per-worker rate_limit (about 6 minutes); writes BENCHMARKS.md.
-bench: install check-redis
+# Every benchmark in turn (~17 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
+bench: bench-limiter bench-enqueue bench-perf bench-batch
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+# Fleet rate limits, moonq vs Celery's per-worker rate_limit (~6 minutes).
+bench-limiter: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.limiter
+
+# submit one by one vs submit_many (~30 s).
+bench-enqueue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.enqueue
+
+# One node: in-flight capacity, relay latency, per-job overhead, memory, Redis cost (~5 minutes; PNGs in bench/plots).
+bench-perf: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.perf
+
+# moonq batch on a 50,000-line file: peak memory vs a 5,000-line one (~6 minutes).
+bench-batch: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.batch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -151,11 +151,21 @@ def run_batch(client: Client, src: Path, dst: Path, *, window: int = 500, poll_s
                 if cid not in done:
                     write(output_line(cid, None, None, ("invalid_request", str(err))), False)
                 continue
-            while len(pending) >= window:
-                _collect(client, pending, write, poll_s)
-        while pending:
-            _collect(client, pending, write, poll_s)
+            if len(pending) >= window:
+                # Drain a tenth of the window before sending more: each scan of the pending jobs
+                # then answers many lines, not one (a scan costs one HGET per pending job).
+                _drain(client, pending, write, poll_s, down_to=window - max(1, window // 10))
+        _drain(client, pending, write, poll_s, down_to=0)
     return progress.done, progress.failed
+
+
+def _drain(client: Client, pending: dict[str, str], write: Any, poll_s: float, *, down_to: int) -> None:
+    """Scan the pending jobs every ``poll_s`` until at most ``down_to`` are left."""
+    while True:
+        _collect(client, pending, write)
+        if len(pending) <= down_to:
+            return
+        time.sleep(poll_s)
 
 
 def _custom_id_of(line: str) -> str | None:
@@ -166,21 +176,16 @@ def _custom_id_of(line: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _collect(client: Client, pending: dict[str, str], write: Any, poll_s: float) -> None:
-    """Write out every pending job that has ended; wait a moment if none has."""
+def _collect(client: Client, pending: dict[str, str], write: Any) -> None:
+    """Write out every pending job that has ended."""
     ids = list(pending)
     with client.redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
             pipe.hget(client.keys.job(job_id), "status")
         statuses = pipe.execute()
-    ended = 0
     for job_id, status in zip(ids, statuses, strict=True):
         if status is None:  # the record expired before we read it: say so rather than wait forever
             write(output_line(pending.pop(job_id), job_id, None, ("job_expired", "the job record expired")), False)
-            ended += 1
         elif status.decode() in TERMINAL_STATUSES:
             rec = client.job(job_id).record()
             write(output_line(pending.pop(job_id), job_id, rec, None), rec["status"] == "succeeded")
-            ended += 1
-    if not ended:
-        time.sleep(poll_s)
