@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -99,6 +100,13 @@ class Sim:
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class PeakRss:
@@ -263,44 +271,51 @@ def moonq_batch(node: Node, client: Client, bodies: list[dict[str, Any]], timeou
     return t1 - t0
 
 
-def capacity(sizes: list[int], redis_url: str, log_dir: Path, rounds: int) -> tuple[list[Capacity], dict[str, Any]]:
+def capacity(
+    sizes: list[int], redis_url: str, log_dir: Path, rounds: int, small_pool: int
+) -> tuple[list[Capacity], dict[str, Any]]:
     info: dict[str, Any] = {}
     out: list[Capacity] = []
     r = redis.Redis.from_url(redis_url)
-    with Sim(latency_ms=3000, chunk_ms=0, answer=(20, 20), per_chunk=2) as sim, \
-            Node(redis_url, sim.base_url, log_dir, CONCURRENCY) as node, \
-            Client(settings=node.settings) as client:  # fmt: skip
-        moonq_batch(node, client, [body(i) for i in range(10)], 60)  # warm: connections, scripts, a few threads
-        time.sleep(1.0)
-        info["idle_rss_kib"] = rss_kib(node.pid)
-        # Idle cost of the node (heartbeats, broker polling), subtracted from what jobs cost.
-        before = command_calls(r)
-        t0 = time.monotonic()
-        time.sleep(2.0)
-        info["idle_calls_per_s"] = sum(diff(command_calls(r), before).values()) / (time.monotonic() - t0)
-        for n in sizes:
-            bodies = [body(i) for i in range(n)]
-            directs, moonqs, peaks = [], [], []
-            calls: dict[str, int] = {}
-            for _ in range(rounds):
-                directs.append(run_direct(sim.base_url, bodies)[0])
-                before = command_calls(r)
-                with PeakRss(node.pid) as peak:
-                    moonqs.append(moonq_batch(node, client, bodies, 120))
-                calls = diff(command_calls(r), before)
-                peaks.append(peak.peak)
-                time.sleep(0.5)
-            out.append(Capacity(n, statistics.median(directs), statistics.median(moonqs), max(peaks), calls))
-            print(f"  capacity N={n}: direct {out[-1].direct_s:.2f} s, moonq {out[-1].moonq_s:.2f} s"
-                  f" ({out[-1].ratio:.2f}x), peak RSS {max(peaks) / 1024:.0f} MiB", flush=True)  # fmt: skip
-        info["after_rss_kib"] = rss_kib(node.pid)
-        # Producer side: submit_many into a queue nobody consumes, on the same server.
-        quiet = ClientSettings(redis_url=redis_url, prefix=f"q{uuid.uuid4().hex[:6]}")
-        with Client(settings=quiet) as producer:
+    with Sim(latency_ms=3000, chunk_ms=0, answer=(20, 20), per_chunk=2) as sim:
+        with Node(redis_url, sim.base_url, log_dir, CONCURRENCY) as node, Client(settings=node.settings) as client:
+            moonq_batch(node, client, [body(i) for i in range(10)], 60)  # warm: connections, scripts, a few threads
+            time.sleep(1.0)
+            info["idle_rss_kib"] = rss_kib(node.pid)
+            # Idle cost of the node (heartbeats, broker polling), subtracted from what jobs cost.
             before = command_calls(r)
-            producer.submit_many([body(i) for i in range(1000)])
-            info["producer_calls"] = diff(command_calls(r), before)
-            info["producer_jobs"] = 1000
+            t0 = time.monotonic()
+            time.sleep(2.0)
+            info["idle_calls_per_s"] = sum(diff(command_calls(r), before).values()) / (time.monotonic() - t0)
+            for n in sizes:
+                bodies = [body(i) for i in range(n)]
+                directs, moonqs, peaks = [], [], []
+                calls: dict[str, int] = {}
+                for _ in range(rounds):  # interleaved, so both see the same machine
+                    directs.append(run_direct(sim.base_url, bodies)[0])
+                    before = command_calls(r)
+                    with PeakRss(node.pid) as peak:
+                        moonqs.append(moonq_batch(node, client, bodies, 120))
+                    calls = diff(command_calls(r), before)
+                    peaks.append(peak.peak)
+                    time.sleep(0.5)
+                out.append(Capacity(n, statistics.median(directs), statistics.median(moonqs), max(peaks), calls))
+                print(f"  capacity N={n}: direct {out[-1].direct_s:.2f} s, moonq {out[-1].moonq_s:.2f} s"
+                      f" ({out[-1].ratio:.2f}x), peak RSS {max(peaks) / 1024:.0f} MiB", flush=True)  # fmt: skip
+            info["after_rss_kib"] = rss_kib(node.pid)
+        # The same node with a small thread pool (moonq's old default): threads bound what is in flight.
+        n = sizes[-1]
+        with Node(redis_url, sim.base_url, log_dir, small_pool) as node, Client(settings=node.settings) as client:
+            moonq_batch(node, client, [body(i) for i in range(10)], 60)
+            info["small_pool"] = (small_pool, n, moonq_batch(node, client, [body(i) for i in range(n)], 300))
+        print(f"  capacity N={n}, MOONQ_CONCURRENCY={small_pool}: {info['small_pool'][2]:.2f} s", flush=True)
+    # Producer side: submit_many into a queue nobody consumes, on the same server.
+    quiet = ClientSettings(redis_url=redis_url, prefix=f"q{uuid.uuid4().hex[:6]}")
+    with Client(settings=quiet) as producer:
+        before = command_calls(r)
+        producer.submit_many([body(i) for i in range(1000)])
+        info["producer_calls"] = diff(command_calls(r), before)
+        info["producer_jobs"] = 1000
     return out, info
 
 
@@ -333,9 +348,12 @@ def plain_celery(redis_url: str, log_dir: Path, n: int) -> tuple[float, float]:
 @dataclass
 class Overhead:
     jobs: int
-    direct: float
+    direct: float  # jobs/s
     moonq: float
     noop: float
+    direct_cpu_ms: float  # CPU per job of the process doing the work
+    moonq_cpu_ms: float
+    noop_cpu_ms: float
 
 
 def overhead(redis_url: str, log_dir: Path, jobs: int, rounds: int) -> Overhead:
@@ -343,10 +361,18 @@ def overhead(redis_url: str, log_dir: Path, jobs: int, rounds: int) -> Overhead:
     r = redis.Redis.from_url(redis_url)
     with Sim(latency_ms=0, chunk_ms=0, answer=(20, 20), per_chunk=2) as sim:
         bodies = [body(i) for i in range(jobs)]
-        directs = [jobs / run_direct(sim.base_url, bodies, limit=64)[0] for _ in range(rounds)]
+        directs, direct_cpu = [], []
+        for _ in range(rounds):
+            c0 = time.process_time()
+            directs.append(jobs / run_direct(sim.base_url, bodies, limit=64)[0])
+            direct_cpu.append((time.process_time() - c0) / jobs)
+        moonqs, moonq_cpu = [], []
         with Node(redis_url, sim.base_url, log_dir, CONCURRENCY) as node, Client(settings=node.settings) as client:
             moonq_batch(node, client, bodies[:50], 60)
-            moonqs = [jobs / moonq_batch(node, client, bodies, 300) for _ in range(rounds)]
+            for _ in range(rounds):
+                c0 = cpu_s(node.pid)
+                moonqs.append(jobs / moonq_batch(node, client, bodies, 300))
+                moonq_cpu.append((cpu_s(node.pid) - c0) / jobs)
         env = clean_env({"BENCH_BROKER_URL": redis_url})
         cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_plain", "worker", "-n", "noop@bench",
                "-P", "threads", "-c", "64", "--prefetch-multiplier", "1", "--loglevel", "WARNING"]  # fmt: skip
@@ -354,21 +380,25 @@ def overhead(redis_url: str, log_dir: Path, jobs: int, rounds: int) -> Overhead:
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
         app = celery_plain.make_app(redis_url)
-        noops = []
+        noops, noop_cpu = [], []
         try:
             wait_for_nodes(app, ["noop@bench"], [proc], [log])
             for _ in range(rounds):
                 r.delete(celery_plain.DONE_KEY)
+                c0 = cpu_s(proc.pid)
                 t0 = time.monotonic()
                 with app.producer_or_acquire() as producer:
                     for b in bodies:
                         app.send_task(celery_plain.NOOP, args=[b], producer=producer)
                 t1 = wait_until(lambda: int(r.get(celery_plain.DONE_KEY) or 0), jobs, 300)
                 noops.append(jobs / (t1 - t0))
+                noop_cpu.append((cpu_s(proc.pid) - c0) / jobs)
         finally:
             app.close()
             stop_all([proc])
-    return Overhead(jobs, statistics.median(directs), statistics.median(moonqs), statistics.median(noops))
+    med = statistics.median
+    return Overhead(jobs, med(directs), med(moonqs), med(noops),
+                    med(direct_cpu) * 1e3, med(moonq_cpu) * 1e3, med(noop_cpu) * 1e3)  # fmt: skip
 
 
 @dataclass
@@ -437,6 +467,7 @@ def section(
     node_per_job, node_top = per_job(biggest.node_calls, biggest.n, idle)
     prod_per_job, prod_top = per_job(info["producer_calls"], info["producer_jobs"])
     n_plain, plain_direct, plain_s = plain
+    small_c, small_n, small_s = info["small_pool"]
     lines = [
         SECTION,
         "",
@@ -456,6 +487,8 @@ def section(
             f"{'met' if c.ratio <= 1.3 else 'missed'} (<= 1.3x) |"
             for c in caps
         ),
+        f"| {small_n:,} | {biggest.direct_s:.2f} s | moonq with `MOONQ_CONCURRENCY={small_c}`: {small_s:.2f} s |"
+        f" {small_s / biggest.direct_s:.2f}x | (comparison) |",
         f"| {n_plain} | {plain_direct:.2f} s | plain Celery, prefork (-c 2), openai SDK: {plain_s:.2f} s |"
         f" {plain_s / plain_direct:.1f}x | (baseline) |",
         "",
@@ -482,12 +515,17 @@ def section(
         "",
         f"### Per-job overhead: {ov.jobs:,} jobs, zero-latency upstream, 20-token streams",
         "",
-        "| system | jobs/s | vs direct |",
-        "|---|---|---|",
-        f"| direct asyncio httpx (64 at a time) | {ov.direct:,.0f} | 1.00x |",
-        f"| moonq, one node | {ov.moonq:,.0f} | {ov.moonq / ov.direct:.2f}x |",
+        "| system | jobs/s | vs direct | CPU per job (its process) |",
+        "|---|---|---|---|",
+        f"| direct asyncio httpx (64 at a time) | {ov.direct:,.0f} | 1.00x | {ov.direct_cpu_ms:.2f} ms |",
+        f"| moonq, one node | {ov.moonq:,.0f} | {ov.moonq / ov.direct:.2f}x | {ov.moonq_cpu_ms:.2f} ms |",
         f"| no-op Celery task (threads -c 64, prefetch 1, late ack), same broker | {ov.noop:,.0f} |"
-        f" {ov.noop / ov.direct:.2f}x |",
+        f" {ov.noop / ov.direct:.2f}x | {ov.noop_cpu_ms:.2f} ms |",
+        "",
+        "CPU per job: the driver process for the direct client (`time.process_time`), the node's or the"
+        " no-op worker's process for the others (`/proc/<pid>/stat`). The simulator, Redis and the"
+        " driver share the same 2 cores, so jobs/s is a whole-machine figure and CPU per job is the"
+        " one to compare for overhead.",
         "",
         "### Memory and Redis commands per job",
         "",
@@ -555,6 +593,7 @@ def main() -> None:
     parser.add_argument("--relay-streams", type=int, default=100)
     parser.add_argument("--overhead-jobs", type=int, default=2000)
     parser.add_argument("--plain-jobs", type=int, default=20)
+    parser.add_argument("--small-pool", type=int, default=64, help="MOONQ_CONCURRENCY of the comparison node")
     parser.add_argument("--concurrency", type=int, default=None, help="MOONQ_CONCURRENCY (default: the node's)")
     parser.add_argument("--only", default="capacity,relay,overhead,plain", help="(debugging) parts to run")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
@@ -566,7 +605,7 @@ def main() -> None:
     print(f"bench.perf: logs in {log_dir}", flush=True)
     t0 = time.monotonic()
     with private_redis() as url:
-        caps, info = capacity(sizes, url, log_dir, args.rounds)
+        caps, info = capacity(sizes, url, log_dir, args.rounds, args.small_pool)
     with private_redis() as url:
         rl = relay(url, log_dir, args.relay_streams)
     print(f"  relay p50/p99: direct {ms(pct(rl.direct, .5))}/{ms(pct(rl.direct, .99))},"

@@ -2,36 +2,176 @@
 
 Producers build a minimal app from this to ``send_task`` by name; the worker's app starts
 from the same dictionary, so the two can never disagree on serializer, queue or key prefix.
+
+Two brokers are supported, chosen by the scheme of ``CELERY_BROKER_URL`` (default: ``REDIS_URL``):
+
+- Redis (``redis://``, ``rediss://``, ``unix://``): every broker key carries ``MOONQ_PREFIX``; ten
+  priority lists, 0 the most urgent. A ``rediss://`` broker verifies the server's certificate unless
+  the URL says otherwise (kombu alone would not verify it).
+- RabbitMQ (``amqp://``): the queue is declared with ``x-max-priority`` (by producers and workers
+  alike, or RabbitMQ refuses the second declaration) and AMQP's priorities run the other way (9 the
+  most urgent), so ``message_priority`` turns moonq's 0 into 9. Publishes wait for the broker's
+  confirm, so a job whose ``submit`` returned is in the queue. Workers ask for a delivery
+  acknowledgement timeout of a day (see ``AMQP_CONSUMER_TIMEOUT_MS``).
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
+import threading
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 
-from producers.settings import ClientSettings
+from producers.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
+
+log = logging.getLogger("moonq")
+
+# RabbitMQ priorities: x-max-priority 9 gives the ten levels 0..9 (9 delivered first).
+AMQP_MAX_PRIORITY = 9
+# RabbitMQ closes a consumer's channel when a delivery stays unacknowledged longer than its
+# consumer_timeout (server default 30 min) and hands every message of that channel to someone else.
+# A moonq job holds its message until it ends: waiting for fleet capacity, then up to an hour of
+# attempts (MOONQ_JOB_DEADLINE_S) plus the last one (MOONQ_ATTEMPT_TIMEOUT_S). Workers ask for a day
+# per consumer (RabbitMQ >= 3.12 honours ``x-consumer-timeout``; older servers ignore it and need
+# ``consumer_timeout`` raised in rabbitmq.conf, see the README).
+AMQP_CONSUMER_TIMEOUT_MS = 24 * 3600 * 1000
+
+# kombu's Redis transport names priority lists "<queue>\x06\x16<n>"; priority 0 uses the bare name.
+PRIORITY_SEP = "\x06\x16"
 
 
 def broker_config(settings: ClientSettings) -> dict[str, Any]:
-    return {
-        "broker_url": settings.broker_url,
+    url = settings.broker_url
+    config: dict[str, Any] = {
+        "broker_url": url,
         # JSON only: a crafted message cannot carry a pickle that runs code.
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.queue,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
+        "broker_transport_options": {},
+    }
+    if is_redis_url(url):
+        config["broker_transport_options"] = {
             # Every Redis key moonq writes starts with the prefix, the broker's too.
             "global_keyprefix": settings.keys.broker_prefix,
             # Ten priority lists, 0 the most urgent (Celery's default folds 10 levels into 4).
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
-        },
-    }
+        }
+        if url_scheme(url) == "rediss":
+            # Verify the server like redis-py does for REDIS_URL. ssl_* parameters in the URL replace
+            # this whole dict (kombu reads them there), e.g. ?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem.
+            config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    elif is_amqp_url(url):
+        # One explicit queue, the same in producers and workers (its arguments must match everywhere).
+        config["task_queues"] = [amqp_queue(settings)]
+        config["broker_transport_options"] = {"confirm_publish": True}
+    return config
+
+
+def amqp_queue(settings: ClientSettings) -> Queue:
+    """The job queue on RabbitMQ: Celery's default layout (a direct exchange named like the queue)
+    with ten priority levels, consumed with a long acknowledgement timeout."""
+    return Queue(  # type: ignore[no-untyped-call]
+        settings.queue,
+        Exchange(settings.queue, type="direct"),  # type: ignore[no-untyped-call]
+        routing_key=settings.queue,
+        queue_arguments={"x-max-priority": AMQP_MAX_PRIORITY},
+        consumer_arguments={"x-consumer-timeout": AMQP_CONSUMER_TIMEOUT_MS},
+    )
+
+
+def message_priority(settings: ClientSettings, priority: int) -> int:
+    """The broker's priority for moonq's ``priority`` (0 the most urgent … 9)."""
+    return AMQP_MAX_PRIORITY - priority if is_amqp_url(settings.broker_url) else priority
 
 
 def producer_app(settings: ClientSettings) -> Celery:
     app = Celery("moonq-producer", set_as_current=False)
     app.conf.update(broker_config(settings))
     return app
+
+
+def queue_lists(settings: ClientSettings) -> list[str]:
+    """The Redis lists that hold the job queue, one per priority."""
+    base = f"{settings.keys.broker_prefix}{settings.queue}"
+    return [base] + [f"{base}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+
+
+class QueueDepth:
+    """Jobs waiting in the broker's queue, read when asked (thread-safe; one connection, reopened on error).
+
+    Redis: the length of the ten priority lists. RabbitMQ: the ready-message count of a passive
+    ``queue.declare`` (messages delivered to a node and not yet acknowledged are not counted; they
+    are running or about to). Any other broker, or a broker that does not answer within
+    ``timeout_s``: ``None``, so the gauge is left out rather than wrong.
+    """
+
+    def __init__(self, settings: ClientSettings, timeout_s: float = 1.0) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._redis: redis.Redis | None = None
+        self._amqp: Connection | None = None
+
+    def read(self) -> int | None:
+        url = self.settings.broker_url
+        with self._lock:
+            try:
+                if is_redis_url(url):
+                    return self._redis_depth()
+                if is_amqp_url(url):
+                    return self._amqp_depth()
+            except Exception as err:  # a scrape must not fail because the broker did not answer
+                log.warning("queue depth: the broker did not answer (%s); gauge skipped", type(err).__name__)
+                self._close()
+            return None
+
+    def _redis_depth(self) -> int:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.broker_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            )
+        pipe = self._redis.pipeline(transaction=False)
+        for name in queue_lists(self.settings):
+            pipe.llen(name)
+        return sum(pipe.execute())
+
+    def _amqp_depth(self) -> int:
+        if self._amqp is None:
+            self._amqp = Connection(  # type: ignore[no-untyped-call]
+                self.settings.broker_url,
+                connect_timeout=self.timeout_s,
+                # One try per read: a scrape must not wait for reconnects.
+                transport_options={"read_timeout": self.timeout_s, "write_timeout": self.timeout_s, "max_retries": 0},
+            )
+        channel = self._amqp.default_channel
+        try:
+            _, ready, _ = channel.queue_declare(queue=self.settings.queue, passive=True)  # type: ignore[no-untyped-call]
+        except Exception as err:
+            if getattr(err, "code", None) != 404:
+                raise
+            self._close()  # NOT_FOUND closed the channel; no node has declared the queue yet: none waiting
+            return 0
+        return int(ready)
+
+    def _close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._amqp is not None:
+            try:
+                self._amqp.release()  # type: ignore[no-untyped-call]
+            except Exception:  # already broken
+                pass
+            self._amqp = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()

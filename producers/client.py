@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from producers.broker import producer_app
+from producers.broker import message_priority, producer_app
 from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout
 from producers.eventlog import APPEND_LUA, append_args, event_body, follow, is_terminal, job_record
 from producers.settings import ClientSettings
@@ -122,12 +122,13 @@ class Client:
                 pipe.expire(key, self.settings.result_ttl_s)
             pipe.execute()
         try:
-            # kombu's producer batch buffers the queue pushes into one Redis pipeline.
+            # kombu's producer batch buffers the queue pushes into one Redis pipeline (other brokers: one by one).
             with self._celery.producer_or_acquire() as producer, producer.batch(max_size=BULK_CHUNK):
                 for envelope in envelopes:
                     self._celery.send_task(
                         TASK_NAME, args=[envelope.model_dump(mode="json")], task_id=envelope.job_id,
-                        queue=self.settings.queue, priority=envelope.priority, producer=producer,
+                        queue=self.settings.queue, priority=message_priority(self.settings, envelope.priority),
+                        producer=producer,
                         **_short_reprs(envelope),
                     )  # fmt: skip
         except Exception:
@@ -141,7 +142,7 @@ class Client:
                 args=[envelope.model_dump(mode="json")],
                 task_id=envelope.job_id,
                 queue=self.settings.queue,
-                priority=envelope.priority,
+                priority=message_priority(self.settings, envelope.priority),
                 **_short_reprs(envelope),
             )
         except Exception:

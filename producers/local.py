@@ -1,15 +1,20 @@
-"""Local processes for the demo, the tests and the benchmarks: a private redis-server, free ports."""
+"""Local processes for the demo, the tests and the benchmarks: a private redis-server (optionally with
+passwords, ACL users and TLS), a private RabbitMQ node, real worker processes, free ports."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from producers.broker import producer_app
 from producers.settings import ClientSettings
@@ -17,6 +22,10 @@ from producers.settings import ClientSettings
 REDIS_MISSING = (
     "redis-server was not found on PATH. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`;"
     " macOS: `brew install redis`) or set REDIS_URL to a Redis you run."
+)
+RABBITMQ_MISSING = (
+    "rabbitmq-server was not found. Install it (Debian/Ubuntu: `sudo apt-get install rabbitmq-server`;"
+    " macOS: `brew install rabbitmq`) or set CELERY_BROKER_URL to a RabbitMQ you run."
 )
 
 
@@ -38,19 +47,93 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -
             time.sleep(0.02)
 
 
-class RedisServer:
-    """A throwaway redis-server on a free port; nothing persisted, everything removed on stop."""
+def wait_listening(
+    proc: subprocess.Popen[bytes], port: int, timeout_s: float, log: Callable[[], str], what: str = "the server"
+) -> None:
+    """Block until ``proc`` listens on 127.0.0.1:``port``; if it exits or times out first, raise with its log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout_s}s"
+                raise RuntimeError(f"{what} {state}; the end of its log:\n{log()[-2000:]}") from None
+            time.sleep(0.05)
 
-    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA certificate and a server certificate (with its key) signed by it, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TlsFiles:
+    """A throwaway CA and a server certificate for ``hosts``, made with the openssl command line (1 day)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("openssl was not found on PATH (Debian/Ubuntu: `sudo apt-get install openssl`)")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(ca=d / "ca.crt", cert=d / "server.crt", key=d / "server.key")
+    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hosts)
+    (d / "san.cnf").write_text(f"subjectAltName={san}\n")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=moonq throwaway CA",
+        "-keyout", str(d / "ca.key"), "-out", str(files.ca))  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={hosts[0]}",
+        "-keyout", str(files.key), "-out", str(d / "server.csr"))  # fmt: skip
+    run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(files.ca), "-CAkey", str(d / "ca.key"),
+        "-CAcreateserial", "-days", "1", "-extfile", str(d / "san.cnf"), "-out", str(files.cert))  # fmt: skip
+    return files
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port; nothing persisted, everything removed on stop.
+
+    Args:
+        password: the ``default`` user's password (``requirepass``).
+        users: ACL users to create, name -> password, each with ``user_rules`` (default: every key,
+            channel and command).
+        tls: serve TLS only (no plain port), with this certificate; clients need not present one.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        users: Mapping[str, str] | None = None,
+        user_rules: tuple[str, ...] = ("~*", "&*", "+@all"),
+        tls: TlsFiles | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(REDIS_MISSING)
         self.port = port or free_port()
+        self.password = password
+        self.users = dict(users or {})
+        self.tls = tls
         self._dir = tempfile.mkdtemp(prefix="moonq-redis-")
+        listen = ["--port", str(self.port)]
+        if tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                      "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+                      "--tls-ca-cert-file", str(tls.ca)]  # fmt: skip
+        auth = ["--requirepass", password] if password is not None else []
+        for name, secret in self.users.items():
+            auth += ["--user", name, "on", f">{secret}", *user_rules]
         self._cmd = [
             binary,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -61,17 +144,34 @@ class RedisServer:
             self._dir,
             "--logfile",
             str(Path(self._dir) / "redis.log"),
+            *auth,
             *extra_args,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """A URL that logs in: as the first ACL user if any, else with the default user's password."""
+        user = next(iter(self.users), None)
+        return self.url_for(user)
+
+    def url_for(self, user: str | None = None, password: str | None = None, db: int = 0) -> str:
+        """The URL for ``user`` (None: the default user) with its password, or with ``password`` if given."""
+        secret = password if password is not None else self.users.get(user, "") if user else self.password
+        userinfo = f"{quote(user or '', safe='')}:{quote(secret, safe='')}@" if secret else ""
+        scheme = "rediss" if self.tls else "redis"
+        query = "?" + urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": str(self.tls.ca)}) if self.tls else ""
+        return f"{scheme}://{userinfo}127.0.0.1:{self.port}/{db}{query}"
+
+    def log(self) -> str:
+        """The server's log, after what it printed before it had one (say, a fatal config error)."""
+        files = [Path(self._dir) / "redis.out", Path(self._dir) / "redis.log"]
+        return "".join(f.read_text(errors="replace") for f in files if f.exists())
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        with (Path(self._dir) / "redis.out").open("ab") as out:
+            self.proc = subprocess.Popen(self._cmd, stdout=out, stderr=subprocess.STDOUT)
+        wait_listening(self.proc, self.port, 10.0, self.log, "redis-server")
         return self
 
     def stop(self, *, keep_data: bool = False) -> None:
@@ -93,6 +193,106 @@ class RedisServer:
         self.start()
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def rabbitmq_binary() -> str | None:
+    """The rabbitmq-server start script, or None if RabbitMQ is not installed.
+
+    Debian's ``/usr/sbin/rabbitmq-server`` is a wrapper that switches to the ``rabbitmq`` user (who
+    could not read our private directories); the script it wraps runs as the caller, so prefer it.
+    """
+    for wrapped in ("/usr/lib/rabbitmq/bin/rabbitmq-server",):
+        if os.access(wrapped, os.X_OK):
+            return wrapped
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    return shutil.which("rabbitmq-server", path=path)
+
+
+class RabbitMQServer:
+    """A throwaway RabbitMQ node: its own node name, free AMQP and distribution ports on 127.0.0.1,
+    data, logs and Erlang cookie in a temporary directory, no plugins; all removed on stop.
+
+    Args:
+        consumer_timeout_ms: the server-wide delivery acknowledgement timeout (``consumer_timeout``).
+    """
+
+    def __init__(self, *, consumer_timeout_ms: int | None = 7_200_000, start_timeout_s: float = 90.0) -> None:
+        binary = rabbitmq_binary()
+        if binary is None:
+            raise RuntimeError(RABBITMQ_MISSING)
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.nodename = f"moonq-test-{os.getpid()}-{self.port}@localhost"
+        self.start_timeout_s = start_timeout_s
+        self._dir = Path(tempfile.mkdtemp(prefix="moonq-rabbitmq-"))
+        (self._dir / "enabled_plugins").write_text("[].\n")  # no management plugin, nor any other
+        (self._dir / "rabbitmq-env.conf").write_text("")  # not the system's (its NODENAME, say)
+        conf = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "log.console = false", "log.file.level = warning"]
+        if consumer_timeout_ms is not None:
+            conf.append(f"consumer_timeout = {consumer_timeout_ms}")
+        (self._dir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
+        self.env = {
+            **os.environ,
+            "HOME": str(self._dir),  # the node's own Erlang cookie
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self._dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self._dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self._dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self._dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self._dir / "advanced.config"),  # absent: none
+            "RABBITMQ_CONF_ENV_FILE": str(self._dir / "rabbitmq-env.conf"),
+            # Erlang distribution on loopback only.
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+        self._cmd = [binary]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def log(self) -> str:
+        out = self._dir / "server.out"
+        return out.read_text(errors="replace") if out.exists() else ""
+
+    def start(self) -> RabbitMQServer:
+        with (self._dir / "server.out").open("ab") as out:
+            self.proc = subprocess.Popen(
+                self._cmd, env=self.env, cwd=self._dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            wait_listening(self.proc, self.port, self.start_timeout_s, self.log, "rabbitmq-server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (the start script stops the node cleanly), then SIGKILL to its process group."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc is not None:
+            try:  # whatever is left of the node (beam.smp and its helpers) is in the group it started
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RabbitMQServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

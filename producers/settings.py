@@ -8,11 +8,56 @@ need (the API key above all). Names follow DESIGN.md: the well-known ``REDIS_URL
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.keys import Keys
 from producers.wire import DEFAULT_QUEUE
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
+# Query parameters that carry a secret (redis-py passes unknown ones to the connection).
+_SECRET_PARAMS = ("password", "pass", "secret", "token")
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a broker or Redis URL, lower case; for ``a+b://`` (kombu's transport+scheme), ``b``."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    return scheme.rpartition("+")[2]
+
+
+def is_redis_url(url: str) -> bool:
+    return url_scheme(url) in REDIS_SCHEMES
+
+
+def is_amqp_url(url: str) -> bool:
+    return url_scheme(url) in AMQP_SCHEMES
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the authority or the query) replaced by ``***``, for logs and screens.
+
+    Handles kombu's failover lists (``url1;url2``); anything that is not a URL is returned unchanged.
+    """
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, qmark, tail = rest.partition("?")
+    # The last '@' ends the user info, even when a password holds an unescaped '/' or '@'.
+    userinfo, at, location = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.partition(':')[0]}:***@{location}"
+    query, hash_, fragment = tail.partition("#")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+        query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="/*")
+    return f"{scheme}://{head}{qmark}{query}{hash_}{fragment}"
 
 
 class ClientSettings(BaseSettings):
@@ -37,3 +82,8 @@ class ClientSettings(BaseSettings):
     @property
     def keys(self) -> Keys:
         return Keys(self.prefix)
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # repr() and str() of the settings (tracebacks, debug logs) never show a Redis or broker password.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in ("redis_url", "broker_url") and isinstance(value, str) else value

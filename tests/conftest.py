@@ -19,7 +19,7 @@ import redis
 from celery.contrib.testing.worker import start_worker
 
 from producers import Client
-from producers.local import RedisServer
+from producers.local import RABBITMQ_MISSING, RabbitMQServer, RedisServer, rabbitmq_binary
 from simulator import SimConfig, SimServer
 from worker.app import create_app
 from worker.runtime import stop_all
@@ -46,6 +46,19 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ node (own node name, free ports, temporary data; no plugins), stopped at the end.
+
+    Never the machine's own RabbitMQ. Skipped only where rabbitmq-server is not installed (CI installs it).
+    """
+    if rabbitmq_binary() is None:
+        assert not os.environ.get("CI"), "CI must install rabbitmq-server (.ci/run)"
+        pytest.skip(RABBITMQ_MISSING)
+    with RabbitMQServer() as server:
+        yield server
 
 
 @pytest.fixture

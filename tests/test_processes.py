@@ -42,7 +42,7 @@ def test_real_celery_worker_process_runs_jobs(node: WorkerProcess, fresh_prefix:
     assert all(r.choices[0].finish_reason == "stop" and r.choices[0].message.content for r in results)
     log = node.log()
     # The defaults users get with no flags: the thread pool at moonq's concurrency, JSON only.
-    assert "concurrency: 64 (thread)" in log
+    assert "concurrency: 1000 (thread)" in log
     assert API_KEY not in log
 
 

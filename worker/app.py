@@ -11,6 +11,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from producers.broker import broker_config
+from producers.settings import is_redis_url
 from producers.wire import TASK_NAME
 from worker.exporter import start_exporter
 from worker.runtime import runtime_for, shutdown_all, stop_all
@@ -27,20 +28,22 @@ warnings.filterwarnings("ignore", message=".*worker_cancel_long_running_tasks_on
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for a node: the producers' broker settings plus how jobs run."""
     base = broker_config(settings)
-    redis_broker = settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
+    redis_broker = is_redis_url(settings.broker_url)
+    # On RabbitMQ none of this applies: it hands a dead node's unacknowledged messages to another
+    # consumer as soon as the node's connection drops (a killed process's socket closes at once).
+    redelivery = {
+        # Redelivery of a dead node's messages (see keepalive.py): after this many seconds without
+        # a heartbeat, looked for every 2 s by any live node, instead of Redis' 1 h / 100 s defaults.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+        # A node killed while holding the restore mutex must not block redelivery for 5 minutes.
+        "unacked_mutex_expire": 30,
+    }
     return {
         **base,
         **({"broker_transport": "worker.broker:Transport"} if redis_broker else {}),
-        "broker_transport_options": {
-            **base["broker_transport_options"],
-            # Redelivery of a dead node's messages (see keepalive.py): after this many seconds without
-            # a heartbeat, looked for every 2 s by any live node, instead of Redis' 1 h / 100 s defaults.
-            "visibility_timeout": settings.visibility_timeout_s,
-            "unacked_restore_interval": 2,
-            "unacked_restore_throttle": 1,
-            # A node killed while holding the restore mutex must not block redelivery for 5 minutes.
-            "unacked_mutex_expire": 30,
-        },
+        "broker_transport_options": {**base["broker_transport_options"], **(redelivery if redis_broker else {})},
         # The job record in Redis is the result store; Celery's would only duplicate it.
         "task_ignore_result": True,
         # Ack after the job ends, so a node that dies mid-job leaves its message to be redelivered.

@@ -1,10 +1,12 @@
 """A node's ``/metrics`` endpoint, with the gauges that are read from Redis at scrape time.
 
-``moonq_queue_depth`` counts the broker's queue (all ten priority lists) when Prometheus asks,
-so it is right however many nodes there are. The limiter gauges show the fleet's headroom: the
-configured limit, what is available now (bucket tokens; free in-flight slots) and any shared
-cool-down. Scrape-time reads use their own short-timeout client; if Redis does not answer, these
-gauges are left out of that scrape rather than failing it.
+``moonq_queue_depth`` counts the broker's queue when Prometheus asks, so it is right however many
+nodes there are: all ten priority lists on a Redis broker, the ready messages of a passive
+``queue.declare`` on RabbitMQ (``producers.broker.QueueDepth``); on any other broker it is absent.
+The limiter gauges show the fleet's headroom: the configured limit, what is available now (bucket
+tokens; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
+clients; if Redis or the broker does not answer, its gauges are left out of that scrape rather than
+failing it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,11 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from producers.broker import QueueDepth
 from worker.metrics import REGISTRY
 from worker.settings import Settings
 
 log = logging.getLogger("moonq.worker")
-
-# kombu's Redis transport names priority lists "<queue>\x06\x16<n>"; priority 0 uses the bare name.
-PRIORITY_SEP = "\x06\x16"
-
-
-def queue_lists(settings: Settings) -> list[str]:
-    base = f"{settings.keys.broker_prefix}{settings.queue}"
-    return [base] + [f"{base}{PRIORITY_SEP}{p}" for p in range(1, 10)]
 
 
 def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> float:
@@ -42,33 +37,34 @@ def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> floa
 
 
 class RedisCollector(Collector):
-    """Queue depth and limiter headroom, read from Redis on each scrape."""
+    """Queue depth (from the broker) and limiter headroom (from Redis), read on each scrape."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.depth = QueueDepth(settings, timeout_s=1.0)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        waiting = self.depth.read()
+        if waiting is not None:
+            depth = GaugeMetricFamily("moonq_queue_depth", "Jobs waiting in the broker queue.", labels=["queue"])
+            depth.add_metric([self.settings.queue], waiting)
+            yield depth
         try:
             yield from self._collect()
         except (redis.RedisError, OSError):
-            log.warning("scrape: Redis did not answer; queue and limiter gauges skipped")
+            log.warning("scrape: Redis did not answer; limiter gauges skipped")
 
     def _collect(self) -> Iterator[GaugeMetricFamily]:
         s, p = self.settings, f"{self.settings.prefix}:limit"
         pipe = self.redis.pipeline(transaction=False)
-        for name in queue_lists(s):
-            pipe.llen(name)
         pipe.time()
         pipe.hmget(f"{p}:rpm", "tokens", "ts")
         pipe.hmget(f"{p}:tpm", "tokens", "ts")
         pipe.get(f"{p}:cooldown")
         pipe.zrangebyscore(f"{p}:inflight", "-inf", "+inf", withscores=True)
-        *lengths, (sec, usec), rpm, tpm, cooldown, leases = pipe.execute()
+        (sec, usec), rpm, tpm, cooldown, leases = pipe.execute()
         now_ms = sec * 1000 + usec / 1000
-        depth = GaugeMetricFamily("moonq_queue_depth", "Jobs waiting in the broker queue.", labels=["queue"])
-        depth.add_metric([s.queue], sum(lengths))
-        yield depth
         limits = s.limits
         limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
         available = GaugeMetricFamily(

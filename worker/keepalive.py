@@ -6,6 +6,11 @@ broker message in kombu's ``unacked_index``. Kombu redelivers a message whose sc
 than the visibility timeout, so a live job's message never is, however long the job runs
 (Celery issue #5935), while a killed node's messages come back within the timeout instead of
 Redis' default hour.
+
+The unacked index exists only on a Redis broker. When the broker is a different Redis from
+``REDIS_URL``, the index is refreshed there, by its own client. On RabbitMQ there is nothing to
+refresh: it keeps a delivery as long as the consumer's connection lives and hands it to another
+node when that connection drops; only the job records are beaten.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from producers.settings import is_redis_url
 from worker.runner import JobContext
 
 log = logging.getLogger("moonq.worker")
@@ -44,18 +51,30 @@ async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> N
     """Beat for every running job of this process, and announce the node's /metrics URL, forever."""
     script = ctx.redis.register_script(KEEPALIVE_LUA)
     unacked_index = f"{ctx.keys.broker_prefix}unacked_index"
-    while True:
-        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
-        await _announce(ctx, metrics_url())
-        running = list(ctx.running.items())
-        if not running:
-            continue
-        keys = [unacked_index, *(ctx.keys.job(job_id) for job_id, _ in running)]
-        args = [r.owner for _, r in running] + [r.delivery_tag or "" for _, r in running]
-        try:
-            await script(keys=keys, args=args)
-        except RedisError:
-            log.warning("heartbeat failed; will try again", exc_info=True)
+    broker_url, redis_url = ctx.settings.broker_url, ctx.settings.redis_url
+    redis_broker = is_redis_url(broker_url)
+    # Tags go into the script when the broker is the same Redis; a separate broker Redis gets its own client.
+    broker = Redis.from_url(broker_url) if redis_broker and broker_url != redis_url else None
+    try:
+        while True:
+            await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+            await _announce(ctx, metrics_url())
+            running = list(ctx.running.items())
+            if not running:
+                continue
+            tags = [str(r.delivery_tag or "") if redis_broker else "" for _, r in running]
+            keys = [unacked_index, *(ctx.keys.job(job_id) for job_id, _ in running)]
+            args = [r.owner for _, r in running] + (tags if broker is None else [""] * len(running))
+            try:
+                await script(keys=keys, args=args)
+                if broker is not None and any(tags):
+                    now = time.time()
+                    await broker.zadd(unacked_index, {tag: now for tag in tags if tag}, xx=True)
+            except (RedisError, OSError):
+                log.warning("heartbeat failed; will try again", exc_info=True)
+    finally:
+        if broker is not None:
+            await broker.aclose()
 
 
 async def _announce(ctx: JobContext, url: str | None) -> None:
