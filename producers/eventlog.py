@@ -20,9 +20,11 @@ from producers.wire import TERMINAL_STATUSES, Event
 
 # KEYS[1] job hash, KEYS[2] log stream.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
-# that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] n = number
-# of events, ARGV[7 .. 6+n] event bodies: JSON objects without "seq" (the script assigns it), then
-# field/value pairs to set on the job hash.
+# that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
+# the log keeps (0 = no cap), ARGV[7] n = number of events, ARGV[8 .. 7+n] event bodies: JSON objects
+# without "seq" (the script assigns it), then field/value pairs to set on the job hash.
+# The cap trims the oldest entries (exact MAXLEN): the newest, and so the terminal event, always stays;
+# the sequence numbers and the job record are untouched, so readers see a log that starts later.
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
@@ -30,7 +32,7 @@ from producers.wire import TERMINAL_STATUSES, Event
 APPEND_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and
    (ARGV[3] == '' or redis.call('HGET', KEYS[1], 'owner') == ARGV[3]) then
@@ -42,18 +44,22 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 for i = 1, n do
   seq = seq + 1
-  local body = ARGV[6 + i]
+  local body = ARGV[7 + i]
   local msg = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
   redis.call('PUBLISH', ARGV[1], msg)
 end
 redis.call('HSET', KEYS[1], 'seq', seq)
-for i = 7 + n, #ARGV, 2 do
+for i = 8 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local ttl = tonumber(ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
-if n > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+if n > 0 then
+  local cap = tonumber(ARGV[6])
+  if cap > 0 then redis.call('XTRIM', KEYS[2], 'MAXLEN', cap) end
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 return math.max(seq, 1)
 """
 
@@ -84,11 +90,13 @@ def append_args(
     owner: str = "",
     require_status: str = "",
     expected_seq: int | None = None,
+    max_events: int = 0,
     fields: dict[str, str] | None = None,
 ) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV for ``APPEND_LUA``."""
+    """KEYS and ARGV for ``APPEND_LUA``; ``max_events`` caps the log's length (0 = no cap)."""
     expected = "" if expected_seq is None else expected_seq
-    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, expected, len(bodies), *bodies]
+    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, expected, max_events, len(bodies)]
+    argv += bodies
     for name, value in (fields or {}).items():
         argv += [name, value]
     return [keys.job(job_id), keys.log(job_id)], argv
@@ -106,8 +114,10 @@ def read_log(client: redis.Redis, keys: Keys, job_id: str, after_seq: int = 0) -
 def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
     """Yield the job's events after ``after_seq``: replayed, then live, ending after the terminal one.
 
-    Each event is yielded once, in seq order. If the job record disappears (expired) while
-    no terminal event was seen, iteration simply ends.
+    Each event is yielded once, in seq order. A capped log (``max_events_per_job``) may have
+    dropped its oldest entries: replay then starts at the oldest one kept, and a gap is never
+    waited for. If the job record disappears (expired) while no terminal event was seen,
+    iteration simply ends.
     """
     last = after_seq
     pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
@@ -122,7 +132,13 @@ def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, 
                     if event.terminal:
                         return
                 from_log = False
-            msg = pubsub.get_message(timeout=poll_s)
+            try:
+                msg = pubsub.get_message(timeout=poll_s)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # The connection dropped; the next read reconnects and resubscribes. What was published
+                # meanwhile is in the log (or trimmed from it: replay then goes on from the oldest kept).
+                from_log = True
+                continue
             if msg is None:
                 # Quiet: re-read the log in case a live message was lost (pub/sub is at-most-once).
                 if not client.exists(keys.job(job_id)):

@@ -7,7 +7,8 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
                                expires ``result_ttl_s`` after the job ends.
     P:log:<id>          stream replay log; entry id ``<seq>-0``, field ``e`` = event JSON.
                                The explicit id makes Redis refuse a duplicate or out-of-order
-                               seq, so a stale writer cannot corrupt the log. Same TTL as the job.
+                               seq, so a stale writer cannot corrupt the log. Same TTL as the job;
+                               capped at ``max_events_per_job`` entries (the oldest go first).
     P:events:<id>       pub/sub channel carrying the same events live.
     P:cancel            pub/sub channel on which job ids to cancel are announced to workers.
     P:idem:<sha256>     string "<job id>|<request digest>" for an idempotency key; expires with the job.

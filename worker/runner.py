@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -25,11 +24,11 @@ from worker import metrics
 from worker.assemble import StreamAssembler
 from worker.errors import RateLimited, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
-from worker.events import EventWriter, Fenced
+from worker.events import EventSink, EventWriter, Fenced
 from worker.ratelimit import Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.settings import Settings
-from worker.upstream import stream_chat
+from worker.upstream import Upstream, stream_chat
 from worker.usage import Price, cost_usd, token_counts
 
 log = logging.getLogger("moonq.worker")
@@ -92,8 +91,8 @@ class JobContext:
     settings: Settings
     keys: Keys
     redis: Redis
-    http: httpx.AsyncClient
-    append: AsyncScript
+    http: Upstream
+    append: EventSink
     claim: AsyncScript
     limiter: Limiter
     policy: RetryPolicy
@@ -128,7 +127,10 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
     task = asyncio.current_task()
     assert task is not None
     verdict, attempt, seq = await _claim(ctx, envelope, owner)
-    writer = EventWriter(ctx.redis, ctx.append, ctx.keys, job_id, owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq)
+    writer = EventWriter(
+        ctx.redis, ctx.append, ctx.keys, job_id,
+        owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq, max_events=ctx.settings.max_events_per_job,
+    )  # fmt: skip
     model = metrics.model_label(str(envelope.request.get("model", "")))
     if verdict == "cancel":
         return await _end_cancelled(writer, envelope)

@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from producers.eventlog import APPEND_LUA
 from producers.wire import JobEnvelope
+from worker.events import EventSink
 from worker.keepalive import keepalive
 from worker.ratelimit import Limiter
 from worker.runner import CLAIM_LUA, JobContext, Outcome, run_job
@@ -81,7 +82,7 @@ class Runtime:
             keys=self.settings.keys,
             redis=redis,
             http=build_client(self.settings),
-            append=redis.register_script(APPEND_LUA),
+            append=EventSink(redis, APPEND_LUA),
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
             policy=self.settings.retry_policy,

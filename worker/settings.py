@@ -44,6 +44,9 @@ class Settings(ClientSettings):
     # Connections of the node's Redis pool, shared by all its jobs (they queue for one when all are busy).
     redis_max_connections: int = Field(default=50, ge=4)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Entries a job's replay log keeps: a longer stream drops its oldest (the completed event holds the
+    # whole answer). A delta entry takes ~150 bytes, so the default bounds one log at about 3 MB.
+    max_events_per_job: int = Field(default=20_000, ge=1)
     # Longest silence allowed between two stream chunks (thinking models pause before answering).
     read_timeout_s: float = Field(default=300.0, gt=0)
     # A whole attempt, first byte to [DONE]; k3 answers may run for many minutes.

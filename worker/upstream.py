@@ -1,8 +1,14 @@
-"""The one network seam to the chat-completions API: httpx in, decoded chunks out.
+"""The one network seam to the chat-completions API: aiohttp in, decoded chunks out.
 
 Always streams, whatever the caller asked for, so that every delta can be relayed as it
 arrives; the job's own ``stream`` flag only shapes what the caller reads. Transport-level
 failures are translated into the ``worker.errors`` tree here and nowhere else.
+
+Why aiohttp and not httpx here: a node reads thousands of chunks a second on one loop, and
+reading a chunk through httpx cost 70 us of CPU against aiohttp's 19 us (100 concurrent SSE
+streams from the simulator, SSE decoding included; BENCHMARKS.md, "Node performance"). httpx's
+pool also rescans every connection per request (encode/httpx#3215), which a node holding a
+thousand streams feels. httpx stays the HTTP client everywhere else (gateway tests, CLI, benchmarks).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from worker.errors import StreamInterrupted, UpstreamError, UpstreamUnavailable, error_from_response
 from worker.retry import parse_retry_after
@@ -21,18 +27,32 @@ from worker.sse import SSEDecoder
 DONE = "[DONE]"
 
 
-def build_client(settings: Settings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
-    # No pool cap below the node's concurrency: every in-flight job holds one connection.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(settings.concurrency, 20))
-    # Connect failures are the one retry httpx owns (nothing was sent yet); the task owns the rest.
-    transport = httpx.AsyncHTTPTransport(retries=1, limits=limits)
-    headers = {"Content-Type": "application/json"}
-    if settings.moonshot_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.moonshot_api_key.get_secret_value()}"
-    return httpx.AsyncClient(
-        base_url=settings.moonshot_base_url.rstrip("/") + "/", timeout=timeout, transport=transport, headers=headers
-    )
+class Upstream:
+    """The API's chat-completions endpoint and the connection pool a node's jobs share."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.moonshot_base_url.rstrip("/") + "/chat/completions"
+        # sock_read: the longest silence between two reads (a thinking model pauses); a whole
+        # attempt is bounded by the runner's own timeout, so no total here.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        )
+        # No pool cap below the node's concurrency (limit=0): every in-flight job holds one connection.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        headers = {"Content-Type": "application/json"}
+        if settings.moonshot_api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.moonshot_api_key.get_secret_value()}"
+        # Made inside the node's loop (Runtime._open), as aiohttp requires.
+        self.session = aiohttp.ClientSession(
+            timeout=timeout, connector=connector, headers=headers, auto_decompress=True, trust_env=False
+        )
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+def build_client(settings: Settings) -> Upstream:
+    return Upstream(settings)
 
 
 def upstream_payload(request: dict[str, Any]) -> dict[str, Any]:
@@ -45,20 +65,21 @@ def upstream_payload(request: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-async def stream_chat(client: httpx.AsyncClient, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def stream_chat(client: Upstream, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Yield decoded chunks until ``[DONE]``; raise an ``UpstreamError`` on any failure.
 
     A stream that ends before ``[DONE]`` raises ``StreamInterrupted``: a partial answer is
     never mistaken for a whole one.
     """
+    body = json.dumps(upstream_payload(request), ensure_ascii=False).encode()
     try:
-        async with client.stream("POST", "chat/completions", json=upstream_payload(request)) as response:
-            if response.status_code != 200:
-                error = error_from_response(response.status_code, await response.aread(), response.headers)
+        async with await _post(client, body) as response:
+            if response.status != 200:
+                error = error_from_response(response.status, await response.read(), response.headers)
                 error.retry_after_s = parse_retry_after(response.headers, error.message)
                 raise error
             decoder = SSEDecoder()
-            async for raw in response.aiter_raw():
+            async for raw in response.content.iter_any():
                 for event in decoder.feed(raw):
                     if event.data.startswith(DONE):
                         return
@@ -69,12 +90,24 @@ async def stream_chat(client: httpx.AsyncClient, request: dict[str, Any]) -> Asy
             raise StreamInterrupted("stream ended without [DONE]", type="incomplete_stream")
     except UpstreamError:
         raise
-    except httpx.TimeoutException as err:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as err:
+        # ServerTimeoutError: connect or read timeout. A plain TimeoutError here can only come from
+        # aiohttp too: the runner's own attempt timeout cancels this task instead.
         raise UpstreamUnavailable(f"upstream timed out: {type(err).__name__}", type="timeout") from err
-    except (httpx.RemoteProtocolError, httpx.ReadError) as err:
-        raise StreamInterrupted(f"connection dropped: {err}", type="connection_dropped") from err
-    except httpx.TransportError as err:
+    except aiohttp.ClientConnectorError as err:
         raise UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error") from err
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+        raise StreamInterrupted(f"connection dropped: {err}", type="connection_dropped") from err
+    except aiohttp.ClientError as err:
+        raise UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error") from err
+
+
+async def _post(client: Upstream, body: bytes) -> aiohttp.ClientResponse:
+    """POST the body; a failed connect (nothing sent yet) is tried once more, the rest is the runner's."""
+    try:
+        return await client.session.post(client.url, data=body)
+    except aiohttp.ClientConnectorError:
+        return await client.session.post(client.url, data=body)
 
 
 def _decode(data: str) -> dict[str, Any]:
