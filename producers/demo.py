@@ -104,7 +104,8 @@ def _environment(stack: ExitStack) -> tuple[dict[str, str], list[str]]:
 def run(out: Any = sys.stdout) -> int:
     with ExitStack() as stack:
         env, notes = _environment(stack)
-        node = stack.enter_context(WorkerProcess(env))
+        # Named after this process, so its worker can be told from any other on the machine.
+        node = stack.enter_context(WorkerProcess(env, args=("-n", f"moonq-demo-{os.getpid()}@%h")))
         notes.append(f"one worker node: celery -A worker worker (log: {node.log_path})")
         for note in notes:
             print(f"• {note}", file=out)

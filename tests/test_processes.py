@@ -92,16 +92,22 @@ def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
 
 def test_make_demo_runs_the_main_job_and_cleans_up() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MOONSHOT_API_KEY", "CELERY_BROKER_URL")}
-    before = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
-    done = subprocess.run(
-        [sys.executable, "-m", "producers.cli", "demo"], env=env, capture_output=True, text=True, timeout=120
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    stdout, stderr = demo.communicate(timeout=120)
+    done = subprocess.CompletedProcess(demo.args, demo.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     for section in ("Plain chat", "Tool call", "Tool result turn", "Partial Mode", "Thinking model", "Summary"):
         assert section in done.stdout
     assert "5 jobs" in done.stdout and "failed" not in done.stdout
-    after = subprocess.run(["pgrep", "-f", "celery -A worker worker"], capture_output=True, text=True).stdout.split()
-    assert set(after) <= set(before)  # the demo's worker is gone
+    # The demo's worker (node name moonq-demo-<demo pid>@host) is gone with it.
+    left = subprocess.run(["pgrep", "-f", f"moonq-demo-{demo.pid}@"], capture_output=True, text=True).stdout.split()
+    assert left == []
 
 
 def test_cli_dead_letters_retry_and_cancel(worker: Any, settings: Settings) -> None:
