@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 from pydantic import Field
@@ -29,6 +30,7 @@ from producers.aio import AsyncClient, AsyncJob
 from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
 from producers.gateway_openapi import openapi_document
 from producers.gateway_stream import ChunkStream, error_body, sse
+from producers.request import ChatRequest, validate_request
 from producers.settings import ClientSettings
 from producers.wire import DEFAULT_PRIORITY
 
@@ -49,8 +51,10 @@ class GatewaySettings(ClientSettings):
         return [t.strip() for t in self.gateway_tokens.split(",") if t.strip()]
 
 
-def error(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse(error_body(message, type_), status_code=status)
+def error(status: int, message: str, type_: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    # A lone surrogate quoted back from the request cannot be encoded as UTF-8: escape it, never a 500.
+    message = message.encode("utf-8", "backslashreplace").decode()
+    return JSONResponse(error_body(message, type_), status_code=status, headers=headers)
 
 
 class Guard:
@@ -70,8 +74,7 @@ class Guard:
             return await response(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            response = error(413, f"Invalid request: body is larger than {self.max_body_bytes} bytes",
-                             "invalid_request_error")  # fmt: skip
+            response = error(413, f"Invalid request: {BodyTooLarge(self.max_body_bytes)}", "invalid_request_error")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -83,28 +86,48 @@ class Guard:
         return any([hmac.compare_digest(token.strip(), t) for t in self.tokens])
 
 
+class BodyTooLarge(InvalidRequest):
+    """The body is over ``MOONQ_GATEWAY_MAX_BODY_BYTES``: answered 413, whether declared or streamed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__([("body", f"is larger than {limit} bytes")])
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON has not: no peer downstream could send them on.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, read up to ``limit`` bytes (also for chunked bodies without a length)."""
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise InvalidRequest([("request", f"body is larger than {limit} bytes")])
+            raise BodyTooLarge(limit)
     try:
-        return json.loads(body)
-    except ValueError as err:
+        return json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest([("request", "is not valid JSON: nested too deeply to parse")]) from None
+    except ValueError as err:  # also invalid UTF-8 (UnicodeDecodeError)
+        if "integer string conversion" in str(err):  # Python's advice (set_int_max_str_digits) is not the caller's
+            raise InvalidRequest([("request", "is not valid JSON: an integer has more than 4300 digits")]) from None
         raise InvalidRequest([("request", f"is not valid JSON: {err}")]) from None
 
 
+DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only ('²'.isdigit() is True); 18 digits stay in Redis' 64 bits
+
+
 def job_options(request: Request) -> dict[str, Any]:
-    options: dict[str, Any] = {"idempotency_key": request.headers.get("idempotency-key")}
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= 255:
+        raise InvalidRequest([("Idempotency-Key", f"must be 1 to 255 characters (got {len(key)})")])
+    options: dict[str, Any] = {"idempotency_key": key, "priority": DEFAULT_PRIORITY}
     raw = request.headers.get("x-moonq-priority")
     if raw is not None:
-        if not raw.isdigit():
-            raise InvalidRequest([("X-Moonq-Priority", f"must be an integer from 0 to 9 (got {raw!r})")])
+        if not (DIGITS.fullmatch(raw) and int(raw) <= 9):
+            raise InvalidRequest([("X-Moonq-Priority", f"must be an integer from 0 to 9 (got {raw[:40]!r})")])
         options["priority"] = int(raw)
-    else:
-        options["priority"] = DEFAULT_PRIORITY
     return options
 
 
@@ -121,17 +144,19 @@ class Gateway:
             self.client = AsyncClient(settings=self.settings)
         return self.client
 
-    async def _submit(self, request: Request) -> tuple[AsyncJob, dict[str, Any]]:
-        body = await read_json(request, self.settings.gateway_max_body_bytes)
+    async def _submit(self, request: Request) -> tuple[AsyncJob, ChatRequest]:
+        raw = await read_json(request, self.settings.gateway_max_body_bytes)
+        body = await asyncio.to_thread(validate_request, raw)  # a 100 MB request must not stall the loop
         job = await self.c.submit(body, **job_options(request))
         return job, body
 
     async def chat_completions(self, request: Request) -> Response:
         job, body = await self._submit(request)
         headers = {"X-Moonq-Job-Id": job.id}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = ChunkStream(job.id, str(body["model"]), int(time.time()), include_usage)
+        # The validated request, not the raw body: {"stream": "false"} is not a truthy string here.
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = ChunkStream(job.id, body.model, int(time.time()), include_usage)
             return StreamingResponse(self._stream(job, chunks), media_type="text/event-stream", headers=headers)
         waiter = asyncio.create_task(job.result())
         if not await _finished_before_disconnect(request, waiter):
@@ -145,7 +170,8 @@ class Gateway:
             status = int(err.error.get("status") or 502)
             return JSONResponse(error_body(str(err.error.get("message")), str(err.error.get("type"))),
                                 status_code=status, headers=headers)  # fmt: skip
-        return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+        # mode="json": a NaN or Infinity an upstream slipped into its answer becomes null, not a 500.
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True), headers=headers)
 
     async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncIterator[bytes]:
         try:
@@ -167,6 +193,9 @@ class Gateway:
         job, _ = await self._submit(request)
         return JSONResponse({"id": job.id, "status": await job.status()}, status_code=202)
 
+    async def job(self, request: Request) -> Response:
+        return await (self.cancel_job(request) if request.method == "DELETE" else self.get_job(request))
+
     async def get_job(self, request: Request) -> Response:
         job = self.c.job(request.path_params["job_id"])
         rec = await job.record()
@@ -175,17 +204,18 @@ class Gateway:
         for name in ("enqueued_at", "started_at", "finished_at"):
             if rec.get(name):
                 out[name] = float(rec[name])
+        # The record is written by workers from upstream data, which may hold NaN or Infinity (not JSON).
         if rec["status"] == "succeeded":
-            out["result"] = json.loads(rec["result"])
+            out["result"] = json.loads(rec["result"], parse_constant=lambda _: None)
         if rec.get("error"):
-            out["error"] = json.loads(rec["error"])
+            out["error"] = json.loads(rec["error"], parse_constant=lambda _: None)
         return JSONResponse(out)
 
     async def job_events(self, request: Request) -> Response:
         job = self.c.job(request.path_params["job_id"])
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        if not last.isdigit():
-            raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last!r})")])
+        if not DIGITS.fullmatch(last):
+            raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
         await job.record()
 
         async def events() -> AsyncIterator[bytes]:
@@ -218,6 +248,8 @@ async def _finished_before_disconnect(request: Request, waiter: asyncio.Task[Any
 
 
 async def _errors(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, BodyTooLarge):
+        return error(413, f"Invalid request: {exc}", "invalid_request_error")
     if isinstance(exc, InvalidRequest):
         return error(400, f"Invalid request: {exc}", "invalid_request_error")
     if isinstance(exc, JobNotFound):
@@ -234,12 +266,13 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
     routes = [
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/jobs", gw.submit_job, methods=["POST"]),
-        Route("/v1/jobs/{job_id}", gw.get_job, methods=["GET"]),
-        Route("/v1/jobs/{job_id}", gw.cancel_job, methods=["DELETE"]),
+        # One route for both methods, so a 405 on the path lists both in its Allow header.
+        Route("/v1/jobs/{job_id}", gw.job, methods=["GET", "DELETE"]),
         Route("/v1/jobs/{job_id}/events", gw.job_events, methods=["GET"]),
         Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
         Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
@@ -254,7 +287,13 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         return error(404, f"Not found: {request.url.path}", "resource_not_found_error")
 
     app.add_exception_handler(404, not_found)
-    app.add_exception_handler(405, lambda r, e: error(405, "Method not allowed", "invalid_request_error"))
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        # RFC 9110: a 405 names the methods the path does support (Starlette puts them on the exception).
+        allow = getattr(exc, "headers", None)
+        return error(405, f"Method not allowed: {request.method} {request.url.path}", "invalid_request_error", allow)
+
+    app.add_exception_handler(405, method_not_allowed)
     return Guard(app, settings.tokens, settings.gateway_max_body_bytes)
 
 

@@ -53,7 +53,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
-IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "schema": {"type": "string", "minLength": 1, "maxLength": 255}}  # fmt: skip
 PRIORITY = {"name": "X-Moonq-Priority", "in": "header", "required": False,
             "schema": {"type": "string", "pattern": "^[0-9]$"}}  # fmt: skip
 
@@ -96,7 +97,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/jobs/{job_id}/events": {"get": {
                 "summary": "The job's events as SSE (id = seq); Last-Event-ID resumes",
                 "parameters": [*JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
-                                         "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
+                                         "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}],
                 "responses": {"200": {"description": "events", "content": sse}, **_errors(400, 401, 404)},
             }},
             "/healthz": {"get": {"security": [], "responses": {"200": {"description": "ok"}}}},

@@ -3,16 +3,21 @@
 Strict on what we know, open to what we don't: every documented field is checked (type,
 range, size) and a mistake raises ``InvalidRequest`` naming the field and the rule;
 fields we do not know pass through to the upstream unchanged, because the API grows
-faster than this file. ``to_payload()`` returns exactly what the caller set (defaults are
-never injected), with the deprecated ``max_tokens`` mapped to ``max_completion_tokens``.
+faster than this file. Known or not, every value must be plain JSON that any peer can carry
+(``json_problem``: no NaN, no lone surrogate, no 65-bit integer, at most 64 levels deep).
+``to_payload()`` returns exactly what the caller set (defaults are never injected), with the
+deprecated ``max_tokens`` mapped to ``max_completion_tokens``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from producers.errors import InvalidRequest
 
@@ -24,6 +29,14 @@ ROLES = ("system", "user", "assistant", "tool")
 # Formats Moonshot accepts inside base64 data URLs (MOONSHOT_API.md §2).
 IMAGE_TYPES = ("png", "jpeg", "jpg", "webp", "gif")
 VIDEO_TYPES = ("mp4", "mpeg", "mov", "quicktime", "avi", "x-msvideo", "x-flv", "mpg", "webm", "wmv", "x-ms-wmv", "3gpp")
+# Arrays and objects nested deeper than this are refused: pydantic cannot serialize past ~250
+# levels, and Python's json cannot parse past ~1000, so a deeper request would fail later, in
+# the gateway, the producer or the worker, instead of here with a clear message. A tool's JSON
+# schema needs two levels per nested property; 64 leaves room for 30.
+MAX_JSON_DEPTH = 64
+# Integers a JSON peer can hold: the upstream (and Python's json past 4300 digits) cannot take more.
+MAX_JSON_INT = 2**63 - 1
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 Unit = Annotated[float, Field(strict=True, ge=0, le=1)]
 Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
@@ -224,6 +237,10 @@ class ChatRequest(_Open):
     def _map_deprecated_max_tokens(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             raise ValueError(f"request: must be a JSON object (got {type(data).__name__})")
+        problem = json_problem(data)
+        if problem is not None:
+            # A custom error type, so the report names the exact path (unknown fields included).
+            raise PydanticCustomError("json_unsafe", "{field}: {rule}", {"field": problem[0], "rule": problem[1]})
         if "max_tokens" not in data:
             return data
         if "max_completion_tokens" in data:
@@ -280,20 +297,89 @@ class ChatRequest(_Open):
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
+def _scalar_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        bad = None if value.isascii() else _SURROGATE_RE.search(value)
+        if bad is not None:
+            return f"is not valid Unicode: lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}"
+    elif value is None or isinstance(value, bool):
+        return None
+    elif isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            return f"integer out of range: at most {MAX_JSON_INT} in magnitude (got {value.bit_length()} bits)"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"must be a finite number (got {value})"
+    elif not isinstance(value, BaseModel):  # models (a Message, a Tool) are checked when they are built
+        return f"is not a JSON value (got {type(value).__name__})"
+    return None
+
+
+def _key_problem(key: Any) -> str | None:
+    if not isinstance(key, str):
+        return f"keys must be strings (got {type(key).__name__} {key!r:.40})"
+    rule = _scalar_problem(key)
+    return None if rule is None else f"key {key!r:.40}: {rule}"
+
+
+def json_problem(data: Any) -> tuple[str, str] | None:
+    """The first place where ``data`` is not plain, portable JSON, as ``(field, rule)``; else None.
+
+    Checks what no schema rule covers, in known and unknown fields alike: nesting depth, lone
+    surrogates (not encodable as UTF-8), NaN/Infinity and integers beyond 64 bits. Iterative,
+    so a hostile depth cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict | list | tuple):
+            if len(path) >= MAX_JSON_DEPTH:
+                return field_path(path), f"is nested deeper than {MAX_JSON_DEPTH} levels"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, dict) and (rule := _key_problem(key)) is not None:
+                    return field_path(path), rule
+                stack.append((item, (*path, key)))
+        elif (rule := _scalar_problem(value)) is not None:
+            return field_path(path), rule
+    return None
+
+
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*|[0-9]+")
+
+
+def field_path(parts: tuple[str | int, ...] | list[str | int]) -> str:
+    """``messages.0.content``; a key that is not a plain name is quoted: ``x["a b"]["\\n"]``.
+
+    Keys come from the caller and may hold anything (spaces, newlines, 10 kB): quoted and cut
+    short, the path still reads as one field and stays on one line.
+    """
+    out = ""
+    for part in parts:
+        text = str(part)
+        if len(text) <= 40 and _PLAIN_SEGMENT.fullmatch(text):
+            out += f".{text}" if out else text
+        else:
+            out += f"[{json.dumps(text[:40] + ('...' if len(text) > 40 else ''))}]"
+    return out or "request"
+
+
 _TYPE_NAMES = {"str", "list", "dict", "int", "float", "bool"}
 
 
 def _field_of(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts union member names (e.g. 'str', 'list[ContentPart]', 'function-after[...]')
     # into locations; users care only about their own field path.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper() or p in _TYPE_NAMES))]
-    return ".".join(parts) or "request"
+    parts = [p for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper() or p in _TYPE_NAMES))]
+    return field_path(parts)
 
 
 _SUBFIELD_RE = re.compile(r"^([a-z_][a-z0-9_.]*): (.+)$", re.DOTALL)
 
 
 def _describe(err: Any) -> tuple[str, str]:
+    if err["type"] == "json_unsafe":
+        return str(err["ctx"]["field"]), str(err["ctx"]["rule"])
     field = _field_of(tuple(err["loc"]))
     rule = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "missing":
@@ -306,7 +392,9 @@ def _describe(err: Any) -> tuple[str, str]:
             field = sub if field == "request" else f"{field}.{sub}"
         return field, rule
     value = err.get("input")
-    if isinstance(value, str | int | float | bool) or value is None:
+    if isinstance(value, int) and abs(value) > MAX_JSON_INT:
+        rule = f"{rule} (got a {value.bit_length()}-bit integer)"  # repr() of a huge int raises
+    elif isinstance(value, str | int | float | bool) or value is None:
         shown = repr(value)
         rule = f"{rule} (got {shown[:60] + '...' if len(shown) > 60 else shown})"
     return field, rule

@@ -6,11 +6,24 @@ feeding one stream at every split point. Follows the WHATWG event-stream rules t
 matter for chat streams: ``\\n``, ``\\r\\n`` and ``\\r`` end lines, ``:`` lines are comments,
 multiple ``data:`` lines join with ``\\n``, one leading space after the colon is dropped,
 and an event is dispatched at a blank line only if it has data.
+
+Linear in the bytes fed, however they are split: one asyncio loop serves every job of a node,
+so a hostile upstream must not be able to stall it with a chunk of many short lines or a line
+that arrives in many small pieces. An event (or a line) longer than ``MAX_EVENT_BYTES`` ends the
+stream with ``StreamInterrupted`` rather than growing without bound.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from worker.errors import StreamInterrupted
+
+# Far above any real chunk (a delta is a few hundred bytes; a whole long answer in one chunk is
+# well under 1 MiB), low enough that a runaway stream cannot take a node's memory.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+_LINE_END = re.compile(rb"[\r\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +37,10 @@ class SSEDecoder:
     """Feed bytes with ``feed``; call ``flush`` at end of stream for a trailing event."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
         self._skip_lf = False  # the previous chunk ended in \r: a leading \n belongs to it
         self._data: list[str] = []
+        self._data_size = 0  # characters of data so far in this event (bytes, near enough)
         self._event: str | None = None
         self._id: str | None = None
 
@@ -36,31 +50,27 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False
+        # The unterminated tail held no line end: scan only the new bytes (no rescans, no reslicing).
+        pos = start = 0
+        scan_from = len(self._buf)
         self._buf += chunk
+        buf = self._buf
         out: list[SSEEvent] = []
-        while True:
-            cut = self._line_end()
-            if cut is None:
-                return out
-            end, sep_len = cut
-            line = self._buf[:end]
-            self._buf = self._buf[end + sep_len :]
-            event = self._line(line.decode("utf-8", errors="replace"))
+        while (match := _LINE_END.search(buf, max(pos, scan_from))) is not None:
+            end = match.start()
+            if buf[end : end + 1] == b"\r" and end + 1 == len(buf):
+                self._skip_lf = True  # a \r at the very end: a \n may follow in the next chunk
+                pos = end + 1
+            else:
+                pos = end + (2 if buf[end : end + 2] == b"\r\n" else 1)
+            event = self._line(bytes(buf[start:end]).decode("utf-8", errors="replace"))
+            start = pos
             if event is not None:
                 out.append(event)
-
-    def _line_end(self) -> tuple[int, int] | None:
-        lf = self._buf.find(b"\n")
-        cr = self._buf.find(b"\r")
-        if cr == -1 and lf == -1:
-            return None
-        if cr == -1 or (lf != -1 and lf < cr):
-            return lf, 1
-        if cr + 1 < len(self._buf):
-            return cr, 2 if self._buf[cr + 1 : cr + 2] == b"\n" else 1
-        # A \r at the very end: the line is complete, but a \n may follow in the next chunk.
-        self._skip_lf = True
-        return cr, 1
+        del buf[:start]
+        if len(buf) > MAX_EVENT_BYTES:
+            raise StreamInterrupted(f"an SSE line is longer than {MAX_EVENT_BYTES} bytes", type="invalid_stream")
+        return out
 
     def _line(self, line: str) -> SSEEvent | None:
         if line == "":
@@ -71,6 +81,9 @@ class SSEDecoder:
         if colon and value.startswith(" "):
             value = value[1:]
         if name == "data":
+            self._data_size += len(value)
+            if self._data_size > MAX_EVENT_BYTES:
+                raise StreamInterrupted(f"an SSE event is longer than {MAX_EVENT_BYTES} bytes", type="invalid_stream")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -83,14 +96,14 @@ class SSEDecoder:
             self._event = None
             return None
         event = SSEEvent(data="\n".join(self._data), event=self._event, id=self._id)
-        self._data, self._event = [], None
+        self._data, self._data_size, self._event = [], 0, None
         return event
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: a last line without terminator, and an event without a blank line."""
         out: list[SSEEvent] = []
         if self._buf:
-            line, self._buf = self._buf, b""
+            line, self._buf = bytes(self._buf), bytearray()
             self._line(line.decode("utf-8", errors="replace"))
         event = self._dispatch()
         if event is not None:
