@@ -75,7 +75,9 @@ def create_app(settings: Settings | None = None) -> Celery:
             # Not an upstream failure (those end the job): Redis gone for longer than the client's
             # retries, or a bug. Celery would ack a failed task and strand the job as "running";
             # back to the queue instead. The job's attempt budget bounds how often this can repeat.
-            log.exception("job %s: delivery aborted; requeued", envelope.get("job_id"))
+            log.exception(
+                "job %s: delivery aborted; requeued", envelope.get("job_id") if isinstance(envelope, dict) else None
+            )
             raise Reject(f"delivery aborted: {err!r}", requeue=True) from err
         if outcome == "requeued":
             raise Reject("worker shutting down", requeue=True)

@@ -86,6 +86,26 @@ class EventSink:
             return await pipe.execute(raise_on_error=False)
 
 
+# Deepest delta relayed. Real ones are a few levels (tool_calls[].function.arguments); pydantic, which
+# every reader of the events parses them with, refuses JSON nested beyond ~255 levels.
+MAX_DELTA_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile value may be very deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DELTA_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 class Fenced(Exception):
     """The job is no longer ours to write: it ended, expired, or another attempt owns it."""
 
@@ -128,9 +148,15 @@ class EventWriter:
             self._flusher = asyncio.create_task(self._flush_loop())
 
     def emit_delta(self, attempt: int, index: int, delta: dict[str, Any]) -> None:
-        """``emit("delta", ...)`` without the model round trip (the per-chunk hot path)."""
+        """``emit("delta", ...)`` without the model round trip (the per-chunk hot path).
+
+        Raises:
+            ValueError: the delta nests deeper than ``MAX_DELTA_DEPTH`` (readers could not parse it).
+        """
         if self._error is not None:
             raise self._error
+        if not all(type(v) is str for v in delta.values()) and _depth(delta) > MAX_DELTA_DEPTH:
+            raise ValueError(f"a delta nested more than {MAX_DELTA_DEPTH} levels deep")
         self._pending.append(delta_body(self.job_id, attempt, index, delta))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())

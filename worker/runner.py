@@ -9,6 +9,7 @@ delivery can neither add to nor end a job that another one owns.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -18,11 +19,12 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from producers.eventlog import append_args, event_body
 from producers.keys import Keys
 from producers.wire import JobEnvelope
 from worker import metrics
 from worker.assemble import StreamAssembler
-from worker.errors import RateLimited, UpstreamError, UpstreamUnavailable
+from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
 from worker.events import EventSink, EventWriter, Fenced
 from worker.ratelimit import Limiter
@@ -32,6 +34,9 @@ from worker.upstream import Upstream, stream_chat
 from worker.usage import Price, cost_usd, token_counts
 
 log = logging.getLogger("moonq.worker")
+
+# What reading a chunk of the wrong shape raises in the assembler or the event encoder.
+MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
 
 # KEYS[1] job hash. ARGV[1] owner token, ARGV[2] ttl_s, ARGV[3] model, ARGV[4] enqueued_at,
 # ARGV[5] envelope JSON (to rebuild a record that expired while queued), ARGV[6] stale_ms: an
@@ -118,6 +123,31 @@ async def _claim(ctx: JobContext, envelope: JobEnvelope, owner: str) -> tuple[st
         if verdict != "busy":
             return verdict, int(attempt), int(seq)
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
+    """A task message this node cannot read as a ``JobEnvelope``: never retried, never lost silently.
+
+    Logged once; if it names a job whose record exists, that job ends ``failed`` (type
+    ``invalid_envelope``, the message naming the field) and goes to the dead letters. The caller
+    acknowledges the message: delivering it again could only fail the same way.
+    """
+    job_id = raw.get("job_id") if isinstance(raw, dict) else None
+    log.error("event=invalid_envelope job_id=%s problem=%r", job_id, problem[:500])
+    if not isinstance(job_id, str) or not await ctx.redis.exists(ctx.keys.job(job_id)):
+        return "failed"
+    now = time.time()
+    info = {"type": "invalid_envelope", "message": f"the task message is not a job this worker can run: {problem}"}
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(ctx.keys.failed, {job_id: now})
+        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
+        await pipe.execute()
+    fields = {"status": "failed", "error": json.dumps(info), "finished_at": str(now)}
+    keys, argv = append_args(
+        ctx.keys, job_id, [event_body(job_id, "failed", error=info)], ttl_s=ctx.settings.result_ttl_s, fields=fields
+    )
+    await ctx.append(keys=keys, args=argv)
+    return "failed"
 
 
 async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | None = None) -> Outcome:
@@ -245,12 +275,20 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
             first_token = True
             async for chunk in stream_chat(ctx.http, request):
-                for index, delta in assembler.feed(chunk):
-                    writer.emit_delta(attempt, index, delta)
-                    # The role-only opening chunk is not a token; reasoning, text or a tool call is.
-                    if first_token and any(delta.get(k) for k in ("content", "reasoning_content", "tool_calls")):
-                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
-                        first_token = False
+                try:
+                    pieces = assembler.feed(chunk)
+                    for index, delta in pieces:
+                        writer.emit_delta(attempt, index, delta)
+                except MALFORMED as err:
+                    # JSON, but not in the shape of a chunk (an index that is not a number, a delta that
+                    # is not an object, nesting too deep to relay): the stream is broken, not the node.
+                    raise StreamInterrupted(f"undecodable chunk: {err!r}"[:300], type="invalid_chunk") from err
+                # The role-only opening chunk is not a token; reasoning, text or a tool call is.
+                if first_token and any(
+                    d.get(k) for _, d in pieces for k in ("content", "reasoning_content", "tool_calls")
+                ):
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - sent)
+                    first_token = False
         result = assembler.finish()
         status = 200
         usage = result.get("usage") or {}

@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -26,7 +27,7 @@ from producers.wire import JobEnvelope
 from worker.events import EventSink
 from worker.keepalive import keepalive
 from worker.ratelimit import Limiter
-from worker.runner import CLAIM_LUA, JobContext, Outcome, run_job
+from worker.runner import CLAIM_LUA, JobContext, Outcome, reject_envelope, run_job
 from worker.settings import Settings
 from worker.upstream import build_client
 from worker.usage import load_prices
@@ -117,9 +118,14 @@ class Runtime:
                 log.warning("listener lost its Redis connection; resubscribing", exc_info=True)
                 await asyncio.sleep(1.0)
 
-    def submit(self, envelope: dict[str, Any], delivery_tag: str | None = None) -> Future[Outcome]:
+    def submit(self, envelope: Any, delivery_tag: str | None = None) -> Future[Outcome]:
         assert self.ctx is not None, "Runtime.start() first"
-        job = JobEnvelope.model_validate(envelope)
+        try:
+            job = JobEnvelope.model_validate(envelope)
+        except ValidationError as err:
+            # A poison message (another version's envelope, a hand-made one): ended, not redelivered.
+            problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'envelope'}: {e['msg']}" for e in err.errors())
+            return asyncio.run_coroutine_threadsafe(reject_envelope(self.ctx, envelope, problem), self.loop)
         return asyncio.run_coroutine_threadsafe(run_job(self.ctx, job, delivery_tag), self.loop)
 
     def run(self, envelope: dict[str, Any], delivery_tag: str | None = None) -> Outcome:

@@ -110,10 +110,15 @@ async def _post(client: Upstream, body: bytes) -> aiohttp.ClientResponse:
         return await client.session.post(client.url, data=body)
 
 
+def _no_constant(name: str) -> None:
+    """NaN and +/-Infinity are not JSON: read as null, so they never reach an event or a record."""
+    return None
+
+
 def _decode(data: str) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
-    except ValueError as err:
+        chunk = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:
         raise StreamInterrupted(f"undecodable chunk: {data[:200]!r}", type="invalid_chunk") from err
     if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
         # An error sent inside the stream (the OpenAI SDK treats it the same way).
