@@ -6,6 +6,9 @@ reads the environment; everything else gets a ``Settings`` passed in.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from producers.settings import ClientSettings
@@ -18,6 +21,11 @@ class Settings(ClientSettings):
 
     moonshot_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("MOONSHOT_API_KEY", "moonshot_api_key")
+    )
+    # Or a file holding the key (a Docker/Kubernetes secret mounted at /run/secrets/...): read once at
+    # start, surrounding whitespace dropped; MOONSHOT_API_KEY wins when both are set.
+    moonshot_api_key_file: str | None = Field(
+        default=None, validation_alias=AliasChoices("MOONSHOT_API_KEY_FILE", "moonshot_api_key_file")
     )
     moonshot_base_url: str = Field(
         default="https://api.moonshot.ai/v1", validation_alias=AliasChoices("MOONSHOT_BASE_URL", "moonshot_base_url")
@@ -66,6 +74,24 @@ class Settings(ClientSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_stale_s: float = Field(default=15.0, gt=0)
     visibility_timeout_s: float = Field(default=20.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        names = ("moonshot_api_key", "MOONSHOT_API_KEY")
+        path = data.get("moonshot_api_key_file") or data.get("MOONSHOT_API_KEY_FILE")
+        if path and not any(data.get(n) for n in names):
+            try:
+                key = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as err:
+                # The error names the file, never its content.
+                raise ValueError(f"MOONSHOT_API_KEY_FILE {path}: {err.strerror}") from None
+            if not key:
+                raise ValueError(f"MOONSHOT_API_KEY_FILE {path} is empty")
+            data = {**{k: v for k, v in data.items() if k not in names}, "moonshot_api_key": key}
+        return data
 
     @model_validator(mode="after")
     def _liveness_order(self) -> Settings:
