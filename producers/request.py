@@ -293,8 +293,17 @@ class ChatRequest(_Open):
                 )
 
     def to_payload(self) -> dict[str, Any]:
-        """The JSON body to send upstream: what the caller set, unknown fields included."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        """The JSON body to send upstream: what the caller set, unknown fields included.
+
+        Raises:
+            InvalidRequest: the body is larger than the API accepts (``MAX_REQUEST_BYTES``).
+        """
+        payload = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        size = len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > MAX_REQUEST_BYTES:
+            limit = f"must be at most {MAX_REQUEST_BYTES // 2**20} MB as JSON (the API's limit)"
+            raise InvalidRequest([("request", f"{limit}; got {size:,} bytes")])
+        return payload
 
 
 def _scalar_problem(value: Any) -> str | None:
@@ -412,6 +421,10 @@ def format_validation_error(exc: ValidationError) -> InvalidRequest:
         found.setdefault(field, rule)
     keep = [(f, r) for f, r in found.items() if not any(o.startswith(f + ".") for o in found)]
     return InvalidRequest(keep)
+
+
+# The API's request body limit (MOONSHOT_API.md §2: base64 video included); checked before enqueueing.
+MAX_REQUEST_BYTES = 100 * 2**20
 
 
 def validate_request(request: Any) -> ChatRequest:

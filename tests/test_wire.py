@@ -262,3 +262,11 @@ def test_public_surface() -> None:
     }
     for name in producers.__all__:
         assert getattr(producers, name).__module__.startswith("producers."), name
+
+
+def test_a_request_over_the_apis_body_limit_is_refused_before_enqueueing() -> None:
+    from producers.request import MAX_REQUEST_BYTES, validate_request
+
+    huge = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}
+    with pytest.raises(InvalidRequest, match=r"request: must be at most 100 MB as JSON \(the API.s limit\); got 104,"):
+        validate_request(huge).to_payload()
