@@ -119,6 +119,16 @@ def test_tpm_reserves_and_refunds(redis_url: str) -> None:
     assert empty_wait >= 0.4
 
 
+def test_a_reservation_is_capped_at_one_minute_of_tokens(redis_url: str) -> None:
+    async def body(limiter: Callable[..., Limiter]) -> int:
+        lim = limiter(Limits(tpm=60_000, tpm_burst=60_000 - 1))
+        lease = await lim.acquire(10**12, priority=5, enqueued_at_s=time.time())  # max_completion_tokens: 1e12
+        await lim.release(lease, used_tokens=0)  # the upstream refused it: everything comes back
+        return lease.reserved_tokens
+
+    assert run(redis_url, body) == 60_000
+
+
 def test_waiters_are_served_in_priority_then_arrival_order(redis_url: str) -> None:
     async def body(limiter: Callable[..., Limiter]) -> list[str]:
         a, b = limiter(Limits(max_inflight=1)), limiter(Limits(max_inflight=1))

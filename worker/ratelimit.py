@@ -155,6 +155,10 @@ class Limiter:
     async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
         """Wait, in (priority, enqueue time) order, until the fleet has room for one call of this cost."""
         loop = asyncio.get_running_loop()
+        if self.limits.tpm is not None:
+            # A call bigger than a whole minute's tokens (an absurd max_completion_tokens) reserves one
+            # minute, not a debt that would hold the fleet back for hours; the upstream refuses it anyway.
+            cost_tokens = min(cost_tokens, self.limits.tpm)
         waiter = _Waiter(rank(priority, enqueued_at_s), next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heap, waiter)
         self._wake.set()
