@@ -3,7 +3,9 @@
 Writers (the worker, and a producer cancelling a queued job) go through ``APPEND_LUA``, so
 sequence numbers, the replay log, the live channel and the job record never disagree.
 Readers subscribe first, then replay the log, then follow the channel, filling any gap from
-the log: pub/sub alone is at-most-once, the log makes it exactly-once for the reader.
+the log: pub/sub alone is at-most-once, the log makes it exactly-once for the reader. The log
+keeps a job's newest ``max_events_per_job`` entries: a reader who falls further behind than
+that (or arrives that late) goes on from the oldest entry kept, and never waits for one trimmed.
 """
 
 from __future__ import annotations
