@@ -26,6 +26,16 @@ from producers.wire import (
     validate_request,
 )
 
+# HSET on a job record that may have expired meanwhile: without the check, it would make a new
+# record with only that field and no TTL, which nothing would ever delete.
+SET_IF_EXISTS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 
 class Client:
     """A connection to one moonq queue.
@@ -43,6 +53,7 @@ class Client:
         self.redis = redis.Redis.from_url(settings.redis_url)
         self._append = self.redis.register_script(APPEND_LUA)
         self._claim_key = self.redis.register_script(IDEMPOTENCY_LUA)
+        self._set_field = self.redis.register_script(SET_IF_EXISTS_LUA)
         self._celery = producer_app(settings)
 
     def submit(
@@ -90,7 +101,7 @@ class Client:
                 return self._existing(first.decode(), digest, idempotency_key)
         self._send(envelope)
         if idempotency_key is not None:
-            self.redis.hset(job_key, "sent", "1")
+            self._mark(envelope.job_id, "sent", "1")
         return Job(self, envelope.job_id)
 
     def submit_many(
@@ -160,8 +171,12 @@ class Client:
         if rec.get("status") == "queued" and rec.get("sent") != "1":
             if time.time() - float(rec.get("enqueued_at") or 0) > RESEND_AFTER_S:
                 self._send(JobEnvelope.model_validate_json(rec["envelope"]))
-                self.redis.hset(self.keys.job(job_id), "sent", "1")
+                self._mark(job_id, "sent", "1")
         return job
+
+    def _mark(self, job_id: str, field: str, value: str) -> bool:
+        """Set one field of a job's record, only while the record exists (never a record without a TTL)."""
+        return bool(self._set_field(keys=[self.keys.job(job_id)], args=[field, value]))
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters: jobs that ended ``failed``, newest first."""
@@ -336,7 +351,7 @@ class Job:
         rec = self.record()
         if is_terminal(rec["status"]):
             return False
-        r.hset(keys.job(self.id), "cancel_requested", "1")
+        self.client._mark(self.id, "cancel_requested", "1")
         # Still queued: end it here and now; the worker that later receives it will skip it.
         k, argv = append_args(
             keys,

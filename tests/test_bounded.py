@@ -314,3 +314,13 @@ def test_every_key_expires_or_has_an_owner(stack: dict[str, Any], gateway: str, 
         assert unbounded_keys(r, settings.prefix) == []
     finally:
         r.close()
+
+
+def test_marking_an_expired_record_does_not_bring_it_back_without_a_ttl(redis_url: str) -> None:
+    """The producer's late writes (``sent``, ``cancel_requested``) only touch a record that still exists."""
+    settings = ClientSettings(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    with Client(settings=settings) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]})
+        client.redis.delete(settings.keys.job(job.id))  # as if it expired just before the write
+        assert client._mark(job.id, "sent", "1") is False
+        assert not client.redis.exists(settings.keys.job(job.id))
