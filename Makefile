@@ -42,8 +42,8 @@ all: lint typecheck test
 demo: install check-redis
 	$(BIN)/moonq demo
 
-# Every benchmark in turn (~17 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
-bench: bench-limiter bench-enqueue bench-perf bench-batch
+# Every benchmark in turn (~20 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
+bench: bench-limiter bench-enqueue bench-perf bench-batch bench-soak
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -148,3 +150,28 @@ class SimServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp, *, lifespan: bool = False, host: str = "127.0.0.1") -> Iterator[str]:
+    """``app`` served by uvicorn in a daemon thread on a free port; yields ``http://host:port``.
+
+    For tests and local tools: the gateway (``lifespan=True`` closes its Redis connections at the
+    end), a hand-written upstream, anything ASGI.
+    """
+    sock = bind_socket(host, 0)
+    server = build_server(app)
+    if lifespan:
+        server.config.lifespan = "on"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

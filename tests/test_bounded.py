@@ -29,7 +29,7 @@ from producers.gateway import GatewaySettings, create_app
 from producers.local import RedisServer, WorkerProcess, free_port
 from producers.settings import ClientSettings
 from simulator import SimConfig, SimServer
-from simulator.server import bind_socket, build_server
+from simulator.server import serve_in_thread
 from tests.conftest import API_KEY, FAST
 
 CAP = 40  # MOONQ_MAX_EVENTS_PER_JOB of the node under test
@@ -116,17 +116,8 @@ def gateway(stack: dict[str, Any]) -> Iterator[str]:
     settings = GatewaySettings(
         redis_url=stack["settings"].redis_url, prefix=stack["settings"].prefix, gateway_tokens=TOKEN
     )
-    sock = bind_socket("127.0.0.1", 0)
-    server = build_server(create_app(settings))
-    server.config.lifespan = "on"
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(create_app(settings), lifespan=True) as url:
+        yield url
 
 
 def sim_script(*steps: str) -> dict[str, Any]:

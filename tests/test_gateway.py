@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 
 from producers import Client
 from producers.gateway import GatewaySettings, create_app
-from simulator.server import bind_socket, build_server
+from simulator.server import serve_in_thread
 from worker.settings import Settings
 
 TOKEN = "gw-test-token-1"
@@ -28,17 +27,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 @pytest.fixture(scope="module")
 def gateway(redis_url: str) -> Iterator[str]:
     settings = GatewaySettings(redis_url=redis_url, gateway_tokens=f"other-token, {TOKEN}")
-    sock = bind_socket("127.0.0.1", 0)
-    server = build_server(create_app(settings))
-    server.config.lifespan = "on"  # the app closes its Redis connections at shutdown
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(create_app(settings), lifespan=True) as url:  # the app closes its Redis at shutdown
+        yield url
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ back as a completion (no job is lost).
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 
 from producers.gateway import GatewaySettings, create_app
 from producers.request import MAX_JSON_DEPTH, validate_request
-from simulator.server import bind_socket, build_server
+from simulator.server import serve_in_thread
 from tests.test_hostile import nested
 
 TOKEN = "gw-hostile-token"
@@ -31,19 +29,8 @@ USER = [{"role": "user", "content": "hi"}]
 @contextmanager
 def serve_gateway(settings: GatewaySettings) -> Iterator[str]:
     """The gateway on a free port, served by uvicorn in a thread, as users run it."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = build_server(create_app(settings))
-    server.config.lifespan = "on"
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(create_app(settings), lifespan=True) as url:
+        yield url
 
 
 LIMIT = 256 * 1024

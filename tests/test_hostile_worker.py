@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,7 +33,7 @@ from producers.broker import producer_app
 from producers.gateway import GatewaySettings
 from producers.local import WorkerProcess
 from producers.wire import TASK_NAME, JobEnvelope
-from simulator.server import bind_socket, build_server
+from simulator.server import serve_in_thread
 from tests.conftest import make_settings, node_env
 from tests.test_hostile import nested
 from tests.test_hostile_gateway import serve_gateway
@@ -118,16 +117,8 @@ async def chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    sock = bind_socket("127.0.0.1", 0)
-    server = build_server(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
