@@ -165,14 +165,19 @@ class Client:
         if first_digest != digest:
             raise InvalidRequest([("idempotency_key", f"{key!r} was used for a different request (job {job_id})")])
         job = Job(self, job_id)
-        rec = job_record(self.redis, self.keys, job_id)
-        # The first submitter died between recording the job and sending its message: send it now.
-        # (A duplicate message is harmless: the claim runs a job once.)
-        if rec.get("status") == "queued" and rec.get("sent") != "1":
+        # Recorded but not (yet) sent: the first submitter is sending it now, or died before it could.
+        # Wait until it is sent or RESEND_AFTER_S old, then send it ourselves; returning without
+        # either could leave the job queued forever. (A duplicate message is harmless: the claim runs
+        # a job once.)
+        while True:
+            rec = job_record(self.redis, self.keys, job_id)
+            if rec.get("status") != "queued" or rec.get("sent") == "1":
+                return job
             if time.time() - float(rec.get("enqueued_at") or 0) > RESEND_AFTER_S:
                 self._send(JobEnvelope.model_validate_json(rec["envelope"]))
                 self._mark(job_id, "sent", "1")
-        return job
+                return job
+            time.sleep(0.1)
 
     def _mark(self, job_id: str, field: str, value: str) -> bool:
         """Set one field of a job's record, only while the record exists (never a record without a TTL)."""

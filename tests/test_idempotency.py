@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from producers import Client, InvalidRequest
+from producers.client import RESEND_AFTER_S
 from producers.wire import JobEnvelope
 from worker.settings import Settings
 
@@ -46,6 +47,18 @@ def test_a_submitter_that_died_before_sending_is_covered(fresh_prefix: Settings,
         r.hdel(key, "sent")
         r.hset(key, "enqueued_at", float(r.hget(key, "enqueued_at") or 0) - 10)
         again = client.submit(REQ, idempotency_key="crash")
+    assert again.id == first.id and queued(r, fresh_prefix) == 1
+
+
+def test_a_submitter_that_died_just_now_is_covered_too(fresh_prefix: Settings, r: redis.Redis) -> None:
+    """The second submitter comes while the record is fresh: it waits for the send, then sends itself."""
+    with Client(settings=fresh_prefix) as client:
+        first = client.submit(REQ, idempotency_key="fresh-crash")
+        r.delete(*r.keys(f"{fresh_prefix.prefix}:{fresh_prefix.queue}*"))
+        key = fresh_prefix.keys.job(first.id)
+        r.hdel(key, "sent")
+        r.hset(key, "enqueued_at", float(r.hget(key, "enqueued_at") or 0) - (RESEND_AFTER_S - 0.5))
+        again = client.submit(REQ, idempotency_key="fresh-crash")
     assert again.id == first.id and queued(r, fresh_prefix) == 1
 
 
