@@ -129,7 +129,8 @@ class AsyncJob:
                     continue
                 inbox.ready.clear()
                 try:
-                    await asyncio.wait_for(inbox.ready.wait(), poll_s)
+                    async with asyncio.timeout(poll_s):  # no task per wait, unlike wait_for
+                        await inbox.ready.wait()
                 except TimeoutError:
                     read_log = True
                     if not await r.exists(keys.job(self.id)):

@@ -90,7 +90,9 @@ class Fanout:
         pubsub = self._ensure_pubsub()
         while True:
             try:
-                msg = await pubsub.get_message(timeout=1.0)
+                # Blocking read (no per-message timeout to arm): subscribe/unsubscribe from other
+                # tasks still go out on the same connection meanwhile.
+                msg = await pubsub.get_message(timeout=None)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
