@@ -47,7 +47,7 @@ class Settings(ClientSettings):
     prices_file: str | None = None
     # Jobs one node runs at once. LLM calls wait on the network, not the CPU: a node holds
     # many in flight on an asyncio loop, each Celery thread only waits for its job's future
-    # (~60 KiB per job in flight; see BENCHMARKS.md, "Node performance").
+    # (~70 KiB per job in flight; see BENCHMARKS.md, "Node performance").
     concurrency: int = Field(default=1000, ge=1)
     # Connections of the node's Redis pool, shared by all its jobs (they queue for one when all are busy).
     redis_max_connections: int = Field(default=50, ge=4)
