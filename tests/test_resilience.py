@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from producers import Client
+from producers import AsyncClient, Client
 from producers.eventlog import read_log
 from producers.local import RedisServer, WorkerProcess
 from producers.wire import Event
@@ -116,10 +118,21 @@ def test_redis_restart_mid_stream(slow_sim: SimServer) -> None:
         with WorkerProcess(env) as node, Client(settings=settings) as client:
             jobs = [client.submit(LONG) for _ in range(4)]
             wait_until(lambda: streaming(client, [j.id for j in jobs]), 20, "jobs streaming")
+            # An AsyncClient follower rides the restart too (its one shared pub/sub connection drops).
+            followed: list[Any] = []
+
+            async def follow() -> None:
+                async with AsyncClient(settings=settings) as aclient:
+                    followed.extend([e async for e in aclient.job(jobs[0].id).events(poll_s=0.5)])
+
+            follower = threading.Thread(target=asyncio.run, args=(follow(),))
+            follower.start()
             server.restart(down_s=1.0)
             for job in jobs:
                 job.result(timeout=60)
                 assert_one_clean_ending(list(job.events()))
+            follower.join(timeout=30)
+            assert [e.seq for e in followed] == [e.seq for e in jobs[0].events()]  # nothing lost, nothing twice
             # The node carries on taking new work after the restart.
             assert client.submit(LONG).result(timeout=30).choices[0].message.content
             assert node.proc is not None and node.proc.poll() is None

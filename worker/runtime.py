@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producers.eventlog import APPEND_LUA
 from producers.wire import JobEnvelope
@@ -52,7 +54,7 @@ def connect(settings: Settings) -> Redis:
         timeout=POOL_WAIT_S,
         retry=retry,
         # OSError: a refused connect while Redis restarts is a socket error before redis-py wraps it.
-        retry_on_error=[ConnectionError, TimeoutError, OSError],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
         health_check_interval=30,
         socket_keepalive=True,
     )
