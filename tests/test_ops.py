@@ -43,12 +43,12 @@ HISTOGRAMS = {
 }  # fmt: skip
 GAUGES = {
     "moonq_jobs_in_progress", "moonq_queue_depth", "moonq_ratelimit_limit", "moonq_ratelimit_available",
-    "moonq_ratelimit_cooldown_seconds",
+    "moonq_ratelimit_cooldown_seconds", "moonq_redis_memory_bytes",
 }  # fmt: skip
 SERIES = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "count", "sum")} | {"up"}
 ALERTS = {
     "MoonqNoWorkersUp", "MoonqHighErrorRate", "MoonqRetryStorm", "MoonqQueueGrowing", "MoonqP95LatencyHigh",
-    "MoonqQuotaSaturation", "MoonqUpstreamCooldown", "MoonqCostBurn",
+    "MoonqQuotaSaturation", "MoonqUpstreamCooldown", "MoonqCostBurn", "MoonqRedisMemoryHigh",
 }  # fmt: skip
 
 # Grafana's variables as the test Prometheus should see them; an unknown variable fails the test.

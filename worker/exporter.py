@@ -37,7 +37,7 @@ def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> floa
 
 
 class RedisCollector(Collector):
-    """Queue depth (from the broker) and limiter headroom (from Redis), read on each scrape."""
+    """Queue depth (from the broker), limiter headroom and Redis memory (from Redis), read on each scrape."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -63,7 +63,8 @@ class RedisCollector(Collector):
         pipe.hmget(f"{p}:tpm", "tokens", "ts")
         pipe.get(f"{p}:cooldown")
         pipe.zrangebyscore(f"{p}:inflight", "-inf", "+inf", withscores=True)
-        (sec, usec), rpm, tpm, cooldown, leases = pipe.execute()
+        pipe.info("memory")
+        (sec, usec), rpm, tpm, cooldown, leases, memory = pipe.execute()
         now_ms = sec * 1000 + usec / 1000
         limits = s.limits
         limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
@@ -89,6 +90,15 @@ class RedisCollector(Collector):
         )
         cool.add_metric([], max(0.0, (float(cooldown or 0) - now_ms) / 1000))
         yield cool
+        # moonq's keys are not a cache (noeviction, ops/README.md): a full Redis refuses new jobs.
+        mem = GaugeMetricFamily(
+            "moonq_redis_memory_bytes",
+            "Memory of the Redis holding jobs and events: used, and the maxmemory limit (0 = none).",
+            labels=["kind"],
+        )
+        mem.add_metric(["used"], float(memory.get("used_memory", 0)))
+        mem.add_metric(["max"], float(memory.get("maxmemory", 0)))
+        yield mem
 
 
 _started: dict[int, str] = {}
