@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.fleets import clean_env
-from bench.perf import PREFIX, Node, Sim
+from bench.perf import PREFIX, Node, Sim, status_kib
 from bench.report import write_section
 from producers.local import RedisServer
 
@@ -39,14 +39,6 @@ def write_input(path: Path, lines: int) -> None:
             body = {"model": "moonshot-v1-8k", "max_tokens": 16, "messages": messages}
             line = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
             f.write(json.dumps(line) + "\n")
-
-
-def status_kib(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    except (FileNotFoundError, StopIteration, ProcessLookupError):
-        return 0
 
 
 @dataclass

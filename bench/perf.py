@@ -97,9 +97,17 @@ class Sim:
             stop_all([self.proc], timeout_s=10)
 
 
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` figure in KiB (VmRSS, VmHWM, ...); 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (FileNotFoundError, StopIteration, ProcessLookupError):
+        return 0
+
+
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return status_kib(pid, "VmRSS")
 
 
 def cpu_s(pid: int) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from bench.fleets import API_KEY, clean_env
-from bench.perf import Sim
+from bench.perf import Sim, status_kib
 from bench.report import write_section
 from producers import Client, Job
 from producers.local import RedisServer, WorkerProcess, free_port
@@ -86,14 +86,6 @@ class Soak:
     samples: list[Sample] = field(default_factory=list)
 
 
-def proc_status(pid: int, name: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
-    except (FileNotFoundError, StopIteration, ProcessLookupError):
-        return 0
-
-
 class Sampler:
     """Samples Redis memory and the node's RSS every ``SAMPLE_S`` in a thread."""
 
@@ -111,8 +103,8 @@ class Sampler:
             int(info["used_memory_dataset"]),
             int(self.r.info("clients")["connected_clients"]),
             int(self.r.dbsize()),
-            proc_status(self.pid, "VmRSS"),
-            proc_status(self.pid, "Threads"),
+            status_kib(self.pid, "VmRSS"),
+            status_kib(self.pid, "Threads"),
         )
 
     def _run(self) -> None:

@@ -38,27 +38,22 @@ def test_same_key_with_another_request_is_refused(fresh_prefix: Settings, r: red
     assert queued(r, fresh_prefix) == 1
 
 
-def test_a_submitter_that_died_before_sending_is_covered(fresh_prefix: Settings, r: redis.Redis) -> None:
+@pytest.mark.parametrize(
+    ("key", "age_s"),
+    # Long enough ago: sent at once. Just now: waits for the first submitter's send, then sends itself.
+    [("crash", 10.0), ("fresh-crash", RESEND_AFTER_S - 0.5)],
+)
+def test_a_submitter_that_died_before_sending_is_covered(
+    fresh_prefix: Settings, r: redis.Redis, key: str, age_s: float
+) -> None:
     with Client(settings=fresh_prefix) as client:
-        first = client.submit(REQ, idempotency_key="crash")
-        # As if it had died between recording the job and sending its message, 10 s ago.
+        first = client.submit(REQ, idempotency_key=key)
+        # As if it had died between recording the job and sending its message, age_s ago.
         r.delete(*r.keys(f"{fresh_prefix.prefix}:{fresh_prefix.queue}*"))
-        key = fresh_prefix.keys.job(first.id)
-        r.hdel(key, "sent")
-        r.hset(key, "enqueued_at", float(r.hget(key, "enqueued_at") or 0) - 10)
-        again = client.submit(REQ, idempotency_key="crash")
-    assert again.id == first.id and queued(r, fresh_prefix) == 1
-
-
-def test_a_submitter_that_died_just_now_is_covered_too(fresh_prefix: Settings, r: redis.Redis) -> None:
-    """The second submitter comes while the record is fresh: it waits for the send, then sends itself."""
-    with Client(settings=fresh_prefix) as client:
-        first = client.submit(REQ, idempotency_key="fresh-crash")
-        r.delete(*r.keys(f"{fresh_prefix.prefix}:{fresh_prefix.queue}*"))
-        key = fresh_prefix.keys.job(first.id)
-        r.hdel(key, "sent")
-        r.hset(key, "enqueued_at", float(r.hget(key, "enqueued_at") or 0) - (RESEND_AFTER_S - 0.5))
-        again = client.submit(REQ, idempotency_key="fresh-crash")
+        record = fresh_prefix.keys.job(first.id)
+        r.hdel(record, "sent")
+        r.hset(record, "enqueued_at", float(r.hget(record, "enqueued_at") or 0) - age_s)
+        again = client.submit(REQ, idempotency_key=key)
     assert again.id == first.id and queued(r, fresh_prefix) == 1
 
 
