@@ -726,9 +726,11 @@ def main() -> None:
         plain_direct, plain_s = plain_celery(url, log_dir, args.plain_jobs)
     print(f"  plain celery N={args.plain_jobs}: {plain_s:.1f} s (direct {plain_direct:.1f} s)", flush=True)
     text = section(caps, info, (args.plain_jobs, plain_direct, plain_s), ov, rl, args, time.monotonic() - t0)
-    pngs = plots(caps, rl, REPO / "bench" / "plots")
+    # Plots beside the report: bench/plots for BENCHMARKS.md, <out>-plots/ for a trial run elsewhere.
+    plot_dir = Path("bench/plots") if args.out.resolve() == (REPO / "BENCHMARKS.md") else Path(args.out.stem + "-plots")
+    pngs = plots(caps, rl, args.out.resolve().parent / plot_dir)
     if pngs:
-        text += "\n" + "\n".join(f"![{p.stem}](bench/plots/{p.name})" for p in pngs) + "\n"
+        text += "\n" + "\n".join(f"![{p.stem}]({plot_dir / p.name})" for p in pngs) + "\n"
     print(text)
     write_section(args.out, SECTION, text)
 
