@@ -31,15 +31,19 @@ class UpstreamBusy(Exception):
     """The upstream said 429 or 5xx: worth another try later."""
 
 
+# What every plain-Celery baseline app is configured with (bench/celery_plain.py adds late acks).
+PLAIN_CONF = {
+    "task_serializer": "json",
+    "accept_content": ["json"],
+    "task_ignore_result": True,
+    "broker_connection_retry_on_startup": True,
+    "worker_hijack_root_logger": False,
+}
+
+
 def make_app(broker_url: str, base_url: str = "", rate_limit: str | None = None, api_key: str = "sk-bench") -> Celery:
     app = Celery("bench_baseline", broker=broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
+    app.conf.update(PLAIN_CONF)
     local = threading.local()
     counters = redis.Redis.from_url(broker_url)
 

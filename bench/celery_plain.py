@@ -22,20 +22,15 @@ from typing import Any
 import redis
 from celery import Celery
 
+from bench.celery_baseline import PLAIN_CONF
+
 NOOP, OPENAI_CHAT = "bench.noop", "bench.openai_chat"
 DONE_KEY = "bench:plain:done"
 
 
 def make_app(broker_url: str, base_url: str = "", api_key: str = "sk-bench") -> Celery:
     app = Celery("bench_plain", broker=broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        task_acks_late=True,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
+    app.conf.update(PLAIN_CONF, task_acks_late=True)
     state: dict[str, Any] = {}
 
     def counters() -> redis.Redis:

@@ -439,21 +439,25 @@ class Relay:
     rounds: list[tuple[list[float], list[float], list[float], list[float]]]
     node_cpu: float = 0.0  # CPU seconds the node used over its rounds (claims, streams, writes)
 
+    def pooled(self, path: int) -> list[float]:
+        """Every round's samples of one path (an index into a round)."""
+        return [v for r in self.rounds for v in r[path]]
+
     @property
     def moonq(self) -> list[float]:
-        return [v for r in self.rounds for v in r[0]]
+        return self.pooled(0)
 
     @property
     def upstream(self) -> list[float]:
-        return [v for r in self.rounds for v in r[1]]
+        return self.pooled(1)
 
     @property
     def direct(self) -> list[float]:
-        return [v for r in self.rounds for v in r[2]]
+        return self.pooled(2)
 
     @property
     def relayed(self) -> list[float]:
-        return [v for r in self.rounds for v in r[3]]
+        return self.pooled(3)
 
     def median_pct(self, path: int, q: float) -> float:
         """The median over rounds of each round's ``q`` percentile of one path (an index into a round)."""

@@ -13,13 +13,8 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from producers.client import Client, _is_terminal_message, outcome_of
+from producers.connect import resilient_redis
 from producers.errors import JobNotFound, JobTimeout
 from producers.eventlog import decode_record, parse_entries
 from producers.fanout import Fanout
@@ -37,19 +32,9 @@ class AsyncClient:
         self._sync = Client(redis_url, settings=settings)
         self.settings = self._sync.settings
         self.keys: Keys = self._sync.keys
-        # Blocking and bounded: a burst of reads queues for a connection instead of failing past
-        # the pool's size; followers share one pub/sub connection (producers/fanout.py). Commands
-        # retry with backoff for about a minute, so a follower rides out a Redis restart.
-        self.redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                self.settings.redis_url,
-                max_connections=max_connections,
-                timeout=30,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), retries=20),
-                # OSError: a refused connect while Redis restarts, before redis-py wraps it.
-                retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
-            )
-        )
+        # Bounded, blocking, retrying (producers/connect.py); followers share one pub/sub connection
+        # (producers/fanout.py), so a follower rides out a Redis restart and many fit in a small pool.
+        self.redis = resilient_redis(self.settings.redis_url, max_connections=max_connections)
         self.fanout = Fanout(self.redis)
 
     async def submit(

@@ -7,8 +7,9 @@ trip per batch rather than per chunk, while a slow stream still sends each delta
 record's final fields, atomically.
 
 Across jobs, ``EventSink`` gathers the calls of every job of the process into one pipeline per
-round trip: a hundred streams at 50 chunks/s each cost the node a few hundred pipelines a second
-instead of five thousand separate commands (each paying redis-py's pool checkout and timeout).
+round trip, instead of one command each paying redis-py's pool checkout and timeout (200
+concurrent calls go out in under 20 pipelines, tests/test_event_sink.py; the relay figures it
+bought are in BENCHMARKS.md, "What profiling found").
 """
 
 from __future__ import annotations
@@ -115,7 +116,6 @@ class EventWriter:
 
     def __init__(
         self,
-        redis: Redis,
         sink: EventSink,
         keys: Keys,
         job_id: str,
@@ -125,7 +125,6 @@ class EventWriter:
         seq: int,
         max_events: int = 0,
     ) -> None:
-        self._redis = redis
         self._sink = sink
         self._keys = keys
         self.job_id = job_id
@@ -136,16 +135,10 @@ class EventWriter:
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self.seq = seq  # the last seq in the log, as this writer knows it
-        self.events_written = 0
-        self.round_trips = 0
 
     def emit(self, type: str, **fields: Any) -> None:
         """Queue an event; it is sent as soon as the previous batch is acknowledged."""
-        if self._error is not None:
-            raise self._error
-        self._pending.append(event_body(self.job_id, type, **fields))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
+        self._queue(event_body(self.job_id, type, **fields))
 
     def emit_delta(self, attempt: int, index: int, delta: dict[str, Any]) -> None:
         """``emit("delta", ...)`` without the model round trip (the per-chunk hot path).
@@ -153,11 +146,15 @@ class EventWriter:
         Raises:
             ValueError: the delta nests deeper than ``MAX_DELTA_DEPTH`` (readers could not parse it).
         """
+        too_deep = not all(type(v) is str for v in delta.values()) and _depth(delta) > MAX_DELTA_DEPTH
+        if too_deep and self._error is None:  # a write that already failed is raised first, by _queue
+            raise ValueError(f"a delta nested more than {MAX_DELTA_DEPTH} levels deep")
+        self._queue(delta_body(self.job_id, attempt, index, delta))
+
+    def _queue(self, body: str) -> None:
         if self._error is not None:
             raise self._error
-        if not all(type(v) is str for v in delta.values()) and _depth(delta) > MAX_DELTA_DEPTH:
-            raise ValueError(f"a delta nested more than {MAX_DELTA_DEPTH} levels deep")
-        self._pending.append(delta_body(self.job_id, attempt, index, delta))
+        self._pending.append(body)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
 
@@ -174,11 +171,9 @@ class EventWriter:
             self._keys, self.job_id, bodies, ttl_s=self._ttl_s, owner=self._owner, expected_seq=self.seq,
             max_events=self._max_events, fields=fields,
         )  # fmt: skip
-        self.round_trips += 1
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)
         self.seq += len(bodies)
-        self.events_written += len(bodies)
 
     async def drain(self) -> None:
         """Wait until every queued event is written."""

@@ -138,10 +138,7 @@ async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
         return "failed"
     now = time.time()
     info = {"type": "invalid_envelope", "message": f"the task message is not a job this worker can run: {problem}"}
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(ctx.keys.failed, {job_id: now})
-        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
-        await pipe.execute()
+    await _index_dead_letter(ctx, job_id, now)
     fields = {"status": "failed", "error": json.dumps(info), "finished_at": str(now)}
     keys, argv = append_args(
         ctx.keys, job_id, [event_body(job_id, "failed", error=info)], ttl_s=ctx.settings.result_ttl_s, fields=fields
@@ -158,7 +155,7 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
     assert task is not None
     verdict, attempt, seq = await _claim(ctx, envelope, owner)
     writer = EventWriter(
-        ctx.redis, ctx.append, ctx.keys, job_id,
+        ctx.append, ctx.keys, job_id,
         owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq, max_events=ctx.settings.max_events_per_job,
     )  # fmt: skip
     model = metrics.model_label(str(envelope.request.get("model", "")))
@@ -306,18 +303,25 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
         await asyncio.shield(ctx.limiter.release(lease, used))
 
 
+async def _index_dead_letter(ctx: JobContext, job_id: str, now: float) -> None:
+    """Add the job to the dead-letter index (``moonq failed``), trimmed to the records' lifetime.
+
+    Called before the terminal event is written, so whoever sees the job fail finds it there;
+    ``failed()`` lists an entry only once its record says failed, so an entry whose terminal write
+    is then fenced stays hidden.
+    """
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(ctx.keys.failed, {job_id: now})
+        pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
+        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
+        await pipe.execute()
+
+
 async def _end_failed(
     ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, info: dict[str, Any], attempt: int
 ) -> Outcome:
     now = time.time()
-    # The dead-letter index (``moonq failed``), trimmed to the records' lifetime. Indexed before the
-    # terminal event, so whoever sees the job fail finds it there; ``failed()`` lists an entry only
-    # once its record says failed, so an entry whose terminal write is then fenced stays hidden.
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(ctx.keys.failed, {writer.job_id: now})
-        pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
-        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
-        await pipe.execute()
+    await _index_dead_letter(ctx, writer.job_id, now)
     await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
     _record_end(envelope, "failed")
     log.info(

@@ -17,13 +17,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from pydantic import ValidationError
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producers.connect import resilient_redis
 from producers.eventlog import APPEND_LUA
 from producers.wire import JobEnvelope
 from worker.events import EventSink
@@ -36,29 +33,15 @@ from worker.usage import load_prices
 
 log = logging.getLogger("moonq.worker")
 
-# Longest wait for a free connection of the node's pool before a command fails (and is retried).
-POOL_WAIT_S = 30.0
-
 
 def connect(settings: Settings) -> Redis:
-    """A client that rides out a Redis restart: commands retry with backoff for about a minute.
-
-    The pool is bounded and *blocking*: a thousand jobs writing at once share at most
-    ``redis_max_connections`` connections and queue for one, instead of redis-py's default pool
-    raising ``MaxConnectionsError`` past 100 (Redis runs commands one at a time anyway).
-    """
-    retry = Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), retries=20)
-    pool = BlockingConnectionPool.from_url(
+    """The node's client: shared by all its jobs, riding out a Redis restart (producers/connect.py)."""
+    return resilient_redis(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
-        timeout=POOL_WAIT_S,
-        retry=retry,
-        # OSError: a refused connect while Redis restarts is a socket error before redis-py wraps it.
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
         health_check_interval=30,
         socket_keepalive=True,
     )
-    return Redis.from_pool(pool)
 
 
 class Runtime:
