@@ -18,16 +18,19 @@ WORKDIR /src
 # Dependencies first, in their own layer: a code change does not reinstall them. The package
 # directories are stubs here so that `pip install .` resolves the dependencies from pyproject.toml.
 COPY pyproject.toml README.md ./
-RUN mkdir worker producers simulator \
- && touch worker/__init__.py producers/__init__.py simulator/__init__.py \
+RUN for p in moonq producers worker gateway console simulator harness; do mkdir "$p" && touch "$p/__init__.py"; done \
  && pip install --no-cache-dir . \
  && pip uninstall --yes moonq \
- && rm -rf worker producers simulator build ./*.egg-info
+ && rm -rf moonq producers worker gateway console simulator harness build ./*.egg-info
 
 # Then the project itself (non-editable; the runtime stage gets no source tree).
-COPY worker/ worker/
+COPY moonq/ moonq/
 COPY producers/ producers/
+COPY worker/ worker/
+COPY gateway/ gateway/
+COPY console/ console/
 COPY simulator/ simulator/
+COPY harness/ harness/
 RUN pip install --no-cache-dir --no-deps . \
  && python -m compileall -q /opt/moonq/lib
 

@@ -21,11 +21,13 @@ check-redis:
 	  exit 1; }
 
 format: install
-	$(BIN)/ruff format worker producers simulator tests
-	$(BIN)/ruff check --fix worker producers simulator tests
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 lint: install
-	$(BIN)/ruff check worker producers simulator tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.fleets import clean_env
 from bench.perf import PREFIX, Node, Sim, status_kib
 from bench.report import write_section
-from producers.local import RedisServer
+from harness import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Batch files: memory of `moonq batch` on a 50,000-line file"
@@ -55,8 +55,11 @@ class Run:
 def run(lines: int, workdir: Path) -> Run:
     src, dst = workdir / f"in-{lines}.jsonl", workdir / f"out-{lines}.jsonl"
     write_input(src, lines)
-    with RedisServer() as redis_server, Sim(latency_ms=0, chunk_ms=0, answer=(8, 8), per_chunk=4) as sim, \
-            Node(redis_server.url, sim.base_url, workdir, None):  # fmt: skip
+    with (
+        RedisServer() as redis_server,
+        Sim(latency_ms=0, chunk_ms=0, answer=(8, 8), per_chunk=4) as sim,
+        Node(redis_server.url, sim.base_url, workdir, None),
+    ):
         env = clean_env({"REDIS_URL": redis_server.url, "MOONQ_PREFIX": PREFIX})
         cmd = [str(Path(sys.executable).parent / "moonq"), "batch", str(src), "-o", str(dst)]
         t0 = time.monotonic()

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 from bench.report import write_section
+from harness import RedisServer
+from moonq.settings import ClientSettings
 from producers import Client
-from producers.local import RedisServer
-from producers.settings import ClientSettings
 
 SECTION = "## Enqueue throughput: `submit` one by one vs `submit_many`"
 REQUEST = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "Summarise this paragraph, please."}]}
@@ -45,25 +45,27 @@ def measure(jobs: int, rounds: int) -> dict[str, float]:
 
 
 def section(result: dict[str, float], jobs: int, rounds: int) -> str:
-    return "\n".join([
-        SECTION,
-        "",
-        f"`make bench` (step `.venv/bin/python -m bench.enqueue --jobs {jobs} --rounds {rounds}`),"
-        f" {time.strftime('%Y-%m-%d')}, machine as above. Each round enqueues {jobs:,} jobs both ways into a"
-        " private redis-server (no consumer), the same request.",
-        "",
-        f"| method | jobs/s (median of {rounds}) |",
-        "|---|---|",
-        f"| `Client.submit`, one by one | {result['submit_jobs_per_s']:,.0f} |",
-        f"| `Client.submit_many` | {result['submit_many_jobs_per_s']:,.0f} |",
-        f"| ratio (median of per-round ratios) | {result['ratio']:.1f}x |",
-        "",
-        "`submit_many` validates everything first, writes the job records in one pipeline and publishes through"
-        " kombu's producer batch (one Redis pipeline per 1,000 messages); it also passes a short `argsrepr`,"
-        " which skips Celery's repr of the whole prompt (the largest single cost in a profile of the"
-        " one-by-one path).",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"`make bench` (step `.venv/bin/python -m bench.enqueue --jobs {jobs} --rounds {rounds}`),"
+            f" {time.strftime('%Y-%m-%d')}, machine as above. Each round enqueues {jobs:,} jobs both ways into a"
+            " private redis-server (no consumer), the same request.",
+            "",
+            f"| method | jobs/s (median of {rounds}) |",
+            "|---|---|",
+            f"| `Client.submit`, one by one | {result['submit_jobs_per_s']:,.0f} |",
+            f"| `Client.submit_many` | {result['submit_many_jobs_per_s']:,.0f} |",
+            f"| ratio (median of per-round ratios) | {result['ratio']:.1f}x |",
+            "",
+            "`submit_many` validates everything first, writes the job records in one pipeline and publishes through"
+            " kombu's producer batch (one Redis pipeline per 1,000 messages); it also passes a short `argsrepr`,"
+            " which skips Celery's repr of the whole prompt (the largest single cost in a profile of the"
+            " one-by-one path).",
+            "",
+        ]
+    )
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The two systems under test, each as N real worker processes on one private Redis.
 
-``MoonqFleet``: ``celery -A worker worker`` (``producers.local.WorkerProcess``) with moonq's
+``MoonqFleet``: ``celery -A worker worker`` (``harness.WorkerProcess``) with moonq's
 fleet limits in the environment; jobs go in with ``Client.submit_many``.
 ``CeleryFleet``: ``celery -A bench.celery_baseline worker`` with a per-worker ``rate_limit``.
 """
@@ -18,10 +18,10 @@ import redis
 from celery import Celery
 
 from bench import celery_baseline
+from harness import WorkerProcess
+from moonq.broker import producer_app
+from moonq.settings import ClientSettings
 from producers import Client
-from producers.broker import producer_app
-from producers.local import WorkerProcess
-from producers.settings import ClientSettings
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-bench-0123456789abcdef"

@@ -37,7 +37,7 @@ from typing import Any
 from bench import report
 from bench.fleets import REPO, CeleryFleet, Fleet, MoonqFleet
 from bench.sim import RecordingSim
-from producers.local import RedisServer
+from harness import RedisServer
 from simulator import SimConfig, max_in_window
 from simulator.validate import parse_chat_request
 from worker.ratelimit import Limits

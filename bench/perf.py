@@ -44,11 +44,11 @@ import redis
 from bench import celery_plain
 from bench.fleets import API_KEY, clean_env, stop_all, wait_for_nodes
 from bench.report import write_section
+from harness import RedisServer, WorkerProcess, free_port, wait_for_port
+from moonq.broker import producer_app
+from moonq.settings import ClientSettings
+from moonq.wire import TERMINAL_EVENTS
 from producers import AsyncClient, Client
-from producers.broker import producer_app
-from producers.local import RedisServer, WorkerProcess, free_port, wait_for_port
-from producers.settings import ClientSettings
-from producers.wire import TERMINAL_EVENTS
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Node performance: in-flight capacity, relay latency, per-job overhead"
@@ -78,9 +78,22 @@ class Sim:
 
     def __init__(self, *, latency_ms: float, chunk_ms: float, answer: tuple[int, int], per_chunk: int) -> None:
         self.port = free_port()
-        self.cmd = [sys.executable, "-m", "simulator", "--port", str(self.port), "--latency-ms", str(latency_ms),
-                    "--chunk-interval-ms", str(chunk_ms), "--answer-tokens", str(answer[0]), str(answer[1]),
-                    "--tokens-per-chunk", str(per_chunk)]  # fmt: skip
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "simulator",
+            "--port",
+            str(self.port),
+            "--latency-ms",
+            str(latency_ms),
+            "--chunk-interval-ms",
+            str(chunk_ms),
+            "--answer-tokens",
+            str(answer[0]),
+            str(answer[1]),
+            "--tokens-per-chunk",
+            str(per_chunk),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -153,9 +166,14 @@ class Node:
 
     def __init__(self, redis_url: str, base_url: str, log_dir: Path, concurrency: int | None) -> None:
         self.metrics_port = free_port()
-        env = {"REDIS_URL": redis_url, "MOONQ_PREFIX": PREFIX, "MOONSHOT_BASE_URL": base_url,
-               "MOONSHOT_API_KEY": API_KEY, "MOONQ_METRICS_PORT": str(self.metrics_port),
-               "MOONQ_METRICS_HOST": "127.0.0.1"}  # fmt: skip
+        env = {
+            "REDIS_URL": redis_url,
+            "MOONQ_PREFIX": PREFIX,
+            "MOONSHOT_BASE_URL": base_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "MOONQ_METRICS_PORT": str(self.metrics_port),
+            "MOONQ_METRICS_HOST": "127.0.0.1",
+        }
         if concurrency is not None:
             env["MOONQ_CONCURRENCY"] = str(concurrency)
         self.worker = WorkerProcess(env, args=("-n", "perf@bench"), log_path=log_dir / "node.log")
@@ -330,8 +348,11 @@ def capacity(
                     time.sleep(0.5)
                 med = statistics.median
                 out.append(Capacity(n, med(directs), med(moonqs), med(aiohttps), max(peaks), calls))
-                print(f"  capacity N={n}: direct {out[-1].direct_s:.2f} s, moonq {out[-1].moonq_s:.2f} s"
-                      f" ({out[-1].ratio:.2f}x), peak RSS {max(peaks) / 1024:.0f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"  capacity N={n}: direct {out[-1].direct_s:.2f} s, moonq {out[-1].moonq_s:.2f} s"
+                    f" ({out[-1].ratio:.2f}x), peak RSS {max(peaks) / 1024:.0f} MiB",
+                    flush=True,
+                )
             info["after_rss_kib"] = rss_kib(node.pid)
         # The same node with a small thread pool (moonq's old default): threads bound what is in flight.
         n = sizes[-1]
@@ -354,8 +375,18 @@ def plain_celery(redis_url: str, log_dir: Path, n: int) -> tuple[float, float]:
     with Sim(latency_ms=3000, chunk_ms=0, answer=(20, 20), per_chunk=2) as sim:
         direct_s = run_direct(sim.base_url, [body(i) for i in range(n)])[0]
         env = clean_env({"BENCH_BROKER_URL": redis_url, "BENCH_BASE_URL": sim.base_url})
-        cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_plain", "worker", "-n", "plain@bench",
-               "--loglevel", "WARNING"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_plain",
+            "worker",
+            "-n",
+            "plain@bench",
+            "--loglevel",
+            "WARNING",
+        ]
         log = log_dir / "plain.log"
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -404,8 +435,24 @@ def overhead(redis_url: str, log_dir: Path, jobs: int, rounds: int) -> Overhead:
                 moonqs.append(jobs / moonq_batch(node, client, bodies, 300))
                 moonq_cpu.append((cpu_s(node.pid) - c0) / jobs)
         env = clean_env({"BENCH_BROKER_URL": redis_url})
-        cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_plain", "worker", "-n", "noop@bench",
-               "-P", "threads", "-c", "64", "--prefetch-multiplier", "1", "--loglevel", "WARNING"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_plain",
+            "worker",
+            "-n",
+            "noop@bench",
+            "-P",
+            "threads",
+            "-c",
+            "64",
+            "--prefetch-multiplier",
+            "1",
+            "--loglevel",
+            "WARNING",
+        ]
         log = log_dir / "noop.log"
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -427,8 +474,9 @@ def overhead(redis_url: str, log_dir: Path, jobs: int, rounds: int) -> Overhead:
             app.close()
             stop_all([proc])
     med = statistics.median
-    return Overhead(jobs, med(directs), med(moonqs), med(noops),
-                    med(direct_cpu) * 1e3, med(moonq_cpu) * 1e3, med(noop_cpu) * 1e3)  # fmt: skip
+    return Overhead(
+        jobs, med(directs), med(moonqs), med(noops), med(direct_cpu) * 1e3, med(moonq_cpu) * 1e3, med(noop_cpu) * 1e3
+    )
 
 
 @dataclass
@@ -528,9 +576,14 @@ def per_job(calls: dict[str, int], jobs: int, idle: float = 0.0) -> tuple[float,
 
 
 def section(
-    caps: list[Capacity], info: dict[str, Any], plain: tuple[int, float, float], ov: Overhead, rl: Relay,
-    args: argparse.Namespace, total_s: float,
-) -> str:  # fmt: skip
+    caps: list[Capacity],
+    info: dict[str, Any],
+    plain: tuple[int, float, float],
+    ov: Overhead,
+    rl: Relay,
+    args: argparse.Namespace,
+    total_s: float,
+) -> str:
     biggest = caps[-1]
     mem_per_job = (biggest.peak_rss_kib - info["idle_rss_kib"]) / biggest.n
     idle = info["idle_calls_per_s"] * biggest.moonq_s
@@ -676,8 +729,12 @@ def plots(caps: list[Capacity], rl: Relay, out: Path) -> list[Path]:
     cap_png = out / "capacity.png"
     fig.savefig(cap_png, dpi=110)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    paths = [("direct client", rl.direct), ("moonq node (event written)", rl.upstream),
-             ("moonq subscriber", rl.moonq), ("moonq relay (node -> subscriber)", rl.relayed)]  # fmt: skip
+    paths = [
+        ("direct client", rl.direct),
+        ("moonq node (event written)", rl.upstream),
+        ("moonq subscriber", rl.moonq),
+        ("moonq relay (node -> subscriber)", rl.relayed),
+    ]
     for label, values in paths:
         ordered = sorted(v * 1000 for v in values)
         ax.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=label)
@@ -720,9 +777,12 @@ def main() -> None:
         caps, info = capacity(sizes, url, log_dir, args.rounds, args.small_pool)
     with private_redis() as url:
         rl = relay(url, log_dir, args.relay_streams, args.rounds)
-    print(f"  relay p50/p99: direct {ms(rl.median_pct(2, .5))}/{ms(rl.median_pct(2, .99))},"
-          f" moonq {ms(rl.median_pct(0, .5))}/{ms(rl.median_pct(0, .99))},"
-          f" node->subscriber {ms(rl.median_pct(3, .5))}/{ms(rl.median_pct(3, .99))}", flush=True)  # fmt: skip
+    print(
+        f"  relay p50/p99: direct {ms(rl.median_pct(2, 0.5))}/{ms(rl.median_pct(2, 0.99))},"
+        f" moonq {ms(rl.median_pct(0, 0.5))}/{ms(rl.median_pct(0, 0.99))},"
+        f" node->subscriber {ms(rl.median_pct(3, 0.5))}/{ms(rl.median_pct(3, 0.99))}",
+        flush=True,
+    )
     with private_redis() as url:
         ov = overhead(url, log_dir, args.overhead_jobs, args.rounds)
     print(f"  overhead jobs/s: direct {ov.direct:.0f}, moonq {ov.moonq:.0f}, noop celery {ov.noop:.0f}", flush=True)

@@ -29,10 +29,10 @@ import redis
 from bench.fleets import API_KEY, clean_env
 from bench.perf import Sim, status_kib
 from bench.report import write_section
+from harness import RedisServer, WorkerProcess, free_port
+from moonq.settings import ClientSettings
+from moonq.wire import TERMINAL_STATUSES
 from producers import Client, Job
-from producers.local import RedisServer, WorkerProcess, free_port
-from producers.settings import ClientSettings
-from producers.wire import TERMINAL_STATUSES
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Soak: Redis and node memory over thousands of jobs with upstream faults"
@@ -255,8 +255,11 @@ def section(s: Soak, args: argparse.Namespace, cmd: str) -> str:
         for k, v in w.outcomes.items():
             outcomes[k] = outcomes.get(k, 0) + v
     attempts = sum(w.attempts for w in s.waves)
-    rows = [("start: node up and idle, no job yet", s.start), ("peak Redis memory", s.peak_redis),
-            ("peak node RSS", s.peak_rss)]  # fmt: skip
+    rows = [
+        ("start: node up and idle, no job yet", s.start),
+        ("peak Redis memory", s.peak_redis),
+        ("peak node RSS", s.peak_rss),
+    ]
     rows += [(f"after wave {i + 1} (its jobs ended)", a) for i, a in enumerate(s.after_waves)]
     expiry = f"{s.expired_after_s:.0f} s after the last job ended" if s.expired_after_s is not None else "timed out"
     rows += [(f"end: every job key expired ({expiry}), +2 s", s.end), ("the node stopped", s.stopped)]

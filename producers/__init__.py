@@ -6,10 +6,10 @@ for event in job.events(): ...
 job.result().choices[0].message.content
 """
 
+from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout, MoonqError
+from moonq.wire import ChatCompletion, ChatRequest, Event
 from producers.aio import AsyncClient, AsyncJob
 from producers.client import Client, Job
-from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout, MoonqError
-from producers.wire import ChatCompletion, ChatRequest, Event
 
 __all__ = [
     "AsyncClient",

@@ -13,14 +13,14 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from moonq.connect import resilient_redis
+from moonq.errors import JobNotFound, JobTimeout
+from moonq.eventlog import decode_record, parse_entries
+from moonq.keys import Keys
+from moonq.settings import ClientSettings
+from moonq.wire import DEFAULT_PRIORITY, TERMINAL_STATUSES, ChatCompletion, ChatRequest, Event
 from producers.client import Client, _is_terminal_message, outcome_of
-from producers.connect import resilient_redis
-from producers.errors import JobNotFound, JobTimeout
-from producers.eventlog import decode_record, parse_entries
 from producers.fanout import Fanout
-from producers.keys import Keys
-from producers.settings import ClientSettings
-from producers.wire import DEFAULT_PRIORITY, TERMINAL_STATUSES, ChatCompletion, ChatRequest, Event
 
 
 class AsyncClient:
@@ -32,7 +32,7 @@ class AsyncClient:
         self._sync = Client(redis_url, settings=settings)
         self.settings = self._sync.settings
         self.keys: Keys = self._sync.keys
-        # Bounded, blocking, retrying (producers/connect.py); followers share one pub/sub connection
+        # Bounded, blocking, retrying (moonq/connect.py); followers share one pub/sub connection
         # (producers/fanout.py), so a follower rides out a Redis restart and many fit in a small pool.
         self.redis = resilient_redis(self.settings.redis_url, max_connections=max_connections)
         self.fanout = Fanout(self.redis)

@@ -11,11 +11,11 @@ from typing import Any
 
 import redis
 
-from producers.broker import message_priority, producer_app
-from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout
-from producers.eventlog import APPEND_LUA, append_args, event_body, follow, is_terminal, job_record
-from producers.settings import ClientSettings
-from producers.wire import (
+from moonq.broker import message_priority, producer_app
+from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout
+from moonq.eventlog import APPEND_LUA, append_args, event_body, follow, is_terminal, job_record
+from moonq.settings import ClientSettings
+from moonq.wire import (
     DEFAULT_PRIORITY,
     TASK_NAME,
     TERMINAL_EVENTS,
@@ -23,6 +23,7 @@ from producers.wire import (
     ChatRequest,
     Event,
     JobEnvelope,
+    check_priority,
     validate_request,
 )
 
@@ -75,8 +76,7 @@ class Client:
             InvalidRequest: the request or an option broke a documented rule (or the idempotency key
                 was used before with a different request); nothing was enqueued.
         """
-        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
-            raise InvalidRequest([("priority", f"must be an integer from 0 (most urgent) to 9 (got {priority!r})")])
+        priority = check_priority(priority)
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         payload = validate_request(request).to_payload()
@@ -112,8 +112,7 @@ class Client:
         All or nothing for validation: one bad request raises ``InvalidRequest`` naming it
         (``requests.3.messages.0.content: …``) and nothing is enqueued.
         """
-        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
-            raise InvalidRequest([("priority", f"must be an integer from 0 (most urgent) to 9 (got {priority!r})")])
+        priority = check_priority(priority)
         envelopes = []
         for i, request in enumerate(requests):
             try:
@@ -137,11 +136,14 @@ class Client:
             with self._celery.producer_or_acquire() as producer, producer.batch(max_size=BULK_CHUNK):
                 for envelope in envelopes:
                     self._celery.send_task(
-                        TASK_NAME, args=[envelope.model_dump(mode="json")], task_id=envelope.job_id,
-                        queue=self.settings.queue, priority=message_priority(self.settings, envelope.priority),
+                        TASK_NAME,
+                        args=[envelope.model_dump(mode="json")],
+                        task_id=envelope.job_id,
+                        queue=self.settings.queue,
+                        priority=message_priority(self.settings, envelope.priority),
                         producer=producer,
                         **_short_reprs(envelope),
-                    )  # fmt: skip
+                    )
         except Exception:
             self.redis.delete(*(self.keys.job(e.job_id) for e in envelopes))
             raise

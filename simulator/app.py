@@ -176,7 +176,7 @@ async def _json_body(request: Request) -> Any:
 
 
 def _model_entry(model: str, created: int) -> dict[str, Any]:
-    # Field for field the only captured /v1/models reply (MOONSHOT_API.md §1, X1), empty root/parent included.
+    # Field for field the only captured /v1/models reply (docs/moonshot-api.md §1, X1), empty root/parent included.
     permission = {
         "created": 0,
         "id": "",

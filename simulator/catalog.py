@@ -1,6 +1,6 @@
 """The model catalogue: what each model id accepts and how it reports usage.
 
-Numbers come from MOONSHOT_API.md §2/§3/§9; where the docs are silent (context of the K2 previews,
+Numbers come from docs/moonshot-api.md §2/§3/§9; where the docs are silent (context of the K2 previews,
 default output budget of older models) the values follow the public model pages of the time.
 """
 

@@ -1,7 +1,7 @@
 """Moonshot-shaped API errors.
 
 Every failure the simulator reports is an ``ApiError``; the HTTP layer turns it into the compact
-body ``{"error":{"message":...,"type":...}}`` the real API sends (MOONSHOT_API.md §7).
+body ``{"error":{"message":...,"type":...}}`` the real API sends (docs/moonshot-api.md §7).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def engine_overloaded() -> ApiError:
 def rate_limited(limit: str, retry_after_s: int) -> ApiError:
     """429 for the concurrency and RPM axes; ``limit`` is e.g. ``"max RPM: 200"``.
 
-    The delay lives only in the text: the real API sends no Retry-After header (MOONSHOT_API.md §1).
+    The delay lives only in the text: the real API sends no Retry-After header (docs/moonshot-api.md §1).
     """
     message = f"{_ACCOUNT} request reached organization {limit}, please try again after {retry_after_s} seconds"
     return ApiError(429, "rate_limit_reached_error", message)

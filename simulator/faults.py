@@ -40,7 +40,7 @@ class FaultKind:
 DEFAULT_STALL_S = 30.0
 # Delay quoted by the rate_limit fault unless given ("rate_limit:3"); short, so retry tests stay fast.
 DEFAULT_RETRY_AFTER_S = 1
-# The account limit quoted by the ``rate_limit`` fault: tier 1 (MOONSHOT_API.md §8).
+# The account limit quoted by the ``rate_limit`` fault: tier 1 (docs/moonshot-api.md §8).
 FAULT_RPM = 200
 
 KINDS: dict[str, FaultKind] = {

@@ -1,7 +1,7 @@
 """Applying ``stop`` and the output budget to a draft: what is actually emitted, and why it ended.
 
 Reasoning, then content, then tool-call arguments draw on one budget, the way a thinking model
-spends ``max_completion_tokens`` (MOONSHOT_API.md §9): a budget spent on reasoning leaves empty
+spends ``max_completion_tokens`` (docs/moonshot-api.md §9): a budget spent on reasoning leaves empty
 content and finish_reason "length".
 """
 

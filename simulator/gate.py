@@ -52,7 +52,7 @@ class Gate:
         Raises:
             ApiError: a quota 429, or the error of an HTTP-level fault.
         """
-        # Moonshot reserves the whole output budget of every choice (MOONSHOT_API.md §8).
+        # Moonshot reserves the whole output budget of every choice (docs/moonshot-api.md §8).
         reserve = req.prompt_tokens + req.max_completion_tokens * req.n
         with self._lock:
             now = self._now()

@@ -1,6 +1,6 @@
 """Account limits as Moonshot enforces them: concurrency, RPM and TPM over a sliding minute.
 
-Checked when a request arrives (after auth and validation), in the order of MOONSHOT_API.md §8:
+Checked when a request arrives (after auth and validation), in the order of docs/moonshot-api.md §8:
 concurrency, then RPM, then TPM. Only admitted requests count; a 429 leaves no trace.
 
 TPM is checked against what a request *reserves* — prompt tokens + output budget x n — not what

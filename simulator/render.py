@@ -50,7 +50,7 @@ def stream_chunks(
     """All chunks of a stream, choices interleaved; ``total`` set means include_usage was asked."""
     per_choice = [_choice_deltas(i, o, u, next_size) for i, (o, u) in enumerate(zip(outcomes, usages, strict=True))]
     interleaved = [c for row in zip_longest(*per_choice) for c in row if c is not None]
-    # With include_usage the spec has every ordinary chunk carry "usage": null (MOONSHOT_API.md §4).
+    # With include_usage the spec has every ordinary chunk carry "usage": null (docs/moonshot-api.md §4).
     extra: Json = {"usage": None} if total is not None else {}
     chunks = [{**_head(meta, "chat.completion.chunk"), "choices": [choice], **extra} for choice in interleaved]
     if total is not None:

@@ -61,7 +61,7 @@ def content_tokens(content: Any) -> int:
 
 def _search_result_tokens(message: dict[str, Any]) -> int:
     # $web_search: the tool message echoes {"search_result":…,"usage":{"total_tokens":N}} and Moonshot
-    # bills the N tokens of fetched pages as input (MOONSHOT_API.md §6).
+    # bills the N tokens of fetched pages as input (docs/moonshot-api.md §6).
     content = message.get("content")
     if message.get("role") != "tool" or not isinstance(content, str) or "search_result" not in content:
         return 0

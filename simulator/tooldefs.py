@@ -1,6 +1,6 @@
 """Validation of ``tools`` and ``tool_choice``, including the "Moonshot flavored JSON Schema" rules.
 
-The MFJS messages are the live texts reported against the real API (MOONSHOT_API.md §6, I9).
+The MFJS messages are the live texts reported against the real API (docs/moonshot-api.md §6, I9).
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 
+from harness import RABBITMQ_MISSING, RabbitMQServer, RedisServer, rabbitmq_binary
 from producers import Client
-from producers.local import RABBITMQ_MISSING, RabbitMQServer, RedisServer, rabbitmq_binary
 from simulator import SimConfig, SimServer
 from worker.app import create_app
-from worker.runtime import stop_all
+from worker.loop import stop_all
 from worker.settings import Settings
 
 API_KEY = "sk-moonq-test-0123456789abcdef"

@@ -28,7 +28,7 @@ def assemble(chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[i
 
 
 def test_tool_call_stream_from_the_docs() -> None:
-    # MOONSHOT_API.md §12, verbatim shapes.
+    # docs/moonshot-api.md §12, verbatim shapes.
     result, published = assemble(
         [
             chunk(ch({"role": "assistant", "content": ""})),

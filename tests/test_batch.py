@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.local import WorkerProcess
+from harness import WorkerProcess
 from simulator import SimConfig, SimServer
 from tests.conftest import node_env
 from worker.settings import Settings
@@ -33,9 +33,12 @@ def paced_sim() -> Iterator[SimServer]:
 
 def batch(env: dict[str, str], src: Path, dst: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "producers.cli", "batch", str(src), "-o", str(dst), *extra],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "console.cli", "batch", str(src), "-o", str(dst), *extra],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.timeout(240)  # two real processes and ~60 paced jobs; slow under a loaded CI machine

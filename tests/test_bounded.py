@@ -23,11 +23,11 @@ import httpx
 import pytest
 import redis
 
+from console.batch import run_batch
+from gateway.app import GatewaySettings, create_app
+from harness import RedisServer, WorkerProcess, free_port
+from moonq.settings import ClientSettings
 from producers import AsyncClient, Client, InvalidRequest, JobCancelled, JobFailed
-from producers.batch import run_batch
-from producers.gateway import GatewaySettings, create_app
-from producers.local import RedisServer, WorkerProcess, free_port
-from producers.settings import ClientSettings
 from simulator import SimConfig, SimServer
 from simulator.server import serve_in_thread
 from tests.conftest import API_KEY, FAST

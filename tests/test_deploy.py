@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -140,7 +141,7 @@ def test_worker_scales_and_is_scraped(services: dict[str, dict[str, Any]]) -> No
 
 
 def test_health_checks_use_routes_that_exist(services: dict[str, dict[str, Any]]) -> None:
-    from producers.gateway import OPEN_PATHS
+    from gateway.app import OPEN_PATHS
     from simulator.app import create_app as simulator_app
 
     gateway = services["gateway"]
@@ -281,7 +282,13 @@ def test_dockerignore_keeps_env_files_out() -> None:
     lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and line[0] != "#"]
     assert lines[0] == "*", "an allow-list: nothing enters the build context unless named"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "worker", "producers", "simulator"}
+    packages = {
+        p.rstrip("*")
+        for p in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+            "include"
+        ]
+    }
+    assert allowed == {"pyproject.toml", "README.md", *packages}
     assert {"**/.env", "**/*.env"} <= set(lines)
 
 

@@ -8,9 +8,9 @@ import uuid
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producers.eventlog import APPEND_LUA, append_args, event_body
-from producers.keys import Keys
-from worker.events import EventSink
+from moonq.eventlog import APPEND_LUA, append_args, event_body
+from moonq.keys import Keys
+from worker.publisher import EventSink
 
 
 def _args(keys: Keys, job_id: str, n: int) -> tuple[list[str], list[str | int]]:

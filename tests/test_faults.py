@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from moonq.wire import Event
 from producers import Client, JobFailed
-from producers.wire import Event
 from simulator import SimConfig, SimServer
 from tests.conftest import make_settings
-from worker.runtime import Runtime
+from worker.loop import Runtime
 from worker.settings import Settings
 
 USER = [{"role": "user", "content": "Say something about faults."}]

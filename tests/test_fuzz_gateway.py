@@ -19,8 +19,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from producers.gateway import GatewaySettings
-from producers.gateway_openapi import openapi_document
+from gateway.app import GatewaySettings
+from gateway.openapi import openapi_document
 from tests.test_hostile_gateway import serve_gateway
 
 TOKEN = "gw-fuzz-token"

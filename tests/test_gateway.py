@@ -13,15 +13,20 @@ import httpx
 import openai
 import pytest
 
+from gateway.app import GatewaySettings, create_app
 from producers import Client
-from producers.gateway import GatewaySettings, create_app
 from simulator.server import serve_in_thread
 from worker.settings import Settings
 
 TOKEN = "gw-test-token-1"
 USER = [{"role": "user", "content": "Hello through the gateway."}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,13 @@ def test_sdk_stream_with_usage(sdk: openai.OpenAI) -> None:
 
 
 def test_sdk_tools_streamed(sdk: openai.OpenAI) -> None:
-    kwargs: Any = {"model": "kimi-k2.5", "messages": USER, "tools": [WEATHER], "temperature": 0.6,
-                   "extra_body": {"thinking": {"type": "disabled"}}}  # fmt: skip
+    kwargs: Any = {
+        "model": "kimi-k2.5",
+        "messages": USER,
+        "tools": [WEATHER],
+        "temperature": 0.6,
+        "extra_body": {"thinking": {"type": "disabled"}},
+    }
     completion = sdk.chat.completions.create(**kwargs)
     call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert completion.choices[0].finish_reason == "tool_calls"
@@ -94,8 +104,9 @@ def h(token: str = TOKEN, **extra: str) -> dict[str, str]:
 def test_auth_and_size_limits(gateway: str) -> None:
     assert httpx.post(f"{gateway}/v1/jobs", json={}).status_code == 401
     r = httpx.post(f"{gateway}/v1/jobs", json={}, headers={"Authorization": "Basic x"})
-    assert r.status_code == 401 and r.json() == {"error": {"message": "Invalid Authentication",
-                                                           "type": "invalid_authentication_error"}}  # fmt: skip
+    assert r.status_code == 401 and r.json() == {
+        "error": {"message": "Invalid Authentication", "type": "invalid_authentication_error"}
+    }
     assert httpx.post(f"{gateway}/v1/jobs", json={}, headers=h("other-token")).status_code == 400  # second token ok
     # A declared 200 MB body is refused from its headers, before a byte of it is read.
     host, port = gateway.removeprefix("http://").split(":")
@@ -164,8 +175,7 @@ def test_idempotency_key_header(gateway: str, fresh_prefix: Settings) -> None:
 
 
 def test_a_streaming_caller_that_hangs_up_cancels_its_job(gateway: str, settings: Settings, worker: Any) -> None:
-    request = {"model": "moonshot-v1-8k", "messages": USER, "stream": True,
-               "sim": {"fault": "slow_first:3"}}  # fmt: skip
+    request = {"model": "moonshot-v1-8k", "messages": USER, "stream": True, "sim": {"fault": "slow_first:3"}}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=request, headers=h(), timeout=10) as resp:
         job_id = resp.headers["X-Moonq-Job-Id"]
     # The caller is gone before the first token: the job is cancelled, not left to spend tokens.

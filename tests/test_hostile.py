@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from producers.errors import InvalidRequest
-from producers.gateway_stream import ChunkStream
-from producers.request import MAX_JSON_DEPTH, MAX_STOP_BYTES, ChatRequest, validate_request
-from producers.wire import ChatCompletion, Event, JobEnvelope
+from gateway.stream import ChunkStream
+from moonq.errors import InvalidRequest
+from moonq.request import MAX_JSON_DEPTH, MAX_STOP_BYTES, ChatRequest, validate_request
+from moonq.wire import ChatCompletion, Event, JobEnvelope
 from worker.errors import StreamInterrupted
 from worker.sse import MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
@@ -212,7 +212,7 @@ def test_envelope_from_anything_is_valid_or_a_validation_error(data: dict[str, A
         Event,
         job_id=text,
         seq=st.integers(1, 2**53),
-        type=text,  # unknown types included: new ones may be added (DESIGN.md)
+        type=text,  # unknown types included: new ones may be added (docs/contract.md)
         attempt=st.none() | st.integers(1, 100),
         index=st.none() | st.integers(0, 4),
         delta=st.none() | st.dictionaries(text, json_values, max_size=3),

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.gateway import GatewaySettings, create_app
-from producers.request import MAX_JSON_DEPTH, validate_request
+from gateway.app import GatewaySettings, create_app
+from moonq.request import MAX_JSON_DEPTH, validate_request
 from simulator.server import serve_in_thread
 from tests.test_hostile import nested
 

@@ -28,17 +28,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.app import GatewaySettings
+from harness import WorkerProcess
+from moonq.broker import producer_app
+from moonq.wire import TASK_NAME, JobEnvelope
 from producers import Client
-from producers.broker import producer_app
-from producers.gateway import GatewaySettings
-from producers.local import WorkerProcess
-from producers.wire import TASK_NAME, JobEnvelope
 from simulator.server import serve_in_thread
 from tests.conftest import make_settings, node_env
 from tests.test_hostile import nested
 from tests.test_hostile_gateway import serve_gateway
 from worker.app import create_app
-from worker.runtime import Runtime
+from worker.loop import Runtime
 from worker.settings import Settings
 from worker.sse import MAX_EVENT_BYTES
 

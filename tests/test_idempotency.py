@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import redis
 
+from moonq.wire import JobEnvelope
 from producers import Client, InvalidRequest
 from producers.client import RESEND_AFTER_S
-from producers.wire import JobEnvelope
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Once only."}]}
@@ -79,6 +79,6 @@ def test_cli_idempotency_key(fresh_prefix: Settings) -> None:
     import sys
 
     env = {**os.environ, "REDIS_URL": fresh_prefix.redis_url, "MOONQ_PREFIX": fresh_prefix.prefix}
-    cmd = [sys.executable, "-m", "producers.cli", "submit", "hi", "--no-wait", "--idempotency-key", "cli-1"]
+    cmd = [sys.executable, "-m", "console.cli", "submit", "hi", "--no-wait", "--idempotency-key", "cli-1"]
     ids = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30).stdout.strip() for _ in range(2)]
     assert ids[0] and ids[0] == ids[1]

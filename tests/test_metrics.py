@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import WorkerProcess, free_port, wait_for_port
 from producers import Client, JobFailed
-from producers.local import WorkerProcess, free_port, wait_for_port
 from simulator import SimServer
 from tests.conftest import node_env
 from worker.exporter import RedisCollector
@@ -27,14 +27,29 @@ from worker.settings import Settings
 USER = [{"role": "user", "content": "Count my tokens."}]
 REQUESTS: list[dict[str, Any]] = [
     {"model": "moonshot-v1-8k", "messages": USER},
-    {"model": "kimi-k2.6", "thinking": {"type": "disabled"}, "temperature": 0.6, "prompt_cache_key": "m1",
-     "messages": [{"role": "system", "content": "You are Kimi. " * 30}, *USER]},
-    {"model": "kimi-k2.6", "thinking": {"type": "disabled"}, "temperature": 0.6, "prompt_cache_key": "m1",
-     "messages": [{"role": "system", "content": "You are Kimi. " * 30}, *USER]},
+    {
+        "model": "kimi-k2.6",
+        "thinking": {"type": "disabled"},
+        "temperature": 0.6,
+        "prompt_cache_key": "m1",
+        "messages": [{"role": "system", "content": "You are Kimi. " * 30}, *USER],
+    },
+    {
+        "model": "kimi-k2.6",
+        "thinking": {"type": "disabled"},
+        "temperature": 0.6,
+        "prompt_cache_key": "m1",
+        "messages": [{"role": "system", "content": "You are Kimi. " * 30}, *USER],
+    },
     {"model": "kimi-k2-thinking", "messages": USER, "max_completion_tokens": 2048},
-    {"model": "kimi-k2.5", "thinking": {"type": "disabled"}, "temperature": 0.6, "messages": USER,
-     "sim": {"script": ["overload", "ok"], "key": uuid.uuid4().hex}},
-]  # fmt: skip
+    {
+        "model": "kimi-k2.5",
+        "thinking": {"type": "disabled"},
+        "temperature": 0.6,
+        "messages": USER,
+        "sim": {"script": ["overload", "ok"], "key": uuid.uuid4().hex},
+    },
+]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -54,12 +69,18 @@ def node_run(redis_url: str, sim: SimServer) -> Iterator[dict[str, Any]]:
     """One real node with limits and /metrics, after a mix of jobs; yields what the test needs."""
     from tests.conftest import make_settings
 
-    settings = make_settings(redis_url, prefix=f"m{uuid.uuid4().hex[:6]}", metrics_port=free_port(),
-                             moonshot_base_url=sim.base_url)  # fmt: skip
+    settings = make_settings(
+        redis_url, prefix=f"m{uuid.uuid4().hex[:6]}", metrics_port=free_port(), moonshot_base_url=sim.base_url
+    )
     env = node_env(
-        settings, sim.base_url, MOONQ_METRICS_PORT=str(settings.metrics_port), MOONQ_METRICS_HOST="127.0.0.1",
-        MOONQ_RPM="6000", MOONQ_TPM="5000000", MOONQ_MAX_INFLIGHT="50",
-    )  # fmt: skip
+        settings,
+        sim.base_url,
+        MOONQ_METRICS_PORT=str(settings.metrics_port),
+        MOONQ_METRICS_HOST="127.0.0.1",
+        MOONQ_RPM="6000",
+        MOONQ_TPM="5000000",
+        MOONQ_MAX_INFLIGHT="50",
+    )
     with WorkerProcess(env) as node, Client(settings=settings) as client:
         results = [client.submit(r).result(timeout=30) for r in REQUESTS]
         failed = client.submit({"model": "kimi-k9-unknown", "messages": USER})
@@ -74,8 +95,9 @@ def test_token_counters_equal_the_reported_usage(node_run: dict[str, Any]) -> No
     usages = [r.usage.model_dump() for r in node_run["results"]]
     assert total(m, "moonq_tokens_total", type="prompt") == sum(u["prompt_tokens"] for u in usages)
     assert total(m, "moonq_tokens_total", type="completion") == sum(u["completion_tokens"] for u in usages)
-    cached = sum(u.get("cached_tokens") or (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                 for u in usages)  # fmt: skip
+    cached = sum(
+        u.get("cached_tokens") or (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for u in usages
+    )
     assert cached > 0 and total(m, "moonq_tokens_total", type="cached") == cached
 
 
@@ -132,15 +154,24 @@ def test_a_real_prometheus_scrapes_the_node_and_answers_promql(node_run: dict[st
     target = node_run["url"].removeprefix("http://").removesuffix("/metrics")
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "prometheus.yml"
-        config.write_text(json.dumps({
-            "global": {"scrape_interval": "1s"},
-            "scrape_configs": [{"job_name": "moonq", "static_configs": [{"targets": [target]}]}],
-        }))  # fmt: skip
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {"scrape_interval": "1s"},
+                    "scrape_configs": [{"job_name": "moonq", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_for_port(port, timeout_s=30)
             expected = total(samples(httpx.get(node_run["url"]).text), "moonq_tokens_total", type="prompt")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from producers.local import free_port, wait_for_port
+from harness import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -38,18 +38,32 @@ DASHBOARD_PROVISIONING = GRAFANA_DIR / "provisioning" / "dashboards" / "moonq.ym
 # What a node exports (worker/metrics.py, worker/exporter.py), plus Prometheus' own `up`.
 COUNTERS = {"moonq_jobs_total", "moonq_tokens_total", "moonq_cost_usd_total", "moonq_retries_total"}
 HISTOGRAMS = {
-    "moonq_upstream_request_duration_seconds", "moonq_time_to_first_token_seconds", "moonq_job_duration_seconds",
-    "moonq_queue_wait_seconds", "moonq_ratelimit_wait_seconds",
-}  # fmt: skip
+    "moonq_upstream_request_duration_seconds",
+    "moonq_time_to_first_token_seconds",
+    "moonq_job_duration_seconds",
+    "moonq_queue_wait_seconds",
+    "moonq_ratelimit_wait_seconds",
+}
 GAUGES = {
-    "moonq_jobs_in_progress", "moonq_queue_depth", "moonq_ratelimit_limit", "moonq_ratelimit_available",
-    "moonq_ratelimit_cooldown_seconds", "moonq_redis_memory_bytes",
-}  # fmt: skip
+    "moonq_jobs_in_progress",
+    "moonq_queue_depth",
+    "moonq_ratelimit_limit",
+    "moonq_ratelimit_available",
+    "moonq_ratelimit_cooldown_seconds",
+    "moonq_redis_memory_bytes",
+}
 SERIES = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "count", "sum")} | {"up"}
 ALERTS = {
-    "MoonqNoWorkersUp", "MoonqHighErrorRate", "MoonqRetryStorm", "MoonqQueueGrowing", "MoonqP95LatencyHigh",
-    "MoonqQuotaSaturation", "MoonqUpstreamCooldown", "MoonqCostBurn", "MoonqRedisMemoryHigh",
-}  # fmt: skip
+    "MoonqNoWorkersUp",
+    "MoonqHighErrorRate",
+    "MoonqRetryStorm",
+    "MoonqQueueGrowing",
+    "MoonqP95LatencyHigh",
+    "MoonqQuotaSaturation",
+    "MoonqUpstreamCooldown",
+    "MoonqCostBurn",
+    "MoonqRedisMemoryHigh",
+}
 
 # Grafana's variables as the test Prometheus should see them; an unknown variable fails the test.
 VARIABLES = {"model": ".*", "__rate_interval": "5m", "__interval": "1m", "__range": "1h", "__range_s": "3600"}
@@ -81,10 +95,15 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Clien
     port = free_port()
     with (tmp / "prometheus.log").open("wb") as log:
         proc = subprocess.Popen(
-            [exe, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                exe,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_port(port, timeout_s=20)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:

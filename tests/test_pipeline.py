@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis
 
+from moonq.wire import Event
 from producers import Client, JobFailed, JobNotFound
-from producers.wire import Event
 from tests.conftest import API_KEY
 
 USER = {"role": "user", "content": "Write two sentences about the Moon."}

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from harness import WorkerProcess
 from producers import Client, JobFailed
-from producers.local import WorkerProcess
 from simulator import SimServer
 from tests.conftest import API_KEY
 from worker.settings import Settings
@@ -48,7 +48,7 @@ def test_real_celery_worker_process_runs_jobs(node: WorkerProcess, fresh_prefix:
 
 def moonq(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producers.cli", *args],
+        [sys.executable, "-m", "console.cli", *args],
         env={**os.environ, **env},
         input=stdin,
         capture_output=True,
@@ -93,7 +93,7 @@ def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
 def test_make_demo_runs_the_main_job_and_cleans_up() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MOONSHOT_API_KEY", "CELERY_BROKER_URL")}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "producers.cli", "demo"],
+        [sys.executable, "-m", "console.cli", "demo"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 
+from harness import RabbitMQServer, RedisServer, WorkerProcess
+from moonq.broker import AMQP_MAX_PRIORITY, QueueDepth, amqp_queue, broker_config, message_priority
 from producers import AsyncClient, Client
-from producers.broker import AMQP_MAX_PRIORITY, QueueDepth, amqp_queue, broker_config, message_priority
-from producers.local import RabbitMQServer, RedisServer, WorkerProcess
 from simulator import SimServer
 from tests import test_processes, test_resilience
 from tests.conftest import make_settings, node_env
@@ -74,8 +74,13 @@ def test_end_to_end_on_rabbitmq(node: WorkerProcess, fresh_prefix: Settings) -> 
     assert asyncio.run(follow())[-1] == "completed"
     # The CLI, configured by the environment alone.
     env = {**os.environ, "REDIS_URL": fresh_prefix.redis_url, "MOONQ_PREFIX": fresh_prefix.prefix}
-    done = subprocess.run([sys.executable, "-m", "producers.cli", "submit", "Say hi", "--model", "moonshot-v1-8k",
-                           "--json"], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "console.cli", "submit", "Say hi", "--model", "moonshot-v1-8k", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["type"] == "completed"
     log = node.log()
@@ -120,13 +125,13 @@ def test_broker_settings_per_scheme(fresh_prefix: Settings) -> None:
     assert [message_priority(fresh_prefix, p) for p in (0, 5, 9)] == [9, 4, 0]
     on_redis = make_settings(fresh_prefix.redis_url, broker_url=fresh_prefix.redis_url)
     redis_conf = celery_config(on_redis)
-    assert redis_conf["broker_transport"] == "worker.broker:Transport" and "task_queues" not in redis_conf
+    assert redis_conf["broker_transport"] == "worker.transport:Transport" and "task_queues" not in redis_conf
     assert redis_conf["broker_transport_options"]["visibility_timeout"] == on_redis.visibility_timeout_s
     assert [message_priority(on_redis, p) for p in (0, 5, 9)] == [0, 5, 9]
 
 
 def test_queue_depth_is_absent_when_the_broker_does_not_answer(redis_url: str) -> None:
-    from producers.local import free_port
+    from harness import free_port
 
     settings = make_settings(redis_url, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
     families = scrape(settings)

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
+from harness import RedisServer, TlsFiles, WorkerProcess, free_port, make_tls_files
+from moonq.broker import producer_app
+from moonq.settings import ClientSettings, redact_url
 from producers import AsyncClient, Client
-from producers.broker import producer_app
-from producers.local import RedisServer, TlsFiles, WorkerProcess, free_port, make_tls_files
-from producers.settings import ClientSettings, redact_url
 from simulator import SimServer
 from tests.conftest import make_settings, node_env
 
@@ -77,8 +77,9 @@ def test_end_to_end_on_a_secured_redis(secured: tuple[str, str], sim: SimServer)
     url, secret = secured
     settings = make_settings(url, prefix=PREFIX, queue=f"q{uuid.uuid4().hex[:8]}")
     port = free_port()
-    env = node_env(settings, sim.base_url, MOONQ_QUEUE=settings.queue, MOONQ_METRICS_PORT=str(port),
-                   MOONQ_METRICS_HOST="127.0.0.1")  # fmt: skip
+    env = node_env(
+        settings, sim.base_url, MOONQ_QUEUE=settings.queue, MOONQ_METRICS_PORT=str(port), MOONQ_METRICS_HOST="127.0.0.1"
+    )
     with WorkerProcess(env) as node, Client(settings=settings) as client:
         job = client.submit(REQUEST)
         events = list(job.events())
@@ -96,9 +97,12 @@ def test_end_to_end_on_a_secured_redis(secured: tuple[str, str], sim: SimServer)
         # Read at scrape time: the queue from the broker (kombu's lists), the limiter from Redis.
         assert "moonq_queue_depth{" in metrics and "moonq_ratelimit_cooldown_seconds" in metrics
         top = subprocess.run(
-            [sys.executable, "-m", "producers.cli", "--redis-url", url, "top", "--once", "--interval", "0.3"],
-            env={**os.environ, "MOONQ_PREFIX": PREFIX}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [sys.executable, "-m", "console.cli", "--redis-url", url, "top", "--once", "--interval", "0.3"],
+            env={**os.environ, "MOONQ_PREFIX": PREFIX},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         # Found through Redis and scraped (an earlier test's node on this server may be listed as down).
         assert top.returncode == 0 and "1 up /" in top.stdout, top.stdout + top.stderr
         assert f"down        http://127.0.0.1:{port}/" not in top.stdout

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from harness import RedisServer, WorkerProcess
+from moonq.eventlog import read_log
+from moonq.wire import Event
 from producers import AsyncClient, Client
-from producers.eventlog import read_log
-from producers.local import RedisServer, WorkerProcess
-from producers.wire import Event
 from simulator import SimConfig, SimServer
 from tests.conftest import make_settings, node_env
 from worker.settings import Settings

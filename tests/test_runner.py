@@ -12,7 +12,7 @@ import pytest
 from producers import Client, InvalidRequest, JobCancelled
 from simulator import SimConfig, SimServer
 from tests.conftest import API_KEY, make_settings
-from worker.runtime import Runtime
+from worker.loop import Runtime
 from worker.settings import Settings
 
 USER = {"role": "user", "content": "Tell me a long story about the sea."}
@@ -113,7 +113,7 @@ def test_upstream_auth_errors_fail_the_job(
 
 
 def test_unreachable_upstream_fails_with_a_connection_error(fresh_prefix: Settings) -> None:
-    from producers.local import free_port
+    from harness import free_port
 
     rt = runtime(fresh_prefix, f"http://127.0.0.1:{free_port()}/v1", max_attempts=3)
     try:
@@ -158,7 +158,7 @@ def test_priority_is_validated_before_enqueueing(fresh_prefix: Settings, r: Any)
 
 
 def test_delta_body_is_event_body_without_the_model() -> None:
-    from producers.eventlog import delta_body, event_body
+    from moonq.eventlog import delta_body, event_body
 
     delta = {"content": 'héllo "world"', "tool_calls": [{"index": 0, "id": "t1"}]}
     fast, slow = (

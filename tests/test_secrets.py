@@ -28,9 +28,9 @@ import httpx
 import pytest
 import redis
 
+from harness import RedisServer, WorkerProcess, free_port
+from moonq.broker import queue_lists
 from producers import Client, JobCancelled, JobFailed
-from producers.broker import queue_lists
-from producers.local import RedisServer, WorkerProcess, free_port
 from simulator import SimServer
 from tests.conftest import FAST, make_settings
 from worker.settings import Settings
@@ -164,7 +164,7 @@ def cli(settings: Settings, *args: str) -> str:
     # The producer's shell holds the key too: nothing of it may reach the output.
     env = {**os.environ, "REDIS_URL": settings.redis_url, "MOONQ_PREFIX": settings.prefix, "MOONSHOT_API_KEY": GOOD_KEY}
     done = subprocess.run(
-        [sys.executable, "-m", "producers.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "console.cli", *args], env=env, capture_output=True, text=True, timeout=60
     )
     return f"$ moonq {' '.join(args)} -> {done.returncode}\n{done.stdout}{done.stderr}"
 

@@ -20,10 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producers import Client
-from producers.keys import Keys
-from producers.local import WorkerProcess, free_port
-from producers.top import (
+from console.fleetview import (
     Samples,
     Scrape,
     View,
@@ -37,7 +34,10 @@ from producers.top import (
     parse_exposition,
     total,
 )
-from producers.top_loop import discover, scrape_node
+from console.top import discover, scrape_node
+from harness import WorkerProcess, free_port
+from moonq.keys import Keys
+from producers import Client
 from simulator import SimServer
 from tests.conftest import make_settings, node_env
 
@@ -188,12 +188,27 @@ def test_view_from_two_scrapes_with_a_node_down_and_one_new() -> None:
 
 def test_screen_lines_with_limits_and_a_cooldown() -> None:
     view = View(
-        at=0.0, interval_s=2.0, nodes_up=1, nodes_known=1, queue_depth=12, in_flight=3, inflight_cap=50,
-        jobs_per_s=2.5, outcomes_per_s={"succeeded": 2.0, "failed": 0.5}, tokens_per_min=45_250,
-        tpm_limit=5_000_000, requests_per_min=150, rpm_limit=600, latency_s=(0.41, 1.2), ttft_s=(0.05, None),
-        failed=1, retries={"engine_overloaded_error": 2, "timeout": 1}, cost_per_hour=0.42, cost_total=0.0123,
+        at=0.0,
+        interval_s=2.0,
+        nodes_up=1,
+        nodes_known=1,
+        queue_depth=12,
+        in_flight=3,
+        inflight_cap=50,
+        jobs_per_s=2.5,
+        outcomes_per_s={"succeeded": 2.0, "failed": 0.5},
+        tokens_per_min=45_250,
+        tpm_limit=5_000_000,
+        requests_per_min=150,
+        rpm_limit=600,
+        latency_s=(0.41, 1.2),
+        ttft_s=(0.05, None),
+        failed=1,
+        retries={"engine_overloaded_error": 2, "timeout": 1},
+        cost_per_hour=0.42,
+        cost_total=0.0123,
         cooldown_s=3.21,
-    )  # fmt: skip
+    )
     assert format_screen(view)[1:] == [
         "nodes       1 up / 1 known",
         "queue       12 waiting | in flight 3 / 50 cap",
@@ -209,8 +224,19 @@ def test_screen_lines_with_limits_and_a_cooldown() -> None:
     assert "tokens      0/min (no TPM limit)" in bare and any(line.startswith("no nodes") for line in bare)
 
 
-@pytest.mark.parametrize(("x", "text"), [(0, "0"), (6000, "6000"), (0.25, "0.25"), (12.34, "12.3"), (152.5, "152"),
-                                         (45_250, "45.2k"), (5e6, "5.0M"), (123_456_789, "123M")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (0, "0"),
+        (6000, "6000"),
+        (0.25, "0.25"),
+        (12.34, "12.3"),
+        (152.5, "152"),
+        (45_250, "45.2k"),
+        (5e6, "5.0M"),
+        (123_456_789, "123M"),
+    ],
+)
 def test_human(x: float, text: str) -> None:
     assert human(x) == text
 
@@ -254,7 +280,7 @@ def test_a_node_that_does_not_answer_or_is_not_an_exporter_is_down(sim: SimServe
 
 
 def moonq_top(redis_url: str, prefix: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "producers.cli", "--redis-url", redis_url, "top", *args]
+    cmd = [sys.executable, "-m", "console.cli", "--redis-url", redis_url, "top", *args]
     return subprocess.Popen(cmd, env={**os.environ, "MOONQ_PREFIX": prefix}, cwd=ROOT, text=True, **popen)
 
 
@@ -266,10 +292,17 @@ def amount(text: str) -> float:
 
 
 def test_top_once_shows_the_live_node_its_jobs_and_tokens(redis_url: str, sim: SimServer) -> None:
-    settings = make_settings(redis_url, prefix=f"top{uuid.uuid4().hex[:6]}", metrics_port=free_port(),
-                             moonshot_base_url=sim.base_url)  # fmt: skip
-    env = node_env(settings, sim.base_url, MOONQ_METRICS_PORT=str(settings.metrics_port),
-                   MOONQ_METRICS_HOST="127.0.0.1", MOONQ_RPM="6000", MOONQ_TPM="5000000")  # fmt: skip
+    settings = make_settings(
+        redis_url, prefix=f"top{uuid.uuid4().hex[:6]}", metrics_port=free_port(), moonshot_base_url=sim.base_url
+    )
+    env = node_env(
+        settings,
+        sim.base_url,
+        MOONQ_METRICS_PORT=str(settings.metrics_port),
+        MOONQ_METRICS_HOST="127.0.0.1",
+        MOONQ_RPM="6000",
+        MOONQ_TPM="5000000",
+    )
     dead = f"http://127.0.0.1:{free_port()}/metrics"
     request = {"model": "kimi-k2.5", "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hi"}]}
     with WorkerProcess(env), Client(settings=settings) as client:
@@ -277,8 +310,17 @@ def test_top_once_shows_the_live_node_its_jobs_and_tokens(redis_url: str, sim: S
         while not client.redis.zrange(settings.keys.nodes, 0, -1):  # announced on its first heartbeat
             assert time.monotonic() < deadline, "the node never announced itself"
             time.sleep(0.05)
-        top = moonq_top(redis_url, settings.prefix, "--once", "--interval", "1", "--node", dead,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        top = moonq_top(
+            redis_url,
+            settings.prefix,
+            "--once",
+            "--interval",
+            "1",
+            "--node",
+            dead,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 15
         while top.poll() is None and time.monotonic() < deadline:  # jobs all through both scrapes
             for job in [client.submit(request) for _ in range(4)]:

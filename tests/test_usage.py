@@ -15,19 +15,31 @@ from worker.usage import DEFAULT_PRICES, Price, cost_usd, load_prices, token_cou
 @pytest.mark.parametrize(
     ("usage", "expected"),
     [
-        ({"prompt_tokens": 82, "completion_tokens": 31, "total_tokens": 113, "cached_tokens": 64},
-         {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0}),
-        ({"prompt_tokens": 82, "completion_tokens": 31, "prompt_tokens_details": {"cached_tokens": 64}},
-         {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0}),
-        ({"prompt_tokens": 82, "completion_tokens": 31, "cached_tokens": 64,
-          "prompt_tokens_details": {"cached_tokens": 64}},
-         {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0}),
-        ({"prompt_tokens": 10, "completion_tokens": 500, "completion_tokens_details": {"reasoning_tokens": 420}},
-         {"prompt": 10, "completion": 500, "cached": 0, "reasoning": 420}),
+        (
+            {"prompt_tokens": 82, "completion_tokens": 31, "total_tokens": 113, "cached_tokens": 64},
+            {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0},
+        ),
+        (
+            {"prompt_tokens": 82, "completion_tokens": 31, "prompt_tokens_details": {"cached_tokens": 64}},
+            {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0},
+        ),
+        (
+            {
+                "prompt_tokens": 82,
+                "completion_tokens": 31,
+                "cached_tokens": 64,
+                "prompt_tokens_details": {"cached_tokens": 64},
+            },
+            {"prompt": 82, "completion": 31, "cached": 64, "reasoning": 0},
+        ),
+        (
+            {"prompt_tokens": 10, "completion_tokens": 500, "completion_tokens_details": {"reasoning_tokens": 420}},
+            {"prompt": 10, "completion": 500, "cached": 0, "reasoning": 420},
+        ),
         (None, {"prompt": 0, "completion": 0, "cached": 0, "reasoning": 0}),
     ],
     ids=["top-level-cached", "nested-cached", "both-spellings", "reasoning", "no-usage"],
-)  # fmt: skip
+)
 def test_token_counts(usage: dict[str, Any] | None, expected: dict[str, int]) -> None:
     assert token_counts(usage) == expected
 
@@ -41,10 +53,14 @@ def test_cost_splits_cache_hits_from_misses() -> None:
 
 def test_price_file_overrides_and_extends_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
-    path.write_text(json.dumps({
-        "kimi-k2.5": {"input_cache_hit": 0.05, "input_cache_miss": 0.5, "output": 2.5},
-        "my-finetune": {"input_cache_hit": 1, "input_cache_miss": 2, "output": 3},
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "kimi-k2.5": {"input_cache_hit": 0.05, "input_cache_miss": 0.5, "output": 2.5},
+                "my-finetune": {"input_cache_hit": 1, "input_cache_miss": 2, "output": 3},
+            }
+        )
+    )
     prices = load_prices(str(path))
     assert prices["kimi-k2.5"] == Price(0.05, 0.5, 2.5)
     assert prices["my-finetune"] == Price(1.0, 2.0, 3.0)

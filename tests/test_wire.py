@@ -8,8 +8,8 @@ import pytest
 import redis
 
 import producers
+from moonq.request import validate_request
 from producers import Client, InvalidRequest
-from producers.request import validate_request
 from worker.settings import Settings
 
 USER = [{"role": "user", "content": "hi"}]
@@ -265,7 +265,7 @@ def test_public_surface() -> None:
 
 
 def test_a_request_over_the_apis_body_limit_is_refused_before_enqueueing() -> None:
-    from producers.request import MAX_REQUEST_BYTES, validate_request
+    from moonq.request import MAX_REQUEST_BYTES, validate_request
 
     huge = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}
     with pytest.raises(InvalidRequest, match=r"request: must be at most 100 MB as JSON \(the API.s limit\); got 104,"):

@@ -10,17 +10,17 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from producers.broker import broker_config
-from producers.settings import is_redis_url
-from producers.wire import TASK_NAME
+from moonq.broker import broker_config
+from moonq.settings import is_redis_url
+from moonq.wire import TASK_NAME
 from worker.exporter import start_exporter
-from worker.runtime import runtime_for, shutdown_all, stop_all
+from worker.loop import runtime_for, shutdown_all, stop_all
 from worker.settings import Settings
 
 log = logging.getLogger("moonq.worker")
 
 # Celery warns on every broker reconnect that it will one day cancel late-ack tasks on connection
-# loss. moonq's tasks are meant to outlive a reconnect (see worker/broker.py), so we opt out on
+# loss. moonq's tasks are meant to outlive a reconnect (see worker/transport.py), so we opt out on
 # purpose ("worker_cancel_long_running_tasks_on_connection_loss": False) and drop the reminder.
 warnings.filterwarnings("ignore", message=".*worker_cancel_long_running_tasks_on_connection_loss.*")
 
@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         **base,
-        **({"broker_transport": "worker.broker:Transport"} if redis_broker else {}),
+        **({"broker_transport": "worker.transport:Transport"} if redis_broker else {}),
         "broker_transport_options": {**base["broker_transport_options"], **(redelivery if redis_broker else {})},
         # The job record in Redis is the result store; Celery's would only duplicate it.
         "task_ignore_result": True,

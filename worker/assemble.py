@@ -3,7 +3,7 @@
 ``feed`` takes one decoded chunk and returns the deltas worth publishing; ``finish`` returns
 the completion once the stream said ``[DONE]``. Usage is read from wherever the upstream put
 it: Moonshot puts it inside each choice's final chunk (``choices[i].usage``), OpenAI-style
-upstreams in a trailing ``choices: []`` chunk (``usage``); some send both (MOONSHOT_API.md §4).
+upstreams in a trailing ``choices: []`` chunk (``usage``); some send both (docs/moonshot-api.md §4).
 Fields we do not know are kept: on the chunk, on the delta and on tool-call fragments.
 """
 

@@ -1,6 +1,6 @@
 """Errors from the upstream, as one tree with a ``retryable`` flag.
 
-    MoonqError                          (producers.errors)
+    MoonqError                          (moonq.errors)
     └── UpstreamError                   any failed call; status, type, request_id, retry_after_s
         ├── RateLimited          retry  429 rate_limit_reached_error / engine_overloaded_error
         ├── UpstreamUnavailable  retry  408, 409, 5xx, timeouts, connection errors
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-from producers.errors import MoonqError
+from moonq.errors import MoonqError
 
 
 class UpstreamError(MoonqError):

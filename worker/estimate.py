@@ -1,7 +1,7 @@
 """What a request will count against TPM before it is sent: the prompt estimate plus the budget.
 
 Moonshot checks TPM against prompt tokens + ``max_tokens`` (or the model's default), not the
-output actually produced (MOONSHOT_API.md §8). We cannot run Moonshot's tokenizer here, so
+output actually produced (docs/moonshot-api.md §8). We cannot run Moonshot's tokenizer here, so
 the prompt is estimated from text on the high side (an over-estimate costs a little waiting,
 an under-estimate costs a 429), and the limiter settles the difference from the reported usage.
 """
@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-# Output budgets when the request names none (MOONSHOT_API.md §2: 1024 for older models, 32768
+# Output budgets when the request names none (docs/moonshot-api.md §2: 1024 for older models, 32768
 # for k2.5/k2.6, 131072 for k3). Prefix match, longest first.
 DEFAULT_COMPLETION_BUDGET: tuple[tuple[str, int], ...] = (
     ("kimi-k3", 131072),

@@ -2,7 +2,7 @@
 
 ``moonq_queue_depth`` counts the broker's queue when Prometheus asks, so it is right however many
 nodes there are: all ten priority lists on a Redis broker, the ready messages of a passive
-``queue.declare`` on RabbitMQ (``producers.broker.QueueDepth``); on any other broker it is absent.
+``queue.declare`` on RabbitMQ (``moonq.broker.QueueDepth``); on any other broker it is absent.
 The limiter gauges show the fleet's headroom: the configured limit, what is available now (bucket
 tokens; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
 clients; if Redis or the broker does not answer, its gauges are left out of that scrape rather than
@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from producers.broker import QueueDepth
+from moonq.broker import QueueDepth
 from worker.metrics import REGISTRY
 from worker.settings import Settings
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from producers.settings import is_redis_url
-from worker.runner import JobContext
+from moonq.settings import is_redis_url
+from worker.job import JobContext
 
 log = logging.getLogger("moonq.worker")
 

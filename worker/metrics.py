@@ -1,4 +1,4 @@
-"""The Prometheus metric families of a node (names and labels are DESIGN.md's contract).
+"""The Prometheus metric families of a node (names and labels are docs/contract.md's contract).
 
 A node is one process (Celery's thread pool plus one asyncio loop), so one registry holds
 everything and counters never jump when pool threads come and go: no multiprocess mode, no
@@ -18,19 +18,45 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300,
 # Time to first token and waits for capacity are shorter: 10 ms to 5 min.
 SHORT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-KNOWN_MODELS = frozenset({
-    "kimi-k3", "kimi-k2.7-code", "kimi-k2.7-code-highspeed", "kimi-k2.6", "kimi-k2.5",
-    "kimi-k2-0905-preview", "kimi-k2-0711-preview", "kimi-k2-turbo-preview", "kimi-k2-thinking",
-    "kimi-k2-thinking-turbo", "kimi-latest", "moonshot-v1-8k", "moonshot-v1-32k", "moonshot-v1-128k",
-    "moonshot-v1-auto", "moonshot-v1-8k-vision-preview", "moonshot-v1-32k-vision-preview",
-    "moonshot-v1-128k-vision-preview",
-})  # fmt: skip
+KNOWN_MODELS = frozenset(
+    {
+        "kimi-k3",
+        "kimi-k2.7-code",
+        "kimi-k2.7-code-highspeed",
+        "kimi-k2.6",
+        "kimi-k2.5",
+        "kimi-k2-0905-preview",
+        "kimi-k2-0711-preview",
+        "kimi-k2-turbo-preview",
+        "kimi-k2-thinking",
+        "kimi-k2-thinking-turbo",
+        "kimi-latest",
+        "moonshot-v1-8k",
+        "moonshot-v1-32k",
+        "moonshot-v1-128k",
+        "moonshot-v1-auto",
+        "moonshot-v1-8k-vision-preview",
+        "moonshot-v1-32k-vision-preview",
+        "moonshot-v1-128k-vision-preview",
+    }
+)
 KNOWN_STATUSES = frozenset({"200", "400", "401", "403", "404", "408", "409", "422", "429", "500", "502", "503", "504"})
-KNOWN_REASONS = frozenset({
-    "engine_overloaded_error", "rate_limit_reached_error", "server_error", "unexpected_output",
-    "upstream_error", "timeout", "connection_error", "connection_dropped", "incomplete_stream",
-    "invalid_chunk", "worker_lost", "worker_shutdown",
-})  # fmt: skip
+KNOWN_REASONS = frozenset(
+    {
+        "engine_overloaded_error",
+        "rate_limit_reached_error",
+        "server_error",
+        "unexpected_output",
+        "upstream_error",
+        "timeout",
+        "connection_error",
+        "connection_dropped",
+        "incomplete_stream",
+        "invalid_chunk",
+        "worker_lost",
+        "worker_shutdown",
+    }
+)
 OTHER = "other"
 
 JOBS = Counter("moonq_jobs", "Jobs that ended, by outcome.", ["model", "outcome"], registry=REGISTRY)
@@ -40,8 +66,9 @@ TOKENS = Counter(
     ["model", "type"],
     registry=REGISTRY,
 )
-COST = Counter("moonq_cost_usd", "Estimated spend from reported usage and the price table.", ["model"],
-               registry=REGISTRY)  # fmt: skip
+COST = Counter(
+    "moonq_cost_usd", "Estimated spend from reported usage and the price table.", ["model"], registry=REGISTRY
+)
 UPSTREAM_DURATION = Histogram(
     "moonq_upstream_request_duration_seconds",
     "One upstream call, request sent to stream end (or error).",
@@ -50,19 +77,29 @@ UPSTREAM_DURATION = Histogram(
     registry=REGISTRY,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "moonq_time_to_first_token_seconds", "Request sent to first streamed chunk.", ["model"],
-    buckets=SHORT_BUCKETS, registry=REGISTRY,
-)  # fmt: skip
+    "moonq_time_to_first_token_seconds",
+    "Request sent to first streamed chunk.",
+    ["model"],
+    buckets=SHORT_BUCKETS,
+    registry=REGISTRY,
+)
 JOB_DURATION = Histogram(
-    "moonq_job_duration_seconds", "Enqueue to the job's end.", ["model", "outcome"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)  # fmt: skip
+    "moonq_job_duration_seconds",
+    "Enqueue to the job's end.",
+    ["model", "outcome"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 QUEUE_WAIT = Histogram(
-    "moonq_queue_wait_seconds", "Enqueue to the first start of the job.", ["model"],
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)  # fmt: skip
-RETRIES = Counter("moonq_retries", "New attempts, by the reason the previous one ended.", ["model", "reason"],
-                  registry=REGISTRY)  # fmt: skip
+    "moonq_queue_wait_seconds",
+    "Enqueue to the first start of the job.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "moonq_retries", "New attempts, by the reason the previous one ended.", ["model", "reason"], registry=REGISTRY
+)
 RATELIMIT_WAIT = Histogram(
     "moonq_ratelimit_wait_seconds",
     "Time a call waited for fleet capacity, by the limit that held it last (none = no wait).",

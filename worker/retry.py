@@ -2,7 +2,7 @@
 
 The runner is the one retry owner (httpx only retries failed connects, where nothing was
 sent); it asks ``should_retry`` after each failed attempt and waits ``retry_delay``.
-Policy, from MOONSHOT_API.md §7 and openai-python's retry core:
+Policy, from docs/moonshot-api.md §7 and openai-python's retry core:
 
 - retry 408/409/429 (overload, rate limit), 5xx, timeouts, connection errors, streams cut
   before ``[DONE]`` or a finish_reason, and undecodable chunks (``error.retryable``);

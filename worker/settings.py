@@ -1,6 +1,6 @@
 """The worker's typed settings, read from the environment once at the entry point.
 
-Units are in the names. Only this module (and ``producers.settings``, which it extends)
+Units are in the names. Only this module (and ``moonq.settings``, which it extends)
 reads the environment; everything else gets a ``Settings`` passed in.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
-from producers.settings import ClientSettings
+from moonq.settings import ClientSettings
 from worker.ratelimit import Limits
 from worker.retry import INITIAL_RETRY_DELAY, MAX_ATTEMPTS, MAX_RETRY_AFTER_DELAY, MAX_RETRY_DELAY, RetryPolicy
 

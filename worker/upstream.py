@@ -27,7 +27,7 @@ from worker.sse import SSEDecoder
 DONE = "[DONE]"
 
 
-class Upstream:
+class UpstreamClient:
     """The API's chat-completions endpoint and the connection pool a node's jobs share."""
 
     def __init__(self, settings: Settings) -> None:
@@ -51,10 +51,6 @@ class Upstream:
         await self.session.close()
 
 
-def build_client(settings: Settings) -> Upstream:
-    return Upstream(settings)
-
-
 def upstream_payload(request: dict[str, Any]) -> dict[str, Any]:
     """The body actually sent: the caller's request, streaming, with usage asked for."""
     payload = dict(request)
@@ -65,7 +61,7 @@ def upstream_payload(request: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-async def stream_chat(client: Upstream, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def stream_chat(client: UpstreamClient, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Yield decoded chunks until ``[DONE]``; raise an ``UpstreamError`` on any failure.
 
     A stream that ends before ``[DONE]`` raises ``StreamInterrupted``: a partial answer is
@@ -102,7 +98,7 @@ async def stream_chat(client: Upstream, request: dict[str, Any]) -> AsyncIterato
         raise UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error") from err
 
 
-async def _post(client: Upstream, body: bytes) -> aiohttp.ClientResponse:
+async def _post(client: UpstreamClient, body: bytes) -> aiohttp.ClientResponse:
     """POST the body; a failed connect (nothing sent yet) is tried once more, the rest is the runner's."""
     try:
         return await client.session.post(client.url, data=body)

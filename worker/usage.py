@@ -1,12 +1,12 @@
 """Reported usage → token counts by type, and → dollars (pure functions).
 
 Moonshot reports ``cached_tokens`` at the top of ``usage``, inside ``prompt_tokens_details``,
-or both (MOONSHOT_API.md §3); ``prompt_tokens`` already includes them. Reasoning tokens are
+or both (docs/moonshot-api.md §3); ``prompt_tokens`` already includes them. Reasoning tokens are
 counted when the upstream reports ``completion_tokens_details.reasoning_tokens``.
 
 Prices are USD per million tokens: cache-hit input, cache-miss input, output. The defaults
 below are Moonshot's published list prices as we know them (kimi-k2.5's are quoted in
-MOONSHOT_API.md §10); they change, so check your console and override them with
+docs/moonshot-api.md §10); they change, so check your console and override them with
 ``MOONQ_PRICES_FILE`` (JSON: ``{"model": {"input_cache_hit": .., "input_cache_miss": .., "output": ..}}``).
 Models without a price cost 0 and are counted as tokens only.
 """
@@ -61,9 +61,10 @@ def cost_usd(counts: dict[str, int], price: Price | None) -> float:
         return 0.0
     cached = min(counts["cached"], counts["prompt"])
     return (
-        cached * price.input_cache_hit + (counts["prompt"] - cached) * price.input_cache_miss
+        cached * price.input_cache_hit
+        + (counts["prompt"] - cached) * price.input_cache_miss
         + counts["completion"] * price.output
-    ) / 1_000_000  # fmt: skip
+    ) / 1_000_000
 
 
 def load_prices(path: str | None) -> dict[str, Price]:
@@ -72,6 +73,7 @@ def load_prices(path: str | None) -> dict[str, Price]:
     if path:
         raw = json.loads(Path(path).read_text())
         for model, entry in raw.items():
-            prices[model] = Price(float(entry["input_cache_hit"]), float(entry["input_cache_miss"]),
-                                  float(entry["output"]))  # fmt: skip
+            prices[model] = Price(
+                float(entry["input_cache_hit"]), float(entry["input_cache_miss"]), float(entry["output"])
+            )
     return prices

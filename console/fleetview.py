@@ -1,6 +1,6 @@
 """``moonq top``'s arithmetic: the nodes' /metrics text in, the lines of one screen out.
 
-Everything here is pure (no I/O, no clock); ``producers/top_loop.py`` scrapes and redraws.
+Everything here is pure (no I/O, no clock); ``console/top.py`` scrapes and redraws.
 A scrape of one node is a ``Samples`` dict, ``(sample name, sorted labels) -> value``. Rates
 come from counter increases between two scrapes of the same node, summed over the nodes; a
 node that restarted in between counts its new values as the increase. Latency quantiles are

@@ -15,9 +15,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from console.render import BOLD, RESET, Renderer
+from harness import RedisServer, WorkerProcess
 from producers.client import Client, Job
-from producers.local import RedisServer, WorkerProcess
-from producers.render import BOLD, RESET, Renderer
 
 WEATHER_TOOL = {
     "type": "function",

@@ -20,22 +20,22 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from producers.connect import resilient_redis
-from producers.eventlog import APPEND_LUA
-from producers.wire import JobEnvelope
-from worker.events import EventSink
+from moonq.connect import resilient_redis
+from moonq.eventlog import APPEND_LUA
+from moonq.wire import JobEnvelope
+from worker.job import CLAIM_LUA, JobContext, Outcome, reject_envelope, run_job
 from worker.keepalive import keepalive
+from worker.publisher import EventSink
 from worker.ratelimit import Limiter
-from worker.runner import CLAIM_LUA, JobContext, Outcome, reject_envelope, run_job
 from worker.settings import Settings
-from worker.upstream import build_client
+from worker.upstream import UpstreamClient
 from worker.usage import load_prices
 
 log = logging.getLogger("moonq.worker")
 
 
 def connect(settings: Settings) -> Redis:
-    """The node's client: shared by all its jobs, riding out a Redis restart (producers/connect.py)."""
+    """The node's client: shared by all its jobs, riding out a Redis restart (moonq/connect.py)."""
     return resilient_redis(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
@@ -67,7 +67,7 @@ class Runtime:
             settings=self.settings,
             keys=self.settings.keys,
             redis=redis,
-            http=build_client(self.settings),
+            upstream=UpstreamClient(self.settings),
             append=EventSink(redis, APPEND_LUA),
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
@@ -144,7 +144,7 @@ class Runtime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
-            await ctx.http.aclose()
+            await ctx.upstream.aclose()
         await ctx.redis.aclose()
 
 

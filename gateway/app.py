@@ -26,13 +26,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.openapi import openapi_document
+from gateway.stream import ChunkStream, error_body, sse
+from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
+from moonq.request import ChatRequest, validate_request
+from moonq.settings import ClientSettings
+from moonq.wire import DEFAULT_PRIORITY, check_priority
 from producers.aio import AsyncClient, AsyncJob
-from producers.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
-from producers.gateway_openapi import openapi_document
-from producers.gateway_stream import ChunkStream, error_body, sse
-from producers.request import ChatRequest, validate_request
-from producers.settings import ClientSettings
-from producers.wire import DEFAULT_PRIORITY
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
 
@@ -125,9 +125,7 @@ def job_options(request: Request) -> dict[str, Any]:
     options: dict[str, Any] = {"idempotency_key": key, "priority": DEFAULT_PRIORITY}
     raw = request.headers.get("x-moonq-priority")
     if raw is not None:
-        if not (DIGITS.fullmatch(raw) and int(raw) <= 9):
-            raise InvalidRequest([("X-Moonq-Priority", f"must be an integer from 0 to 9 (got {raw[:40]!r})")])
-        options["priority"] = int(raw)
+        options["priority"] = check_priority(raw, "X-Moonq-Priority", text=True)
     return options
 
 
@@ -168,8 +166,11 @@ class Gateway:
             return error(409, f"job {job.id} was cancelled", "cancelled")
         except JobFailed as err:
             status = int(err.error.get("status") or 502)
-            return JSONResponse(error_body(str(err.error.get("message")), str(err.error.get("type"))),
-                                status_code=status, headers=headers)  # fmt: skip
+            return JSONResponse(
+                error_body(str(err.error.get("message")), str(err.error.get("type"))),
+                status_code=status,
+                headers=headers,
+            )
         # mode="json": a NaN or Infinity an upstream slipped into its answer becomes null, not a 500.
         return JSONResponse(result.model_dump(mode="json", exclude_none=True), headers=headers)
 
@@ -199,8 +200,12 @@ class Gateway:
     async def get_job(self, request: Request) -> Response:
         job = self.c.job(request.path_params["job_id"])
         rec = await job.record()
-        out: dict[str, Any] = {"id": job.id, "status": rec["status"], "model": rec.get("model"),
-                               "attempt": int(rec.get("attempt") or 0)}  # fmt: skip
+        out: dict[str, Any] = {
+            "id": job.id,
+            "status": rec["status"],
+            "model": rec.get("model"),
+            "attempt": int(rec.get("attempt") or 0),
+        }
         for name in ("enqueued_at", "started_at", "finished_at"):
             if rec.get(name):
                 out[name] = float(rec[name])

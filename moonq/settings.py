@@ -1,7 +1,7 @@
 """Configuration a producer needs, read from the environment once.
 
 The worker's ``Settings`` (``worker/settings.py``) extends this with what only workers
-need (the API key above all). Names follow DESIGN.md: the well-known ``REDIS_URL``,
+need (the API key above all). Names follow docs/contract.md: the well-known ``REDIS_URL``,
 ``CELERY_BROKER_URL`` and ``MOONSHOT_*`` variables keep their names; moonq's own are
 ``MOONQ_*``.
 """
@@ -15,8 +15,8 @@ from urllib.parse import parse_qsl, urlencode
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producers.keys import Keys
-from producers.wire import DEFAULT_QUEUE
+from moonq.keys import Keys
+from moonq.wire import DEFAULT_QUEUE
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")

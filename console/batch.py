@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from moonq.errors import InvalidRequest
+from moonq.wire import TERMINAL_STATUSES
 from producers.client import Client
-from producers.errors import InvalidRequest
-from producers.wire import TERMINAL_STATUSES
 
 CHAT_URLS = ("/v1/chat/completions", "/chat/completions")
 
@@ -54,8 +54,10 @@ class Progress:
         eta = "--:--" if left == float("inf") else f"{int(left) // 60:02d}:{int(left) % 60:02d}"
         width = 30
         filled = int(width * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-                f" {rate:.1f}/s ETA {eta} failed {self.failed}")  # fmt: skip
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+            f" {rate:.1f}/s ETA {eta} failed {self.failed}"
+        )
         end = "\n" if self.done == self.total else ""
         self.out.write(("\r" if self.out.isatty() else "") + line + (end if self.out.isatty() else "\n"))
         self.out.flush()
@@ -96,8 +98,12 @@ def parse_line(line: str, number: int) -> tuple[str, dict[str, Any]]:
 
 def output_line(custom_id: str, job_id: str | None, rec: dict[str, str] | None, error: tuple[str, str] | None) -> str:
     """One output line in the batch output shape."""
-    out: dict[str, Any] = {"id": f"batch_req_{job_id or custom_id}", "custom_id": custom_id, "response": None,
-                           "error": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "id": f"batch_req_{job_id or custom_id}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": None,
+    }
     if error is not None:
         out["error"] = {"code": error[0], "message": error[1]}
     elif rec is not None and rec["status"] == "succeeded":

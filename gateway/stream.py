@@ -33,8 +33,12 @@ class ChunkStream:
 
     def __init__(self, job_id: str, model: str, created: int, include_usage: bool) -> None:
         self.job_id = job_id
-        self.base = {"id": f"cmpl-{job_id.replace('-', '')}", "object": "chat.completion.chunk", "created": created,
-                     "model": model}  # fmt: skip
+        self.base = {
+            "id": f"cmpl-{job_id.replace('-', '')}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
         self.include_usage = include_usage
         self.sent_deltas = False
         self.done = False
@@ -49,8 +53,10 @@ class ChunkStream:
             return self._chunk([{"index": event.index or 0, "delta": event.delta, "finish_reason": None}])
         if event.type == "retry" and self.sent_deltas:
             self.done = True
-            message = (f"the upstream stream broke after part of the answer was sent; job {self.job_id} is being"
-                       f" retried ({event.reason}): read its result at /v1/jobs/{self.job_id}")  # fmt: skip
+            message = (
+                f"the upstream stream broke after part of the answer was sent; job {self.job_id} is being"
+                f" retried ({event.reason}): read its result at /v1/jobs/{self.job_id}"
+            )
             return sse(error_body(message, "stream_interrupted"))
         if event.type == "completed":
             self.done = True

@@ -19,18 +19,18 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from producers.eventlog import append_args, event_body
-from producers.keys import Keys
-from producers.wire import JobEnvelope
+from moonq.eventlog import append_args, event_body
+from moonq.keys import Keys
+from moonq.wire import JobEnvelope
 from worker import metrics
 from worker.assemble import StreamAssembler
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
-from worker.events import EventSink, EventWriter, Fenced
+from worker.publisher import EventSink, EventWriter, Fenced
 from worker.ratelimit import Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.settings import Settings
-from worker.upstream import Upstream, stream_chat
+from worker.upstream import UpstreamClient, stream_chat
 from worker.usage import Price, cost_usd, token_counts
 
 log = logging.getLogger("moonq.worker")
@@ -96,7 +96,7 @@ class JobContext:
     settings: Settings
     keys: Keys
     redis: Redis
-    http: Upstream
+    upstream: UpstreamClient
     append: EventSink
     claim: AsyncScript
     limiter: Limiter
@@ -155,9 +155,14 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
     assert task is not None
     verdict, attempt, seq = await _claim(ctx, envelope, owner)
     writer = EventWriter(
-        ctx.append, ctx.keys, job_id,
-        owner=owner, ttl_s=ctx.settings.result_ttl_s, seq=seq, max_events=ctx.settings.max_events_per_job,
-    )  # fmt: skip
+        ctx.append,
+        ctx.keys,
+        job_id,
+        owner=owner,
+        ttl_s=ctx.settings.result_ttl_s,
+        seq=seq,
+        max_events=ctx.settings.max_events_per_job,
+    )
     model = metrics.model_label(str(envelope.request.get("model", "")))
     if verdict == "cancel":
         return await _end_cancelled(writer, envelope)
@@ -226,15 +231,22 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
             metrics.RETRIES.labels(model, metrics.reason_label(err.type)).inc()
             log.info(
                 "event=job_retry job_id=%s model=%s attempt=%s reason=%s status=%s delay_s=%.2f",
-                envelope.job_id, model, attempt, err.type, err.status, delay,
-            )  # fmt: skip
+                envelope.job_id,
+                model,
+                attempt,
+                err.type,
+                err.status,
+                delay,
+            )
             await asyncio.sleep(delay)
             await writer.write(None, {"status": "running"})
             continue
         await writer.write(
-            "completed", {"status": "succeeded", "result": result, "finished_at": str(time.time())},
-            attempt=attempt, result=result,
-        )  # fmt: skip
+            "completed",
+            {"status": "succeeded", "result": result, "finished_at": str(time.time())},
+            attempt=attempt,
+            result=result,
+        )
         counts = token_counts(result.get("usage"))
         for kind, n in counts.items():
             if n:
@@ -244,9 +256,14 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
         log.info(
             "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
             " cached_tokens=%s latency_s=%.3f",
-            envelope.job_id, model, attempt, counts["prompt"], counts["completion"], counts["cached"],
+            envelope.job_id,
+            model,
+            attempt,
+            counts["prompt"],
+            counts["completion"],
+            counts["cached"],
             time.time() - envelope.enqueued_at,
-        )  # fmt: skip
+        )
         return "succeeded"
 
 
@@ -271,7 +288,7 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
         assembler = StreamAssembler()
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
             first_token = True
-            async for chunk in stream_chat(ctx.http, request):
+            async for chunk in stream_chat(ctx.upstream, request):
                 try:
                     pieces = assembler.feed(chunk)
                     for index, delta in pieces:
@@ -326,9 +343,13 @@ async def _end_failed(
     _record_end(envelope, "failed")
     log.info(
         "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",
-        writer.job_id, metrics.model_label(str(envelope.request.get("model", ""))), attempt, info.get("type"),
-        info.get("status"), now - envelope.enqueued_at,
-    )  # fmt: skip
+        writer.job_id,
+        metrics.model_label(str(envelope.request.get("model", ""))),
+        attempt,
+        info.get("type"),
+        info.get("status"),
+        now - envelope.enqueued_at,
+    )
     return "failed"
 
 

@@ -19,14 +19,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from producers.errors import InvalidRequest
+from moonq.errors import InvalidRequest
 
 MAX_STOP_WORDS = 5
 MAX_STOP_BYTES = 32
 MAX_TOOLS = 128
 TOOL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9\-_]{2,63}$")
 ROLES = ("system", "user", "assistant", "tool")
-# Formats Moonshot accepts inside base64 data URLs (MOONSHOT_API.md §2).
+# Formats Moonshot accepts inside base64 data URLs (docs/moonshot-api.md §2).
 IMAGE_TYPES = ("png", "jpeg", "jpg", "webp", "gif")
 VIDEO_TYPES = ("mp4", "mpeg", "mov", "quicktime", "avi", "x-msvideo", "x-flv", "mpg", "webm", "wmv", "x-ms-wmv", "3gpp")
 # Arrays and objects nested deeper than this are refused: pydantic cannot serialize past ~250
@@ -423,7 +423,7 @@ def format_validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(keep)
 
 
-# The API's request body limit (MOONSHOT_API.md §2: base64 video included); checked before enqueueing.
+# The API's request body limit (docs/moonshot-api.md §2: base64 video included); checked before enqueueing.
 MAX_REQUEST_BYTES = 100 * 2**20
 
 

@@ -18,9 +18,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producers.keys import Keys
-from producers.settings import ClientSettings
-from producers.top import Samples, Scrape, build_view, format_screen, parse_exposition
+from console.fleetview import Samples, Scrape, build_view, format_screen, parse_exposition
+from moonq.keys import Keys
+from moonq.settings import ClientSettings
 
 NODE_STALE_S = 30.0  # a node that has not announced itself for this long is gone
 CLEAR = "\x1b[H\x1b[2J"

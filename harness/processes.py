@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from producers.broker import producer_app
-from producers.settings import ClientSettings
+from moonq.broker import producer_app
+from moonq.settings import ClientSettings
 
 REDIS_MISSING = (
     "redis-server was not found on PATH. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`;"
@@ -86,12 +86,50 @@ def make_tls_files(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=moonq throwaway CA",
-        "-keyout", str(d / "ca.key"), "-out", str(files.ca))  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={hosts[0]}",
-        "-keyout", str(files.key), "-out", str(d / "server.csr"))  # fmt: skip
-    run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(files.ca), "-CAkey", str(d / "ca.key"),
-        "-CAcreateserial", "-days", "1", "-extfile", str(d / "san.cnf"), "-out", str(files.cert))  # fmt: skip
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=moonq throwaway CA",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(files.ca),
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={hosts[0]}",
+        "-keyout",
+        str(files.key),
+        "-out",
+        str(d / "server.csr"),
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(d / "server.csr"),
+        "-CA",
+        str(files.ca),
+        "-CAkey",
+        str(d / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        str(d / "san.cnf"),
+        "-out",
+        str(files.cert),
+    )
     return files
 
 
@@ -125,9 +163,20 @@ class RedisServer:
         self._dir = tempfile.mkdtemp(prefix="moonq-redis-")
         listen = ["--port", str(self.port)]
         if tls is not None:
-            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
-                      "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
-                      "--tls-ca-cert-file", str(tls.ca)]  # fmt: skip
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                str(tls.cert),
+                "--tls-key-file",
+                str(tls.key),
+                "--tls-ca-cert-file",
+                str(tls.ca),
+            ]
         auth = ["--requirepass", password] if password is not None else []
         for name, secret in self.users.items():
             auth += ["--user", name, "on", f">{secret}", *user_rules]

@@ -27,7 +27,7 @@ from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
-from producers.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
+from moonq.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
 
 log = logging.getLogger("moonq")
 

@@ -1,6 +1,6 @@
 """The redis.asyncio client moonq's long-lived processes share: bounded, blocking, retrying.
 
-Used by a worker node (``worker/runtime.py``) and by ``AsyncClient``. The pool is bounded and
+Used by a worker node (``worker/loop.py``) and by ``AsyncClient``. The pool is bounded and
 *blocking*: a burst of commands queues for a connection instead of redis-py's default pool
 raising ``MaxConnectionsError`` past 100 (Redis runs commands one at a time anyway). Commands
 retry with backoff for about a minute, so a Redis restart is ridden out, not raised.

@@ -21,8 +21,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from producers.eventlog import append_args, delta_body, event_body
-from producers.keys import Keys
+from moonq.eventlog import append_args, delta_body, event_body
+from moonq.keys import Keys
 
 # Most script calls in one pipeline; more wait for the next round trip.
 MAX_PIPELINE = 512
@@ -168,9 +168,15 @@ class EventWriter:
 
     async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
         keys, argv = append_args(
-            self._keys, self.job_id, bodies, ttl_s=self._ttl_s, owner=self._owner, expected_seq=self.seq,
-            max_events=self._max_events, fields=fields,
-        )  # fmt: skip
+            self._keys,
+            self.job_id,
+            bodies,
+            ttl_s=self._ttl_s,
+            owner=self._owner,
+            expected_seq=self.seq,
+            max_events=self._max_events,
+            fields=fields,
+        )
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)
         self.seq += len(bodies)

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from producers.keys import Keys
-from producers.wire import TERMINAL_STATUSES, Event
+from moonq.keys import Keys
+from moonq.wire import TERMINAL_STATUSES, Event
 
 # KEYS[1] job hash, KEYS[2] log stream.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
@@ -67,7 +67,14 @@ return math.max(seq, 1)
 
 
 def event_body(job_id: str, type: str, **fields: Any) -> str:
-    """An event as JSON without ``seq`` (``APPEND_LUA`` adds it); None-valued fields are left out."""
+    """An event as JSON without ``seq`` (``APPEND_LUA`` adds it); None-valued fields are left out.
+
+    Raises:
+        TypeError: a field that ``Event`` does not define (readers would drop it silently).
+    """
+    unknown = fields.keys() - Event.model_fields.keys()
+    if unknown:
+        raise TypeError(f"Event has no field(s) {sorted(unknown)}")
     data = Event(job_id=job_id, seq=0, type=type, **fields).model_dump(mode="json", exclude_none=True)
     del data["seq"]
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)

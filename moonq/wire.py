@@ -1,19 +1,23 @@
-"""What crosses the queue: task names, the job envelope, events and completions.
+"""What crosses the queue: the task name, the job envelope, events and completions.
 
-Producers and workers share only this module (and ``producers.keys``): producers enqueue
-by ``TASK_NAME`` and never import worker code. Our own envelope and events are strict
-(``extra="forbid"``) and versioned; upstream completions are parsed tolerantly
-(``extra="allow"``), because the API adds fields (``system_fingerprint``, new usage keys).
+Producers enqueue by ``TASK_NAME`` and never import worker code. The envelope we write is
+strict (``extra="forbid"``) and versioned. Events are read tolerantly (``extra="ignore"``): a
+newer node may add a field, and an older SDK must go on reading its events; writers check
+their fields against the model instead (``moonq.eventlog.event_body``). Upstream completions
+are parsed tolerantly too (``extra="allow"``, extra fields kept), because the API adds fields
+(``system_fingerprint``, new usage keys).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producers.request import ChatRequest, validate_request
+from moonq.errors import InvalidRequest
+from moonq.record import TERMINAL_STATUSES, JobStatus
+from moonq.request import ChatRequest, validate_request
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -32,10 +36,22 @@ SCHEMA_VERSION = 1
 TASK_NAME = "moonq.run_job"
 DEFAULT_QUEUE = "moonq"
 DEFAULT_PRIORITY = 5
+MOST_URGENT, LEAST_URGENT = 0, 9
 
-JobStatus = Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+def check_priority(value: object, field: str = "priority", *, text: bool = False) -> int:
+    """``value`` as a job priority: an integer from 0 (most urgent) to 9, else ``InvalidRequest``.
+
+    Bools, floats and strings are refused, except, with ``text=True`` (a header), ASCII digits.
+    """
+    if text and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and MOST_URGENT <= value <= LEAST_URGENT:
+        return value
+    shown = value[:40] if isinstance(value, str) else value
+    raise InvalidRequest([(field, f"must be an integer from 0 (most urgent) to 9 (got {shown!r})")])
 
 
 class _Strict(BaseModel):
@@ -57,7 +73,11 @@ class JobEnvelope(_Strict):
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
 
 
-class ErrorInfo(_Strict):
+class _Reader(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorInfo(_Reader):
     """Why a job failed, in the upstream's own terms where there was an upstream answer."""
 
     type: str
@@ -65,10 +85,11 @@ class ErrorInfo(_Strict):
     status: int | None = None
 
 
-class Event(_Strict):
+class Event(_Reader):
     """One message on ``<prefix>:events:<job_id>`` and in the job's replay log.
 
-    ``seq`` starts at 1 and rises by one per event of the job, across attempts.
+    ``seq`` starts at 1 and rises by one per event of the job, across attempts. Fields this
+    version does not know are ignored, so adding one never breaks an older reader.
     """
 
     job_id: str

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from console.render import Renderer
+from moonq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, MoonqError
 from producers.client import Client
-from producers.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, MoonqError
-from producers.render import Renderer
 
 DEFAULT_MODEL = "kimi-k2.5"
 
@@ -90,7 +90,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_batch(client: Client, args: argparse.Namespace) -> int:
-    from producers.batch import run_batch
+    from console.batch import run_batch
 
     answered, failed = run_batch(client, Path(args.input), Path(args.output), window=args.window)
     print(f"{answered} line(s) answered, {failed} failed; output: {args.output}", file=sys.stderr)
@@ -116,7 +116,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_top(client: Client, args: argparse.Namespace) -> int:
-    from producers.top_loop import run_top
+    from console.top import run_top
 
     return run_top(client.settings, args.node, args.interval, once=args.once)
 
@@ -162,8 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("job")
     c.set_defaults(func=cmd_retry)
     t = sub.add_parser("top", help="live view of the fleet from the nodes' /metrics (no Grafana needed)")
-    t.add_argument("--node", action="append", default=[], metavar="URL",
-                   help="a node's metrics URL, repeatable; added to the nodes announced in Redis")  # fmt: skip
+    t.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a node's metrics URL, repeatable; added to the nodes announced in Redis",
+    )
     t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
     t.add_argument("--once", action="store_true", help="print one snapshot (two scrapes --interval apart) and exit")
     t.set_defaults(func=cmd_top)
@@ -180,7 +185,7 @@ def _gateway(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args(argv)
-    from producers.gateway import serve
+    from gateway.app import serve
 
     try:
         serve(args.host, args.port)
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["gateway"]:
         return _gateway(argv[1:])
     if argv[:1] == ["demo"]:
-        from producers.demo import main as demo
+        from console.demo import main as demo
 
         return demo(argv[1:])
     args = _parser().parse_args(argv)
