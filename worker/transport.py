@@ -1,4 +1,5 @@
-"""The Redis transport the worker consumes with: kombu's, minus restore-on-close.
+"""The Redis transport the worker consumes with: kombu's, minus restore-on-close, with a tag per
+delivery and Redis' clock for redelivery.
 
 When the broker connection breaks, kombu's channel close tries to push every in-flight message
 back to its queue, through the connection that just broke; in kombu 5.7 that raises inside
@@ -7,20 +8,125 @@ restart would take every node down with it. moonq does not need that restore: a 
 its message's unacked entry fresh (keepalive.py), acks it over whatever connection is current when
 it ends, and a dead node's messages come back through the visibility timeout. So the node keeps
 running its jobs through a Redis restart and reconnects.
+
+Two more changes make redelivery exact:
+
+- **A tag per delivery.** kombu gives a message its delivery tag when it is published and keeps it
+  when it restores the message to the queue, so a redelivered copy has the tag of the first
+  delivery. A stale first delivery (a paused node that wakes up) would then ack, and so delete, the
+  new delivery's unacked entry; if the new node died, nothing would bring the message back. Here
+  every delivery gets a fresh tag as it is received: an ack or reject touches only its own entry.
+- **One clock.** kombu scores the unacked index with the local clock and restores entries older
+  than the local clock minus the visibility timeout, while heartbeats (keepalive.py) score with
+  Redis' ``TIME``. A node whose clock runs 15 s ahead would restore every live message on each
+  sweep. Here both the score and the sweep use Redis' clock (the local clock plus an offset
+  measured against ``TIME`` every ``CLOCK_REFRESH_S``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 from redis.exceptions import RedisError
 
 log = logging.getLogger("moonq.worker")
 
+# How often a process re-measures its clock against Redis' (a clock that drifts or is stepped is
+# followed within this long).
+CLOCK_REFRESH_S = 10.0
+
+
+class RedisClock:
+    """The local clock corrected to Redis' ``TIME`` (the clock heartbeats and the claim use)."""
+
+    def __init__(self) -> None:
+        self._offset_s = 0.0
+        self._measured_at = float("-inf")
+
+    def now(self, client: Any) -> float:
+        local = time.monotonic()
+        if local - self._measured_at >= CLOCK_REFRESH_S:
+            self._measure(client)
+        return time.time() + self._offset_s
+
+    def _measure(self, client: Any) -> None:
+        try:
+            before = time.time()
+            seconds, micros = client.time()
+            after = time.time()
+        except (RedisError, OSError):
+            log.warning("could not read Redis' clock; using the last offset (%.3f s)", self._offset_s)
+            return
+        # Redis answered somewhere between before and after: take the midpoint.
+        self._offset_s = seconds + micros / 1e6 - (before + after) / 2
+        self._measured_at = time.monotonic()
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's ack emulation, scored and swept on Redis' clock (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.clock = RedisClock()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        # As kombu's, with the score on Redis' clock.
+        delivery = message.delivery_info
+        with self.channel.conn_or_acquire() as client:
+            now = self.clock.now(client)
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: now}).hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),  # type: ignore[no-untyped-call]
+            ).execute()
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        # As kombu's, with the visibility deadline on Redis' clock.
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with self.channel.conn_or_acquire() as client:
+            ceil = self.clock.now(client) - self.visibility_timeout
+            try:
+                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    visible = client.zrange(
+                        self.unacked_index_key,
+                        ceil,
+                        0,
+                        desc=True,
+                        byscore=True,
+                        offset=num and start,
+                        num=num,
+                        withscores=True,
+                    )
+                    for tag, _score in visible or []:
+                        self.restore_by_tag(tag, client)  # type: ignore[no-untyped-call]
+            except kombu_redis.MutexHeld:
+                pass
+
+
+class DeliveryMessage(virtual.Message):
+    """A received message with a delivery tag of its own (module docstring): the unacked entry, the
+    ack and the keepalive of this delivery all use it, and no other delivery's."""
+
+    def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
+        payload["properties"]["delivery_tag"] = uuid.uuid4().hex
+        super().__init__(payload, channel=channel, **kwargs)  # type: ignore[no-untyped-call]
+
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     do_restore = False
+
+    Message = DeliveryMessage
 
     # A job that outlives a broker reconnect acks through the channel it came from, which the
     # reconnect closed (its connection is None: kombu raises AttributeError, Celery calls that
