@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import redis
-from kombu import Connection, Exchange, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from worker import transport
@@ -52,7 +53,7 @@ def test_a_redelivered_message_has_its_own_tag_and_a_stale_ack_leaves_it_alone(r
 
         # The paused node wakes up and acknowledges its (stale) delivery.
         channel.basic_ack(first.delivery_tag)
-        unacked = {k.decode() for k in r.hkeys(f"{prefix}unacked")}
+        unacked = {k.decode() if isinstance(k, bytes) else k for k in r.hkeys(f"{prefix}unacked")}
         assert second.delivery_tag in unacked, "the stale ack deleted the live delivery's unacked entry"
         assert r.zscore(f"{prefix}unacked_index", second.delivery_tag) is not None
 
