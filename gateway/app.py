@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.openapi import openapi_document
 from gateway.stream import ChunkStream, error_body, sse
 from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
+from moonq.record import JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, check_priority
@@ -134,18 +135,24 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.client: AsyncClient | None = None
+        self._client: AsyncClient | None = None
 
     @property
-    def c(self) -> AsyncClient:
-        if self.client is None:
-            self.client = AsyncClient(settings=self.settings)
-        return self.client
+    def client(self) -> AsyncClient:
+        """The shared client, opened on first use: inside a request, so on the loop that serves."""
+        if self._client is None:
+            self._client = AsyncClient(settings=self.settings)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client's Redis connections, if it was ever opened (on the loop that opened them)."""
+        if self._client is not None:
+            await self._client.close()
 
     async def _submit(self, request: Request) -> tuple[AsyncJob, ChatRequest]:
         raw = await read_json(request, self.settings.gateway_max_body_bytes)
         body = await asyncio.to_thread(validate_request, raw)  # a 100 MB request must not stall the loop
-        job = await self.c.submit(body, **job_options(request))
+        job = await self.client.submit(body, **job_options(request))
         return job, body
 
     async def chat_completions(self, request: Request) -> Response:
@@ -198,26 +205,23 @@ class Gateway:
         return await (self.cancel_job(request) if request.method == "DELETE" else self.get_job(request))
 
     async def get_job(self, request: Request) -> Response:
-        job = self.c.job(request.path_params["job_id"])
-        rec = await job.record()
-        out: dict[str, Any] = {
-            "id": job.id,
-            "status": rec["status"],
-            "model": rec.get("model"),
-            "attempt": int(rec.get("attempt") or 0),
-        }
-        for name in ("enqueued_at", "started_at", "finished_at"):
-            if rec.get(name):
-                out[name] = float(rec[name])
+        job = self.client.job(request.path_params["job_id"])
+        rec = JobRecord.from_redis(await job.record())
+        if rec is None:  # a hash without a status is no job's record
+            raise JobNotFound(job.id)
+        # The keys are the gateway's JobState (gateway/openapi.py), which names its fields as the record does.
+        out: dict[str, Any] = {"id": job.id, "status": rec.status.value, "model": rec.model, "attempt": rec.attempt}
+        times = {"enqueued_at": rec.enqueued_at, "started_at": rec.started_at, "finished_at": rec.finished_at}
+        out.update({name: value for name, value in times.items() if value is not None})
         # The record is written by workers from upstream data, which may hold NaN or Infinity (not JSON).
-        if rec["status"] == "succeeded":
-            out["result"] = json.loads(rec["result"], parse_constant=lambda _: None)
-        if rec.get("error"):
-            out["error"] = json.loads(rec["error"], parse_constant=lambda _: None)
+        if rec.status is JobStatus.SUCCEEDED and rec.result is not None:
+            out["result"] = json.loads(rec.result, parse_constant=lambda _: None)
+        if rec.error:
+            out["error"] = json.loads(rec.error, parse_constant=lambda _: None)
         return JSONResponse(out)
 
     async def job_events(self, request: Request) -> Response:
-        job = self.c.job(request.path_params["job_id"])
+        job = self.client.job(request.path_params["job_id"])
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         if not DIGITS.fullmatch(last):
             raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
@@ -231,9 +235,9 @@ class Gateway:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def cancel_job(self, request: Request) -> Response:
-        job = self.c.job(request.path_params["job_id"])
+        job = self.client.job(request.path_params["job_id"])
         if await job.cancel():
-            return JSONResponse({"id": job.id, "status": "cancelled"})
+            return JSONResponse({"id": job.id, "status": JobStatus.CANCELLED.value})
         status = await job.status()
         return error(409, f"job {job.id} has already ended ({status})", "invalid_request_error")
 
@@ -281,8 +285,7 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
-        if gw.client is not None:  # close Redis connections on the loop that opened them
-            await gw.client.close()
+        await gw.aclose()
 
     app = Starlette(
         routes=routes, exception_handlers={InvalidRequest: _errors, JobNotFound: _errors}, lifespan=lifespan

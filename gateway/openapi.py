@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from moonq.record import JobStatus
 from moonq.request import ChatRequest
 from moonq.wire import ChatCompletion, Event
 
@@ -38,7 +39,7 @@ def _schemas() -> dict[str, Any]:
         "required": ["id", "status", "attempt"],
         "properties": {
             "id": {"type": "string"},
-            "status": {"enum": ["queued", "running", "retrying", "succeeded", "failed", "cancelled"]},
+            "status": {"enum": [status.value for status in JobStatus]},  # the record's, passed through
             "model": {"type": ["string", "null"]},
             "attempt": {"type": "integer"},
             "enqueued_at": {"type": "number"},

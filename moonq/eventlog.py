@@ -18,8 +18,10 @@ from typing import Any
 import redis
 
 from moonq.keys import Keys
-from moonq.wire import TERMINAL_STATUSES, Event
+from moonq.record import TERMINAL_STATUSES, decode_hash, record_lua
+from moonq.wire import Event
 
+# Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
 # KEYS[1] job hash, KEYS[2] log stream.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
 # that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
@@ -31,18 +33,18 @@ from moonq.wire import TERMINAL_STATUSES, Event
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
 # without a second copy: writes are idempotent for the owner.
-APPEND_LUA = """
-local status = redis.call('HGET', KEYS[1], 'status')
+APPEND_LUA = record_lua("""
+local status = redis.call('HGET', KEYS[1], $status)
 if not status then return 0 end
 local n = tonumber(ARGV[7])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local seq = tonumber(redis.call('HGET', KEYS[1], $seq) or '0')
 if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and
-   (ARGV[3] == '' or redis.call('HGET', KEYS[1], 'owner') == ARGV[3]) then
+   (ARGV[3] == '' or redis.call('HGET', KEYS[1], $owner) == ARGV[3]) then
   return seq
 end
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+if $is_terminal then return 0 end
 if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], $owner) ~= ARGV[3] then return 0 end
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 for i = 1, n do
   seq = seq + 1
@@ -51,7 +53,7 @@ for i = 1, n do
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
   redis.call('PUBLISH', ARGV[1], msg)
 end
-redis.call('HSET', KEYS[1], 'seq', seq)
+redis.call('HSET', KEYS[1], $seq, seq)
 for i = 8 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
@@ -63,7 +65,7 @@ if n > 0 then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 return math.max(seq, 1)
-"""
+""")
 
 
 def event_body(job_id: str, type: str, **fields: Any) -> str:
@@ -169,15 +171,15 @@ def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, 
 
 
 def job_record(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
-    return decode_record(client.hgetall(keys.job(job_id)))
+    """The job's record as ``{field: value}`` (``{}`` when unknown); ``JobRecord.from_redis`` types it."""
+    return decode_hash(client.hgetall(keys.job(job_id)))
 
 
 def decode_record(raw: Any) -> dict[str, str]:
-    def text(x: bytes | str) -> str:
-        return x.decode() if isinstance(x, bytes) else x
-
-    return {text(k): text(v) for k, v in (raw or {}).items()}
+    """An ``HGETALL`` reply as ``{str: str}``: ``moonq.record.decode_hash``, under its old name."""
+    return decode_hash(raw)
 
 
 def is_terminal(status: str | None) -> bool:
+    """Whether ``status`` is one a job ends in (``moonq.record.TERMINAL_STATUSES``)."""
     return status in TERMINAL_STATUSES

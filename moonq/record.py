@@ -135,11 +135,15 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_redis(cls, raw: Mapping[Any, Any] | None) -> JobRecord | None:
-        """The record in an ``HGETALL`` reply, or None when the job is unknown (or expired)."""
-        fields = decode_hash(raw)
+        """The record in an ``HGETALL`` reply, or None when the job is unknown (or expired).
+
+        An empty value counts as a missing field (a requeued job's ``owner`` is cleared to ``""``),
+        so a hash without a non-empty ``status`` is no record.
+        """
+        fields = {k: v for k, v in decode_hash(raw).items() if v != ""}
         if JobField.STATUS not in fields:
             return None
-        return cls.model_validate({k: v for k, v in fields.items() if v != ""})
+        return cls.model_validate(fields)
 
     @property
     def terminal(self) -> bool:

@@ -21,6 +21,7 @@ from redis.commands.core import AsyncScript
 
 from moonq.eventlog import append_args, event_body
 from moonq.keys import Keys
+from moonq.record import JobField, JobStatus, record_lua
 from moonq.wire import JobEnvelope
 from worker import metrics
 from worker.assemble import StreamAssembler
@@ -38,6 +39,7 @@ log = logging.getLogger("moonq.worker")
 # What reading a chunk of the wrong shape raises in the assembler or the event encoder.
 MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
 
+# Field and status names come from moonq/record.py (``$field`` / ``$status`` placeholders).
 # KEYS[1] job hash. ARGV[1] owner token, ARGV[2] ttl_s, ARGV[3] model, ARGV[4] enqueued_at,
 # ARGV[5] envelope JSON (to rebuild a record that expired while queued), ARGV[6] stale_ms: an
 # owner whose heartbeat is older than this is presumed dead.
@@ -45,39 +47,39 @@ MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, Recurs
 # owner died mid-attempt), 'cancel' (cancel requested before it started), 'busy' (a live owner is
 # running it: a redelivered copy must not run it twice), or the terminal status it already has
 # ('succeeded' / 'failed' / 'cancelled').
-CLAIM_LUA = """
+CLAIM_LUA = record_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], $status)
 if not status then
-  redis.call('HSET', KEYS[1], 'status', 'queued', 'model', ARGV[3], 'enqueued_at', ARGV[4],
-             'seq', 0, 'envelope', ARGV[5])
-  status = 'queued'
+  redis.call('HSET', KEYS[1], $status, $queued, $model, ARGV[3], $enqueued_at, ARGV[4],
+             $seq, 0, $envelope, ARGV[5])
+  status = $queued
 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+local seq = tonumber(redis.call('HGET', KEYS[1], $seq) or '0')
+if $is_terminal then
   return {status, 0, seq}
 end
-if status == 'running' or status == 'retrying' then
-  local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
-  if now - beat < tonumber(ARGV[6]) and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+if status == $running or status == $retrying then
+  local beat = tonumber(redis.call('HGET', KEYS[1], $heartbeat_at) or '0')
+  if now - beat < tonumber(ARGV[6]) and redis.call('HGET', KEYS[1], $owner) ~= ARGV[1] then
     return {'busy', 0, seq}
   end
 end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat_at', now)
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+local attempt = redis.call('HINCRBY', KEYS[1], $attempt, 1)
+redis.call('HSET', KEYS[1], $owner, ARGV[1], $heartbeat_at, now)
+if redis.call('HGET', KEYS[1], $cancel_requested) == '1' then
   return {'cancel', attempt, seq}
 end
-redis.call('HSET', KEYS[1], 'status', 'running')
-if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
-  redis.call('HSET', KEYS[1], 'started_at', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+redis.call('HSET', KEYS[1], $status, $running)
+if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
+  redis.call('HSET', KEYS[1], $started_at, tonumber(t[1]) + tonumber(t[2]) / 1e6)
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 -- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
-if status ~= 'queued' then return {'takeover', attempt, seq} end
+if status ~= $queued then return {'takeover', attempt, seq} end
 return {'run', attempt, seq}
-"""
+""")
 
 Outcome = Literal["succeeded", "failed", "cancelled", "skipped", "requeued"]
 
@@ -139,7 +141,11 @@ async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
     now = time.time()
     info = {"type": "invalid_envelope", "message": f"the task message is not a job this worker can run: {problem}"}
     await _index_dead_letter(ctx, job_id, now)
-    fields = {"status": "failed", "error": json.dumps(info), "finished_at": str(now)}
+    fields: dict[str, str] = {
+        JobField.STATUS: JobStatus.FAILED,
+        JobField.ERROR: json.dumps(info),
+        JobField.FINISHED_AT: str(now),
+    }
     keys, argv = append_args(
         ctx.keys, job_id, [event_body(job_id, "failed", error=info)], ttl_s=ctx.settings.result_ttl_s, fields=fields
     )
@@ -204,7 +210,7 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
 
 
 async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
-    return bool(await ctx.redis.hget(ctx.keys.job(job_id), "cancel_requested") == b"1")
+    return bool(await ctx.redis.hget(ctx.keys.job(job_id), JobField.CANCEL_REQUESTED) == b"1")
 
 
 async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
@@ -223,7 +229,7 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
             attempt += 1
             await writer.write(
                 "retry",
-                {"status": "retrying", "attempt": str(attempt)},
+                {JobField.STATUS: JobStatus.RETRYING, JobField.ATTEMPT: str(attempt)},
                 attempt=attempt,
                 reason=err.type,
                 delay_s=delay,
@@ -239,11 +245,11 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
                 delay,
             )
             await asyncio.sleep(delay)
-            await writer.write(None, {"status": "running"})
+            await writer.write(None, {JobField.STATUS: JobStatus.RUNNING})
             continue
         await writer.write(
             "completed",
-            {"status": "succeeded", "result": result, "finished_at": str(time.time())},
+            {JobField.STATUS: JobStatus.SUCCEEDED, JobField.RESULT: result, JobField.FINISHED_AT: str(time.time())},
             attempt=attempt,
             result=result,
         )
@@ -339,7 +345,8 @@ async def _end_failed(
 ) -> Outcome:
     now = time.time()
     await _index_dead_letter(ctx, writer.job_id, now)
-    await writer.write("failed", {"status": "failed", "error": info, "finished_at": str(now)}, error=info)
+    record: dict[str, Any] = {JobField.STATUS: JobStatus.FAILED, JobField.ERROR: info, JobField.FINISHED_AT: str(now)}
+    await writer.write("failed", record, error=info)
     _record_end(envelope, "failed")
     log.info(
         "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",
@@ -355,7 +362,7 @@ async def _end_failed(
 
 async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope) -> Outcome:
     try:
-        await writer.write("cancelled", {"status": "cancelled", "finished_at": str(time.time())})
+        await writer.write("cancelled", {JobField.STATUS: JobStatus.CANCELLED, JobField.FINISHED_AT: str(time.time())})
     except Fenced:
         return "cancelled"  # ended some other way first (e.g. the producer cancelled it while queued)
     _record_end(envelope, "cancelled")
@@ -366,7 +373,11 @@ async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope) -> Outcome:
 async def _requeue(writer: EventWriter, attempt: int) -> Outcome:
     """The node is shutting down: hand the job back to the queue with a ``retry`` event."""
     await writer.write(
-        "retry", {"status": "queued", "owner": ""}, attempt=attempt + 1, reason="worker_shutdown", delay_s=0.0
+        "retry",
+        {JobField.STATUS: JobStatus.QUEUED, JobField.OWNER: ""},
+        attempt=attempt + 1,
+        reason="worker_shutdown",
+        delay_s=0.0,
     )
     log.info("event=job_requeued job_id=%s reason=worker_shutdown", writer.job_id)
     return "requeued"

@@ -23,28 +23,30 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moonq.record import record_lua
 from moonq.settings import is_redis_url
 from worker.job import JobContext
 
 log = logging.getLogger("moonq.worker")
 
+# Field names come from moonq/record.py (``$owner``, ``$heartbeat_at``).
 # KEYS[1] kombu's unacked_index zset, KEYS[2..n+1] job hashes.
 # ARGV[1..n] owner tokens, ARGV[n+1..2n] delivery tags ('' when not from a broker).
-KEEPALIVE_LUA = """
+KEEPALIVE_LUA = record_lua("""
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_s = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local n = #KEYS - 1
 for i = 1, n do
-  if redis.call('HGET', KEYS[i + 1], 'owner') == ARGV[i] then
-    redis.call('HSET', KEYS[i + 1], 'heartbeat_at', now_ms)
+  if redis.call('HGET', KEYS[i + 1], $owner) == ARGV[i] then
+    redis.call('HSET', KEYS[i + 1], $heartbeat_at, now_ms)
   end
   if ARGV[n + i] ~= '' then
     redis.call('ZADD', KEYS[1], 'XX', now_s, ARGV[n + i])
   end
 end
 return n
-"""
+""")
 
 
 async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> None:

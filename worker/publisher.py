@@ -190,7 +190,11 @@ class EventWriter:
             raise self._error
 
     async def write(self, type: str | None, record: dict[str, Any], **fields: Any) -> None:
-        """After everything queued: one event (or none) and job-record fields, in one atomic step."""
+        """After everything queued: one event (or none) and job-record fields, in one atomic step.
+
+        ``record`` maps ``JobField`` names (moonq/record.py) to values; a value that is not a
+        string (a result, an error) is stored as compact JSON.
+        """
         await self.drain()
         encoded = {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in record.items()}
         await self._append([event_body(self.job_id, type, **fields)] if type else [], encoded)
