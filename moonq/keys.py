@@ -14,7 +14,7 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
     P:idem:<sha256>     string "<job id>|<request digest>" for an idempotency key; expires with the job.
     P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
                                entries older than ``result_ttl_s`` are trimmed on each insert.
-    P:limit:*           the fleet limiter's state (see ``worker/ratelimit.py``).
+    P:limit:*           the fleet limiter's state; names in ``worker/limiter_state.py``.
     P:nodes             zset metrics URL -> last heartbeat (unix s) of each live node, for ``moonq top``.
 
 The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from worker.limiter_state import LimiterKeys
 from worker.ratelimit import Lease, Limiter, Limits
 
 
@@ -28,7 +29,7 @@ def run(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaitable[Any]]
             made.append(lim)
             return lim
 
-        listener = asyncio.create_task(_wake_all(redis, f"{prefix}:limit:wake", made))
+        listener = asyncio.create_task(_wake_all(redis, LimiterKeys.for_prefix(prefix).wake, made))
         try:
             return await asyncio.wait_for(body(limiter), timeout=30)
         finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import redis
 from prometheus_client import start_http_server
@@ -22,18 +21,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from moonq.broker import QueueDepth
+from worker.limiter_state import BUCKET_FIELDS, LimiterKeys, bucket_level
 from worker.metrics import REGISTRY
 from worker.settings import Settings
 
 log = logging.getLogger("moonq.worker")
-
-
-def _bucket_now(state: list[Any], now_ms: float, limit: int, burst: int) -> float:
-    """Tokens in a limiter bucket now, refilled the way ``ACQUIRE_LUA`` does it."""
-    if state[0] is None:
-        return float(burst)
-    rate = max(limit - burst, 1) / 62000  # as ACQUIRE_LUA: a 62 s refill period
-    return min(burst, float(state[0]) + (now_ms - float(state[1])) * rate)
 
 
 class RedisCollector(Collector):
@@ -56,13 +48,13 @@ class RedisCollector(Collector):
             log.warning("scrape: Redis did not answer; limiter gauges skipped")
 
     def _collect(self) -> Iterator[GaugeMetricFamily]:
-        s, p = self.settings, f"{self.settings.prefix}:limit"
+        s, keys = self.settings, LimiterKeys.for_prefix(self.settings.prefix)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
-        pipe.hmget(f"{p}:rpm", "tokens", "ts")
-        pipe.hmget(f"{p}:tpm", "tokens", "ts")
-        pipe.get(f"{p}:cooldown")
-        pipe.zrangebyscore(f"{p}:inflight", "-inf", "+inf", withscores=True)
+        pipe.hmget(keys.rpm, *BUCKET_FIELDS)
+        pipe.hmget(keys.tpm, *BUCKET_FIELDS)
+        pipe.get(keys.cooldown)
+        pipe.zrangebyscore(keys.inflight, "-inf", "+inf", withscores=True)
         pipe.info("memory")
         (sec, usec), rpm, tpm, cooldown, leases, memory = pipe.execute()
         now_ms = sec * 1000 + usec / 1000
@@ -75,10 +67,10 @@ class RedisCollector(Collector):
         )
         if limits.rpm:
             limit.add_metric(["rpm"], limits.rpm)
-            available.add_metric(["rpm"], _bucket_now(rpm, now_ms, limits.rpm, limits.rpm_bucket))
+            available.add_metric(["rpm"], bucket_level(rpm, now_ms, limits.rpm, limits.rpm_bucket))
         if limits.tpm:
             limit.add_metric(["tpm"], limits.tpm)
-            available.add_metric(["tpm"], _bucket_now(tpm, now_ms, limits.tpm, limits.tpm_bucket))
+            available.add_metric(["tpm"], bucket_level(tpm, now_ms, limits.tpm, limits.tpm_bucket))
         if limits.max_inflight:
             live = sum(1 for _, expiry in leases if expiry > now_ms)
             limit.add_metric(["inflight"], limits.max_inflight)

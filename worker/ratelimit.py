@@ -27,10 +27,9 @@ enqueue time) and only its best waiter asks Redis, registered in a fleet-wide wa
 that the script serves head first. A waiter sleeps for exactly the deficit the script reports,
 or until a release or grant is announced on the wake channel.
 
-Key families (``P`` = prefix): ``P:limit:rpm`` and ``P:limit:tpm`` hashes {tokens, ts};
-``P:limit:inflight`` zset lease → expiry ms; ``P:limit:cooldown`` string, until ms;
-``P:limit:waiters`` zset process → rank, ``P:limit:alive`` zset process → expiry ms;
-channel ``P:limit:wake``. Times are Redis' own clock (``TIME``), so node clocks may differ.
+The state lives under ``P:limit:*`` (``P`` = prefix): ``worker/limiter_state.py`` owns those key
+names and the buckets' arithmetic (the 62 s refill period), shared by these scripts and the
+exporter. Times are Redis' own clock (``TIME``), so node clocks may differ.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.limiter_state import LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
 
 log = logging.getLogger("moonq.limiter")
@@ -122,9 +122,8 @@ class Limiter:
         self.limits = limits
         self.lease_ttl_s = lease_ttl_s
         self.waiter_ttl_s = waiter_ttl_s
-        p = f"{prefix}:limit"
-        self._keys = [f"{p}:rpm", f"{p}:tpm", f"{p}:inflight", f"{p}:cooldown", f"{p}:waiters", f"{p}:alive"]
-        self.wake_channel = f"{p}:wake"
+        self.keys = LimiterKeys.for_prefix(prefix)
+        self.wake_channel = self.keys.wake
         self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
@@ -146,7 +145,7 @@ class Limiter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError):
-            await self._leave(keys=self._keys[4:6], args=[self._id, self.wake_channel])
+            await self._leave(keys=[self.keys.waiters, self.keys.alive], args=[self._id, self.wake_channel])
 
     def wake(self) -> None:
         """Capacity may have changed somewhere in the fleet: let the best waiter ask again."""
@@ -173,13 +172,13 @@ class Limiter:
         """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
         self._leases.discard(lease.id)
         refund = 0 if used_tokens is None else lease.reserved_tokens - used_tokens
-        keys = [self._keys[1], self._keys[2]]
+        keys = [self.keys.tpm, self.keys.inflight]
         args: list[str | int] = [lease.id, refund, self.limits.tpm or 0, self.limits.tpm_bucket, self.wake_channel]
         await self._release(keys=keys, args=args)
 
     async def cooldown(self, delay_s: float) -> None:
         """Hold every caller in the fleet back for ``delay_s`` (the upstream said 429)."""
-        await self._cooldown(keys=[self._keys[3]], args=[max(1, int(delay_s * 1000)), self.wake_channel])
+        await self._cooldown(keys=[self.keys.cooldown], args=[max(1, int(delay_s * 1000)), self.wake_channel])
 
     async def _pump(self) -> None:
         while True:
@@ -196,7 +195,7 @@ class Limiter:
             heapq.heappop(self._heap)
         if not self._heap:
             if self._registered:
-                await self._leave(keys=self._keys[4:6], args=[self._id, self.wake_channel])
+                await self._leave(keys=[self.keys.waiters, self.keys.alive], args=[self._id, self.wake_channel])
                 self._registered = False
             self._wake.clear()
             await self._wake.wait()
@@ -205,7 +204,14 @@ class Limiter:
         lease_id = uuid.uuid4().hex
         self._wake.clear()  # before asking: a wake during the call must not be lost
         granted, wait_ms, reason = await self._acquire(
-            keys=self._keys,
+            keys=[
+                self.keys.rpm,
+                self.keys.tpm,
+                self.keys.inflight,
+                self.keys.cooldown,
+                self.keys.waiters,
+                self.keys.alive,
+            ],
             args=[
                 self._id,
                 head.rank,
@@ -243,7 +249,7 @@ class Limiter:
                 continue
             try:
                 await self._renew(
-                    keys=[self._keys[2], self._keys[4], self._keys[5]],
+                    keys=[self.keys.inflight, self.keys.waiters, self.keys.alive],
                     args=[
                         int(self.lease_ttl_s * 1000),
                         self._id if self._registered else "",

@@ -1,11 +1,17 @@
-"""The limiter's Lua scripts (see ``worker/ratelimit.py`` for the design and key families)."""
+"""The limiter's Lua scripts (see ``worker/ratelimit.py`` for the design, ``worker/limiter_state.py`` for the keys).
+
+Each script's text is ``limiter_lua``'s: the ``$name`` placeholders (the refill period, the bucket
+TTL, the ``bucket_level`` Lua function) are filled in once, at import, from ``worker/limiter_state.py``.
+"""
+
+from worker.limiter_state import limiter_lua
 
 # KEYS: 1 rpm hash, 2 tpm hash, 3 inflight zset, 4 cooldown, 5 waiters zset, 6 alive zset.
 # ARGV: 1 waiter id, 2 rank, 3 waiter ttl ms, 4 lease id, 5 lease ttl ms, 6 cost tokens,
 #       7 rpm limit, 8 rpm burst, 9 tpm limit, 10 tpm burst, 11 max in flight (limits: 0 = none),
 #       12 wake channel.
 # Returns {granted (1|0), wait ms (-1 = until woken), reason}.
-ACQUIRE_LUA = """
+ACQUIRE_LUA = limiter_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[1]
@@ -35,18 +41,12 @@ if max_inflight > 0 then
   end
 end
 
--- Refill a bucket to now; returns tokens, rate per ms, burst.
+$bucket_level
+-- Refill a bucket to now (a missing one is full); returns tokens, rate per ms, burst.
 local function refill(key, limit, burst)
-  -- Refill over 62 s, not 60: the margin covers grant-to-arrival delay (see ratelimit.py).
-  -- A limit no larger than its burst (e.g. 1 RPM) still refills: the ceiling is then burst + limit.
-  local rate = math.max(limit - burst, 1) / 62000
-  local state = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens = tonumber(state[1])
-  local ts = tonumber(state[2])
+  local tokens, rate = bucket_level(key, limit, burst, now)
   if tokens == nil then
     tokens = burst
-  else
-    tokens = math.min(burst, tokens + (now - ts) * rate)
   end
   return tokens, rate, burst
 end
@@ -77,11 +77,11 @@ end
 
 if rpm_limit > 0 then
   redis.call('HSET', KEYS[1], 'tokens', rpm_tokens - 1, 'ts', now)
-  redis.call('PEXPIRE', KEYS[1], 120000)
+  redis.call('PEXPIRE', KEYS[1], $bucket_ttl_ms)
 end
 if tpm_limit > 0 then
   redis.call('HSET', KEYS[2], 'tokens', tpm_tokens - cost, 'ts', now)
-  redis.call('PEXPIRE', KEYS[2], 120000)
+  redis.call('PEXPIRE', KEYS[2], $bucket_ttl_ms)
 end
 if max_inflight > 0 then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
@@ -92,30 +92,29 @@ if redis.call('ZCARD', KEYS[5]) > 0 then
   redis.call('PUBLISH', ARGV[12], 'grant')  -- the next in line may go now
 end
 return {1, 0, 'ok'}
-"""
+""")
 
 # KEYS: 1 tpm hash, 2 inflight zset. ARGV: 1 lease id, 2 refund tokens, 3 tpm limit, 4 tpm burst,
 # 5 wake channel. Gives the lease back and returns unused tokens to the bucket (never above burst);
 # a negative refund (the estimate was low) takes the difference.
-RELEASE_LUA = """
+RELEASE_LUA = limiter_lua("""
+$bucket_level
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREM', KEYS[2], ARGV[1])
 local refund, limit, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if refund ~= 0 and limit > 0 then
-  local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-  if state[1] then
-    local rate = math.max(limit - burst, 1) / 62000
-    local tokens = math.min(burst, tonumber(state[1]) + (now - tonumber(state[2])) * rate)
+  local tokens = bucket_level(KEYS[1], limit, burst, now)
+  if tokens ~= nil then
     redis.call('HSET', KEYS[1], 'tokens', math.min(burst, tokens + refund), 'ts', now)
   end
 end
 redis.call('PUBLISH', ARGV[5], 'release')
 return 1
-"""
+""")
 
 # KEYS: 1 cooldown. ARGV: 1 delay ms, 2 wake channel. Extends (never shortens) the shared cool-down.
-COOLDOWN_LUA = """
+COOLDOWN_LUA = limiter_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local untilms = now + tonumber(ARGV[1])
@@ -124,11 +123,11 @@ if untilms > cur then
   redis.call('SET', KEYS[1], untilms, 'PX', tonumber(ARGV[1]) + 1000)
 end
 return untilms
-"""
+""")
 
 # KEYS: 1 inflight zset, 2 waiters zset, 3 alive zset. ARGV: 1 lease ttl ms, 2 waiter id ('' = none),
 # 3 waiter ttl ms, 4.. lease ids. Renews this process's leases (only those still held) and its waiter.
-RENEW_LUA = """
+RENEW_LUA = limiter_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 4, #ARGV do
@@ -138,14 +137,14 @@ if ARGV[2] ~= '' and redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
 end
 return 1
-"""
+""")
 
 # KEYS: 1 waiters zset, 2 alive zset. ARGV: 1 waiter id, 2 wake channel. A process with no more waiters
 # leaves the line, so it cannot block the fleet's head position.
-LEAVE_LUA = """
+LEAVE_LUA = limiter_lua("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PUBLISH', ARGV[2], 'leave')
 end
 return 1
-"""
+""")
