@@ -22,13 +22,17 @@ from moonq.record import TERMINAL_STATUSES, decode_hash, record_lua
 from moonq.wire import Event
 
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
-# KEYS[1] job hash, KEYS[2] log stream.
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional) the job's
+# idempotency key.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
 # that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
-# the log keeps (0 = no cap), ARGV[7] n = number of events, ARGV[8 .. 7+n] event bodies: JSON objects
-# without "seq" (the script assigns it), then field/value pairs to set on the job hash.
+# the log keeps (0 = no cap), ARGV[7] job id, ARGV[8] n = number of events, ARGV[9 .. 8+n] event
+# bodies: JSON objects without "seq" (the script assigns it), then field/value pairs to set on the job hash.
 # The cap trims the oldest entries (exact MAXLEN): the newest, and so the terminal event, always stays;
 # the sequence numbers and the job record are untouched, so readers see a log that starts later.
+# A write that leaves the job in a terminal status ends it: the record, its log and its idempotency
+# key get their TTL, and the job leaves the active index. Before that nothing here expires: an active
+# job's keys are owned by the index (moonq/keys.py), so a long queue or a long job never loses them.
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
@@ -36,7 +40,7 @@ from moonq.wire import Event
 APPEND_LUA = record_lua("""
 local status = redis.call('HGET', KEYS[1], $status)
 if not status then return 0 end
-local n = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 local seq = tonumber(redis.call('HGET', KEYS[1], $seq) or '0')
 if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and
    (ARGV[3] == '' or redis.call('HGET', KEYS[1], $owner) == ARGV[3]) then
@@ -48,21 +52,26 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], $owner) ~= ARGV[3] then return 
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 for i = 1, n do
   seq = seq + 1
-  local body = ARGV[7 + i]
+  local body = ARGV[8 + i]
   local msg = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
   redis.call('PUBLISH', ARGV[1], msg)
 end
 redis.call('HSET', KEYS[1], $seq, seq)
-for i = 8 + n, #ARGV, 2 do
+for i = 9 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-local ttl = tonumber(ARGV[2])
-redis.call('EXPIRE', KEYS[1], ttl)
 if n > 0 then
   local cap = tonumber(ARGV[6])
   if cap > 0 then redis.call('XTRIM', KEYS[2], 'MAXLEN', cap) end
+end
+status = redis.call('HGET', KEYS[1], $status)
+if $is_terminal then
+  local ttl = tonumber(ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  if KEYS[4] then redis.call('EXPIRE', KEYS[4], ttl) end
+  redis.call('ZREM', KEYS[3], ARGV[7])
 end
 return math.max(seq, 1)
 """)
@@ -103,14 +112,31 @@ def append_args(
     expected_seq: int | None = None,
     max_events: int = 0,
     fields: dict[str, str] | None = None,
+    idempotency_key: str = "",
 ) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV for ``APPEND_LUA``; ``max_events`` caps the log's length (0 = no cap)."""
+    """KEYS and ARGV for ``APPEND_LUA``.
+
+    Args:
+        max_events: caps the log's length (0 = no cap).
+        idempotency_key: the Redis key of the job's idempotency key, if it has one (the record's
+            ``idem_key``), so that it expires with the job.
+    """
     expected = "" if expected_seq is None else expected_seq
-    argv: list[str | int] = [keys.events(job_id), ttl_s, owner, require_status, expected, max_events, len(bodies)]
-    argv += bodies
+    argv: list[str | int] = [
+        keys.events(job_id),
+        ttl_s,
+        owner,
+        require_status,
+        expected,
+        max_events,
+        job_id,
+        len(bodies),
+        *bodies,
+    ]
     for name, value in (fields or {}).items():
         argv += [name, value]
-    return [keys.job(job_id), keys.log(job_id)], argv
+    job_keys = [keys.job(job_id), keys.log(job_id), keys.active]
+    return [*job_keys, idempotency_key] if idempotency_key else job_keys, argv
 
 
 def parse_entries(entries: list[tuple[Any, Any]]) -> list[Event]:

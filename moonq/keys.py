@@ -11,7 +11,15 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
                                capped at ``max_events_per_job`` entries (the oldest go first).
     P:events:<id>       pub/sub channel carrying the same events live.
     P:cancel            pub/sub channel on which job ids to cancel are announced to workers.
-    P:idem:<sha256>     string "<job id>|<request digest>" for an idempotency key; expires with the job.
+    P:idem:<sha256>     string "<job id>|<request digest>" for an idempotency key; expires with the job
+                               (the record names it in ``idem_key``).
+    P:active            zset   job id -> last sign of life (unix s, Redis' clock) of every job that
+                               has not ended: written at submit, refreshed by the claim and the
+                               heartbeats, removed by the write that ends the job. It owns the
+                               records, logs and idempotency keys of active jobs (they get their TTL
+                               when the job ends); the sweeper (worker/sweeper.py) reads it to find
+                               jobs left without a message or a live owner.
+    P:sweep             string the lock that lets one node at a time sweep; expires by itself.
     P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
                                entries older than ``result_ttl_s`` are trimmed on each insert.
     P:limit:*           the fleet limiter's state; names in ``worker/limiter_state.py``.
@@ -48,6 +56,14 @@ class Keys:
     @property
     def nodes(self) -> str:
         return f"{self.prefix}:nodes"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def sweep_lock(self) -> str:
+        return f"{self.prefix}:sweep"
 
     @property
     def failed(self) -> str:

@@ -25,6 +25,13 @@ Fields (all stored as strings; written by whom):
     result            the completion as JSON (worker, on success)
     error             ``{type, message, status}`` as JSON (worker, on failure)
     retry_of          the failed job this one re-runs (producer's ``retry``)
+    idem_key          the Redis key of the job's idempotency key, if it has one (producer); the key
+                      lives as long as the record and expires with it (moonq/eventlog.py)
+
+Lifetime: a record has no TTL while its job is active; it is owned by the active-jobs index
+(``P:active``, see moonq/keys.py), which the fleet's sweeper watches so that no active job is left
+without a message or a live owner. The write that ends the job gives the record, its replay log
+and its idempotency key their TTL (``result_ttl_s``) and takes the job out of the index.
 
 Readers ignore fields they do not know, so a newer writer never breaks an older reader.
 """
@@ -77,6 +84,7 @@ class JobField(StrEnum):
     RESULT = "result"
     ERROR = "error"
     RETRY_OF = "retry_of"
+    IDEM_KEY = "idem_key"
 
 
 def _lua_names() -> dict[str, str]:
@@ -132,6 +140,7 @@ class JobRecord(BaseModel):
     result: str | None = None  # JSON text; ``completion()`` parses it
     error: str | None = None  # JSON text; ``error_info()`` parses it
     retry_of: str | None = None
+    idem_key: str | None = None
 
     @classmethod
     def from_redis(cls, raw: Mapping[Any, Any] | None) -> JobRecord | None:

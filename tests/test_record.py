@@ -25,7 +25,7 @@ from moonq.record import (
     record_lua,
 )
 from producers import Client
-from worker.job import CLAIM_LUA
+from worker.delivery import CLAIM_LUA
 from worker.keepalive import KEEPALIVE_LUA
 from worker.settings import Settings
 

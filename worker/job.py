@@ -21,10 +21,11 @@ from redis.commands.core import AsyncScript
 
 from moonq.eventlog import append_args, event_body
 from moonq.keys import Keys
-from moonq.record import JobField, JobStatus, record_lua
+from moonq.record import JobField, JobStatus
 from moonq.wire import JobEnvelope
 from worker import metrics
 from worker.assemble import StreamAssembler
+from worker.delivery import Claim, Deliveries, Delivery, claim
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
 from worker.publisher import EventSink, EventWriter, Fenced
@@ -39,56 +40,7 @@ log = logging.getLogger("moonq.worker")
 # What reading a chunk of the wrong shape raises in the assembler or the event encoder.
 MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
 
-# Field and status names come from moonq/record.py (``$field`` / ``$status`` placeholders).
-# KEYS[1] job hash. ARGV[1] owner token, ARGV[2] ttl_s, ARGV[3] model, ARGV[4] enqueued_at,
-# ARGV[5] envelope JSON (to rebuild a record that expired while queued), ARGV[6] stale_ms: an
-# owner whose heartbeat is older than this is presumed dead.
-# Returns {verdict, attempt, seq}: 'run' (now owned by ARGV[1]), 'takeover' (the same, but the last
-# owner died mid-attempt), 'cancel' (cancel requested before it started), 'busy' (a live owner is
-# running it: a redelivered copy must not run it twice), or the terminal status it already has
-# ('succeeded' / 'failed' / 'cancelled').
-CLAIM_LUA = record_lua("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local status = redis.call('HGET', KEYS[1], $status)
-if not status then
-  redis.call('HSET', KEYS[1], $status, $queued, $model, ARGV[3], $enqueued_at, ARGV[4],
-             $seq, 0, $envelope, ARGV[5])
-  status = $queued
-end
-local seq = tonumber(redis.call('HGET', KEYS[1], $seq) or '0')
-if $is_terminal then
-  return {status, 0, seq}
-end
-if status == $running or status == $retrying then
-  local beat = tonumber(redis.call('HGET', KEYS[1], $heartbeat_at) or '0')
-  if now - beat < tonumber(ARGV[6]) and redis.call('HGET', KEYS[1], $owner) ~= ARGV[1] then
-    return {'busy', 0, seq}
-  end
-end
-local attempt = redis.call('HINCRBY', KEYS[1], $attempt, 1)
-redis.call('HSET', KEYS[1], $owner, ARGV[1], $heartbeat_at, now)
-if redis.call('HGET', KEYS[1], $cancel_requested) == '1' then
-  return {'cancel', attempt, seq}
-end
-redis.call('HSET', KEYS[1], $status, $running)
-if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
-  redis.call('HSET', KEYS[1], $started_at, tonumber(t[1]) + tonumber(t[2]) / 1e6)
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
--- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
-if status ~= $queued then return {'takeover', attempt, seq} end
-return {'run', attempt, seq}
-""")
-
 Outcome = Literal["succeeded", "failed", "cancelled", "skipped", "requeued"]
-
-
-@dataclass
-class Running:
-    task: asyncio.Task[Any]
-    owner: str
-    delivery_tag: str | None
 
 
 @dataclass
@@ -104,27 +56,8 @@ class JobContext:
     limiter: Limiter
     policy: RetryPolicy
     prices: dict[str, Price] = field(default_factory=dict)
-    running: dict[str, Running] = field(default_factory=dict)
+    deliveries: Deliveries = field(default_factory=Deliveries)
     shutting_down: bool = False
-
-
-async def _claim(ctx: JobContext, envelope: JobEnvelope, owner: str) -> tuple[str, int, int]:
-    """Claim the job; while another live node runs it, wait (it may die, or finish)."""
-    stale_ms = int(ctx.settings.heartbeat_stale_s * 1000)
-    args: list[str | int | float] = [
-        owner,
-        ctx.settings.result_ttl_s,
-        str(envelope.request.get("model", "")),
-        envelope.enqueued_at,
-        envelope.model_dump_json(),
-        stale_ms,
-    ]
-    while True:
-        verdict, attempt, seq = await ctx.claim(keys=[ctx.keys.job(envelope.job_id)], args=args, client=ctx.redis)
-        verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
-        if verdict != "busy":
-            return verdict, int(attempt), int(seq)
-        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
 
 
 async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
@@ -154,40 +87,76 @@ async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
 
 
 async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | None = None) -> Outcome:
-    """Run one delivery of a job to its outcome (``skipped`` if it already had one)."""
-    job_id = envelope.job_id
-    owner = uuid.uuid4().hex
+    """Run one delivery of a job to its outcome.
+
+    Returns ``skipped`` when this delivery must not run the job (it ended, is gone, or another
+    delivery took it over), and ``requeued`` when the node is shutting down and the message goes back.
+    """
     task = asyncio.current_task()
     assert task is not None
-    verdict, attempt, seq = await _claim(ctx, envelope, owner)
+    delivery = Delivery(envelope.job_id, uuid.uuid4().hex, task, delivery_tag)
+    ctx.deliveries.add(delivery)
+    try:
+        return await _deliver(ctx, envelope, delivery)
+    finally:
+        ctx.deliveries.remove(delivery)
+
+
+async def _claim(ctx: JobContext, delivery: Delivery) -> Claim | None:
+    """The delivery's claim; None if the node began shutting down while it waited parked."""
+    try:
+        return await claim(
+            ctx.claim,
+            ctx.redis,
+            ctx.keys,
+            delivery,
+            stale_s=ctx.settings.heartbeat_stale_s,
+            wait_s=ctx.settings.heartbeat_interval_s,
+        )
+    except asyncio.CancelledError:
+        if ctx.shutting_down:  # a parked delivery owns nothing: its message just goes back
+            return None
+        raise
+
+
+async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -> Outcome:
+    job_id = envelope.job_id
+    got = await _claim(ctx, delivery)
+    if got is None:
+        return "requeued"
+    attempt = got.attempt
     writer = EventWriter(
         ctx.append,
         ctx.keys,
         job_id,
-        owner=owner,
+        owner=delivery.owner,
         ttl_s=ctx.settings.result_ttl_s,
-        seq=seq,
+        seq=got.seq,
         max_events=ctx.settings.max_events_per_job,
+        idempotency_key=got.idempotency_key,
     )
     model = metrics.model_label(str(envelope.request.get("model", "")))
-    if verdict == "cancel":
+    if got.verdict == "cancel":
         return await _end_cancelled(writer, envelope)
-    if verdict not in ("run", "takeover"):
-        log.info("event=delivery_skipped job_id=%s status=%s", job_id, verdict)
+    if got.verdict not in ("run", "takeover"):
+        # 'gone' is worth a warning: a message whose job has no record (it ended long ago, or was never recorded).
+        level = logging.WARNING if got.verdict == "gone" else logging.INFO
+        log.log(level, "event=delivery_skipped job_id=%s status=%s", job_id, got.verdict)
         return "skipped"
+    delivery.owns = True
     if attempt == 1:
         metrics.QUEUE_WAIT.labels(model).observe(max(0.0, time.time() - envelope.enqueued_at))
-    ctx.running[job_id] = Running(task, owner, delivery_tag)
     metrics.IN_PROGRESS.labels(model).inc()
     try:
-        if verdict == "takeover":
+        if got.verdict == "takeover":
             # Subscribers saw deltas of an attempt that will never finish: tell them it is superseded.
             await writer.write("retry", {}, attempt=attempt, reason="worker_lost", delay_s=0.0)
             metrics.RETRIES.labels(model, "worker_lost").inc()
             log.info(
                 "event=job_retry job_id=%s model=%s attempt=%s reason=worker_lost delay_s=0", job_id, model, attempt
             )
-        # A cancel announced between the claim and registering in ``running`` is caught here.
+        # A cancel announced between the claim and now is caught here (the keepalive catches later
+        # ones whose announcement was missed).
         if await _cancel_requested(ctx, job_id):
             raise asyncio.CancelledError
         if attempt > ctx.policy.max_attempts:
@@ -205,7 +174,6 @@ async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | No
         log.warning("event=delivery_fenced job_id=%s: lost ownership; it stops writing", job_id)
         return "skipped"
     finally:
-        ctx.running.pop(job_id, None)
         metrics.IN_PROGRESS.labels(model).dec()
 
 
@@ -245,6 +213,8 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
                 delay,
             )
             await asyncio.sleep(delay)
+            if await _cancel_requested(ctx, envelope.job_id):  # asked while it waited, announcement missed or not
+                raise asyncio.CancelledError from None
             await writer.write(None, {JobField.STATUS: JobStatus.RUNNING})
             continue
         await writer.write(

@@ -29,28 +29,44 @@ from worker.job import JobContext
 
 log = logging.getLogger("moonq.worker")
 
-# Field names come from moonq/record.py (``$owner``, ``$heartbeat_at``).
-# KEYS[1] kombu's unacked_index zset, KEYS[2..n+1] job hashes.
-# ARGV[1..n] owner tokens, ARGV[n+1..2n] delivery tags ('' when not from a broker).
+# Field names come from moonq/record.py (``$owner``, ``$heartbeat_at``, ``$cancel_requested``).
+# KEYS[1] kombu's unacked_index zset, KEYS[2] the active-jobs index, KEYS[3..n+2] job hashes.
+# ARGV[1..n] owner tokens, ARGV[n+1..2n] delivery tags ('' when not from a broker), ARGV[2n+1..3n] job ids.
+# For each delivery that still owns its job: the record's heartbeat and the job's place in the active
+# index. For every delivery, parked ones too: its unacked entry (XX: never re-adds an acked one).
+# Returns the positions (1-based) of owned jobs whose cancel was requested, so that a cancel whose
+# announcement this node missed (its listener was reconnecting) still stops the job within a beat.
 KEEPALIVE_LUA = record_lua("""
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_s = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local n = #KEYS - 1
+local n = #KEYS - 2
+local cancelled = {}
 for i = 1, n do
-  if redis.call('HGET', KEYS[i + 1], $owner) == ARGV[i] then
-    redis.call('HSET', KEYS[i + 1], $heartbeat_at, now_ms)
+  if redis.call('HGET', KEYS[i + 2], $owner) == ARGV[i] then
+    redis.call('HSET', KEYS[i + 2], $heartbeat_at, now_ms)
+    redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]), ARGV[2 * n + i])
+    if redis.call('HGET', KEYS[i + 2], $cancel_requested) == '1' then
+      cancelled[#cancelled + 1] = i
+    end
   end
   if ARGV[n + i] ~= '' then
     redis.call('ZADD', KEYS[1], 'XX', now_s, ARGV[n + i])
   end
 end
-return n
+return cancelled
 """)
 
 
+def cancel_deliveries(ctx: JobContext, job_id: str) -> None:
+    """Stop the deliveries of ``job_id`` that own it; parked ones learn the outcome at their next claim."""
+    for delivery in ctx.deliveries.of_job(job_id):
+        if delivery.owns:
+            delivery.task.cancel()
+
+
 async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> None:
-    """Beat for every running job of this process, and announce the node's /metrics URL, forever."""
+    """Beat for every delivery of this process, and announce the node's /metrics URL, forever."""
     script = ctx.redis.register_script(KEEPALIVE_LUA)
     unacked_index = f"{ctx.keys.broker_prefix}unacked_index"
     broker_url, redis_url = ctx.settings.broker_url, ctx.settings.redis_url
@@ -61,16 +77,23 @@ async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> N
         while True:
             await asyncio.sleep(ctx.settings.heartbeat_interval_s)
             await _announce(ctx, metrics_url())
-            running = list(ctx.running.items())
-            if not running:
+            deliveries = list(ctx.deliveries)
+            if not deliveries:
                 continue
-            tags = [str(r.delivery_tag or "") if redis_broker else "" for _, r in running]
-            keys = [unacked_index, *(ctx.keys.job(job_id) for job_id, _ in running)]
-            args = [r.owner for _, r in running] + (tags if broker is None else [""] * len(running))
+            tags = [str(d.tag or "") if redis_broker else "" for d in deliveries]
+            keys = [unacked_index, ctx.keys.active, *(ctx.keys.job(d.job_id) for d in deliveries)]
+            owners = [d.owner if d.owns else "" for d in deliveries]
+            args = [*owners, *(tags if broker is None else [""] * len(deliveries)), *(d.job_id for d in deliveries)]
             try:
-                await script(keys=keys, args=args)
+                cancelled = await script(keys=keys, args=args)
+                for position in cancelled or []:
+                    delivery = deliveries[int(position) - 1]
+                    if delivery.owns and not delivery.task.done():
+                        log.info("event=cancel_seen_by_heartbeat job_id=%s", delivery.job_id)
+                        delivery.task.cancel()
                 if broker is not None and any(tags):
-                    now = time.time()
+                    seconds, micros = await broker.time()  # its clock, as kombu's sweep there (transport.py)
+                    now = seconds + micros / 1e6
                     await broker.zadd(unacked_index, {tag: now for tag in tags if tag}, xx=True)
             except (RedisError, OSError):
                 log.warning("heartbeat failed; will try again", exc_info=True)

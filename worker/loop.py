@@ -23,8 +23,9 @@ from redis.exceptions import RedisError
 from moonq.connect import resilient_redis
 from moonq.eventlog import APPEND_LUA
 from moonq.wire import JobEnvelope
-from worker.job import CLAIM_LUA, JobContext, Outcome, reject_envelope, run_job
-from worker.keepalive import keepalive
+from worker.delivery import CLAIM_LUA
+from worker.job import JobContext, Outcome, reject_envelope, run_job
+from worker.keepalive import cancel_deliveries, keepalive
 from worker.publisher import EventSink
 from worker.ratelimit import Limiter
 from worker.settings import Settings
@@ -92,14 +93,12 @@ class Runtime:
                         if msg["channel"].decode() == wake:
                             ctx.limiter.wake()
                             continue
-                        running = ctx.running.get(msg["data"].decode())
-                        if running is not None:
-                            running.task.cancel()
+                        cancel_deliveries(ctx, msg["data"].decode())
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
-                # Redis went away: resubscribe. A cancel sent meanwhile is still caught, because the
-                # runner re-reads the job's cancel flag when it claims and after each attempt.
+                # Redis went away: resubscribe. A cancel sent meanwhile is still caught: the claim and
+                # every retry re-read the job's cancel flag, and so does each heartbeat (keepalive.py).
                 log.warning("listener lost its Redis connection; resubscribing", exc_info=True)
                 await asyncio.sleep(1.0)
 
@@ -125,8 +124,8 @@ class Runtime:
 
         def _cancel_all() -> None:
             ctx.shutting_down = True
-            for running in ctx.running.values():
-                running.task.cancel()
+            for delivery in ctx.deliveries:
+                delivery.task.cancel()
 
         self.loop.call_soon_threadsafe(_cancel_all)
 

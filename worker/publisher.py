@@ -124,8 +124,10 @@ class EventWriter:
         ttl_s: int,
         seq: int,
         max_events: int = 0,
+        idempotency_key: str = "",
     ) -> None:
         self._sink = sink
+        self._idempotency_key = idempotency_key  # expires with the job (APPEND_LUA)
         self._keys = keys
         self.job_id = job_id
         self._owner = owner
@@ -176,6 +178,7 @@ class EventWriter:
             expected_seq=self.seq,
             max_events=self._max_events,
             fields=fields,
+            idempotency_key=self._idempotency_key,
         )
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)
