@@ -5,8 +5,10 @@ Driven through kombu with moonq's transport against the real redis-server, as a 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +17,13 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
+from moonq.keys import Keys
+from producers import Client
+from simulator import SimConfig, SimServer
+from tests.helpers import make_settings, wait_until
 from worker import transport
+from worker.loop import Runtime
+from worker.settings import Settings
 
 
 def _connection(redis_url: str, prefix: str, **options: Any) -> Connection:
@@ -88,3 +96,108 @@ def test_unacked_scores_and_the_restore_sweep_follow_redis_clock(
         channel.qos.restore_visible(interval=1)
         assert r.zscore(f"{prefix}unacked_index", message.delivery_tag) is not None
         assert r.llen(f"{prefix}jobs") == 0
+
+
+# ---- the runner's side: one delivery at a time, cancels that cannot be missed, no job comes back ----
+
+USER = {"role": "user", "content": "Tell me a long story about the sea."}
+
+
+@pytest.fixture(scope="module")
+def story_sim() -> Iterator[SimServer]:
+    """About 5 s per answer (100 tokens, 50 ms apart): long enough to act on a running job."""
+    with SimServer(SimConfig(seed=3, chunk_interval_s=0.05, tokens_per_chunk=1, answer_tokens=(100, 100))) as server:
+        yield server
+
+
+def _runtime(prefix: Settings, base_url: str) -> Runtime:
+    settings = make_settings(prefix.redis_url, prefix=prefix.prefix, moonshot_base_url=base_url)
+    return Runtime(settings).start()
+
+
+def _envelope(client: Client, job_id: str) -> dict[str, Any]:
+    return dict(json.loads(client.job(job_id).record()["envelope"]))
+
+
+def _forget(r: redis.Redis, keys: Keys, job_id: str) -> None:
+    """What expiry does to an ended job: its record and log are gone."""
+    r.delete(keys.job(job_id), keys.log(job_id))
+
+
+def test_a_cancelled_job_whose_record_expired_does_not_come_back(fresh_prefix: Settings, sim: SimServer) -> None:
+    rt = _runtime(fresh_prefix, sim.base_url)
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            envelope = _envelope(client, job.id)
+            assert job.cancel() is True
+            _forget(r, fresh_prefix.keys, job.id)  # a backlog outlived the cancelled job's records
+            assert rt.run(envelope) == "skipped"  # its message is finally delivered
+            assert not r.exists(fresh_prefix.keys.job(job.id)), "the claim recreated the job"
+            assert not r.exists(fresh_prefix.keys.log(job.id))
+    finally:
+        rt.stop()
+
+
+def test_a_duplicate_message_of_a_job_that_ended_long_ago_runs_nothing(fresh_prefix: Settings, sim: SimServer) -> None:
+    rt = _runtime(fresh_prefix, sim.base_url)
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            envelope = _envelope(client, job.id)
+            assert rt.run(envelope) == "succeeded"
+            _forget(r, fresh_prefix.keys, job.id)
+            assert rt.run(envelope) == "skipped"
+            assert not r.exists(fresh_prefix.keys.job(job.id))
+    finally:
+        rt.stop()
+
+
+def test_a_cancel_announced_while_the_node_is_not_listening_still_stops_the_job(
+    fresh_prefix: Settings, story_sim: SimServer
+) -> None:
+    rt = _runtime(fresh_prefix, story_sim.base_url)
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            future = rt.submit(_envelope(client, job.id))
+            wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+            # The node's listener loses its connection (it resubscribes a second later) and the
+            # cancel is announced in that gap: pub/sub delivers it to nobody.
+            r.client_kill_filter(_type="pubsub")
+            asked = time.monotonic()
+            assert job.cancel() is True
+            assert future.result(timeout=10) == "cancelled"
+            # Caught by the next heartbeat (FAST: every 0.5 s), long before the 5 s answer ends.
+            assert time.monotonic() - asked < 2.5
+            assert job.status() == "cancelled"
+    finally:
+        rt.stop()
+
+
+def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(
+    fresh_prefix: Settings, story_sim: SimServer
+) -> None:
+    """A redelivered copy waits parked behind the live owner; the owner's end does not drop the copy."""
+    rt = _runtime(fresh_prefix, story_sim.base_url)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            envelope = _envelope(client, job.id)
+            first = rt.submit(envelope, "tag-1")
+            wait_until(lambda: job.status() == "running", 10, "the first delivery runs")
+            second = rt.submit(envelope, "tag-2")
+            assert rt.ctx is not None
+            ctx = rt.ctx
+            wait_until(lambda: len(ctx.deliveries.of_job(job.id)) == 2, 5, "both deliveries tracked")
+            owners = [d for d in ctx.deliveries.of_job(job.id) if d.owns]
+            assert [d.tag for d in owners] == ["tag-1"]
+            assert first.result(timeout=20) == "succeeded"
+            assert second.result(timeout=10) == "skipped"  # it finds the job ended at its next claim
+            assert not ctx.deliveries.of_job(job.id)
+            assert job.record()["attempt"] == "1"
+    finally:
+        rt.stop()
