@@ -18,49 +18,89 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.text import Text
+
+from console.records import find_record
 from moonq.errors import InvalidRequest
-from moonq.wire import TERMINAL_STATUSES
+from moonq.record import TERMINAL_STATUSES, JobField, JobRecord, JobStatus
 from producers.client import Client
 
 CHAT_URLS = ("/v1/chat/completions", "/chat/completions")
 
 
-@dataclass
 class Progress:
-    """A one-line progress bar with rate and ETA, redrawn on a terminal (stderr)."""
+    """A batch run's progress on ``out`` (stderr): done/total, rate, ETA and failures.
 
-    total: int
-    out: TextIO = sys.stderr
-    done: int = 0
-    failed: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _last_draw: float = 0.0
+    On a terminal a rich progress bar redraws in place; otherwise a plain line is printed at
+    most every 0.2 s and at the end, so logs show the progress without terminal codes. Use as a
+    context manager (the bar is drawn between enter and exit).
+    """
+
+    def __init__(self, total: int, out: TextIO | None = None) -> None:
+        self.total = total
+        self.out = out or sys.stderr
+        self.done = 0
+        self.failed = 0
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> Progress:
+        if self.out.isatty():
+            self._bar = RichProgress(
+                BarColumn(),
+                MofNCompleteColumn(),
+                _RateColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("failed {task.fields[failed]}"),
+                console=Console(file=self.out),
+            )
+            self._task = self._bar.add_task("batch", total=self.total, failed=0)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
     def add(self, ok: bool) -> None:
         self.done += 1
         self.failed += 0 if ok else 1
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=self.done, failed=self.failed)
+            return
         now = time.monotonic()
         if now - self._last_draw > 0.2 or self.done == self.total:
             self._last_draw = now
-            self.draw(now)
+            self.out.write(self.line(now) + "\n")
+            self.out.flush()
 
-    def draw(self, now: float) -> None:
+    def line(self, now: float) -> str:
+        """The plain progress line: ``[###...] done/total rate/s ETA mm:ss failed n``."""
         rate = self.done / max(now - self.started, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = "--:--" if left == float("inf") else f"{int(left) // 60:02d}:{int(left) % 60:02d}"
         width = 30
         filled = int(width * self.done / max(self.total, 1))
-        line = (
+        return (
             f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
             f" {rate:.1f}/s ETA {eta} failed {self.failed}"
         )
-        end = "\n" if self.done == self.total else ""
-        self.out.write(("\r" if self.out.isatty() else "") + line + (end if self.out.isatty() else "\n"))
-        self.out.flush()
+
+
+class _RateColumn(ProgressColumn):
+    """Lines answered per second (rich's estimate over the last 30 s)."""
+
+    def render(self, task: Task) -> Text:
+        return Text("-/s" if task.speed is None else f"{task.speed:.1f}/s")
 
 
 def answered_ids(path: Path) -> set[str]:
@@ -96,8 +136,8 @@ def parse_line(line: str, number: int) -> tuple[str, dict[str, Any]]:
     return custom_id, item["body"]
 
 
-def output_line(custom_id: str, job_id: str | None, rec: dict[str, str] | None, error: tuple[str, str] | None) -> str:
-    """One output line in the batch output shape."""
+def output_line(custom_id: str, job_id: str | None, rec: JobRecord | None, error: tuple[str, str] | None) -> str:
+    """One output line in the batch output shape: ``error`` (code, message), else the ended job's ``rec``."""
     out: dict[str, Any] = {
         "id": f"batch_req_{job_id or custom_id}",
         "custom_id": custom_id,
@@ -106,10 +146,10 @@ def output_line(custom_id: str, job_id: str | None, rec: dict[str, str] | None, 
     }
     if error is not None:
         out["error"] = {"code": error[0], "message": error[1]}
-    elif rec is not None and rec["status"] == "succeeded":
-        out["response"] = {"status_code": 200, "request_id": job_id, "body": json.loads(rec["result"])}
+    elif rec is not None and rec.status == JobStatus.SUCCEEDED:
+        out["response"] = {"status_code": 200, "request_id": job_id, "body": rec.result_data()}
     elif rec is not None:
-        err = json.loads(rec.get("error") or '{"type": "cancelled", "message": "the job was cancelled"}')
+        err = rec.error_info() or {"type": "cancelled", "message": "the job was cancelled"}
         if err.get("status"):  # the upstream answered with an error: pass its answer through
             body = {"error": {"message": err.get("message"), "type": err.get("type")}}
             out["response"] = {"status_code": err["status"], "request_id": job_id, "body": body}
@@ -134,10 +174,9 @@ def run_batch(client: Client, src: Path, dst: Path, *, window: int = 500, poll_s
     """Run every unanswered line of ``src`` and append answers to ``dst``; returns (answered, failed)."""
     done = answered_ids(dst)
     todo = sum(1 for _, line in _lines(src)) - len(done)
-    progress = Progress(max(todo, 0))
     pending: dict[str, str] = {}  # job id -> custom_id
     seen: set[str] = set(done)
-    with dst.open("a") as out:
+    with Progress(max(todo, 0)) as progress, dst.open("a") as out:
 
         def write(line: str, ok: bool) -> None:
             out.write(line + "\n")
@@ -187,11 +226,13 @@ def _collect(client: Client, pending: dict[str, str], write: Any) -> None:
     ids = list(pending)
     with client.redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
-            pipe.hget(client.keys.job(job_id), "status")
+            pipe.hget(client.keys.job(job_id), JobField.STATUS)
         statuses = pipe.execute()
     for job_id, status in zip(ids, statuses, strict=True):
-        if status is None:  # the record expired before we read it: say so rather than wait forever
+        if status is not None and status.decode() not in TERMINAL_STATUSES:
+            continue  # still to run, or running
+        rec = find_record(client, job_id) if status is not None else None
+        if rec is None:  # the record expired before we read it: say so rather than wait forever
             write(output_line(pending.pop(job_id), job_id, None, ("job_expired", "the job record expired")), False)
-        elif status.decode() in TERMINAL_STATUSES:
-            rec = client.job(job_id).record()
-            write(output_line(pending.pop(job_id), job_id, rec, None), rec["status"] == "succeeded")
+        else:
+            write(output_line(pending.pop(job_id), job_id, rec, None), rec.status == JobStatus.SUCCEEDED)

@@ -1,217 +1,31 @@
-"""The ``moonq`` command line."""
+"""The ``moonq`` command line (click): parses the line, runs a subcommand, returns its exit code.
+
+Exit codes: 0 done; 1 the job failed, timed out, or another moonq error; 2 a usage error or an
+invalid request; 3 no such job; 130 cancelled or interrupted. ``console/commands.py`` holds what
+the job subcommands do; ``simulate`` hands its arguments to the simulator's own parser.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from console.render import Renderer
+import click
+
+from console import commands
 from moonq.errors import InvalidRequest, JobFailed, JobNotFound, JobTimeout, MoonqError
 from producers.client import Client
 
-DEFAULT_MODEL = "kimi-k2.5"
+PROG = "moonq"
+COMPLETE_VAR = "_MOONQ_COMPLETE"
 
 
-def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.file:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-        try:
-            request = json.loads(text)
-        except ValueError as err:
-            raise InvalidRequest([("--file", f"is not valid JSON: {err}")]) from None
-        if isinstance(request, dict) and args.model:
-            request["model"] = args.model
-        return request  # type: ignore[no-any-return]
-    if not args.prompt:
-        raise InvalidRequest([("prompt", "give a prompt, or --file with a request")])
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    request = {"model": args.model or DEFAULT_MODEL, "messages": messages}
-    if args.max_tokens:
-        request["max_completion_tokens"] = args.max_tokens
-    return request
-
-
-def _follow(client: Client, job_id: str, as_json: bool) -> int:
-    renderer = Renderer(sys.stdout)
-    code = 0
-    for event in client.job(job_id).events():
-        if as_json:
-            print(event.model_dump_json(exclude_none=True), flush=True)
-        else:
-            renderer.event(event)
-        if event.type == "failed":
-            code = 1
-        elif event.type == "cancelled":
-            code = 130
-        elif event.type == "completed" and not as_json:
-            usage = (event.result or {}).get("usage") or {}
-            print(
-                f"[job {job_id}: {usage.get('prompt_tokens', '?')} prompt + "
-                f"{usage.get('completion_tokens', '?')} completion tokens]",
-                file=sys.stderr,
-            )
-    return code
-
-
-def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    job = client.submit(_request_from_args(args), priority=args.priority, idempotency_key=args.idempotency_key)
-    print(job.id if args.no_wait else f"[job {job.id}]", file=sys.stdout if args.no_wait else sys.stderr, flush=True)
-    return 0 if args.no_wait else _follow(client, job.id, args.json)
-
-
-def cmd_follow(client: Client, args: argparse.Namespace) -> int:
-    return _follow(client, args.job, args.json)
-
-
-def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    rec = client.job(args.job).record()
-    shown: dict[str, Any] = {
-        k: rec[k] for k in ("status", "model", "attempt", "enqueued_at", "started_at", "finished_at") if k in rec
-    }
-    if "error" in rec:
-        shown["error"] = json.loads(rec["error"])
-    print(json.dumps({"id": args.job, **shown}, indent=2))
-    return 0
-
-
-def cmd_result(client: Client, args: argparse.Namespace) -> int:
-    print(client.job(args.job).result(timeout=args.timeout).model_dump_json(indent=2, exclude_none=True))
-    return 0
-
-
-def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    ended = client.job(args.job).cancel()
-    print("cancel requested" if ended else "job had already ended")
-    return 0
-
-
-def cmd_batch(client: Client, args: argparse.Namespace) -> int:
-    from console.batch import run_batch
-
-    answered, failed = run_batch(client, Path(args.input), Path(args.output), window=args.window)
-    print(f"{answered} line(s) answered, {failed} failed; output: {args.output}", file=sys.stderr)
-    return 0
-
-
-def cmd_failed(client: Client, args: argparse.Namespace) -> int:
-    rows = client.failed(args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        err = row["error"]
-        print(f"{row['id']}  {row['model']:<24} attempts={row['attempts']:<3} {err.get('type')}: {err.get('message')}")
-    print(f"{len(rows)} failed job(s)", file=sys.stderr)
-    return 0
-
-
-def cmd_retry(client: Client, args: argparse.Namespace) -> int:
-    job = client.retry(args.job)
-    print(job.id)
-    return 0
-
-
-def cmd_top(client: Client, args: argparse.Namespace) -> int:
-    from console.top import run_top
-
-    return run_top(client.settings, args.node, args.interval, once=args.once)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moonq", description="Chat-completion jobs on a Celery + Redis queue.")
-    p.add_argument("--redis-url", help="overrides REDIS_URL")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="submit a job and stream its answer")
-    s.add_argument("prompt", nargs="?", help="the user message")
-    s.add_argument("--file", help="a JSON chat-completions request ('-' = stdin)")
-    s.add_argument("--model", help=f"model (default {DEFAULT_MODEL}; overrides the file's)")
-    s.add_argument("--system", help="a system message")
-    s.add_argument("--max-tokens", type=int, help="max_completion_tokens")
-    s.add_argument("--priority", type=int, default=5, help="0 (most urgent) to 9; default 5")
-    s.add_argument("--idempotency-key", help="the same key again returns the same job instead of a new run")
-    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    s.add_argument("--json", action="store_true", help="print events as JSON lines")
-    s.set_defaults(func=cmd_submit)
-    for name, func, text in (("follow", cmd_follow, "stream a job's events"), ("status", cmd_status, "a job's state")):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("job")
-        if name == "follow":
-            c.add_argument("--json", action="store_true", help="print events as JSON lines")
-        c.set_defaults(func=func)
-    r = sub.add_parser("result", help="wait for a job and print its completion")
-    r.add_argument("job")
-    r.add_argument("--timeout", type=float, default=None)
-    r.set_defaults(func=cmd_result)
-    c = sub.add_parser("cancel", help="cancel a job (queued: never runs; running: stream aborted)")
-    c.add_argument("job")
-    c.set_defaults(func=cmd_cancel)
-    b = sub.add_parser("batch", help="run an OpenAI/Moonshot batch JSONL file; resumable")
-    b.add_argument("input", help="JSONL: {custom_id, method, url, body} per line")
-    b.add_argument("-o", "--output", required=True, help="JSONL answers; run again to resume")
-    b.add_argument("--window", type=int, default=500, help="jobs in flight at most (default 500)")
-    b.set_defaults(func=cmd_batch)
-    f = sub.add_parser("failed", help="list failed jobs (dead letters), newest first")
-    f.add_argument("--limit", type=int, default=100)
-    f.add_argument("--json", action="store_true")
-    f.set_defaults(func=cmd_failed)
-    c = sub.add_parser("retry", help="run a failed or cancelled job again as a new job; prints its id")
-    c.add_argument("job")
-    c.set_defaults(func=cmd_retry)
-    t = sub.add_parser("top", help="live view of the fleet from the nodes' /metrics (no Grafana needed)")
-    t.add_argument(
-        "--node",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a node's metrics URL, repeatable; added to the nodes announced in Redis",
-    )
-    t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
-    t.add_argument("--once", action="store_true", help="print one snapshot (two scrapes --interval apart) and exit")
-    t.set_defaults(func=cmd_top)
-    sub.add_parser(
-        "simulate", help="run the local Moonshot API simulator (see `moonq simulate --help`)", add_help=False
-    )
-    sub.add_parser("demo", help="run the demo: private Redis, simulator, one worker, sample jobs")
-    sub.add_parser("gateway", help="serve the HTTP gateway (see `moonq gateway --help`)", add_help=False)
-    return p
-
-
-def _gateway(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="moonq gateway", description="The HTTP gateway (OpenAI-compatible + jobs API).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    args = p.parse_args(argv)
-    from gateway.app import serve
-
+def _run(action: Callable[[Client], int]) -> int:
+    """``action`` on a client for the group's ``--redis-url``, SDK errors turned into exit codes."""
+    redis_url: str | None = click.get_current_context().find_root().params.get("redis_url")
     try:
-        serve(args.host, args.port)
-    except ValueError as err:  # e.g. no tokens configured
-        print(f"moonq gateway: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # These two own their flags: hand them the rest of the line untouched.
-    if argv[:1] == ["simulate"]:
-        from simulator.cli import main as simulate
-
-        return simulate(argv[1:])
-    if argv[:1] == ["gateway"]:
-        return _gateway(argv[1:])
-    if argv[:1] == ["demo"]:
-        from console.demo import main as demo
-
-        return demo(argv[1:])
-    args = _parser().parse_args(argv)
-    try:
-        with Client(args.redis_url) as client:
-            return int(args.func(client, args))
+        with Client(redis_url) as client:
+            return action(client)
     except InvalidRequest as err:
         print(f"moonq: invalid request: {err}", file=sys.stderr)
         return 2
@@ -223,6 +37,211 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+@click.group(
+    name=PROG,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
+@click.option("--redis-url", metavar="URL", help="Redis to use; overrides REDIS_URL.")
+def cli(redis_url: str | None) -> None:
+    """Chat-completion jobs on a Celery + Redis queue.
+
+    Submit, follow and manage jobs, run batch files, watch the fleet (top), serve the HTTP
+    gateway, run the local API simulator or the demo. `moonq COMMAND --help` for each.
+
+    \b
+    Shell completion (bash; zsh_source or fish_source for zsh or fish):
+      eval "$(_MOONQ_COMPLETE=bash_source moonq)"   # in ~/.bashrc
+    """
+
+
+@cli.command("submit")
+@click.argument("prompt", required=False)
+@click.option("--file", type=click.Path(allow_dash=True), help="A JSON chat-completions request ('-' = stdin).")
+@click.option("--model", help=f"Model (default {commands.DEFAULT_MODEL}; overrides the file's).")
+@click.option("--system", help="A system message.")
+@click.option("--max-tokens", type=int, help="max_completion_tokens.")
+@click.option("--priority", type=int, default=5, help="0 (most urgent) to 9.")
+@click.option("--idempotency-key", help="The same key again returns the same job instead of a new run.")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return.")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+def submit(
+    prompt: str | None,
+    file: str | None,
+    model: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    priority: int,
+    idempotency_key: str | None,
+    no_wait: bool,
+    as_json: bool,
+) -> int:
+    """Submit a job and stream its answer.
+
+    PROMPT is the user message (or give --file). Exits 0 when the job completes, 1 if it
+    fails, 130 if it is cancelled, 2 for an invalid request.
+    """
+
+    def action(client: Client) -> int:
+        request = commands.build_request(file=file, prompt=prompt, model=model, system=system, max_tokens=max_tokens)
+        return commands.submit(
+            client, request, priority=priority, idempotency_key=idempotency_key, no_wait=no_wait, as_json=as_json
+        )
+
+    return _run(action)
+
+
+@cli.command("follow")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+def follow(job: str, as_json: bool) -> int:
+    """Stream a job's events (replayed from the first, then live).
+
+    Exits 0 when JOB completes, 1 if it fails, 130 if it is cancelled, 3 if there is no such job.
+    """
+    return _run(lambda client: commands.follow(client, job, as_json=as_json))
+
+
+@cli.command("status")
+@click.argument("job")
+def status(job: str) -> int:
+    """A job's state, as JSON. Exits 3 if there is no such JOB."""
+    return _run(lambda client: commands.status(client, job))
+
+
+@cli.command("result")
+@click.argument("job")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait at most (default: no limit).")
+def result(job: str, timeout: float | None) -> int:
+    """Wait for a job and print its completion (JSON).
+
+    Exits 1 if JOB failed or --timeout passed first, 3 if there is no such job.
+    """
+    return _run(lambda client: commands.result(client, job, timeout))
+
+
+@cli.command("cancel")
+@click.argument("job")
+def cancel(job: str) -> int:
+    """Cancel a job (queued: never runs; running: stream aborted)."""
+    return _run(lambda client: commands.cancel(client, job))
+
+
+@cli.command("batch")
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="JSONL answers; run again to resume.")
+@click.option("--window", type=int, default=500, help="Jobs in flight at most.")
+def batch(input_path: str, output: str, window: int) -> int:
+    """Run an OpenAI/Moonshot batch JSONL file; resumable.
+
+    INPUT has one {custom_id, method, url, body} object per line. Progress (rate, ETA) goes to
+    stderr.
+    """
+    return _run(lambda client: commands.batch(client, input_path, output, window))
+
+
+@cli.command("failed")
+@click.option("--limit", type=int, default=100, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def failed(limit: int, as_json: bool) -> int:
+    """List failed jobs (dead letters), newest first."""
+    return _run(lambda client: commands.failed(client, limit, as_json=as_json))
+
+
+@cli.command("retry")
+@click.argument("job")
+def retry(job: str) -> int:
+    """Run a failed or cancelled job again as a new job; prints its id.
+
+    Exits 2 if JOB is neither failed nor cancelled, 3 if there is no such job.
+    """
+    return _run(lambda client: commands.retry(client, job))
+
+
+@cli.command("top")
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    metavar="URL",
+    help="A node's metrics URL, repeatable; added to the nodes announced in Redis.",
+)
+@click.option("--interval", type=float, default=2.0, help="Seconds between scrapes.")
+@click.option("--once", is_flag=True, help="Print one snapshot (two scrapes --interval apart) and exit.")
+def top(nodes: tuple[str, ...], interval: float, once: bool) -> int:
+    """Live view of the fleet from the nodes' /metrics.
+
+    Needs no Grafana: the nodes announce their /metrics URLs in Redis.
+    On a terminal the table is redrawn in place until Ctrl-C; otherwise (piped, or --once)
+    each snapshot is printed as plain text.
+    """
+    from console.top import run_top
+
+    return _run(lambda client: run_top(client.settings, list(nodes), interval, once=once))
+
+
+@cli.command("gateway")
+@click.option("--host", default="127.0.0.1", help="Address to listen on.")
+@click.option("--port", type=int, default=8000, help="Port to listen on.")
+def gateway(host: str, port: int) -> int:
+    """Serve the HTTP gateway (OpenAI-compatible + jobs API).
+
+    Tokens come from MOONQ_GATEWAY_TOKENS; exits 2 when the gateway is not configured.
+    """
+    from gateway.app import serve
+
+    try:
+        serve(host, port)
+    except ValueError as err:  # e.g. no tokens configured
+        print(f"moonq gateway: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@cli.command(
+    "simulate",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": []},
+    short_help="Run the local Moonshot API simulator.",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def simulate(args: tuple[str, ...]) -> int:
+    """Run the local Moonshot API simulator; its own parser reads ARGS (see `moonq simulate --help`)."""
+    from simulator.cli import main as simulator_main
+
+    try:
+        return simulator_main(list(args))
+    except SystemExit as done:  # its parser exits on --help and on a bad flag (2)
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+
+
+@cli.command("demo")
+def demo() -> int:
+    """Run the demo: private Redis, simulator, one worker, sample jobs.
+
+    A private redis-server when REDIS_URL is unset, the simulator when MOONSHOT_API_KEY is unset;
+    everything it started is stopped at the end. Exits 0 when every sample job succeeded.
+    """
+    from console.demo import main as demo_main
+
+    return demo_main()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``moonq`` on ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
+
+    Usage errors print click's usage message and return 2. ``_MOONQ_COMPLETE`` set in the
+    environment answers a shell-completion request instead, and exits.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = cli.main(args=args, prog_name=PROG, complete_var=COMPLETE_VAR, standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.Abort:  # Ctrl-C outside a job command (which handles its own)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ sample jobs for plain chat, a tool call, Partial Mode and a thinking model, stre
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
-from console.render import BOLD, RESET, Renderer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from console.render import Renderer
 from harness import RedisServer, WorkerProcess
+from moonq.record import JobStatus
 from producers.client import Client, Job
 
 WEATHER_TOOL = {
@@ -101,28 +105,36 @@ def _environment(stack: ExitStack) -> tuple[dict[str, str], list[str]]:
     return env, notes
 
 
-def run(out: Any = sys.stdout) -> int:
+def run(out: TextIO | None = None) -> int:
+    """Start what is missing, run the samples (streamed to ``out``), print a summary; 0 if all succeeded."""
+    out = out or sys.stdout
+    # rich styles the headings and draws the summary; the answers themselves stream through Renderer.
+    console = Console(file=out, highlight=False)
     with ExitStack() as stack:
         env, notes = _environment(stack)
         # Named after this process, so its worker can be told from any other on the machine.
         node = stack.enter_context(WorkerProcess(env, args=("-n", f"moonq-demo-{os.getpid()}@%h")))
         notes.append(f"one worker node: celery -A worker worker (log: {node.log_path})")
         for note in notes:
-            print(f"• {note}", file=out)
+            console.print(Text(f"• {note}"), soft_wrap=True)
         client = stack.enter_context(Client(env["REDIS_URL"]))
-        bold = (lambda t: f"{BOLD}{t}{RESET}") if out.isatty() else (lambda t: t)
         rows = []
         for sample in samples():
-            print(bold(f"\n── {sample.title}"), file=out)
+            _heading(console, sample.title)
             rows.append(_run_sample(client, sample.title.split(" (")[0], sample.request, sample.prefix, out))
-            result = client.job(rows[-1].job_id).result() if rows[-1].status == "succeeded" else None
+            result = client.job(rows[-1].job_id).result() if rows[-1].status == JobStatus.SUCCEEDED else None
             if result is not None and result.choices[0].finish_reason == "tool_calls":
                 # Answer the call the way an application would, and let the model finish.
                 reply = _tool_reply(sample.request, result)
-                print(bold('   tool result sent back: {"temp_c": 21, "sky": "clear"}'), file=out)
+                console.print(Text('   tool result sent back: {"temp_c": 21, "sky": "clear"}', style="bold"))
                 rows.append(_run_sample(client, "Tool result turn", reply, "", out))
-        _summary(rows, out, bold)
-        return 0 if all(r.status == "succeeded" for r in rows) else 1
+        _summary(rows, console)
+        return 0 if all(r.status == JobStatus.SUCCEEDED for r in rows) else 1
+
+
+def _heading(console: Console, title: str) -> None:
+    console.print()
+    console.rule(Text(title, style="bold"), align="left")
 
 
 @dataclass
@@ -146,7 +158,7 @@ def _run_sample(client: Client, title: str, request: dict[str, Any], prefix: str
             first = time.monotonic() - submitted
         renderer.event(event)
     status = job.status()
-    usage = job.result().usage if status == "succeeded" else None
+    usage = job.result().usage if status == JobStatus.SUCCEEDED else None
     return Row(job.id, title, status, usage, first, time.monotonic() - submitted)
 
 
@@ -159,9 +171,14 @@ def _tool_reply(request: dict[str, Any], result: Any) -> dict[str, Any]:
     return {**request, "messages": [*request["messages"], assistant, *tools]}
 
 
-def _summary(rows: list[Row], out: Any, bold: Any) -> None:
-    print(bold("\n── Summary"), file=out)
-    print(f"{'job':<20}{'outcome':<11}{'prompt':>8}{'compl.':>8}{'first delta':>13}{'total':>10}", file=out)
+def _summary(rows: list[Row], console: Console) -> None:
+    """A table of the jobs (outcome, tokens, time to first delta, total), then the totals."""
+    _heading(console, "Summary")
+    grid = Table(box=None, header_style="bold")
+    grid.add_column("job", no_wrap=True)
+    grid.add_column("outcome", no_wrap=True)
+    for name in ("prompt", "compl.", "first delta", "total"):
+        grid.add_column(name, justify="right", no_wrap=True)
     prompt = completion = 0
     latencies = []
     for row in rows:
@@ -169,18 +186,21 @@ def _summary(rows: list[Row], out: Any, bold: Any) -> None:
         prompt, completion = prompt + p, completion + c
         latencies.append(row.total_s)
         ttft = f"{row.first_delta_s * 1000:.0f} ms" if row.first_delta_s is not None else "-"
-        print(f"{row.title:<20}{row.status:<11}{p:>8}{c:>8}{ttft:>13}{row.total_s * 1000:>7.0f} ms", file=out)
+        grid.add_row(row.title, row.status, str(p), str(c), ttft, f"{row.total_s * 1000:.0f} ms")
+    console.print(grid)
     latencies.sort()
-    print(
-        f"{len(rows)} jobs, {prompt} prompt + {completion} completion tokens;"
-        f" latency (submit → last event) median {latencies[len(latencies) // 2] * 1000:.0f} ms,"
-        f" max {latencies[-1] * 1000:.0f} ms",
-        file=out,
+    console.print(
+        Text(
+            f"{len(rows)} jobs, {prompt} prompt + {completion} completion tokens;"
+            f" latency (submit → last event) median {latencies[len(latencies) // 2] * 1000:.0f} ms,"
+            f" max {latencies[-1] * 1000:.0f} ms"
+        ),
+        soft_wrap=True,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="moonq demo", description=__doc__).parse_args(argv)
+def main() -> int:
+    """``moonq demo``: run it; a missing prerequisite (e.g. redis-server) is one line on stderr, exit 2."""
     try:
         return run()
     except RuntimeError as err:  # e.g. redis-server missing: say what to do, no traceback

@@ -258,8 +258,8 @@ def against(rate: float, limit: float | None, unit: str) -> str:
     return f"{human(rate)}/min of {human(limit)} {unit} ({rate / limit:.1%})"
 
 
-def format_screen(view: View) -> list[str]:
-    """The lines of one screen (plain ASCII; the caller clears the terminal or separates blocks)."""
+def screen_rows(view: View) -> list[tuple[str, str]]:
+    """One screen as ``(label, value)`` rows; the first is the title, a row with no label is a note."""
     clock = time.strftime("%H:%M:%S", time.localtime(view.at))
     depth = "-" if view.queue_depth is None else human(view.queue_depth)
     flight = "-" if view.in_flight is None else human(view.in_flight)
@@ -267,22 +267,41 @@ def format_screen(view: View) -> list[str]:
     outcomes = ", ".join(f"{k} {v:.2f}/s" for k, v in view.outcomes_per_s.items())
     spent = "-" if view.cost_total is None else f"${view.cost_total:.4f}"
     retries = ", ".join(f"{k} {human(v)}" for k, v in view.retries.items()) or "none"
-    lines = [
-        f"moonq top   {clock}   last {view.interval_s:.1f} s",
-        f"nodes       {view.nodes_up} up / {view.nodes_known} known"
-        + (f" ({view.new} new: in the rates from the next interval)" if view.new else ""),
-        f"queue       {depth} waiting | in flight {flight}{cap}",
-        f"throughput  {view.jobs_per_s:.2f} jobs/s" + (f" ({outcomes})" if outcomes else ""),
-        f"tokens      {against(view.tokens_per_min, view.tpm_limit, 'TPM')}",
-        f"requests    {against(view.requests_per_min, view.rpm_limit, 'RPM')}",
-        f"latency     job p50 {seconds(view.latency_s[0])} p95 {seconds(view.latency_s[1])}"
-        f" | first token p50 {seconds(view.ttft_s[0])} p95 {seconds(view.ttft_s[1])}",
-        f"errors      {human(view.failed)} failed | retries: {retries}",
-        f"cost        ${view.cost_per_hour:.4f}/h | {spent} since the nodes started",
+    rows = [
+        ("moonq top", f"{clock}   last {view.interval_s:.1f} s"),
+        (
+            "nodes",
+            f"{view.nodes_up} up / {view.nodes_known} known"
+            + (f" ({view.new} new: in the rates from the next interval)" if view.new else ""),
+        ),
+        ("queue", f"{depth} waiting | in flight {flight}{cap}"),
+        ("throughput", f"{view.jobs_per_s:.2f} jobs/s" + (f" ({outcomes})" if outcomes else "")),
+        ("tokens", against(view.tokens_per_min, view.tpm_limit, "TPM")),
+        ("requests", against(view.requests_per_min, view.rpm_limit, "RPM")),
+        (
+            "latency",
+            f"job p50 {seconds(view.latency_s[0])} p95 {seconds(view.latency_s[1])}"
+            f" | first token p50 {seconds(view.ttft_s[0])} p95 {seconds(view.ttft_s[1])}",
+        ),
+        ("errors", f"{human(view.failed)} failed | retries: {retries}"),
+        ("cost", f"${view.cost_per_hour:.4f}/h | {spent} since the nodes started"),
     ]
     if view.cooldown_s:
-        lines.append(f"cool-down   {max(view.cooldown_s, 0.1):.1f} s left (upstream 429)")
+        rows.append(("cool-down", f"{max(view.cooldown_s, 0.1):.1f} s left (upstream 429)"))
     if not view.nodes_known:
-        lines.append("no nodes: none announced in Redis in the last 30 s (MOONQ_PREFIX? --node URL)")
-    lines.extend(f"down        {url}" for url in view.down)
-    return lines
+        rows.append(("", "no nodes: none announced in Redis in the last 30 s (MOONQ_PREFIX? --node URL)"))
+    rows.extend(("down", url) for url in view.down)
+    return rows
+
+
+LABEL_WIDTH = 12  # the plain screen's label column
+
+
+def screen_line(label: str, value: str) -> str:
+    """One row as a plain line: the label padded to ``LABEL_WIDTH``, or the bare note."""
+    return f"{label:<{LABEL_WIDTH}}{value}" if label else value
+
+
+def format_screen(view: View) -> list[str]:
+    """The lines of one screen (plain ASCII; the caller separates blocks)."""
+    return [screen_line(label, value) for label, value in screen_rows(view)]

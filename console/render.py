@@ -4,21 +4,34 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+from rich.console import COLOR_SYSTEMS, Console
+from rich.style import Style
+
 from moonq.wire import Event
 
-DIM, BOLD, RED, RESET = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[0m"
+DIM, BOLD, RED = Style(dim=True), Style(bold=True), Style(color="red")
 
 
 class Renderer:
-    """Writes deltas of choice 0 as text: reasoning dimmed, tool calls as ``→ name(args)``."""
+    """Writes deltas of choice 0 as text: reasoning dimmed, tool calls as ``→ name(args)``.
+
+    The model's text is written exactly as it arrives (no wrapping, tabs kept); only styles come
+    from rich, and only when ``out`` is a terminal (``color`` forces either way).
+    """
 
     def __init__(self, out: TextIO, *, color: bool | None = None) -> None:
         self.out = out
-        self.color = out.isatty() if color is None else color
+        # rich decides whether, and with which codes, the terminal shows styles (NO_COLOR included).
+        console = Console(file=out, force_terminal=color)
+        system = console.color_system  # None unless out is a terminal that shows styles
+        self._colors = COLOR_SYSTEMS[system] if system else None
+        self._no_color = console.no_color
         self._mode = ""  # what was printed last: "reasoning", "content", "tool"
 
-    def _style(self, code: str, text: str) -> str:
-        return f"{code}{text}{RESET}" if self.color and text else text
+    def _style(self, style: Style, text: str) -> str:
+        if self._no_color:
+            style = style.without_color
+        return style.render(text, color_system=self._colors)
 
     def _switch(self, mode: str, prefix: str = "") -> None:
         if self._mode and self._mode != mode:

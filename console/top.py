@@ -1,5 +1,7 @@
 """``moonq top``'s loop: find the nodes, scrape them all at once, redraw every interval.
 
+On a terminal the screen is a rich table redrawn in place (``rich.live.Live``); otherwise (piped,
+or ``--once``) each screen is printed as plain lines, the format ``console/fleetview.py`` gives.
 Nodes are the fresh entries of ``P:nodes`` (every live node re-announces its /metrics URL every
 few seconds) plus any ``--node URL``. A node that does not answer in time, or answers something
 that is not an exposition, is shown as down; Redis not answering only loses discovery.
@@ -17,13 +19,16 @@ import httpx
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
-from console.fleetview import Samples, Scrape, build_view, format_screen, parse_exposition
+from console.fleetview import Samples, Scrape, build_view, parse_exposition, screen_line, screen_rows
 from moonq.keys import Keys
 from moonq.settings import ClientSettings
 
 NODE_STALE_S = 30.0  # a node that has not announced itself for this long is gone
-CLEAR = "\x1b[H\x1b[2J"
 
 
 def discover(r: redis.Redis, keys: Keys, explicit: Sequence[str], now: float) -> tuple[list[str], str | None]:
@@ -51,11 +56,21 @@ def scrape(http: httpx.Client, pool: ThreadPoolExecutor, urls: Sequence[str]) ->
     return Scrape(at, dict(zip(urls, pool.map(lambda url: scrape_node(http, url), urls), strict=True)))
 
 
-def draw(out: TextIO, lines: list[str], *, clear: bool = False, gap: bool = False) -> None:
-    """The lines, after clearing the terminal (``clear``) or followed by a blank line (``gap``)."""
-    text = "\n".join(lines) + "\n"
-    out.write((CLEAR if clear else "") + text + ("\n" if gap else ""))
+def draw(out: TextIO, lines: list[str], *, gap: bool = False) -> None:
+    """The lines, followed by a blank line when ``gap`` (to separate screens in a log)."""
+    out.write("\n".join(lines) + "\n" + ("\n" if gap else ""))
     out.flush()
+
+
+def table(rows: list[tuple[str, str]]) -> Table:
+    """One screen for a terminal: label/value rows, the first (title) bold; notes and down nodes stand out."""
+    grid = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    for n, (label, value) in enumerate(rows):
+        style = "bold" if n == 0 else "red" if label == "down" else "yellow" if not label else ""
+        grid.add_row(label, Text(value, style=style))
+    return grid
 
 
 class Top:
@@ -76,9 +91,15 @@ class Top:
         urls, self.note = discover(self.redis, self.keys, self.explicit, time.time())
         return scrape(self.http, self.pool, urls)
 
-    def screen(self, prev: Scrape, cur: Scrape) -> list[str]:
-        lines = format_screen(build_view(prev, cur))
-        return [*lines, self.note] if self.note else lines
+    def rows(self, prev: Scrape, cur: Scrape) -> list[tuple[str, str]]:
+        """The screen's rows (``fleetview.screen_rows``), then the discovery note if any."""
+        rows = screen_rows(build_view(prev, cur))
+        return [*rows, ("", self.note)] if self.note else rows
+
+    def next_round(self, prev: Scrape, interval_s: float) -> Scrape:
+        """The round ``interval_s`` after ``prev`` started (sleeping until then)."""
+        time.sleep(max(0.0, prev.at + interval_s - time.time()))
+        return self.round()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -89,25 +110,44 @@ class Top:
 def run_top(
     settings: ClientSettings, nodes: Sequence[str], interval_s: float, *, once: bool, out: TextIO | None = None
 ) -> int:
-    """Redraw every ``interval_s`` until Ctrl-C (exit 0); ``once``: one snapshot from two scrapes, then exit."""
+    """Redraw every ``interval_s`` until Ctrl-C (exit 0); ``once``: one snapshot from two scrapes, then exit.
+
+    A live table on a terminal; else (``once``, or ``out`` is not a terminal) plain screens,
+    each followed by a blank line unless ``once``.
+    """
     out = out or sys.stdout
     if interval_s <= 0:
         print("moonq top: --interval must be above 0", file=sys.stderr)
         return 2
-    live = not once and out.isatty()
     top = Top(settings, nodes, interval_s)
     try:
-        prev = top.round()
-        if live:
-            draw(out, [f"moonq top: {len(prev.nodes)} node(s), first numbers in {interval_s:g} s"], clear=True)
-        while True:
-            time.sleep(max(0.0, prev.at + interval_s - time.time()))
-            cur = top.round()
-            draw(out, top.screen(prev, cur), clear=live, gap=not live and not once)
-            if once:
-                return 0
-            prev = cur
+        if not once and out.isatty():
+            _live(top, interval_s, out)
+        else:
+            _plain(top, interval_s, out, once=once)
     except KeyboardInterrupt:
-        return 0
+        pass
     finally:
         top.close()
+    return 0
+
+
+def _plain(top: Top, interval_s: float, out: TextIO, *, once: bool) -> None:
+    prev = top.round()
+    while True:
+        cur = top.next_round(prev, interval_s)
+        draw(out, [screen_line(label, value) for label, value in top.rows(prev, cur)], gap=not once)
+        if once:
+            return
+        prev = cur
+
+
+def _live(top: Top, interval_s: float, out: TextIO) -> None:
+    prev = top.round()
+    first = Text(f"moonq top: {len(prev.nodes)} node(s), first numbers in {interval_s:g} s")
+    # Redrawn only when a round is in (no refresh thread): the numbers change once per interval.
+    with Live(first, console=Console(file=out), auto_refresh=False) as live:
+        while True:
+            cur = top.next_round(prev, interval_s)
+            live.update(table(top.rows(prev, cur)), refresh=True)
+            prev = cur
