@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak clean check-redis
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak chaos clean check-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,8 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Both cover the whole tree, bench/ and tests/ included: ruff runs over `.`, and mypy checks the
+# packages pyproject.toml [tool.mypy] lists (strict; tests/ with unannotated defs allowed).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -72,6 +74,13 @@ bench-batch: $(BENCH_STAMP) check-redis
 # and once the jobs' keys have expired (~2.5 minutes).
 bench-soak: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.soak
+
+# The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
+# visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked
+# over its whole history (tests/nemesis/); prints each seed and writes BENCHMARKS.md's Chaos section
+# (several minutes per seed; logs in .bench/chaos/). Needs libfaketime for the clock faults (.ci/run installs it).
+chaos: install check-redis
+	$(BIN)/python -m tests.nemesis.run --seeds 10 --jobs 500
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -30,12 +30,12 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import report
 from bench.fleets import REPO, CeleryFleet, Fleet, MoonqFleet
+from bench.limiter_result import WINDOW_60_S, Result, Scenario, System
 from bench.sim import RecordingSim
 from harness import RedisServer
 from simulator import SimConfig, max_in_window
@@ -43,76 +43,13 @@ from simulator.validate import parse_chat_request
 from worker.ratelimit import Limits
 
 MODEL = "moonshot-v1-8k"
-WINDOW_60_S = 60.0
 SUPPLY = 1.3  # jobs queued = this x what the limit allows over the window
 LOG_DIR = REPO / ".bench" / "limiter"
 PROGRESS_EVERY_S = 20.0
 
-
-@dataclass(frozen=True)
-class System:
-    key: str
-    label: str
-    concurrency: int = 0  # Celery only
-    prefetch: int = 0
-
-
 MOONQ = System("moonq", "moonq")
 CELERY = System("celery", "Celery rate_limit, -c 1, prefetch x1", concurrency=1, prefetch=1)
 CELERY_C16 = System("celery-c16", "Celery rate_limit, -c 16, default prefetch x4", concurrency=16, prefetch=4)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str  # "A" | "B"
-    axis: str  # "requests" | "tokens"
-    limit: int  # R or T: what the simulator enforces on this axis
-    rpm: int  # the simulator's RPM (both scenarios) and Celery's rate_limit per worker
-    sim: SimConfig
-    moonq_env: dict[str, str]
-    requests: list[dict[str, Any]]
-    burst: int  # moonq's bucket size on this axis (its default)
-    sim_reserve: int  # what the simulator reserves per request: prompt + output budget
-    systems: tuple[System, ...]
-
-    @property
-    def unit(self) -> str:
-        return "RPM" if self.axis == "requests" else "TPM"
-
-    @property
-    def title(self) -> str:
-        return f"{self.key} ({self.unit})"
-
-
-@dataclass
-class Result:
-    scenario: Scenario
-    system: System
-    window_s: float
-    jobs: int
-    nodes: int
-    admitted: int = 0  # requests admitted in the window
-    amount: float = 0.0  # admitted on the scenario's axis (requests or charged tokens)
-    max_60s: float = 0.0
-    # What was asked of the limit in the busiest 60 s: admitted requests as counted above, plus every
-    # request refused with a 429 (TPM: at the reservation the upstream checked it against).
-    asked_max_60s: float = 0.0
-    n429: int = 0
-    first_429_s: float | None = None  # from the window's start
-    other_errors: int = 0
-    ok: int = 0
-    failed: int = 0
-    rejected_by_axis: dict[str, int] = field(default_factory=dict)
-    retried: int | None = None
-    phase_s: float = 0.0
-
-    @property
-    def quota_used(self) -> float:
-        return self.amount / (self.scenario.limit * self.window_s / WINDOW_60_S)
-
-    @property
-    def unfinished(self) -> int:
-        return self.jobs - self.ok - self.failed
 
 
 def prompt(i: int) -> list[dict[str, str]]:

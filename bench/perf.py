@@ -209,7 +209,7 @@ class Ended:
 
     def __init__(self, redis_url: str) -> None:
         self.count = 0
-        self._pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._pubsub.psubscribe(**{f"{PREFIX}:events:*": self._on_message})
         self._thread = self._pubsub.run_in_thread(sleep_time=0.01, daemon=True)
 

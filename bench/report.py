@@ -14,12 +14,10 @@ import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import celery
 
-if TYPE_CHECKING:
-    from bench.limiter import Result
+from bench.limiter_result import Result
 
 TITLE = "# Benchmarks"
 PREAMBLE = "Measured figures from the benchmarks in `bench/`. Each `##` section is written by its benchmark's own run."

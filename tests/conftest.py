@@ -1,5 +1,6 @@
 """Shared fixtures: a real redis-server, the simulator over HTTP, an embedded worker.
 
+Fixtures and hooks only: what tests share that is not a fixture is in tests/helpers.py.
 Nothing is mocked: the suite starts redis-server from PATH on a free port, serves the
 simulator on another, and runs the worker's real Celery consumer in a thread. Jobs are keyed
 by fresh uuids, so tests share one Redis without flushing it between tests (a flush would also
@@ -21,11 +22,10 @@ from celery.contrib.testing.worker import start_worker
 from harness import RABBITMQ_MISSING, RabbitMQServer, RedisServer, rabbitmq_binary
 from producers import Client
 from simulator import SimConfig, SimServer
+from tests.helpers import SLOW_SIM, make_settings
 from worker.app import create_app
 from worker.loop import stop_all
 from worker.settings import Settings
-
-API_KEY = "sk-moonq-test-0123456789abcdef"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -74,22 +74,11 @@ def sim() -> Iterator[SimServer]:
         yield server
 
 
-# Delays shrunk so retries and liveness play out in test time; the logic is the production logic.
-FAST: dict[str, Any] = {
-    "backoff_base_s": 0.01,
-    "max_retry_delay_s": 0.05,
-    "heartbeat_interval_s": 0.5,
-    "heartbeat_stale_s": 1.5,
-    "visibility_timeout_s": 3.0,
-    "lease_ttl_s": 3.0,
-    "read_timeout_s": 10.0,
-    "attempt_timeout_s": 30.0,
-    "metrics_port": 0,  # tests that scrape pick a free port
-}
-
-
-def make_settings(redis_url: str, **overrides: Any) -> Settings:
-    return Settings(**{"redis_url": redis_url, "moonshot_api_key": API_KEY, **FAST, **overrides})
+@pytest.fixture(scope="module")
+def slow_sim() -> Iterator[SimServer]:
+    """The simulator at about 4 s per answer (``SLOW_SIM``), for jobs still streaming when a test acts."""
+    with SimServer(SLOW_SIM) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -126,22 +115,10 @@ def run(client: Client, worker: Any) -> Any:
         job = client.submit(request)
         events = list(job.events())
         assert events and events[-1].terminal, events
-        job.collected = events
+        job.collected = events  # type: ignore[attr-defined]  # the tests read back the events waited for
         return job
 
     return _run
-
-
-def node_env(settings: Settings, base_url: str, **extra: str) -> dict[str, str]:
-    """Environment for a real worker process under ``settings``' Redis and prefix, with fast liveness."""
-    env = {
-        "REDIS_URL": settings.redis_url,
-        "MOONQ_PREFIX": settings.prefix,
-        "MOONSHOT_BASE_URL": base_url,
-        "MOONSHOT_API_KEY": API_KEY,
-    }
-    env.update({f"MOONQ_{k.upper()}": str(v) for k, v in FAST.items()})
-    return {**env, **extra}
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from harness import WorkerProcess
 from simulator import SimConfig, SimServer
-from tests.conftest import node_env
+from tests.helpers import node_env
 from worker.settings import Settings
 
 

@@ -30,7 +30,7 @@ from moonq.settings import ClientSettings
 from producers import AsyncClient, Client, InvalidRequest, JobCancelled, JobFailed
 from simulator import SimConfig, SimServer
 from simulator.server import serve_in_thread
-from tests.conftest import API_KEY, FAST
+from tests.helpers import API_KEY, FAST
 
 CAP = 40  # MOONQ_MAX_EVENTS_PER_JOB of the node under test
 ANSWER = 300  # tokens of a full-length answer: one delta each, so ~300 events per long job

@@ -52,9 +52,10 @@ def test_a_failing_call_fails_only_its_caller(redis_url: str) -> None:
             sink = EventSink(redis, APPEND_LUA)
             await redis.hset(keys.job("good"), mapping={"status": "running", "seq": 0})
             await redis.set(keys.job("bad"), "not a hash")  # HGET on it raises inside the script
-            return await asyncio.gather(
+            results: list[object] = await asyncio.gather(
                 sink(*_args(keys, "good", 2)), sink(*_args(keys, "bad", 2)), return_exceptions=True
             )
+            return results
         finally:
             await redis.aclose()
 

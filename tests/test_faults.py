@@ -13,7 +13,7 @@ import pytest
 from moonq.wire import Event
 from producers import Client, JobFailed
 from simulator import SimConfig, SimServer
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 from worker.loop import Runtime
 from worker.settings import Settings
 

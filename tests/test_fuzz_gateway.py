@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 
 from gateway.app import GatewaySettings
 from gateway.openapi import openapi_document
-from tests.test_hostile_gateway import serve_gateway
+from tests.helpers import serve_gateway
 
 TOKEN = "gw-fuzz-token"
 CONFIG = schemathesis.Config.from_dict(

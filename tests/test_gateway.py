@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.app import GatewaySettings, create_app
 from producers import Client
@@ -19,7 +20,7 @@ from simulator.server import serve_in_thread
 from worker.settings import Settings
 
 TOKEN = "gw-test-token-1"
-USER = [{"role": "user", "content": "Hello through the gateway."}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello through the gateway."}]
 WEATHER = {
     "type": "function",
     "function": {
@@ -43,7 +44,7 @@ def sdk(gateway: str, worker: Any) -> Iterator[openai.OpenAI]:
 
 
 def test_sdk_create(sdk: openai.OpenAI) -> None:
-    completion = sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER)  # type: ignore[arg-type]
+    completion = sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER)
     assert completion.object == "chat.completion" and completion.choices[0].message.content
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.total_tokens > 0
@@ -54,14 +55,14 @@ def test_sdk_stream_with_usage(sdk: openai.OpenAI) -> None:
         model="moonshot-v1-8k",
         messages=USER,
         stream=True,
-        stream_options={"include_usage": True},  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    again = sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER)  # type: ignore[arg-type]
+    again = sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER)
     assert again.choices[0].message.content == text  # the simulator is deterministic: same answer
 
 
@@ -74,14 +75,14 @@ def test_sdk_tools_streamed(sdk: openai.OpenAI) -> None:
         "extra_body": {"thinking": {"type": "disabled"}},
     }
     completion = sdk.chat.completions.create(**kwargs)
-    call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
+    call = completion.choices[0].message.tool_calls[0]
     assert completion.choices[0].finish_reason == "tool_calls"
-    assert "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert "city" in json.loads(call.function.arguments)
     args = ""
     for chunk in sdk.chat.completions.create(**kwargs, stream=True):
         for frag in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             args += frag.function.arguments or "" if frag.function else ""
-    assert json.loads(args) == json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert json.loads(args) == json.loads(call.function.arguments)
 
 
 def test_sdk_errors(gateway: str, sdk: openai.OpenAI) -> None:
@@ -89,12 +90,12 @@ def test_sdk_errors(gateway: str, sdk: openai.OpenAI) -> None:
         openai.OpenAI(base_url=f"{gateway}/v1", api_key="wrong", max_retries=0) as bad,
         pytest.raises(openai.AuthenticationError),
     ):
-        bad.chat.completions.create(model="moonshot-v1-8k", messages=USER)  # type: ignore[arg-type]
+        bad.chat.completions.create(model="moonshot-v1-8k", messages=USER)
     with pytest.raises(openai.BadRequestError) as info:
-        sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER, stop=list("abcdef"))  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER, stop=list("abcdef"))
     assert "stop: at most 5 stop words" in str(info.value)
     with pytest.raises(openai.NotFoundError):  # the upstream's 404, passed through
-        sdk.chat.completions.create(model="kimi-k9-nope", messages=USER)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="kimi-k9-nope", messages=USER)
 
 
 def h(token: str = TOKEN, **extra: str) -> dict[str, str]:

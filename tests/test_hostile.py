@@ -24,6 +24,7 @@ from gateway.stream import ChunkStream
 from moonq.errors import InvalidRequest
 from moonq.request import MAX_JSON_DEPTH, MAX_STOP_BYTES, ChatRequest, validate_request
 from moonq.wire import ChatCompletion, Event, JobEnvelope
+from tests.helpers import nested
 from worker.errors import StreamInterrupted
 from worker.sse import MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
@@ -53,13 +54,6 @@ json_scalars = (
 json_values = st.recursive(
     json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12
 )
-
-
-def nested(depth: int, leaf: Any = None) -> Any:
-    value = leaf
-    for i in range(depth):
-        value = [value] if i % 2 else {"k": value}
-    return value
 
 
 # What a hostile caller sends: broken Unicode, non-finite floats, huge integers, deep nesting, odd types.

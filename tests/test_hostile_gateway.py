@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -17,20 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import GatewaySettings, create_app
+from gateway.app import GatewaySettings
 from moonq.request import MAX_JSON_DEPTH, validate_request
-from simulator.server import serve_in_thread
-from tests.test_hostile import nested
+from tests.helpers import nested, serve_gateway
 
 TOKEN = "gw-hostile-token"
 USER = [{"role": "user", "content": "hi"}]
-
-
-@contextmanager
-def serve_gateway(settings: GatewaySettings) -> Iterator[str]:
-    """The gateway on a free port, served by uvicorn in a thread, as users run it."""
-    with serve_in_thread(create_app(settings), lifespan=True) as url:
-        yield url
 
 
 LIMIT = 256 * 1024

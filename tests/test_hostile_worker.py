@@ -34,9 +34,7 @@ from moonq.broker import producer_app
 from moonq.wire import TASK_NAME, JobEnvelope
 from producers import Client
 from simulator.server import serve_in_thread
-from tests.conftest import make_settings, node_env
-from tests.test_hostile import nested
-from tests.test_hostile_gateway import serve_gateway
+from tests.helpers import make_settings, nested, node_env, serve_gateway
 from worker.app import create_app
 from worker.loop import Runtime
 from worker.settings import Settings

@@ -16,7 +16,7 @@ REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Once
 
 
 def queued(r: redis.Redis, settings: Settings) -> int:
-    return sum(int(r.llen(k)) for k in r.keys(f"{settings.prefix}:{settings.queue}*"))  # type: ignore[misc]
+    return sum(int(r.llen(k)) for k in r.keys(f"{settings.prefix}:{settings.queue}*"))
 
 
 def test_same_key_same_job_and_one_message(fresh_prefix: Settings, r: redis.Redis) -> None:

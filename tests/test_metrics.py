@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import WorkerProcess, free_port, wait_for_port
 from producers import Client, JobFailed
 from simulator import SimServer
-from tests.conftest import node_env
+from tests.helpers import make_settings, node_env
 from worker.exporter import RedisCollector
 from worker.settings import Settings
 
@@ -67,8 +67,6 @@ def total(metrics: dict[tuple[str, Any], float], name: str, **labels: str) -> fl
 @pytest.fixture(scope="module")
 def node_run(redis_url: str, sim: SimServer) -> Iterator[dict[str, Any]]:
     """One real node with limits and /metrics, after a mix of jobs; yields what the test needs."""
-    from tests.conftest import make_settings
-
     settings = make_settings(
         redis_url, prefix=f"m{uuid.uuid4().hex[:6]}", metrics_port=free_port(), moonshot_base_url=sim.base_url
     )

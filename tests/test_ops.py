@@ -205,7 +205,8 @@ def test_the_alert_unit_tests_pass() -> None:
 def test_every_alert_has_a_test_where_it_fires_and_one_where_it_does_not() -> None:
     """Reads the unit-test file's `alertname:` / `exp_alerts:` pairs (no YAML parser in the venv)."""
     text = RULE_TESTS.read_text()
-    fires, quiet = set(), set()
+    fires: set[str] = set()
+    quiet: set[str] = set()
     for name, expected in re.findall(r"alertname:\s*(\w+)\s*\n\s*exp_alerts:([^\n]*)", text):
         (quiet if expected.strip() == "[]" else fires).add(name)
     assert ALERTS - fires == set(), "alerts with no firing test"

@@ -10,7 +10,7 @@ import redis
 
 from moonq.wire import Event
 from producers import Client, JobFailed, JobNotFound
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 USER = {"role": "user", "content": "Write two sentences about the Moon."}
 PNG = (

@@ -15,7 +15,7 @@ import pytest
 from harness import WorkerProcess
 from producers import Client, JobFailed
 from simulator import SimServer
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, real_celery_worker_process_runs_jobs
 from worker.settings import Settings
 
 USER = {"role": "user", "content": "Hello from a real worker process"}
@@ -36,14 +36,7 @@ def node(fresh_prefix: Settings, sim: SimServer) -> Iterator[WorkerProcess]:
 
 
 def test_real_celery_worker_process_runs_jobs(node: WorkerProcess, fresh_prefix: Settings) -> None:
-    with Client(settings=fresh_prefix) as client:
-        jobs = [client.submit({"model": "kimi-k2-turbo-preview", "messages": [USER]}) for _ in range(5)]
-        results = [job.result(timeout=20) for job in jobs]
-    assert all(r.choices[0].finish_reason == "stop" and r.choices[0].message.content for r in results)
-    log = node.log()
-    # The defaults users get with no flags: the thread pool at moonq's concurrency, JSON only.
-    assert "concurrency: 1000 (thread)" in log
-    assert API_KEY not in log
+    real_celery_worker_process_runs_jobs(node, fresh_prefix)
 
 
 def moonq(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,7 +57,7 @@ def test_cli_submit_streams_then_status_and_result(worker: Any, settings: Settin
     job_id = done.stderr.split("[job ")[1].split("]")[0]
     with Client(settings=settings) as client:
         content = client.job(job_id).result().choices[0].message.content
-    assert done.stdout.strip() == content.strip()
+    assert content is not None and done.stdout.strip() == content.strip()
     status = json.loads(moonq("status", job_id, env=env).stdout)
     assert status["status"] == "succeeded" and status["attempt"] == "1"
     result = json.loads(moonq("result", job_id, env=env).stdout)
@@ -80,7 +73,7 @@ def test_cli_submit_file_and_errors(worker: Any, settings: Settings) -> None:
     assert done.returncode == 0
     job_id = done.stdout.strip()
     with Client(settings=settings) as client:
-        assert json.loads(client.job(job_id).result(timeout=20).choices[0].message.content)
+        assert json.loads(client.job(job_id).result(timeout=20).choices[0].message.content or "")
     bad = moonq(
         "submit", "--file", "-", env=env, stdin=json.dumps({"model": "m", "messages": [], "stop": list("abcdef")})
     )

@@ -2,10 +2,10 @@
 
 Redis (``REDIS_URL``) still holds the records, events, limiter and node list. A private RabbitMQ
 node (conftest's ``rabbitmq``) and real ``celery -A worker worker`` processes. The end-to-end and
-SIGKILL tests are the Redis suite's own bodies (tests/test_processes.py, tests/test_resilience.py),
-run here under settings whose broker is RabbitMQ: ``fresh_prefix`` below puts the broker URL and a
-queue of the test's own into the environment, where ``Settings`` and the worker processes (which
-inherit it) read them.
+SIGKILL tests are the Redis suite's own bodies (tests/helpers.py, shared with tests/test_processes.py
+and tests/test_resilience.py), run here under settings whose broker is RabbitMQ: ``fresh_prefix``
+below puts the broker URL and a queue of the test's own into the environment, where ``Settings``
+and the worker processes (which inherit it) read them.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ from harness import RabbitMQServer, RedisServer, WorkerProcess
 from moonq.broker import AMQP_MAX_PRIORITY, QueueDepth, amqp_queue, broker_config, message_priority
 from producers import AsyncClient, Client
 from simulator import SimServer
-from tests import test_processes, test_resilience
-from tests.conftest import make_settings, node_env
+from tests.helpers import (
+    a_job_longer_than_the_visibility_timeout_is_not_run_twice,
+    make_settings,
+    node_env,
+    real_celery_worker_process_runs_jobs,
+    sigkill_mid_stream_jobs_finish_on_another_node,
+)
 from worker.app import celery_config
 from worker.exporter import RedisCollector
 from worker.settings import Settings
-
-# The Redis suite's fixture for ~4 s streams, registered here too.
-slow_sim = test_resilience.slow_sim
 
 REQUEST = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Hello over AMQP"}]}
 
@@ -57,7 +59,7 @@ def node(fresh_prefix: Settings, sim: SimServer) -> Iterator[WorkerProcess]:
 
 
 def test_end_to_end_on_rabbitmq(node: WorkerProcess, fresh_prefix: Settings) -> None:
-    test_processes.test_real_celery_worker_process_runs_jobs(node, fresh_prefix)
+    real_celery_worker_process_runs_jobs(node, fresh_prefix)
     with Client(settings=fresh_prefix) as client:
         # Live events, and the bulk path (kombu's batch falls back to one publish per message).
         job = client.submit(REQUEST)
@@ -91,7 +93,7 @@ def test_end_to_end_on_rabbitmq(node: WorkerProcess, fresh_prefix: Settings) -> 
 def test_sigkill_mid_job_on_rabbitmq(fresh_prefix: Settings, slow_sim: SimServer) -> None:
     # RabbitMQ requeues the dead node's deliveries when its connection drops; the survivor takes the
     # jobs over once their heartbeats go stale (1.5 s here), with a worker_lost retry event.
-    test_resilience.test_sigkill_mid_stream_jobs_finish_on_another_node(fresh_prefix, slow_sim)
+    sigkill_mid_stream_jobs_finish_on_another_node(fresh_prefix, slow_sim)
 
 
 def test_priorities_and_queue_depth_on_rabbitmq(fresh_prefix: Settings) -> None:
@@ -157,4 +159,4 @@ def test_a_long_job_on_a_separate_redis_broker_is_not_run_twice(
         monkeypatch.setenv("CELERY_BROKER_URL", broker.url)
         settings = make_settings(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
         assert settings.broker_url == broker.url != settings.redis_url
-        test_resilience.test_a_job_longer_than_the_visibility_timeout_is_not_run_twice(settings)
+        a_job_longer_than_the_visibility_timeout_is_not_run_twice(settings)

@@ -24,7 +24,7 @@ from moonq.broker import producer_app
 from moonq.settings import ClientSettings, redact_url
 from producers import AsyncClient, Client
 from simulator import SimServer
-from tests.conftest import make_settings, node_env
+from tests.helpers import make_settings, node_env
 
 DEFAULT_PASSWORD = "default-pw-5e1f9a"  # distinctive, so a leak is easy to find
 USER, USER_PASSWORD = "moonq-app", "acl-pw-7c2d4b"

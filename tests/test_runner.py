@@ -11,7 +11,7 @@ import pytest
 
 from producers import Client, InvalidRequest, JobCancelled
 from simulator import SimConfig, SimServer
-from tests.conftest import API_KEY, make_settings
+from tests.helpers import API_KEY, make_settings
 from worker.loop import Runtime
 from worker.settings import Settings
 

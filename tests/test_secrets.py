@@ -32,7 +32,7 @@ from harness import RedisServer, WorkerProcess, free_port
 from moonq.broker import queue_lists
 from producers import Client, JobCancelled, JobFailed
 from simulator import SimServer
-from tests.conftest import FAST, make_settings
+from tests.helpers import FAST, make_settings
 from worker.settings import Settings
 
 
@@ -69,13 +69,13 @@ class Recorder:
         self.messages: list[str] = []
         self._monitor_client = redis.Redis.from_url(url)
         self._pubsub_client = redis.Redis.from_url(url)
-        self._pubsub = self._pubsub_client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = self._pubsub_client.pubsub()
         self._pubsub.psubscribe("*")
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._watch, daemon=True), threading.Thread(target=self._listen)]
 
     def _watch(self) -> None:
-        with self._monitor_client.monitor() as monitor:  # type: ignore[no-untyped-call]
+        with self._monitor_client.monitor() as monitor:
             while True:
                 try:
                     self.commands.append(monitor.next_command()["command"])

@@ -19,10 +19,8 @@ def test_key_from_a_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert settings.moonshot_api_key.get_secret_value() == "sk-from-file-123"
     assert "sk-from-file" not in repr(settings)
     # The environment's key wins over the file.
-    assert (
-        Settings(moonshot_api_key="sk-env", moonshot_api_key_file=str(secret)).moonshot_api_key.get_secret_value()
-        == "sk-env"
-    )  # type: ignore[union-attr]
+    env_key = Settings(moonshot_api_key="sk-env", moonshot_api_key_file=str(secret)).moonshot_api_key
+    assert env_key is not None and env_key.get_secret_value() == "sk-env"
 
 
 @pytest.mark.parametrize(("content", "says"), [(None, "No such file"), ("  \n", "is empty")])

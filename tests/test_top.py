@@ -39,7 +39,7 @@ from harness import WorkerProcess, free_port
 from moonq.keys import Keys
 from producers import Client
 from simulator import SimServer
-from tests.conftest import make_settings, node_env
+from tests.helpers import make_settings, node_env
 
 ROOT = Path(__file__).resolve().parent.parent
 INF = math.inf

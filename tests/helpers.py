@@ -1,0 +1,155 @@
+"""What the tests share that is not a fixture: plain names and functions, imported like any module.
+
+conftest.py holds the fixtures and hooks only, and builds them from these; test modules import
+from here, never from conftest or from each other. The shared test bodies at the end are run by
+the Redis suite (tests/test_processes.py, tests/test_resilience.py) and again on RabbitMQ
+(tests/test_rabbitmq.py); they are not named ``test_*`` so pytest collects them once, through
+the tests that call them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from gateway.app import GatewaySettings, create_app
+from harness import WorkerProcess
+from moonq.wire import Event
+from producers import Client
+from simulator import SimConfig, SimServer
+from simulator.server import serve_in_thread
+from worker.settings import Settings
+
+API_KEY = "sk-moonq-test-0123456789abcdef"
+
+# Delays shrunk so retries and liveness play out in test time; the logic is the production logic.
+FAST: dict[str, Any] = {
+    "backoff_base_s": 0.01,
+    "max_retry_delay_s": 0.05,
+    "heartbeat_interval_s": 0.5,
+    "heartbeat_stale_s": 1.5,
+    "visibility_timeout_s": 3.0,
+    "lease_ttl_s": 3.0,
+    "read_timeout_s": 10.0,
+    "attempt_timeout_s": 30.0,
+    "metrics_port": 0,  # tests that scrape pick a free port
+}
+
+# About 4 s per answer: 80 tokens, one per chunk, 50 ms apart (conftest's ``slow_sim`` serves it).
+SLOW_SIM = SimConfig(seed=5, chunk_interval_s=0.05, tokens_per_chunk=1, answer_tokens=(80, 80))
+
+LONG = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "A long answer, please."}]}
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Worker settings on ``redis_url`` with the test API key and the ``FAST`` delays; ``overrides`` win."""
+    return Settings(**{"redis_url": redis_url, "moonshot_api_key": API_KEY, **FAST, **overrides})
+
+
+def node_env(settings: Settings, base_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a real worker process under ``settings``' Redis and prefix, with fast liveness."""
+    env = {
+        "REDIS_URL": settings.redis_url,
+        "MOONQ_PREFIX": settings.prefix,
+        "MOONSHOT_BASE_URL": base_url,
+        "MOONSHOT_API_KEY": API_KEY,
+    }
+    env.update({f"MOONQ_{k.upper()}": str(v) for k, v in FAST.items()})
+    return {**env, **extra}
+
+
+def nested(depth: int, leaf: Any = None) -> Any:
+    """``leaf`` inside ``depth`` levels of JSON containers, dicts and lists alternating."""
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@contextmanager
+def serve_gateway(settings: GatewaySettings) -> Iterator[str]:
+    """The gateway on a free port, served by uvicorn in a thread, as users run it; yields its base URL."""
+    with serve_in_thread(create_app(settings), lifespan=True) as url:
+        yield url
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Polls ``predicate`` every 50 ms; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def streaming(client: Client, job_ids: list[str]) -> bool:
+    """Every job has relayed at least one delta."""
+    return all(int(client.job(j).record().get("seq", 0)) > 0 for j in job_ids)
+
+
+def assert_one_clean_ending(events: list[Event], outcome: str = "completed") -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events if e.terminal] == [outcome]
+    assert events[-1].type == outcome
+
+
+# --- test bodies shared by the Redis and RabbitMQ suites ---------------------------------------
+
+
+def real_celery_worker_process_runs_jobs(node: WorkerProcess, settings: Settings) -> None:
+    """``node`` (a ``celery -A worker worker`` process on ``settings``) completes jobs, with the default pool."""
+    user = {"role": "user", "content": "Hello from a real worker process"}
+    with Client(settings=settings) as client:
+        jobs = [client.submit({"model": "kimi-k2-turbo-preview", "messages": [user]}) for _ in range(5)]
+        results = [job.result(timeout=20) for job in jobs]
+    assert all(r.choices[0].finish_reason == "stop" and r.choices[0].message.content for r in results)
+    log = node.log()
+    # The defaults users get with no flags: the thread pool at moonq's concurrency, JSON only.
+    assert "concurrency: 1000 (thread)" in log
+    assert API_KEY not in log
+
+
+def sigkill_mid_stream_jobs_finish_on_another_node(settings: Settings, slow_sim: SimServer) -> None:
+    """Three ~4 s streams; their node is SIGKILLed mid-stream, and a second node finishes them (one retry each)."""
+    env = node_env(settings, slow_sim.base_url)
+    with Client(settings=settings) as client, WorkerProcess(env) as doomed:
+        jobs = [client.submit(LONG) for _ in range(3)]
+        ids = [j.id for j in jobs]
+        wait_until(lambda: streaming(client, ids), 20, "all jobs streaming on the first node")
+        assert doomed.proc is not None
+        os.kill(doomed.proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with WorkerProcess(env):
+            results = [job.result(timeout=60) for job in jobs]
+            recovered_s = time.monotonic() - killed_at
+        for job, result in zip(jobs, results, strict=True):
+            events = list(job.events())
+            assert_one_clean_ending(events)
+            retries = [e for e in events if e.type == "retry"]
+            assert [(e.reason, e.attempt) for e in retries] == [("worker_lost", 2)]
+            # The deltas after the retry event are the whole answer of attempt 2.
+            after = events[events.index(retries[0]) + 1 :]
+            text = "".join((e.delta or {}).get("content") or "" for e in after if e.type == "delta")
+            assert text == result.choices[0].message.content
+            assert job.record()["attempt"] == "2"
+    # Fast liveness settings: visibility 3 s. Production defaults are checked in test_resilience's slow test.
+    assert recovered_s < 20
+
+
+def a_job_longer_than_the_visibility_timeout_is_not_run_twice(settings: Settings) -> None:
+    """A ~6 s stream under a 3 s visibility timeout, two nodes on one queue: delivered and run once."""
+    with SimServer(SimConfig(seed=6, chunk_interval_s=0.05, tokens_per_chunk=1, answer_tokens=(120, 120))) as sim:
+        env = node_env(settings, sim.base_url)
+        with Client(settings=settings) as client, WorkerProcess(env) as a, WorkerProcess(env) as b:
+            job = client.submit(LONG)
+            job.result(timeout=30)
+            events = list(job.events())
+            assert_one_clean_ending(events)
+            assert not [e for e in events if e.type == "retry"]
+            assert job.record()["attempt"] == "1"
+            time.sleep(4)  # past another visibility timeout: still no second delivery
+            assert (a.log() + b.log()).count(f"run_job[{job.id}] received") == 1
