@@ -25,10 +25,19 @@ from simulator.cache import PrefixCache
 from simulator.catalog import CATALOG
 from simulator.config import SimConfig
 from simulator.errors import JSON_CONTENT_TYPE, ApiError, bad_api_key, invalid_request, missing_auth
-from simulator.faults import Plan, plan
-from simulator.gate import Gate
+from simulator.faults import HUGE_ERROR_BLOCK_INTERVAL_S, HUGE_ERROR_STATUS, Plan, huge_error_blocks, plan
+from simulator.gate import Gate, Ticket
 from simulator.scripts import parse_sim
-from simulator.stream import SSE_CONTENT_TYPE, Delivery, cut_short, hide_cut_tracebacks, paced, pause_s, stamped
+from simulator.stream import (
+    SSE_CONTENT_TYPE,
+    Delivery,
+    cut_short,
+    hide_cut_tracebacks,
+    paced,
+    pause_s,
+    stamped,
+    trickle,
+)
 from simulator.validate import parse_chat_request, parse_estimate_request
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -80,6 +89,8 @@ class _Simulator:
         req = parse_chat_request(body)
         directive = parse_sim(body)
         ticket = self.gate.admit(req, directive)
+        if ticket.fault is not None and ticket.fault.name == "huge_error":
+            return self._huge_error(ticket)
         try:
             result = answer(self.cfg, self.cache, req)
             wire = plan(ticket.fault, result.chunks(chunk_sizes(self.cfg, req)), self.pacing)
@@ -97,6 +108,17 @@ class _Simulator:
             frames = paced(wire.frames, wire.delivery, self.closing.is_set)
             return _Tracked(stamped(frames) if directive and directive.stamp else frames, settle, headers)
         return await self._reply(result, wire, settle)
+
+    def _huge_error(self, ticket: Ticket) -> Response:
+        # Admitted like the 5xx faults (it reached the service and failed), charged nothing; the page
+        # is over when sent, or when the client hangs up having read what it wanted.
+        assert ticket.fault is not None
+        blocks = trickle(huge_error_blocks(ticket.fault), HUGE_ERROR_BLOCK_INTERVAL_S, self.closing.is_set)
+
+        def settle() -> None:
+            self.gate.settle(ticket, HUGE_ERROR_STATUS, 0, 0)
+
+        return _Tracked(blocks, settle, {"content-type": "text/plain"}, status_code=HUGE_ERROR_STATUS)
 
     async def _reply(self, result: Answer, wire: Plan, settle: Callable[[], None]) -> Response:
         # A non-stream answer waits as long as its stream would take, then comes in one piece.
@@ -134,8 +156,14 @@ class _Tracked(StreamingResponse):
     chunk, the iterator never starts and its ``finally`` never runs.
     """
 
-    def __init__(self, content: AsyncIterable[bytes], on_close: Callable[[], None], headers: Mapping[str, str]) -> None:
-        super().__init__(content, headers=headers)
+    def __init__(
+        self,
+        content: AsyncIterable[bytes],
+        on_close: Callable[[], None],
+        headers: Mapping[str, str],
+        status_code: int = 200,
+    ) -> None:
+        super().__init__(content, status_code=status_code, headers=headers)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -4,15 +4,22 @@ Two families, kept in one registry:
 
 - HTTP-level faults (``overload``, ``rate_limit``, ``quota``, ``server_error``, ``unavailable``)
   answer with an error instead of a completion, stream or not.
+- ``huge_error`` answers 502 too, but with an edge proxy's error page that goes on for megabytes,
+  trickling in (``huge_error_blocks``): a client must read only what it needs of an error body.
 - Delivery faults change how a 200 reaches the client: ``drop`` (connection cut mid-body),
   ``truncate`` (clean end without ``[DONE]``), ``no_finish``, ``corrupt``, ``stall``, ``slow_first``.
   ``truncate``, ``no_finish`` and ``corrupt`` reshape SSE frames, so a JSON body has nothing for
   them to act on (``stream_only``).
+- Hostile but well-formed streams, also ``stream_only``: ``surrogate`` (a text fragment that holds a
+  lone UTF-16 surrogate, written as the JSON escape ``\\ud800``: valid JSON, not valid Unicode) and
+  ``bad_usage`` (every usage count of the stream replaced by one of ``BAD_USAGE_VALUES``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -24,7 +31,7 @@ from simulator.stream import DONE_FRAME, Delivery, encode_frame
 class Param(Enum):
     NONE = "none"
     SECONDS = "seconds"  # a number >= 0
-    COUNT = "count"  # an integer >= 0: seconds in a message, or a frame position
+    COUNT = "count"  # an integer >= 0: seconds in a message, a frame position, MiB, or a variant
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,16 @@ DEFAULT_STALL_S = 30.0
 DEFAULT_RETRY_AFTER_S = 1
 # The account limit quoted by the ``rate_limit`` fault: tier 1 (docs/moonshot-api.md §8).
 FAULT_RPM = 200
+# ``huge_error``: a 502 page of this many MiB unless given ("huge_error:1"), sent in blocks at the pace of a
+# slow proxy (8 MiB/s), so a client that reads the whole body visibly waits for it.
+DEFAULT_HUGE_ERROR_MIB = 64
+HUGE_ERROR_STATUS = 502
+HUGE_ERROR_BLOCK_BYTES = 64 * 1024
+HUGE_ERROR_BLOCK_INTERVAL_S = 0.008
+# ``bad_usage:<n>`` writes the n-th of these raw JSON values for every usage count (clamped to the last):
+# not a number, negative, not JSON but what Python writes for NaN, a float beyond a double, a count
+# beyond any context window.
+BAD_USAGE_VALUES = ('"12 tokens"', "-12", "NaN", "1e400", "123456789012345678901234567890")
 
 KINDS: dict[str, FaultKind] = {
     kind.name: kind
@@ -58,6 +75,9 @@ KINDS: dict[str, FaultKind] = {
         FaultKind("corrupt", Param.COUNT, stream_only=True),
         FaultKind("stall", Param.SECONDS, DEFAULT_STALL_S),
         FaultKind("slow_first", Param.SECONDS, DEFAULT_STALL_S),
+        FaultKind("huge_error", Param.COUNT, DEFAULT_HUGE_ERROR_MIB),
+        FaultKind("surrogate", Param.COUNT, stream_only=True),
+        FaultKind("bad_usage", Param.COUNT, 0, stream_only=True),
     )
 }
 # What ``fault_rate`` draws from unless configured: the transient faults a retrying client must survive.
@@ -157,7 +177,75 @@ def plan(fault: Fault | None, chunks: list[dict[str, Any]], base: Delivery) -> P
         return Plan(frames, replace(base, stall_before=max(1, len(frames) // 2), stall_s=fault.value))
     if name == "slow_first" and fault is not None:
         return Plan(frames, replace(base, first_token_latency_s=fault.value))
+    if name == "surrogate":
+        return Plan(_with_lone_surrogate(chunks, frames, at), base)
+    if name == "bad_usage" and fault is not None:
+        raw = BAD_USAGE_VALUES[min(int(fault.value), len(BAD_USAGE_VALUES) - 1)]
+        bad = [_with_bad_usage(chunk, raw) if _usages(chunk) else encode_frame(chunk) for chunk in chunks]
+        return Plan([*bad, DONE_FRAME], base)
     return Plan(frames, base)
+
+
+def huge_error_blocks(fault: Fault) -> Iterator[bytes]:
+    """The body of a ``huge_error``: a plain-text 502 page of ``fault.value`` MiB, block by block.
+
+    The first block starts with the page's one line of sense; the rest is the padding a proxy's
+    page (markup, a stack trace) is made of.
+    """
+    left = int(fault.value * 1024 * 1024)
+    head = b"502 Bad Gateway: the upstream sent an invalid response.\n"
+    padding = b"<!-- a proxy error page, padded -->\n" * (HUGE_ERROR_BLOCK_BYTES // 36 + 1)
+    first = True
+    while left > 0:
+        block = ((head if first else b"") + padding)[: min(HUGE_ERROR_BLOCK_BYTES, left)]
+        first = False
+        left -= len(block)
+        yield block
+
+
+def _text_key(chunk: dict[str, Any]) -> str | None:
+    """The text field (content or reasoning) of a chunk's first delta, if it has one."""
+    choices = chunk.get("choices") or [{}]
+    delta = choices[0].get("delta") or {}
+    return next((key for key in ("content", "reasoning_content") if isinstance(delta.get(key), str)), None)
+
+
+def _with_lone_surrogate(chunks: list[dict[str, Any]], frames: list[bytes], at: int) -> list[bytes]:
+    # The text chunk at or after ``at`` (else the last one before it: the opening chunk's content is "")
+    # gets U+D800 in front of its text. ensure_ascii writes it as the escape \ud800, the only way a
+    # lone surrogate travels in UTF-8 JSON.
+    texts = [i for i, chunk in enumerate(chunks) if _text_key(chunk) is not None]
+    if not texts:
+        return frames
+    pick = next((i for i in texts if i >= at), texts[-1])
+    chunk = copy.deepcopy(chunks[pick])
+    key = _text_key(chunk)
+    assert key is not None
+    delta = chunk["choices"][0]["delta"]
+    delta[key] = "\ud800" + delta[key]
+    data = json.dumps(chunk, ensure_ascii=True, separators=(",", ":"))
+    return [*frames[:pick], f"data: {data}\n\n".encode(), *frames[pick + 1 :]]
+
+
+_BAD = "__sim_bad_usage__"
+_COUNT_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _usages(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """The usage objects a chunk carries: the trailing total, and each choice's own (Moonshot's, §4)."""
+    found = [chunk["usage"]] if isinstance(chunk.get("usage"), dict) else []
+    return found + [c["usage"] for c in chunk.get("choices") or () if isinstance(c.get("usage"), dict)]
+
+
+def _with_bad_usage(chunk: dict[str, Any], raw: str) -> bytes:
+    chunk = copy.deepcopy(chunk)
+    for usage in _usages(chunk):
+        for part in (usage, *(v for v in usage.values() if isinstance(v, dict))):  # *_tokens_details too
+            for key in _COUNT_KEYS:
+                if key in part:
+                    part[key] = _BAD
+    data = json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).replace(f'"{_BAD}"', raw)
+    return f"data: {data}\n\n".encode()
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:

@@ -121,6 +121,16 @@ async def pause_s(seconds: float, closing: Callable[[], bool]) -> None:
         await asyncio.sleep(min(left, _WAKE_S))
 
 
+async def trickle(blocks: Iterable[bytes], interval_s: float, closing: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """Yields ``blocks`` ``interval_s`` apart; stops early once ``closing()`` is true."""
+    for i, block in enumerate(blocks):
+        if i:
+            await pause_s(interval_s, closing)
+        if closing():
+            return
+        yield block
+
+
 async def cut_short(body: bytes) -> AsyncIterator[bytes]:
     """Half of a body, then the connection cut: a non-stream reply lost mid-transfer."""
     yield body[: len(body) // 2]

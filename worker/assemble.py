@@ -4,6 +4,9 @@
 the completion once the stream said ``[DONE]``. Usage is read from wherever the upstream put
 it: Moonshot puts it inside each choice's final chunk (``choices[i].usage``), OpenAI-style
 upstreams in a trailing ``choices: []`` chunk (``usage``); some send both (docs/moonshot-api.md §4).
+A usage with a count that is not one (``worker.usage.usage_problem``: "12 tokens", negative, NaN,
+beyond any context) makes the stream's usage unknown, as if none was reported: the answer itself
+arrived whole, and retrying would bill another call for the same bad number.
 Fields we do not know are kept: on the chunk, on the delta and on tool-call fragments.
 """
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import StreamInterrupted
+from worker.usage import usage_problem
 
 _TOP_LEVEL_SKIP = {"choices", "usage", "object"}
 
@@ -85,6 +89,7 @@ class StreamAssembler:
         self._choices: dict[int, _Choice] = {}
         self._usage: dict[str, Any] | None = None
         self.chunks = 0
+        self.usage_problem: str | None = None  # the first usage that could not be counted, and why
 
     def feed(self, chunk: Any) -> list[tuple[int, dict[str, Any]]]:
         """Take one chunk; return ``(choice index, delta)`` pairs that carry something."""
@@ -94,7 +99,7 @@ class StreamAssembler:
         for key, value in chunk.items():
             if key not in _TOP_LEVEL_SKIP and key not in self._meta:
                 self._meta[key] = value
-        if isinstance(chunk.get("usage"), dict):
+        if isinstance(chunk.get("usage"), dict) and self._countable(chunk["usage"]):
             self._usage = chunk["usage"]
         out: list[tuple[int, dict[str, Any]]] = []
         for raw in chunk.get("choices") or []:
@@ -108,11 +113,20 @@ class StreamAssembler:
                 out.append((index, delta))
             if raw.get("finish_reason"):
                 state.finish_reason = raw["finish_reason"]
-            if isinstance(raw.get("usage"), dict):
+            if isinstance(raw.get("usage"), dict) and self._countable(raw["usage"]):
                 state.usage = raw["usage"]
         return out
 
+    def _countable(self, usage: dict[str, Any]) -> bool:
+        problem = usage_problem(usage)
+        if problem is not None and self.usage_problem is None:
+            self.usage_problem = problem
+        return problem is None
+
     def usage(self) -> dict[str, Any] | None:
+        """The stream's usage; None when none was reported or any report could not be counted."""
+        if self.usage_problem is not None:
+            return None
         if self._usage is not None:
             return self._usage
         per_choice = [c.usage for _, c in sorted(self._choices.items()) if c.usage is not None]

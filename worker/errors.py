@@ -17,6 +17,12 @@ import json
 from typing import Any, ClassVar
 
 from moonq.errors import MoonqError
+from worker.surrogates import replace_lone_surrogates
+
+# What a failed event and the job record keep of an upstream's error message and type: the API's are a
+# line or two; a hostile or broken upstream's may be anything (a whole page, a megabyte of JSON string).
+MAX_MESSAGE_CHARS = 2000
+MAX_TYPE_CHARS = 100
 
 
 class UpstreamError(MoonqError):
@@ -65,12 +71,18 @@ class StreamInterrupted(UpstreamError):
 FINAL_429_TYPES = frozenset({"exceeded_current_quota_error"})
 
 
+def error_text(value: Any, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An upstream's error field as text fit to store: at most ``limit`` characters, no lone surrogate."""
+    text: str = replace_lone_surrogates(str(value)[:limit])
+    return text
+
+
 def _parse_error_body(body: bytes) -> tuple[str, str]:
     try:
         data = json.loads(body)
         err = data["error"]
-        return str(err.get("type") or "upstream_error"), str(err.get("message") or "")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return error_text(err.get("type") or "upstream_error", MAX_TYPE_CHARS), error_text(err.get("message") or "")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         text = body.decode("utf-8", errors="replace").strip()
         return "upstream_error", text[:500]
 

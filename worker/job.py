@@ -38,7 +38,7 @@ from worker.usage import Price, cost_usd, token_counts
 log = logging.getLogger("moonq.worker")
 
 # What reading a chunk of the wrong shape raises in the assembler or the event encoder.
-MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
+MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, OverflowError)
 
 Outcome = Literal["succeeded", "failed", "cancelled", "skipped", "requeued"]
 
@@ -281,6 +281,12 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
                     first_token = False
         result = assembler.finish()
         status = 200
+        if assembler.usage_problem is not None:
+            # Dropped, not retried: the answer is whole, and another call would bill again for the same number.
+            log.warning(
+                "event=usage_dropped job_id=%s model=%s problem=%r", envelope.job_id, model, assembler.usage_problem
+            )
+        # A usage the assembler kept holds only counts (worker/usage.py usage_problem): int() cannot fail.
         usage = result.get("usage") or {}
         used = int(usage.get("total_tokens") or 0) or None
         return result

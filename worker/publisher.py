@@ -70,6 +70,38 @@ class EventSink:
     async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
         self.pipelines += 1
         self.calls += len(batch)
+        try:
+            return await self._run(batch)
+        except Exception:
+            # redis-py encodes every argument of the pipeline before it sends any: one argument that
+            # cannot be encoded (a lone surrogate in a job's event) fails the whole batch with nothing
+            # sent. Then each call is encoded alone; those that fail get their own error, the rest go
+            # out again together (nothing of theirs ran, so nothing is written twice). Any other failure
+            # (the connection, after redis-py's own retries) is every caller's error.
+            unencodable = self._unencodable(batch)
+            if not unencodable:
+                raise
+        results: list[Any] = [unencodable.get(i) for i in range(len(batch))]
+        rest = [i for i in range(len(batch)) if i not in unencodable]
+        if rest:
+            for i, result in zip(rest, await self._run([batch[i] for i in rest]), strict=True):
+                results[i] = result
+        return results
+
+    def _unencodable(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> dict[int, Exception]:
+        """Index -> error of each call in ``batch`` whose keys or arguments redis-py cannot encode."""
+        encoder = self._redis.get_encoder()  # type: ignore[no-untyped-call]  # the pipeline's own encoder
+        failed: dict[int, Exception] = {}
+        for i, (keys, args, _) in enumerate(batch):
+            try:
+                for arg in (*keys, *args):
+                    encoder.encode(arg)
+            except Exception as err:  # UnicodeEncodeError, or redis-py's DataError for a type it cannot send
+                failed[i] = err
+        return failed
+
+    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        """One pipeline of the batch's calls; those answered NOSCRIPT run again once the script is loaded."""
         results = await self._pipeline(batch)
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis restarted (or its scripts were flushed): load the script, run those calls again.

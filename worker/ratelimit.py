@@ -19,8 +19,10 @@ to keep the ceiling exact.
 TPM reserves what Moonshot checks, the prompt estimate plus the completion budget
 (``max_completion_tokens``, or the model's default), and ``release`` refunds the difference
 once the real usage is known. In-flight slots are leases that expire unless renewed, so a
-node that dies gives its slots back within ``lease_ttl_s``. A 429 from the upstream sets a
-shared cool-down that every caller honours.
+node that dies gives its slots back within ``lease_ttl_s``; a live node whose renewals came too
+late (Redis paused, its loop stalled) adds the leases of its running calls back at the next
+renewal, so a long stream is counted again. A 429 from the upstream sets a shared cool-down that
+every caller honours.
 
 Waiting is ordered and does not spin: each process queues its waiters by (priority,
 enqueue time) and only its best waiter asks Redis, registered in a fleet-wide waiting list
@@ -233,7 +235,8 @@ class Limiter:
             if head.future.done():  # cancelled during the call: give it straight back
                 await self.release(lease, used_tokens=0)
             else:
-                self._leases.add(lease_id)
+                if self.limits.max_inflight:  # only then did the script put it in the in-flight set
+                    self._leases.add(lease_id)
                 head.future.set_result(lease)
             return
         head.held_by = reason.decode() if isinstance(reason, bytes) else str(reason)
@@ -248,14 +251,24 @@ class Limiter:
             if not self._leases and not self._registered:
                 continue
             try:
-                await self._renew(
-                    keys=[self.keys.inflight, self.keys.waiters, self.keys.alive],
-                    args=[
-                        int(self.lease_ttl_s * 1000),
-                        self._id if self._registered else "",
-                        int(self.waiter_ttl_s * 1000),
-                        *self._leases,
-                    ],
-                )
+                await self._renew_once()
             except RedisError:
                 log.warning("limiter could not renew its leases", exc_info=True)
+
+    async def _renew_once(self) -> None:
+        """Renew the leases of calls in flight (adding back any that expired meanwhile) and the waiter."""
+        leases = list(self._leases)
+        await self._renew(
+            keys=[self.keys.inflight, self.keys.waiters, self.keys.alive],
+            args=[
+                int(self.lease_ttl_s * 1000),
+                self._id if self._registered else "",
+                int(self.waiter_ttl_s * 1000),
+                *leases,
+            ],
+        )
+        # The renewal adds back what it names, so a lease released while it was on its way (its release
+        # may have reached Redis first) is given back once more; a second release is a no-op otherwise.
+        for lease_id in leases:
+            if lease_id not in self._leases:
+                await self.release(Lease(lease_id, reserved_tokens=0), used_tokens=None)  # refunds nothing

@@ -126,12 +126,15 @@ return untilms
 """)
 
 # KEYS: 1 inflight zset, 2 waiters zset, 3 alive zset. ARGV: 1 lease ttl ms, 2 waiter id ('' = none),
-# 3 waiter ttl ms, 4.. lease ids. Renews this process's leases (only those still held) and its waiter.
+# 3 waiter ttl ms, 4.. lease ids. Renews this process's leases and its waiter. The caller sends only
+# leases whose calls are still in flight, and a lease is added back if it is gone: one whose renewals
+# were late by more than its TTL (Redis paused, the loop stalled) was swept by the next acquire while
+# its call went on, and must count against the cap again.
 RENEW_LUA = limiter_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 4, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
 end
 if ARGV[2] ~= '' and redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])

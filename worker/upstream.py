@@ -19,12 +19,23 @@ from typing import Any
 
 import aiohttp
 
-from worker.errors import StreamInterrupted, UpstreamError, UpstreamUnavailable, error_from_response
+from worker.errors import (
+    MAX_TYPE_CHARS,
+    StreamInterrupted,
+    UpstreamError,
+    UpstreamUnavailable,
+    error_from_response,
+    error_text,
+)
 from worker.retry import parse_retry_after
 from worker.settings import Settings
 from worker.sse import SSEDecoder
+from worker.surrogates import may_hold_lone_surrogate, replace_lone_surrogates
 
 DONE = "[DONE]"
+# Most of an error answer's body read: the API's own error JSON is a few hundred bytes, a proxy's page a
+# few KiB; what is beyond is left unread (the connection is then closed rather than reused).
+MAX_ERROR_BODY_BYTES = 64 * 1024
 
 
 class UpstreamClient:
@@ -71,7 +82,7 @@ async def stream_chat(client: UpstreamClient, request: dict[str, Any]) -> AsyncI
     try:
         async with await _post(client, body) as response:
             if response.status != 200:
-                error = error_from_response(response.status, await response.read(), response.headers)
+                error = error_from_response(response.status, await _error_body(response), response.headers)
                 error.retry_after_s = parse_retry_after(response.headers, error.message)
                 raise error
             decoder = SSEDecoder()
@@ -106,20 +117,38 @@ async def _post(client: UpstreamClient, body: bytes) -> aiohttp.ClientResponse:
         return await client.session.post(client.url, data=body)
 
 
+async def _error_body(response: aiohttp.ClientResponse) -> bytes:
+    """The first ``MAX_ERROR_BODY_BYTES`` of an error answer's body (all of it, if shorter)."""
+    body = bytearray()
+    while len(body) < MAX_ERROR_BODY_BYTES:
+        block = await response.content.read(MAX_ERROR_BODY_BYTES - len(body))
+        if not block:
+            break
+        body += block
+    return bytes(body)
+
+
 def _no_constant(name: str) -> None:
     """NaN and +/-Infinity are not JSON: read as null, so they never reach an event or a record."""
     return None
 
 
 def _decode(data: str) -> dict[str, Any]:
+    """One event's data as a chunk: JSON, no NaN or Infinity, no lone surrogate (made U+FFFD)."""
     try:
         chunk = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as err:
         raise StreamInterrupted(f"undecodable chunk: {data[:200]!r}", type="invalid_chunk") from err
+    if may_hold_lone_surrogate(data):
+        # Valid JSON, but such a str cannot be encoded as UTF-8 for Redis: one bad string must not fail
+        # the pipeline the whole process shares (worker/surrogates.py).
+        chunk = replace_lone_surrogates(chunk)
     if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
         # An error sent inside the stream (the OpenAI SDK treats it the same way).
         err_obj = chunk["error"]
-        raise UpstreamUnavailable(str(err_obj.get("message", "")), type=str(err_obj.get("type", "stream_error")))
+        raise UpstreamUnavailable(
+            error_text(err_obj.get("message", "")), type=error_text(err_obj.get("type", "stream_error"), MAX_TYPE_CHARS)
+        )
     if not isinstance(chunk, dict):
         raise StreamInterrupted(f"undecodable chunk: {data[:200]!r}", type="invalid_chunk")
     return chunk

@@ -14,6 +14,7 @@ Models without a price cost 0 and are counted as tokens only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,20 +41,76 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
+# Far above what one call can use (a 256k-token context, a handful of choices), far below a count that
+# would put the fleet's TPM bucket into a debt of years once refunded (worker/ratelimit.py).
+MAX_USAGE_TOKENS = 100_000_000
+# The counts moonq reads, at the top of ``usage`` and in its ``*_details`` objects (docs/moonshot-api.md §3).
+USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
+USAGE_DETAIL_COUNTS = {"prompt_tokens_details": ("cached_tokens",), "completion_tokens_details": ("reasoning_tokens",)}
+# Counts that may be absent but never null: a reader's usage has them as plain ints (moonq/wire.py Usage).
+NOT_NULL_COUNTS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a token count: a whole number in [0, MAX_USAGE_TOKENS] (12.0 counts), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_USAGE_TOKENS else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return _count(int(value))
+    return None
+
+
+def usage_problem(usage: Any) -> str | None:
+    """Why a reported usage cannot be counted, or None when every count moonq reads is a count.
+
+    A count may be absent (``cached_tokens`` and the details' counts also null); present, it must
+    be a whole number of tokens from 0 to ``MAX_USAGE_TOKENS``. A NaN or Infinity in the upstream's
+    JSON reads as null (worker/upstream.py), so a null prompt, completion or total is refused too.
+    Fields moonq does not read are not looked at.
+    """
+    if not isinstance(usage, dict):
+        return f"usage is not an object: {str(usage)[:100]!r}"
+    parts: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [("", usage, USAGE_COUNTS)]
+    for details_name, detail_counts in USAGE_DETAIL_COUNTS.items():
+        details = usage.get(details_name)
+        if details is not None and not isinstance(details, dict):
+            return f"usage.{details_name} is not an object"
+        parts.append((f"{details_name}.", details or {}, detail_counts))
+    for path, part, names in parts:
+        for name in names:
+            if name not in part or (part[name] is None and (path or name not in NOT_NULL_COUNTS)):
+                continue
+            if _count(part[name]) is None:
+                return f"usage.{path}{name} is not a token count: {str(part[name])[:100]!r}"
+    return None
+
+
 def token_counts(usage: dict[str, Any] | None) -> dict[str, int]:
-    """``{prompt, completion, cached, reasoning}`` from a usage object, whichever spelling it used."""
-    usage = usage or {}
-    details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    """``{prompt, completion, cached, reasoning}`` from a usage object, whichever spelling it used.
+
+    Never raises: a count that is not one (``usage_problem``) reads as 0.
+    """
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    completion_details = usage.get("completion_tokens_details")
+    completion_details = completion_details if isinstance(completion_details, dict) else {}
     cached = usage.get("cached_tokens")
     if cached is None:
         cached = details.get("cached_tokens")
     return {
-        "prompt": int(usage.get("prompt_tokens") or 0),
-        "completion": int(usage.get("completion_tokens") or 0),
-        "cached": int(cached or 0),
-        "reasoning": int(completion_details.get("reasoning_tokens") or 0),
+        "prompt": _count(usage.get("prompt_tokens")) or 0,
+        "completion": _count(usage.get("completion_tokens")) or 0,
+        "cached": _count(cached) or 0,
+        "reasoning": _count(completion_details.get("reasoning_tokens")) or 0,
     }
+
+
+def total_tokens(usage: dict[str, Any] | None) -> int | None:
+    """The call's ``total_tokens`` (what the limiter refunds against), or None when not known."""
+    return _count(usage.get("total_tokens")) if isinstance(usage, dict) else None
 
 
 def cost_usd(counts: dict[str, int], price: Price | None) -> float:
