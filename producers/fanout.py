@@ -1,10 +1,12 @@
-"""One pub/sub connection for every job an ``AsyncClient`` follows.
+"""One pub/sub connection for every job an ``AsyncClient`` follows or waits for.
 
 A gateway streaming a thousand jobs must not hold a thousand Redis connections (nor run into
-the pool's limit). ``Fanout`` subscribes each followed job's channel on one shared connection
-and hands each message to that job's followers' inboxes. A follower takes a message only if
-its ``seq`` is the next one it expects; on a gap, or after a quiet spell, it reads the replay
-log instead, so nothing is lost or repeated even when the connection drops and comes back.
+the pool's limit). ``Fanout`` subscribes each watched job's channel on one shared connection and
+hands each message to that channel's inboxes. Every ``subscribe`` confirmation from Redis - the
+first one, and the ones redis-py's resubscription brings after a reconnect - puts a ``RESYNC``
+in the channel's inboxes: what was published before it may be missing, and the reader refills
+from the replay log (``producers/follow.py``), so nothing is lost or repeated when the
+connection drops and comes back. ``producers/thread_fanout.py`` is the same for threads.
 """
 
 from __future__ import annotations
@@ -13,61 +15,80 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from producers.follow import RESYNC, Delivery, deliver
+
 log = logging.getLogger("moonq.producers")
 
-# How long a follower waits for Redis to confirm its subscription before reading the log anyway
-# (it then relies on its quiet-poll for anything published in between).
-CONFIRM_TIMEOUT_S = 5.0
+# Pause after the shared connection failed, before reading (and so reconnecting) again.
+RECONNECT_PAUSE_S = 0.5
 
 
 class Inbox:
-    """The messages of one channel for one follower, in arrival order; ``ready`` is set on arrival."""
+    """One watcher's deliveries of one channel, in arrival order; ``ready`` is set on arrival."""
 
     def __init__(self) -> None:
-        self.messages: deque[bytes] = deque()
+        self.messages: deque[Delivery] = deque()
         self.ready = asyncio.Event()
 
-    def put(self, data: bytes) -> None:
-        self.messages.append(data)
+    def put(self, item: Delivery) -> None:
+        deliver(self.messages, item)
         self.ready.set()
+
+    async def get(self, timeout_s: float) -> Delivery | None:
+        """The next delivery, or None when none came within ``timeout_s``."""
+        if not self.messages:
+            self.ready.clear()
+            try:
+                async with asyncio.timeout(timeout_s):  # no task per wait, unlike wait_for
+                    await self.ready.wait()
+            except TimeoutError:
+                return None
+        return self.messages.popleft()
+
+    async def wait_for(self, wanted: Callable[[Delivery], bool], timeout_s: float) -> bool:
+        """Take deliveries until one is ``wanted`` (True) or ``timeout_s`` passes (False)."""
+        until = asyncio.get_running_loop().time() + timeout_s
+        while (left := until - asyncio.get_running_loop().time()) > 0:
+            item = await self.get(left)
+            if item is None:
+                return False
+            if wanted(item):
+                return True
+        return False
 
 
 class Fanout:
-    """Shared subscriptions: ``async with fanout.watch(channel) as inbox`` receives its messages."""
+    """Shared subscriptions: ``async with fanout.watch(channel) as inbox`` receives its deliveries."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._wakers: dict[str, set[Inbox]] = {}
-        self._confirmed: dict[str, asyncio.Event] = {}
+        self._inboxes: dict[str, set[Inbox]] = {}
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Inbox]:
-        """Subscribed to ``channel`` (confirmed by Redis) for the block; its messages land in the inbox."""
-        wake = Inbox()
-        wakers = self._wakers.setdefault(channel, set())
-        first = not wakers
-        wakers.add(wake)
+        """Subscribed to ``channel`` for the block; its messages, and a ``RESYNC`` once the subscription
+        is confirmed (or renewed after a reconnect), land in the inbox."""
+        inbox = Inbox()
+        inboxes = self._inboxes.setdefault(channel, set())
+        first = not inboxes
+        inboxes.add(inbox)
         try:
             if first:
-                self._confirmed[channel] = asyncio.Event()
                 await self._ensure_pubsub().subscribe(channel)
                 self._ensure_reader()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._confirmed[channel].wait(), CONFIRM_TIMEOUT_S)
-            yield wake
+            yield inbox
         finally:
-            wakers.discard(wake)
-            if not wakers and self._wakers.get(channel) is wakers:
-                del self._wakers[channel]
-                self._confirmed.pop(channel, None)
+            inboxes.discard(inbox)
+            if not inboxes and self._inboxes.get(channel) is inboxes:
+                del self._inboxes[channel]
                 if self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.unsubscribe(channel)
@@ -75,7 +96,7 @@ class Fanout:
     @property
     def channels(self) -> int:
         """Channels subscribed now."""
-        return len(self._wakers)
+        return len(self._inboxes)
 
     def _ensure_pubsub(self) -> PubSub:
         if self._pubsub is None:
@@ -96,23 +117,26 @@ class Fanout:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
-                # redis-py reconnects and resubscribes on the next read; followers poll meanwhile.
+                # redis-py reconnects and resubscribes on the next read; its confirmations resync
+                # the followers, who poll the log meanwhile.
                 log.warning("event fan-out lost its Redis connection; reconnecting", exc_info=True)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(RECONNECT_PAUSE_S)
                 continue
             except RuntimeError:  # nothing subscribed yet (connection not set up)
                 await asyncio.sleep(0.05)
                 continue
-            if msg is None:
-                continue
-            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else str(msg["channel"])
-            if msg["type"] == "subscribe":
-                confirmed = self._confirmed.get(channel)
-                if confirmed is not None:
-                    confirmed.set()
-            elif msg["type"] == "message":
-                for inbox in self._wakers.get(channel, ()):
-                    inbox.put(msg["data"])
+            if msg is not None:
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: dict[str, object]) -> None:
+        raw = msg["channel"]
+        channel = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if msg["type"] == "subscribe":
+            for inbox in self._inboxes.get(channel, ()):
+                inbox.put(RESYNC)
+        elif msg["type"] == "message" and isinstance(msg["data"], bytes):
+            for inbox in self._inboxes.get(channel, ()):
+                inbox.put(msg["data"])
 
     async def close(self) -> None:
         if self._reader is not None:
