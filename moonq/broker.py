@@ -28,6 +28,7 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
 from moonq.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
+from moonq.wire import TASK_NAME, JobEnvelope
 
 log = logging.getLogger("moonq")
 
@@ -96,6 +97,27 @@ def producer_app(settings: ClientSettings) -> Celery:
     app = Celery("moonq-producer", set_as_current=False)
     app.conf.update(broker_config(settings))
     return app
+
+
+def send_envelope(app: Celery, settings: ClientSettings, envelope: JobEnvelope, producer: Any = None) -> None:
+    """Send one job's message: by task name (no worker code needed), with the job id as the task id.
+
+    Used by producers at submit and by the nodes' sweeper when it re-sends an orphaned job; a
+    duplicate message is harmless (the claim runs a job once). ``producer``: a kombu producer to
+    send through (a batch), else the app's own.
+    """
+    app.send_task(
+        TASK_NAME,
+        args=[envelope.model_dump(mode="json")],
+        task_id=envelope.job_id,
+        queue=settings.queue,
+        priority=message_priority(settings, envelope.priority),
+        producer=producer,
+        # Celery copies a repr of the arguments into the message headers for its logs and monitors.
+        # The arguments are a whole prompt: keep it out of headers (and skip the costly repr).
+        argsrepr=f"(<job {envelope.job_id} {envelope.request.get('model')}>,)",
+        kwargsrepr="{}",
+    )
 
 
 def queue_lists(settings: ClientSettings) -> list[str]:

@@ -167,6 +167,18 @@ class JobRecord(BaseModel):
         return dict(json.loads(self.result)) if self.result else None
 
 
+# HSET of one field, only on a record that exists: a late write to a job whose record has expired
+# must not make a new record with that one field and no TTL, which nothing would ever delete.
+# KEYS[1] job hash; ARGV[1] field, ARGV[2] value. Returns 1 if written, 0 if the record is gone.
+SET_IF_EXISTS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def new_record(*, model: str, enqueued_at: float, priority: int, envelope_json: str) -> dict[str, str]:
     """The fields of a new job's record, written before its message is sent."""
     return {

@@ -16,35 +16,42 @@ from typing import Any
 
 import redis
 
-from moonq.broker import message_priority, producer_app
+from moonq.broker import producer_app, send_envelope
 from moonq.errors import InvalidRequest, JobNotFound
 from moonq.eventlog import APPEND_LUA, append_args, event_body
-from moonq.record import JobField, JobRecord, JobStatus, new_record
+from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
 from moonq.settings import ClientSettings
-from moonq.wire import TASK_NAME, ChatRequest, JobEnvelope, check_priority, validate_request
+from moonq.wire import ChatRequest, JobEnvelope, check_priority, validate_request
 
-# HSET on a job record that may have expired meanwhile: without the check, it would make a new
-# record with only that field and no TTL, which nothing would ever delete.
-SET_IF_EXISTS_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS[1] idempotency key, KEYS[2] job hash. ARGV[1] job id, ARGV[2] request digest, ARGV[3] ttl_s,
-# ARGV[4..] job record field/value pairs. Records the job under the key unless the key is taken;
-# returns "" when it recorded, else the stored "<job id>|<digest>" of the first submission.
-IDEMPOTENCY_LUA = """
+# KEYS[1] idempotency key, KEYS[2] job hash, KEYS[3] active-jobs index. ARGV[1] job id, ARGV[2]
+# request digest, ARGV[3] enqueued_at (the index's score), ARGV[4..] job record field/value pairs.
+# Records the job under the key unless the key is taken; returns "" when it recorded, else the stored
+# "<job id>|<digest>" of the first submission. Like the record, the key has no TTL while the job is
+# active (so it cannot lapse while the job waits or runs, and a resubmit cannot run it twice); the
+# write that ends the job gives both their TTL (moonq/eventlog.py), the record naming the key.
+IDEMPOTENCY_LUA = record_lua("""
 local first = redis.call('GET', KEYS[1])
 if first then return first end
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2])
 for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('HSET', KEYS[2], $idem_key, KEYS[1])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[1])
 return ''
+""")
+
+# Undo a submit whose message the broker refused. KEYS[1] job hash, KEYS[2] active-jobs index, KEYS[3]
+# (optional) idempotency key. ARGV[1] job id. The key goes too, but only while it names this job: a
+# retry with the same key then submits afresh instead of finding a job that never existed.
+FORGET_LUA = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if KEYS[3] then
+  local stored = redis.call('GET', KEYS[3])
+  if stored and string.sub(stored, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then redis.call('DEL', KEYS[3]) end
+end
+return 1
 """
 # A job recorded under an idempotency key but never sent (its submitter died) is sent again by a
 # later submitter once it is this old.
@@ -63,6 +70,7 @@ class Submitter:
         self._append = client.register_script(APPEND_LUA)
         self._claim_key = client.register_script(IDEMPOTENCY_LUA)
         self._set_field = client.register_script(SET_IF_EXISTS_LUA)
+        self._forget = client.register_script(FORGET_LUA)
         self._celery = producer_app(settings)
 
     def record(self, job_id: str) -> JobRecord | None:
@@ -150,6 +158,7 @@ class Submitter:
             ttl_s=self.settings.result_ttl_s,
             require_status=JobStatus.QUEUED,
             fields={JobField.STATUS: JobStatus.CANCELLED, JobField.FINISHED_AT: repr(time.time())},
+            idempotency_key=rec.idem_key or "",
         )
         if not self._append(keys=keys, args=argv):
             # Running (or retrying): the node running it aborts the stream and ends it cancelled.
@@ -157,7 +166,7 @@ class Submitter:
         return True
 
     def mark(self, job_id: str, field: JobField | str, value: str) -> bool:
-        """Set one field of a job's record, only while the record exists (never a record without a TTL)."""
+        """Set one field of a job's record, only while the record exists (never a record nobody owns)."""
         return bool(self._set_field(keys=[self.keys.job(job_id)], args=[field, value]))
 
     def close(self) -> None:
@@ -165,67 +174,69 @@ class Submitter:
 
     def _enqueue(self, envelope: JobEnvelope, extra: Mapping[str, str], idempotency_key: str | None = None) -> str:
         job_key = self.keys.job(envelope.job_id)
-        # The record exists before the message does, so a worker always finds it.
+        # The record (and the job's place in the active index, which owns it until the job ends)
+        # exists before the message does, so a worker always finds it.
         record = {**_record(envelope), **extra}
-        if idempotency_key is None:
+        idem = self.keys.idempotency(idempotency_key) if idempotency_key is not None else ""
+        if not idem:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(job_key, mapping=record)  # type: ignore[arg-type]
-                pipe.expire(job_key, self.settings.result_ttl_s)
+                pipe.zadd(self.keys.active, {envelope.job_id: envelope.enqueued_at})
                 pipe.execute()
         else:
+            assert idempotency_key is not None
             digest = _request_digest(envelope)
             flat = [x for kv in record.items() for x in kv]
-            keys = [self.keys.idempotency(idempotency_key), job_key]
-            first = self._claim_key(keys=keys, args=[envelope.job_id, digest, self.settings.result_ttl_s, *flat])
+            keys = [idem, job_key, self.keys.active]
+            first = self._claim_key(keys=keys, args=[envelope.job_id, digest, envelope.enqueued_at, *flat])
             if first:
-                return self._existing(first.decode(), digest, idempotency_key)
-        self._send(envelope)
-        if idempotency_key is not None:
-            self.mark(envelope.job_id, JobField.SENT, "1")
+                return self._existing(first.decode(), digest, idempotency_key, envelope, extra)
+        self._send(envelope, idem)
+        # Sent: from now on the sweeper looks for its message before re-sending it (worker/sweeper.py).
+        self.mark(envelope.job_id, JobField.SENT, "1")
         return envelope.job_id
 
     def _enqueue_bulk(self, envelopes: list[JobEnvelope]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             for envelope in envelopes:
-                key = self.keys.job(envelope.job_id)
-                pipe.hset(key, mapping=_record(envelope))  # type: ignore[arg-type]
-                pipe.expire(key, self.settings.result_ttl_s)
+                pipe.hset(self.keys.job(envelope.job_id), mapping=_record(envelope))  # type: ignore[arg-type]
+            pipe.zadd(self.keys.active, {e.job_id: e.enqueued_at for e in envelopes})
             pipe.execute()
         try:
             # kombu's producer batch buffers the queue pushes into one Redis pipeline (other brokers: one by one).
             with self._celery.producer_or_acquire() as producer, producer.batch(max_size=BULK_CHUNK):
                 for envelope in envelopes:
-                    self._celery.send_task(
-                        TASK_NAME,
-                        args=[envelope.model_dump(mode="json")],
-                        task_id=envelope.job_id,
-                        queue=self.settings.queue,
-                        priority=message_priority(self.settings, envelope.priority),
-                        producer=producer,
-                        **_short_reprs(envelope),
+                    send_envelope(self._celery, self.settings, envelope, producer=producer)
+        except Exception:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for envelope in envelopes:
+                    self._forget(
+                        keys=[self.keys.job(envelope.job_id), self.keys.active], args=[envelope.job_id], client=pipe
                     )
-        except Exception:
-            self.redis.delete(*(self.keys.job(e.job_id) for e in envelopes))
+                pipe.execute()
             raise
+        with self.redis.pipeline(transaction=False) as pipe:
+            for envelope in envelopes:
+                self._set_field(keys=[self.keys.job(envelope.job_id)], args=[JobField.SENT, "1"], client=pipe)
+            pipe.execute()
 
-    def _send(self, envelope: JobEnvelope) -> None:
+    def _send(self, envelope: JobEnvelope, idem: str = "") -> None:
         try:
-            self._celery.send_task(
-                TASK_NAME,
-                args=[envelope.model_dump(mode="json")],
-                task_id=envelope.job_id,
-                queue=self.settings.queue,
-                priority=message_priority(self.settings, envelope.priority),
-                **_short_reprs(envelope),
-            )
+            send_envelope(self._celery, self.settings, envelope)
         except Exception:
-            self.redis.delete(self.keys.job(envelope.job_id))
+            keys = [self.keys.job(envelope.job_id), self.keys.active, *([idem] if idem else [])]
+            self._forget(keys=keys, args=[envelope.job_id])
             raise
 
-    def _existing(self, stored: str, digest: str, key: str) -> str:
+    def _existing(self, stored: str, digest: str, key: str, envelope: JobEnvelope, extra: Mapping[str, str]) -> str:
         job_id, _, first_digest = stored.partition("|")
         if first_digest != digest:
             raise InvalidRequest([("idempotency_key", f"{key!r} was used for a different request (job {job_id})")])
+        if self.record(job_id) is None:
+            # The key outlived its job (a key written before keys were tied to their record's life):
+            # release it and submit afresh, rather than hand back an id that answers "not found".
+            self._forget(keys=[self.keys.job(job_id), self.keys.active, self.keys.idempotency(key)], args=[job_id])
+            return self._enqueue(envelope, extra, key)
         # Recorded but not (yet) sent: the first submitter is sending it now, or died before it could.
         # Wait until it is sent or RESEND_AFTER_S old, then send it ourselves; returning without
         # either could leave the job queued forever. (A duplicate message is harmless: the claim runs
@@ -235,7 +246,7 @@ class Submitter:
             if rec is None or rec.status is not JobStatus.QUEUED or rec.sent:
                 return job_id
             if time.time() - (rec.enqueued_at or 0.0) > RESEND_AFTER_S:
-                self._send(JobEnvelope.model_validate_json(rec.envelope or ""))
+                send_envelope(self._celery, self.settings, JobEnvelope.model_validate_json(rec.envelope or ""))
                 self.mark(job_id, JobField.SENT, "1")
                 return job_id
             time.sleep(0.1)
@@ -249,12 +260,6 @@ def _record(envelope: JobEnvelope) -> dict[str, str]:
         priority=envelope.priority,
         envelope_json=envelope.model_dump_json(),
     )
-
-
-def _short_reprs(envelope: JobEnvelope) -> dict[str, str]:
-    # Celery copies a repr of the arguments into the message headers for its logs and monitors.
-    # The arguments are a whole prompt: keep it out of headers (and skip the costly repr).
-    return {"argsrepr": f"(<job {envelope.job_id} {envelope.request.get('model')}>,)", "kwargsrepr": "{}"}
 
 
 def _request_digest(envelope: JobEnvelope) -> str:

@@ -29,6 +29,7 @@ from worker.keepalive import cancel_deliveries, keepalive
 from worker.publisher import EventSink
 from worker.ratelimit import Limiter
 from worker.settings import Settings
+from worker.sweeper import Sweeper
 from worker.upstream import UpstreamClient
 from worker.usage import load_prices
 
@@ -54,6 +55,7 @@ class Runtime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="moonq-loop", daemon=True)
         self.ctx: JobContext | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._sweeper: Sweeper | None = None
         self.metrics_url: str | None = None  # announced in Redis for `moonq top` (keepalive.py)
 
     def start(self) -> Runtime:
@@ -63,6 +65,7 @@ class Runtime:
 
     async def _open(self) -> JobContext:
         redis = connect(self.settings)
+        self._sweeper = sweeper = Sweeper(self.settings, redis)
         limiter = Limiter(redis, self.settings.prefix, self.settings.limits, lease_ttl_s=self.settings.lease_ttl_s)
         ctx = JobContext(
             settings=self.settings,
@@ -79,6 +82,7 @@ class Runtime:
         self._background = [
             asyncio.create_task(self._listen(ctx)),
             asyncio.create_task(keepalive(ctx, lambda: self.metrics_url)),
+            asyncio.create_task(sweeper.run()),
         ]
         return ctx
 
@@ -144,6 +148,8 @@ class Runtime:
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
             await ctx.upstream.aclose()
+        if self._sweeper is not None:
+            await asyncio.to_thread(self._sweeper.close)
         await ctx.redis.aclose()
 
 
@@ -158,6 +164,14 @@ def runtime_for(settings: Settings) -> Runtime:
         if rt is None:
             rt = _runtimes[id(settings)] = Runtime(settings).start()
         return rt
+
+
+def stop_for(settings: Settings) -> None:
+    """Stop the process's runtime for these settings, if one was started (embedders and tests)."""
+    with _lock:
+        rt = _runtimes.pop(id(settings), None)
+    if rt is not None:
+        rt.stop()
 
 
 def shutdown_all() -> None:

@@ -74,6 +74,11 @@ class Settings(ClientSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_stale_s: float = Field(default=15.0, gt=0)
     visibility_timeout_s: float = Field(default=20.0, gt=0)
+    # The sweeper (worker/sweeper.py): every sweep_interval_s one node looks for active jobs with no sign
+    # of life (submit, claim or heartbeat) for orphan_after_s, and re-sends those whose message is lost.
+    # orphan_after_s must leave redelivery (visibility_timeout_s) time to act first.
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+    orphan_after_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +104,11 @@ class Settings(ClientSettings):
             raise ValueError(
                 "need heartbeat_interval_s * 2 <= heartbeat_stale_s <= visibility_timeout_s, so a live job is"
                 " never redelivered and a redelivered job is never waited for"
+            )
+        if self.orphan_after_s < 2 * self.visibility_timeout_s:
+            raise ValueError(
+                "need orphan_after_s >= 2 * visibility_timeout_s, so the sweeper re-sends only what redelivery"
+                " could not bring back"
             )
         self.limits  # noqa: B018 -- validates the bursts against their limits
         return self

@@ -1,0 +1,152 @@
+"""The sweeper (worker/sweeper.py): active jobs left with no message and no live owner are sent again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis
+from celery.contrib.testing.worker import start_worker
+
+from moonq.broker import producer_app, queue_lists, send_envelope
+from moonq.record import JobField, JobRecord, JobStatus
+from moonq.wire import JobEnvelope
+from producers import Client
+from simulator import SimServer
+from tests.helpers import make_settings
+from worker.app import create_app
+from worker.loop import connect, stop_for
+from worker.settings import Settings
+from worker.sweeper import Sweeper, message_enqueued_at, verdict
+
+USER = {"role": "user", "content": "Hello there."}
+
+
+def rec(status: str, **fields: str) -> JobRecord:
+    record = JobRecord.from_redis({"status": status, **fields})
+    assert record is not None
+    return record
+
+
+@pytest.mark.parametrize(
+    ("record", "oldest", "expected"),
+    [
+        (None, math.inf, "forget"),
+        (rec("succeeded"), math.inf, "forget"),
+        (rec("cancelled"), None, "forget"),
+        # The producer died between recording and sending.
+        (rec("queued", enqueued_at="100"), None, "send"),
+        # Sent: still in the queue while a message as old as it is there.
+        (rec("queued", sent="1", enqueued_at="100"), 90.0, "wait"),
+        (rec("queued", sent="1", enqueued_at="100"), 100.0, "wait"),
+        (rec("queued", sent="1", enqueued_at="100"), 101.0, "send"),
+        (rec("queued", sent="1", enqueued_at="100"), math.inf, "send"),
+        # A broker that cannot be looked into (RabbitMQ) keeps its messages: trust it.
+        (rec("queued", sent="1", enqueued_at="100"), None, "wait"),
+        # Running: the heartbeat decides (now 1000 s, orphan after 60 s).
+        (rec("running", heartbeat_at=str(950_000)), None, "wait"),
+        (rec("running", heartbeat_at=str(900_000)), None, "send"),
+        (rec("retrying", heartbeat_at=str(900_000)), math.inf, "send"),
+        (rec("running"), None, "send"),
+    ],
+)
+def test_verdict(record: JobRecord | None, oldest: float | None, expected: str) -> None:
+    assert verdict(record, now_s=1000.0, orphan_after_s=60.0, oldest_queued_s=oldest) == expected
+
+
+def test_message_enqueued_at_reads_a_real_kombu_message(fresh_prefix: Settings, r: redis.Redis) -> None:
+    envelope = JobEnvelope(job_id="j1", request={"model": "m", "messages": []}, enqueued_at=1234.5)
+    app = producer_app(fresh_prefix)
+    try:
+        send_envelope(app, fresh_prefix, envelope)
+    finally:
+        app.close()
+    tails = [r.lindex(name, -1) for name in queue_lists(fresh_prefix)]
+    [raw] = [t for t in tails if t is not None]
+    assert message_enqueued_at(raw) == 1234.5
+    assert message_enqueued_at(b"not json") is None
+
+
+def _sweep(settings: Settings) -> int:
+    async def once() -> int:
+        client = connect(settings)
+        try:
+            return await Sweeper(settings, client).sweep()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(once())
+
+
+def _age(r: redis.Redis, settings: Settings, job_id: str) -> None:
+    """The job showed no sign of life for longer than ``orphan_after_s``."""
+    r.zadd(settings.keys.active, {job_id: 0})
+
+
+@contextmanager
+def node(settings: Settings) -> Iterator[None]:
+    """An embedded node consuming the settings' queue (Celery's consumer and moonq's loop)."""
+    app = create_app(settings)
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"):
+        yield
+    stop_for(settings)
+
+
+@pytest.fixture
+def swept(fresh_prefix: Settings, sim: SimServer) -> Settings:
+    return make_settings(fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=sim.base_url)
+
+
+def test_a_message_popped_and_lost_before_any_claim_is_sent_again(swept: Settings, r: redis.Redis) -> None:
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+        # A node popped the message and was killed before it recorded it as unacknowledged.
+        assert sum(r.delete(name) for name in queue_lists(swept)) == 1
+        assert _sweep(swept) == 0  # not yet silent for orphan_after_s
+        _age(r, swept, job.id)
+        assert _sweep(swept) == 1
+        assert _sweep(swept) == 0  # its place in the index was refreshed: not sent twice in a row
+        with node(swept):
+            assert job.result(timeout=20).choices[0].message.content
+        assert not r.zscore(swept.keys.active, job.id)
+
+
+def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(swept: Settings, r: redis.Redis) -> None:
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+        for name in queue_lists(swept):
+            r.delete(name)
+        # Its owner claimed it and died; the acknowledgement survived, the message is gone.
+        r.hset(swept.keys.job(job.id), mapping={"status": "running", "owner": "dead", "attempt": 1, "heartbeat_at": 1})
+        _age(r, swept, job.id)
+        assert _sweep(swept) == 1
+        with node(swept):
+            assert job.result(timeout=20).choices[0].message.content
+        types = [e.type for e in job.events()]
+        assert types.count("completed") == 1 and "retry" in types  # retry(worker_lost): the takeover
+
+
+def test_a_job_still_in_the_queue_is_left_alone(swept: Settings, r: redis.Redis) -> None:
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+        _age(r, swept, job.id)
+        assert _sweep(swept) == 0
+        assert sum(r.llen(name) for name in queue_lists(swept)) == 1
+
+
+def test_a_job_recorded_but_never_sent_is_sent(swept: Settings, r: redis.Redis) -> None:
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    for name in queue_lists(swept):
+        r.delete(name)
+    r.hdel(swept.keys.job(job.id), JobField.SENT)  # its producer died before the broker took it
+    _age(r, swept, job.id)
+    assert _sweep(swept) == 1
+    record = JobRecord.from_redis(r.hgetall(swept.keys.job(job.id)))
+    assert record is not None and record.sent and record.status is JobStatus.QUEUED
+    [raw] = [r.lindex(name, -1) for name in queue_lists(swept) if r.llen(name)]
+    assert raw is not None and json.loads(raw)["headers"]["id"] == job.id

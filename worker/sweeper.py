@@ -1,0 +1,168 @@
+"""The sweeper: finds active jobs left with neither a message nor a live owner, and re-sends them.
+
+Redelivery covers a node that dies holding a message. A few paths lose the message itself:
+kombu pops a message from the queue before it records it as unacknowledged (a node killed in
+between takes it along), a producer dies between recording a job and sending it, and with a
+broker apart from the data Redis an acknowledgement can survive while the job's last write is
+lost. The job's record then says ``queued`` or ``running`` forever. Every node runs this loop;
+one at a time (a lock in Redis) it reads the active-jobs index (``P:active``, moonq/keys.py) for
+jobs with no sign of life for ``orphan_after_s`` and decides, per job:
+
+- ended or gone: drop it from the index (nothing to do);
+- ``queued`` and never sent: its producer died before sending; send it;
+- ``queued`` and sent, on a Redis broker: if no priority list still holds a message as old as the
+  job, its message is not in the queue any more (it was popped and never claimed): send it again.
+  On RabbitMQ a popped message is never lost (it is acknowledged late), so nothing is done;
+- ``running`` or ``retrying`` with a heartbeat older than ``orphan_after_s``: its owner is dead and
+  redelivery (``visibility_timeout_s``) did not bring it back: send it again.
+
+A re-sent message is a duplicate at worst: the claim runs a job once (worker/delivery.py). The
+decision is a pure function (``verdict``); the loop around it does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from celery import Celery
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from moonq.broker import producer_app, queue_lists, send_envelope
+from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus
+from moonq.settings import is_redis_url
+from moonq.wire import JobEnvelope
+from worker.settings import Settings
+
+log = logging.getLogger("moonq.worker")
+
+# Jobs looked at per sweep: a larger backlog of orphans is worked off over several sweeps.
+BATCH = 200
+
+Verdict = Literal["forget", "send", "wait"]
+
+
+def verdict(rec: JobRecord | None, *, now_s: float, orphan_after_s: float, oldest_queued_s: float | None) -> Verdict:
+    """What the sweeper does with one job that showed no sign of life for ``orphan_after_s``.
+
+    Args:
+        rec: the job's record (None: gone).
+        now_s: Redis' clock.
+        orphan_after_s: how long a job may show no sign of life.
+        oldest_queued_s: ``enqueued_at`` of the oldest message still in the job's queue, ``inf``
+            when the queue is empty, None when the broker cannot be looked into (RabbitMQ).
+    """
+    if rec is None or rec.terminal:
+        return "forget"
+    if rec.status is JobStatus.QUEUED:
+        if not rec.sent:
+            return "send"
+        if oldest_queued_s is None or rec.enqueued_at is None:
+            return "wait"
+        # Messages leave a priority list oldest first: none as old as this job means its message is gone.
+        return "send" if oldest_queued_s > rec.enqueued_at else "wait"
+    beat_s = (rec.heartbeat_at or 0) / 1000
+    return "send" if now_s - beat_s > orphan_after_s else "wait"
+
+
+def message_enqueued_at(raw: bytes | str) -> float | None:
+    """``enqueued_at`` of the job in a kombu message as the Redis transport stores it (None if unreadable)."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return float(args[0]["enqueued_at"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+class Sweeper:
+    """One node's sweeping loop (started by worker/loop.py)."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = settings.keys
+        self._me = uuid.uuid4().hex
+        self._app: Celery | None = None
+        self._redis_broker = is_redis_url(settings.broker_url)
+        # The queue lists live in the broker's Redis (here only when it is the same one).
+        self._broker = redis if settings.broker_url == settings.redis_url else None
+        self._set_if_exists = redis.register_script(SET_IF_EXISTS_LUA)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                if await self._lead():
+                    await self.sweep()
+            except (RedisError, OSError):
+                log.warning("sweep failed; will try again", exc_info=True)
+
+    async def _lead(self) -> bool:
+        ttl_ms = int(self.settings.sweep_interval_s * 900)  # lapses before the next sweep is due
+        return bool(await self.redis.set(self.keys.sweep_lock, self._me, nx=True, px=max(ttl_ms, 1)))
+
+    async def sweep(self) -> int:
+        """One pass over the jobs silent for ``orphan_after_s``; returns how many were re-sent."""
+        seconds, micros = await self.redis.time()
+        now_s = seconds + micros / 1e6
+        ids = [
+            x.decode() if isinstance(x, bytes) else str(x)
+            for x in await self.redis.zrangebyscore(
+                self.keys.active, "-inf", now_s - self.settings.orphan_after_s, start=0, num=BATCH
+            )
+        ]
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            raws = await pipe.execute()
+        oldest = await self._oldest_queued()
+        sent = 0
+        for job_id, raw in zip(ids, raws, strict=True):
+            rec = JobRecord.from_redis(raw)
+            what = verdict(rec, now_s=now_s, orphan_after_s=self.settings.orphan_after_s, oldest_queued_s=oldest)
+            if what == "forget":
+                await self.redis.zrem(self.keys.active, job_id)
+            elif what == "send" and rec is not None and rec.envelope:
+                await self._resend(job_id, rec, now_s)
+                sent += 1
+        return sent
+
+    async def _oldest_queued(self) -> float | None:
+        """``enqueued_at`` of the oldest message in any priority list (inf: all empty; None: can't tell)."""
+        if not self._redis_broker or self._broker is None:
+            return None
+        async with self._broker.pipeline(transaction=False) as pipe:
+            for name in queue_lists(self.settings):
+                pipe.lindex(name, -1)  # kombu pops from the right: the tail is the oldest
+            tails: Sequence[Any] = await pipe.execute()
+        times = [message_enqueued_at(t) for t in tails if t is not None]
+        if any(t is None for t in times):
+            return None  # a message we cannot read: do not guess
+        return min((t for t in times if t is not None), default=float("inf"))
+
+    async def _resend(self, job_id: str, rec: JobRecord, now_s: float) -> None:
+        assert rec.envelope is not None
+        envelope = JobEnvelope.model_validate_json(rec.envelope)
+        if self._app is None:
+            self._app = producer_app(self.settings)
+        await asyncio.to_thread(send_envelope, self._app, self.settings, envelope)
+        await self.redis.zadd(self.keys.active, {job_id: now_s}, xx=True)  # not again before orphan_after_s
+        if rec.status is JobStatus.QUEUED:
+            await self._set_if_exists(keys=[self.keys.job(job_id)], args=[JobField.SENT, "1"])
+        log.warning("event=orphan_resent job_id=%s status=%s", job_id, rec.status.value)
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
