@@ -201,3 +201,29 @@ def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(
             assert job.record()["attempt"] == "1"
     finally:
         rt.stop()
+
+
+def test_a_delivery_taken_over_while_it_waited_for_capacity_makes_no_upstream_call(fresh_prefix: Settings) -> None:
+    """A stalled delivery whose job moved on must find out before it pays for a call, not after."""
+    sim_cfg = SimConfig(seed=3, chunk_interval_s=0.05, tokens_per_chunk=1, answer_tokens=(40, 40))
+    with SimServer(sim_cfg) as sim:
+        settings = make_settings(
+            fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=sim.base_url, max_inflight=1
+        )
+        rt = Runtime(settings).start()
+        r = redis.Redis.from_url(fresh_prefix.redis_url)
+        try:
+            with Client(settings=fresh_prefix) as client:
+                first = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+                second = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+                running = rt.submit(_envelope(client, first.id))
+                wait_until(lambda: int(first.record()["seq"]) > 2, 10, "the first job streams")
+                waiting = rt.submit(_envelope(client, second.id))
+                wait_until(lambda: second.status() == "running", 5, "the second job claimed, waiting for the slot")
+                # Meanwhile another node took the second job over.
+                r.hset(fresh_prefix.keys.job(second.id), "owner", "another-delivery")
+                assert running.result(timeout=20) == "succeeded"
+                assert waiting.result(timeout=10) == "skipped"
+                assert sim.stats()["requests"] == 1
+        finally:
+            rt.stop()

@@ -249,6 +249,24 @@ def _record_end(envelope: JobEnvelope, outcome: str) -> None:
     metrics.JOB_DURATION.labels(model, outcome).observe(max(0.0, time.time() - envelope.enqueued_at))
 
 
+async def _still_ours(ctx: JobContext, job_id: str, owner: str) -> None:
+    """Before a call upstream (which is billed): the job is still this delivery's, and not cancelled.
+
+    A delivery that stalled (a paused process, a long wait for capacity) may have been taken over,
+    or the job cancelled, meanwhile; its writes would be fenced, but only after it paid for a call.
+
+    Raises:
+        Fenced: another delivery owns the job, or it ended.
+        asyncio.CancelledError: a cancel was requested (whether or not its announcement arrived).
+    """
+    raw = await ctx.redis.hmget(ctx.keys.job(job_id), [JobField.OWNER, JobField.STATUS, JobField.CANCEL_REQUESTED])
+    mine, status, cancel = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    if mine != owner or status is None or JobStatus(status).terminal:
+        raise Fenced(job_id)
+    if cancel == "1":
+        raise asyncio.CancelledError
+
+
 async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> dict[str, Any]:
     """One upstream call inside the fleet's limits; returns the assembled completion."""
     request = envelope.request
@@ -257,6 +275,11 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
         reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
     )
     metrics.RATELIMIT_WAIT.labels(lease.limit).observe(lease.waited_s)
+    try:
+        await _still_ours(ctx, envelope.job_id, writer.owner)
+    except BaseException:
+        await asyncio.shield(ctx.limiter.release(lease, 0))  # nothing was sent: all of it back
+        raise
     used: int | None = None  # unknown: no refund
     status: int | None = None
     sent = time.monotonic()

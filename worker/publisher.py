@@ -170,6 +170,11 @@ class EventWriter:
         self._error: BaseException | None = None
         self.seq = seq  # the last seq in the log, as this writer knows it
 
+    @property
+    def owner(self) -> str:
+        """The owner token this writer's writes are fenced by."""
+        return self._owner
+
     def emit(self, type: str, **fields: Any) -> None:
         """Queue an event; it is sent as soon as the previous batch is acknowledged."""
         self._queue(event_body(self.job_id, type, **fields))
