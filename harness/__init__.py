@@ -1,5 +1,6 @@
 """Local processes for the demo, the tests and the benchmarks: a private redis-server, a RabbitMQ
-node, moonq worker nodes started as users start them (``celery -A worker worker``), TLS files.
+node, moonq worker nodes started as users start them (``celery -A worker worker``), TLS files, and a
+TCP proxy that cuts or black-holes one process's links (``TcpProxy``).
 
 Not part of the SDK a producing service imports, nor of a worker node: it exists so that
 ``moonq demo``, ``tests/`` and ``bench/`` start real servers the same way.
@@ -18,12 +19,14 @@ from harness.processes import (
     wait_for_port,
     wait_listening,
 )
+from harness.proxy import TcpProxy
 
 __all__ = [
     "RABBITMQ_MISSING",
     "REDIS_MISSING",
     "RabbitMQServer",
     "RedisServer",
+    "TcpProxy",
     "TlsFiles",
     "WorkerProcess",
     "free_port",

@@ -9,7 +9,6 @@ job: followers that arrive late, mid-stream, or lose their pub/sub connection st
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import itertools
 import json
 import threading
@@ -30,54 +29,13 @@ from moonq.settings import ClientSettings
 from producers import AsyncClient, Client, InvalidRequest, JobCancelled, JobFailed
 from simulator import SimConfig, SimServer
 from simulator.server import serve_in_thread
-from tests.helpers import API_KEY, FAST
+from tests.helpers import API_KEY, FAST, unbounded_keys
 
 CAP = 40  # MOONQ_MAX_EVENTS_PER_JOB of the node under test
 ANSWER = 300  # tokens of a full-length answer: one delta each, so ~300 events per long job
 TOKEN = "gw-bounded-token"
 SHORT = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Briefly, please."}], "max_tokens": 8}
 LONG = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "At length, please."}]}
-
-# Keys without a TTL that are allowed, because an owner removes what it puts there. Pattern (after
-# the prefix) -> why it stays bounded. Everything else must carry a TTL.
-OWNED = {
-    # kombu's Redis transport: the queue and its in-flight bookkeeping.
-    "moonq": "the job queue (priority 0 list): consumers pop it; an empty list no longer exists",
-    "moonq\x06\x16*": "the job queue's priority 1-9 lists: as above",
-    "unacked": "kombu's delivered-but-unacked messages: one entry per running job, deleted at its ack",
-    "unacked_index": "delivery tag -> last beat of the same messages: deleted at ack, restored after the"
-    " visibility timeout if the node died",
-    # kombu's routing tables; kombu never gives them a TTL (a volatile-* eviction policy must not drop them).
-    "_kombu.binding.*": "exchange -> queue bindings: one member per queue; members of auto-delete queues (pidbox,"
-    " gossip, replies) leave with their consumer, expiring ones are swept via _kombu.binding_deadlines",
-    "_kombu.binding_permanent.*": "the bindings of queues declared without x-expires: one member per queue",
-    "_kombu.binding_deadlines": "exchange -> deadline of expiring binding tables; kombu sweeps overdue ones",
-    # The fleet limiter (worker/ratelimit.py): members carry their own expiry as the score.
-    "limit:inflight": "leased in-flight slots: released when the call ends; a dead holder's lease is"
-    " dropped by the next acquire once its score (expiry) passes",
-    "limit:waiters": "jobs waiting for capacity, by rank: removed when granted; a dead process's by the next acquire",
-    "limit:alive": "the waiters' liveness deadlines: removed with them",
-}
-
-
-def owned_reason(prefix: str, key: str) -> str | None:
-    name = key.removeprefix(f"{prefix}:")
-    return next((why for pattern, why in OWNED.items() if fnmatch.fnmatchcase(name, pattern)), None)
-
-
-def unbounded_keys(r: redis.Redis, prefix: str) -> list[str]:
-    """Keys with neither a TTL nor an owner in ``OWNED``, or outside the prefix (described)."""
-    bad = []
-    for raw in r.scan_iter(count=1000):
-        key = raw.decode(errors="replace")
-        ttl = r.pttl(raw)
-        if ttl == -2:  # gone since the scan (expired, acked)
-            continue
-        if not key.startswith(f"{prefix}:"):
-            bad.append(f"{key!r}: outside the prefix {prefix!r}")
-        elif ttl == -1 and owned_reason(prefix, key) is None:
-            bad.append(f"{key!r} ({r.type(raw)!r}): no TTL and no owner")
-    return bad
 
 
 @pytest.fixture(scope="module")
