@@ -1,9 +1,10 @@
-"""The job record and its event log: one atomic append, and a reader that never misses.
+"""A job's event log: one atomic append to the replay log, the live channel and the job record.
 
 Writers (the worker, and a producer cancelling a queued job) go through ``APPEND_LUA``, so
 sequence numbers, the replay log, the live channel and the job record never disagree.
-Readers subscribe first, then replay the log, then follow the channel, filling any gap from
-the log: pub/sub alone is at-most-once, the log makes it exactly-once for the reader. The log
+Readers (producers/follow.py) subscribe first, then replay the log, then follow the channel,
+filling any gap from the log: pub/sub alone is at-most-once, the log makes it exactly-once for
+the reader. The log
 keeps a job's newest ``max_events_per_job`` entries: a reader who falls further behind than
 that (or arrives that late) goes on from the oldest entry kept, and never waits for one trimmed.
 """
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import redis
 
 from moonq.keys import Keys
-from moonq.record import TERMINAL_STATUSES, decode_hash, record_lua
+from moonq.record import record_lua
 from moonq.wire import Event
 
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
@@ -146,66 +146,3 @@ def parse_entries(entries: list[tuple[Any, Any]]) -> list[Event]:
 def read_log(client: redis.Redis, keys: Keys, job_id: str, after_seq: int = 0) -> list[Event]:
     """Events of a job with seq > ``after_seq``, in order."""
     return parse_entries(client.xrange(keys.log(job_id), min=f"{after_seq + 1}-0", max="+") or [])
-
-
-def follow(client: redis.Redis, keys: Keys, job_id: str, *, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
-    """Yield the job's events after ``after_seq``: replayed, then live, ending after the terminal one.
-
-    Each event is yielded once, in seq order. A capped log (``max_events_per_job``) may have
-    dropped its oldest entries: replay then starts at the oldest one kept, and a gap is never
-    waited for. If the job record disappears (expired) while no terminal event was seen,
-    iteration simply ends.
-    """
-    last = after_seq
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.subscribe(keys.events(job_id))
-    try:
-        from_log = True  # subscribed first, so the log read covers everything before now
-        while True:
-            if from_log:
-                for event in read_log(client, keys, job_id, last):
-                    last = event.seq
-                    yield event
-                    if event.terminal:
-                        return
-                from_log = False
-            try:
-                msg = pubsub.get_message(timeout=poll_s)
-            except (redis.ConnectionError, redis.TimeoutError):
-                # The connection dropped; the next read reconnects and resubscribes. What was published
-                # meanwhile is in the log (or trimmed from it: replay then goes on from the oldest kept).
-                from_log = True
-                continue
-            if msg is None:
-                # Quiet: re-read the log in case a live message was lost (pub/sub is at-most-once).
-                if not client.exists(keys.job(job_id)):
-                    return
-                from_log = True
-                continue
-            event = Event.model_validate_json(msg["data"])
-            if event.seq <= last:
-                continue
-            if event.seq > last + 1:
-                from_log = True  # a gap: the log has what we missed
-                continue
-            last = event.seq
-            yield event
-            if event.terminal:
-                return
-    finally:
-        pubsub.close()
-
-
-def job_record(client: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
-    """The job's record as ``{field: value}`` (``{}`` when unknown); ``JobRecord.from_redis`` types it."""
-    return decode_hash(client.hgetall(keys.job(job_id)))
-
-
-def decode_record(raw: Any) -> dict[str, str]:
-    """An ``HGETALL`` reply as ``{str: str}``: ``moonq.record.decode_hash``, under its old name."""
-    return decode_hash(raw)
-
-
-def is_terminal(status: str | None) -> bool:
-    """Whether ``status`` is one a job ends in (``moonq.record.TERMINAL_STATUSES``)."""
-    return status in TERMINAL_STATUSES

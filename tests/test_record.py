@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from moonq.eventlog import APPEND_LUA, decode_record, is_terminal
+from moonq.eventlog import APPEND_LUA
 from moonq.record import (
     LUA_NAMES,
     TERMINAL_STATUSES,
@@ -83,7 +83,7 @@ def test_the_scripts_that_touch_the_hash_have_every_placeholder_filled(name: str
 def test_is_terminal_in_lua_agrees_with_python(r: redis.Redis, status: str) -> None:
     script = record_lua("local status = ARGV[1]\nif $is_terminal then return 1 end\nreturn 0")
     in_lua = r.eval(script, 0, status)
-    assert bool(in_lua) is (status in TERMINAL_STATUSES) is is_terminal(status)
+    assert bool(in_lua) is (status in TERMINAL_STATUSES)
 
 
 def test_lua_names_cover_every_field_and_status_once() -> None:
@@ -107,14 +107,13 @@ def test_lua_names_cover_every_field_and_status_once() -> None:
 def test_terminal_states(status: JobStatus, terminal: bool) -> None:
     assert status.terminal is terminal
     assert (status in TERMINAL_STATUSES) is terminal
-    assert is_terminal(status.value) is terminal  # the old helper, kept for producers/ and console/
     rec = JobRecord.from_redis({"status": status.value})
     assert rec is not None and rec.terminal is terminal
 
 
 @pytest.mark.parametrize("status", [None, "", "unknown"])
-def test_is_terminal_of_no_status_or_another_word_is_false(status: str | None) -> None:
-    assert is_terminal(status) is False
+def test_no_status_or_another_word_is_not_terminal(status: str | None) -> None:
+    assert status not in TERMINAL_STATUSES
 
 
 # --- JobRecord.from_redis -----------------------------------------------------------------------
@@ -214,8 +213,8 @@ def test_new_record_reads_back_as_a_queued_job() -> None:
 
 
 @pytest.mark.parametrize("raw", [None, {}, FINISHED, _as_bytes(FINISHED)])
-def test_decode_record_is_decode_hash(raw: dict[Any, Any] | None) -> None:
-    assert decode_record(raw) == decode_hash(raw) == ({} if not raw else FINISHED)
+def test_decode_hash(raw: dict[Any, Any] | None) -> None:
+    assert decode_hash(raw) == ({} if not raw else FINISHED)
 
 
 # --- a real job, end to end ---------------------------------------------------------------------
