@@ -17,6 +17,7 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
+from harness import RedisServer
 from moonq.keys import Keys
 from producers import Client
 from simulator import SimConfig, SimServer
@@ -155,27 +156,28 @@ def test_a_duplicate_message_of_a_job_that_ended_long_ago_runs_nothing(fresh_pre
         rt.stop()
 
 
-def test_a_cancel_announced_while_the_node_is_not_listening_still_stops_the_job(
-    fresh_prefix: Settings, story_sim: SimServer
-) -> None:
-    rt = _runtime(fresh_prefix, story_sim.base_url)
-    r = redis.Redis.from_url(fresh_prefix.redis_url)
-    try:
-        with Client(settings=fresh_prefix) as client:
-            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
-            future = rt.submit(_envelope(client, job.id))
-            wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
-            # The node's listener loses its connection (it resubscribes a second later) and the
-            # cancel is announced in that gap: pub/sub delivers it to nobody.
-            r.client_kill_filter(_type="pubsub")
-            asked = time.monotonic()
-            assert job.cancel() is True
-            assert future.result(timeout=10) == "cancelled"
-            # Caught by the next heartbeat (FAST: every 0.5 s), long before the 5 s answer ends.
-            assert time.monotonic() - asked < 2.5
-            assert job.status() == "cancelled"
-    finally:
-        rt.stop()
+def test_a_cancel_announced_while_the_node_is_not_listening_still_stops_the_job(story_sim: SimServer) -> None:
+    # A Redis of its own: the test cuts every pub/sub connection on it.
+    with RedisServer() as server:
+        settings = make_settings(server.url, moonshot_base_url=story_sim.base_url)
+        rt = Runtime(settings).start()
+        r = redis.Redis.from_url(server.url)
+        try:
+            with Client(settings=settings) as client:
+                job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+                future = rt.submit(_envelope(client, job.id))
+                wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+                # The node's listener loses its connection (it resubscribes a second later) and the
+                # cancel is announced in that gap: pub/sub delivers it to nobody.
+                r.client_kill_filter(_type="pubsub")
+                asked = time.monotonic()
+                assert job.cancel() is True
+                assert future.result(timeout=10) == "cancelled"
+                # Caught by the next heartbeat (FAST: every 0.5 s), long before the 5 s answer ends.
+                assert time.monotonic() - asked < 2.5
+                assert job.status() == "cancelled"
+        finally:
+            rt.stop()
 
 
 def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(
