@@ -71,6 +71,7 @@ class Fanout:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._inboxes: dict[str, set[Inbox]] = {}
+        self._commands = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Inbox]:
@@ -82,7 +83,11 @@ class Fanout:
         inboxes.add(inbox)
         try:
             if first:
-                await self._ensure_pubsub().subscribe(channel)
+                # One (un)subscribe at a time: redis-py's PubSub takes a connection from the pool on its
+                # first command, and first commands racing each other each took one (120 waiting
+                # callers held 50 connections, the whole pool; tests/test_gateway_load.py).
+                async with self._commands:
+                    await self._ensure_pubsub().subscribe(channel)
                 self._ensure_reader()
             yield inbox
         finally:
@@ -91,7 +96,8 @@ class Fanout:
                 del self._inboxes[channel]
                 if self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
-                        await self._pubsub.unsubscribe(channel)
+                        async with self._commands:
+                            await self._pubsub.unsubscribe(channel)
 
     @property
     def channels(self) -> int:
