@@ -33,9 +33,12 @@ from tests.nemesis.nemesis import Nemesis
 from tests.nemesis.report import SECTION, SeedReport, recoveries, section, write_json
 from tests.nemesis.workload import Workload
 
-# After the last fault healed: how long jobs get to end, and then the broker to hand back and drain
-# what a dead or paused node held (a few visibility timeouts plus kombu's 2 s restore interval).
-SETTLE_S = 90.0
+# After the last fault healed, jobs get to end for as long as they keep ending: a backlog of 500 jobs
+# behind an in-flight cap of 8 takes minutes, and only a run where no job ended for STALL_S (or that
+# passed SETTLE_MAX_S) is stuck. Then the broker gets DRAIN_S to hand back and drain what a dead or paused
+# node held (a few visibility timeouts plus kombu's 2 s restore interval).
+STALL_S = 60.0
+SETTLE_MAX_S = 1200.0
 DRAIN_S = VISIBILITY_TIMEOUT_S * 4 + 5
 
 
@@ -96,20 +99,25 @@ def _drive(cluster: Cluster, history: History, observer: Observer, cfg: RunConfi
 
 
 def _settle(cluster: Cluster, history: History, observer: Observer) -> None:
-    """Wait for every job to end (``SETTLE_S`` at most), then for the broker to drain (``DRAIN_S``)."""
+    """Wait for every job to end (while they keep ending: ``STALL_S``), then for the broker to drain (``DRAIN_S``)."""
     r = redis.Redis.from_url(cluster.redis.url)
     try:
-        deadline = time.monotonic() + SETTLE_S
+        started = last_progress = time.monotonic()
         job_ids = list(history.job_ids())
-        while time.monotonic() < deadline:
+        ended = -1
+        while time.monotonic() - last_progress < STALL_S and time.monotonic() - started < SETTLE_MAX_S:
             cluster.check_nodes()
             with r.pipeline(transaction=False) as pipe:
                 for job_id in job_ids:
                     pipe.hget(cluster.settings.keys.job(job_id), "status")
                 statuses = pipe.execute()
-            if all(s is not None and s.decode() in TERMINAL_STATUSES for s in statuses):
+            now_ended = sum(1 for s in statuses if s is not None and s.decode() in TERMINAL_STATUSES)
+            if now_ended == len(job_ids):
                 break
+            if now_ended > ended:
+                ended, last_progress = now_ended, time.monotonic()
             time.sleep(0.5)
+        deadline = time.monotonic() + STALL_S
         observer.wait(job_ids, max(5.0, deadline - time.monotonic()))
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline and any(broker_residue(cluster, r).values()):
