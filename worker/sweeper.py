@@ -97,6 +97,10 @@ class Sweeper:
         # The queue lists live in the broker's Redis (here only when it is the same one).
         self._broker = redis if settings.broker_url == settings.redis_url else None
         self._set_if_exists = redis.register_script(SET_IF_EXISTS_LUA)
+        # Queued jobs whose message looked gone at the last sweep: sent again only if it still looks so.
+        # A node that has just popped a message claims the job within milliseconds, so a second look
+        # one sweep later tells a lost message from one in a node's hands.
+        self.suspects: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -129,14 +133,19 @@ class Sweeper:
             raws = await pipe.execute()
         oldest = await self._oldest_queued()
         sent = 0
+        suspects = set()
         for job_id, raw in zip(ids, raws, strict=True):
             rec = JobRecord.from_redis(raw)
             what = verdict(rec, now_s=now_s, orphan_after_s=self.settings.orphan_after_s, oldest_queued_s=oldest)
             if what == "forget":
                 await self.redis.zrem(self.keys.active, job_id)
             elif what == "send" and rec is not None and rec.envelope:
+                if rec.status is JobStatus.QUEUED and rec.sent and job_id not in self.suspects:
+                    suspects.add(job_id)  # look again next sweep
+                    continue
                 await self._resend(job_id, rec, now_s)
                 sent += 1
+        self.suspects = suspects
         return sent
 
     async def _oldest_queued(self) -> float | None:

@@ -280,7 +280,9 @@ SILENCING = ("redis_pause", "pause", "pause_then_kill", "link_blackhole", "redis
 BROKER_REQUEUES = ("amqp_cut", "broker_restart")
 # Faults that stop a node, and how long after a job's end (as a follower saw it) one may still have
 # caught the node before it acknowledged the job's message.
-STOPPING = ("sigkill", "sigterm", "clock_skew", "pause_then_kill")
+# Faults that can lose the ack of a job that just ended: its node stops, or its link to the broker is cut
+# (worker/transport.py: an ack lost with its connection is redelivered after the visibility timeout).
+STOPPING = ("sigkill", "sigterm", "clock_skew", "pause_then_kill", "link_cut", "link_refuse")
 KILL_WINDOW_S = 2.0
 
 
