@@ -47,14 +47,17 @@ def libfaketime() -> str | None:
 
 
 def skew_env(offset: str) -> dict[str, str]:
-    """Environment that offsets a process's wall clock by ``offset`` (``"+15s"``) and nothing else.
+    """Environment that offsets a process's clocks by ``offset`` (``"+15s"``).
 
-    Only the wall clock: a host whose NTP is off has a wrong ``time.time()`` and a sound monotonic clock.
+    The wall clock is what matters (a host whose NTP is off has a wrong ``time.time()``). The monotonic
+    clock moves by the same constant, which nothing can tell from a sound one: leaving it alone
+    (FAKETIME_DONT_FAKE_MONOTONIC) makes libfaketime 0.9.10 fail every ``time.sleep`` with EINVAL under a
+    negative offset, which killed nodes in chaos seed 4 for a reason no real host has.
     """
     lib = libfaketime()
     if lib is None:
         raise RuntimeError("libfaketime is not installed (Debian/Ubuntu: apt-get install faketime)")
-    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_FORCE_MONOTONIC_FIX": "1"}
 
 
 @dataclass
