@@ -10,16 +10,15 @@ from contextlib import contextmanager
 
 import pytest
 import redis
-from celery.contrib.testing.worker import start_worker
 
+from harness import WorkerProcess
 from moonq.broker import producer_app, queue_lists, send_envelope
 from moonq.record import JobField, JobRecord, JobStatus
 from moonq.wire import JobEnvelope
 from producers import Client
 from simulator import SimServer
-from tests.helpers import make_settings
-from worker.app import create_app
-from worker.loop import connect, stop_for
+from tests.helpers import make_settings, node_env
+from worker.loop import connect
 from worker.settings import Settings
 from worker.sweeper import Sweeper, message_enqueued_at, verdict
 
@@ -99,12 +98,14 @@ def _age(r: redis.Redis, settings: Settings, job_id: str) -> None:
 
 
 @contextmanager
-def node(settings: Settings) -> Iterator[None]:
-    """An embedded node consuming the settings' queue (Celery's consumer and moonq's loop)."""
-    app = create_app(settings)
-    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"):
+def node(settings: Settings, base_url: str) -> Iterator[None]:
+    """A node consuming the settings' queue: ``celery -A worker worker``, as users start it.
+
+    A process of its own: a second embedded Celery worker in the test process would stop the session's
+    one when it stops (Celery keeps its stop flags in module globals).
+    """
+    with WorkerProcess(node_env(settings, base_url)):
         yield
-    stop_for(settings)
 
 
 @pytest.fixture
@@ -112,7 +113,9 @@ def swept(fresh_prefix: Settings, sim: SimServer) -> Settings:
     return make_settings(fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=sim.base_url)
 
 
-def test_a_message_popped_and_lost_before_any_claim_is_sent_again(swept: Settings, r: redis.Redis) -> None:
+def test_a_message_popped_and_lost_before_any_claim_is_sent_again(
+    swept: Settings, r: redis.Redis, sim: SimServer
+) -> None:
     with Client(settings=swept) as client:
         job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
         # A node popped the message and was killed before it recorded it as unacknowledged.
@@ -123,12 +126,14 @@ def test_a_message_popped_and_lost_before_any_claim_is_sent_again(swept: Setting
         assert sweep() == 0  # a first look: a node that just popped it would claim it within milliseconds
         assert sweep() == 1  # still without a message: sent again
         assert sweep() == 0  # its place in the index was refreshed: not sent twice in a row
-        with node(swept):
+        with node(swept, sim.base_url):
             assert job.result(timeout=20).choices[0].message.content
         assert not r.zscore(swept.keys.active, job.id)
 
 
-def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(swept: Settings, r: redis.Redis) -> None:
+def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(
+    swept: Settings, r: redis.Redis, sim: SimServer
+) -> None:
     with Client(settings=swept) as client:
         job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
         for name in queue_lists(swept):
@@ -137,7 +142,7 @@ def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(swept: S
         r.hset(swept.keys.job(job.id), mapping={"status": "running", "owner": "dead", "attempt": 1, "heartbeat_at": 1})
         _age(r, swept, job.id)
         assert Sweeps(swept)() == 1  # a dead owner: no second look needed
-        with node(swept):
+        with node(swept, sim.base_url):
             assert job.result(timeout=20).choices[0].message.content
         types = [e.type for e in job.events()]
         assert types.count("completed") == 1 and "retry" in types  # retry(worker_lost): the takeover

@@ -14,7 +14,7 @@ from moonq.broker import broker_config
 from moonq.settings import is_redis_url
 from moonq.wire import TASK_NAME
 from worker.exporter import start_exporter
-from worker.loop import runtime_for, shutdown_all, stop_all
+from worker.loop import runtime_for, shutdown_all, stop_all, stop_for
 from worker.settings import Settings
 
 log = logging.getLogger("moonq.worker")
@@ -94,15 +94,31 @@ def _start_node(sender: Any = None, **_: Any) -> None:
     settings = getattr(getattr(sender, "app", None), "moonq_settings", None)
     if settings is None:
         return
+    _nodes[str(getattr(sender, "hostname", ""))] = settings
     runtime_for(settings).metrics_url = start_exporter(settings)
 
 
+# Worker hostname -> its settings: worker_shutting_down names only the hostname, and one process may
+# embed several workers (tests), each of which must hand back its own jobs only.
+_nodes: dict[str, Settings] = {}
+
+
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
-def _requeue_running_jobs(**_: Any) -> None:
+def _requeue_running_jobs(sender: Any = None, **_: Any) -> None:
     # Warm shutdown (SIGTERM) would wait for every running stream to finish; hand them back instead.
-    shutdown_all()
+    settings = _nodes.get(str(sender))
+    if settings is None:
+        shutdown_all()
+    else:
+        runtime_for(settings).shutdown()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
-def _stop_runtimes(**_: Any) -> None:
-    stop_all()
+def _stop_runtimes(sender: Any = None, **_: Any) -> None:
+    # The runtime of the app whose worker stopped; all of them if it cannot be told (one app per process
+    # in production, several in an embedding test process).
+    settings = getattr(getattr(sender, "app", None), "moonq_settings", None)
+    if settings is None:
+        stop_all()
+    else:
+        stop_for(settings)
