@@ -1,0 +1,261 @@
+"""What the console reads about jobs: a page of the recent-jobs index, one job, the dead letters.
+
+The jobs list reads the recent-jobs index (``P:recent``, moonq/keys.py: job id -> enqueued_at,
+newest last) by rank, then the records of that page in one pipeline, so a page costs the same with
+100,000 jobs as with ten. Filters (status, model, id prefix) apply within a window of the index
+(``FILTER_WINDOW_JOBS`` from the page's start): a first pipeline reads only ``status`` and
+``model`` of the window, a second the whole records of the matches shown. An id that is
+not in the index (older than a record's lifetime, or never listed) is still found by exact search.
+
+Tenants: until tenants exist (a tenants file), every job belongs to ``DEFAULT_TENANT`` and every
+gateway token sees every job; ``tenant_of`` and ``Viewer.sees`` are where tenants will plug in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+
+from moonq.keys import Keys
+from moonq.record import JobField, JobRecord, JobStatus
+from moonq.usage import Price, cost_usd, token_counts
+
+DEFAULT_TENANT = "default"
+PAGE_JOBS = 50
+FILTER_WINDOW_JOBS = 2000
+# The record fields a row shows (never the envelope: a request may be 100 MB of images).
+ROW_FIELDS = (
+    JobField.STATUS,
+    JobField.MODEL,
+    JobField.PRIORITY,
+    JobField.ENQUEUED_AT,
+    JobField.STARTED_AT,
+    JobField.FINISHED_AT,
+    JobField.ATTEMPT,
+    JobField.SEQ,
+    JobField.RESULT,
+    JobField.ERROR,
+    JobField.RETRY_OF,
+)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking: the fingerprint of the gateway token the session was opened with."""
+
+    fp: str
+
+    def sees(self, tenant: str) -> bool:
+        """Without a tenants file every token sees every tenant's jobs."""
+        return True
+
+
+def tenant_of(rec: JobRecord) -> str:
+    """The tenant a job belongs to (one, ``default``, until tenants exist)."""
+    return DEFAULT_TENANT
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as the console shows it in a list and on its page."""
+
+    id: str
+    status: str
+    tenant: str
+    model: str
+    priority: int | None
+    attempt: int
+    seq: int
+    enqueued_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    latency_s: float | None  # enqueue to end; to now while it runs
+    tokens: dict[str, int] | None  # prompt, completion, cached, reasoning; None until it succeeded
+    total_tokens: int | None
+    cost_usd: float | None
+    error: dict[str, Any] | None
+    retry_of: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return JobStatus(self.status).terminal
+
+    def summary(self) -> dict[str, Any]:
+        """The row as JSON for the job page's live updates."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "attempt": self.attempt,
+            "ended": when(self.finished_at),
+            "latency": duration(self.latency_s),
+            "tokens": self.tokens,
+            "total_tokens": self.total_tokens,
+            "cost": money(self.cost_usd),
+            "error": self.error,
+        }
+
+
+def _loads(text: str | None) -> Any:
+    # Written by nodes from upstream data, which may hold NaN or Infinity (not JSON): null instead.
+    return json.loads(text, parse_constant=lambda _: None) if text else None
+
+
+def make_row(job_id: str, rec: JobRecord, prices: dict[str, Price], now: float) -> JobRow:
+    """A row from a record; tokens and cost from the completion's usage, priced as the nodes price it."""
+    result = _loads(rec.result) if rec.status is JobStatus.SUCCEEDED else None
+    usage = result.get("usage") if isinstance(result, dict) else None
+    tokens = token_counts(usage) if isinstance(usage, dict) else None
+    end = rec.finished_at if rec.terminal else now
+    error = _loads(rec.error)
+    return JobRow(
+        id=job_id,
+        status=rec.status.value,
+        tenant=tenant_of(rec),
+        model=rec.model,
+        priority=rec.priority,
+        attempt=rec.attempt,
+        seq=rec.seq,
+        enqueued_at=rec.enqueued_at,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at,
+        latency_s=end - rec.enqueued_at if end is not None and rec.enqueued_at is not None else None,
+        tokens=tokens,
+        total_tokens=tokens["prompt"] + tokens["completion"] if tokens else None,
+        cost_usd=cost_usd(tokens, prices.get(rec.model)) if tokens else None,
+        error=error if isinstance(error, dict) else None,
+        retry_of=rec.retry_of,
+    )
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the jobs list was asked to show: empty strings mean "any"."""
+
+    status: str = ""
+    model: str = ""
+    id_prefix: str = ""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.status or self.model or self.id_prefix)
+
+    def keep(self, job_id: str, status: str | None, model: str | None) -> bool:
+        return (
+            status is not None
+            and (not self.status or status == self.status)
+            and (not self.model or model == self.model)
+            and job_id.startswith(self.id_prefix)
+        )
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[JobRow]
+    offset: int
+    next_offset: int | None  # where the next page starts in the index, None at its end
+    indexed: int  # jobs in the index
+    scanned: int  # index entries this page looked at (the filter window)
+
+
+class JobReader:
+    """Reads jobs for the console over the gateway's Redis client."""
+
+    def __init__(self, r: redis.asyncio.Redis, keys: Keys, prices: dict[str, Price]) -> None:
+        self.redis = r
+        self.keys = keys
+        self.prices = prices
+
+    async def page(self, offset: int, filters: Filters, *, now: float, limit: int = PAGE_JOBS) -> Page:
+        """Up to ``limit`` jobs from rank ``offset`` of the index (newest first) that pass ``filters``."""
+        offset = max(0, offset)
+        window = FILTER_WINDOW_JOBS if filters.active else limit
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.recent)
+            pipe.zrevrange(self.keys.recent, offset, offset + window - 1)
+            indexed, raw_ids = await pipe.execute()
+        ids = [text(raw) for raw in raw_ids]
+        chosen, consumed = ids[:limit], len(ids[:limit])
+        if filters.active:
+            chosen, consumed = await self._filter(ids, filters, limit)
+        rows = await self.rows(chosen, now)
+        end = offset + consumed
+        return Page(rows, offset, end if end < indexed and consumed else None, indexed, consumed)
+
+    async def _filter(self, ids: list[str], filters: Filters, limit: int) -> tuple[list[str], int]:
+        candidates = [i for i in ids if i.startswith(filters.id_prefix)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in candidates:
+                pipe.hmget(self.keys.job(job_id), [JobField.STATUS, JobField.MODEL])
+            replies = await pipe.execute()
+        fields = {
+            job_id: tuple(v.decode() if v else None for v in reply)
+            for job_id, reply in zip(candidates, replies, strict=True)
+        }
+        chosen: list[str] = []
+        for n, job_id in enumerate(ids):
+            status, model = fields.get(job_id, (None, None))
+            if filters.keep(job_id, status, model):
+                chosen.append(job_id)
+                if len(chosen) == limit:
+                    return chosen, n + 1
+        return chosen, len(ids)
+
+    async def rows(self, ids: list[str], now: float) -> list[JobRow]:
+        """The rows of the jobs whose records still exist, in the order given."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), list(ROW_FIELDS))
+            replies = await pipe.execute()
+        out = []
+        for job_id, reply in zip(ids, replies, strict=True):
+            fields = {name: value for name, value in zip(ROW_FIELDS, reply, strict=True) if value is not None}
+            rec = JobRecord.from_redis(fields)
+            if rec is not None:
+                out.append(make_row(job_id, rec, self.prices, now))
+        return out
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        return JobRecord.from_redis(await self.redis.hgetall(self.keys.job(job_id)))
+
+    async def models(self, limit: int = FILTER_WINDOW_JOBS) -> list[str]:
+        """The models of the newest ``limit`` jobs, for the filter's choices."""
+        ids = await self.redis.zrevrange(self.keys.recent, 0, limit - 1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in ids:
+                pipe.hget(self.keys.job(text(raw)), JobField.MODEL)
+            replies = await pipe.execute()
+        return sorted({text(m) for m in replies if m})
+
+
+def text(x: Any) -> str:
+    """A Redis reply item as text (the gateway's client answers bytes)."""
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def when(ts: float | None) -> str:
+    """A moment for a person, in the gateway's local time: ``2026-01-31 14:05:09``, or ``-``."""
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def duration(x: float | None) -> str:
+    """A latency for a person: ``-``, ``850 ms``, ``12.3 s``, ``4 min 05 s``."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x < 1:
+        return f"{x * 1000:.0f} ms"
+    if x < 60:
+        return f"{x:.1f} s"
+    minutes, secs = divmod(int(x), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def money(x: float | None) -> str:
+    """Dollars with enough places to show a fraction of a cent: ``$0.000123``."""
+    if x is None:
+        return "-"
+    return f"${x:.6f}" if x < 0.01 else f"${x:.4f}"
