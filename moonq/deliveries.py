@@ -1,0 +1,121 @@
+"""The deliveries' state in Redis: what the nodes, the console and the exporter share about it.
+
+A job that ends with a webhook or a Celery callback in its record owes a delivery. The write that
+ends it adds one entry per delivery to the stream ``P:deliveries`` (moonq/eventlog.py); from there:
+
+    P:deliveries (stream)  --the nodes' consumer group "nodes" reads it (worker/deliveries.py)-->
+        delivered                      -> entry acknowledged and deleted
+        failed, may be retried         -> state in P:delivery:<id>, id in P:deliveries:due; when due,
+                                          ``PROMOTE_LUA`` moves it back into the stream
+        failed for good                -> id in P:deliveries:dead (``moonq webhooks failed``);
+                                          ``REDELIVER_LUA`` puts it back into the stream by hand
+
+An entry is acknowledged only in the same MULTI that records its outcome, so a node that dies
+mid-delivery leaves it pending, and another node claims it after ``webhook_claim_idle_s``: at
+least once. The keys are named in moonq/keys.py; delivery ids in moonq/webhooks.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from moonq.keys import Keys
+from moonq.record import decode_hash
+from moonq.webhooks import parse_delivery_id
+
+GROUP = "nodes"  # the consumer group every node reads the stream through
+
+# A stream entry's fields: ``kind`` and ``job`` (the hand-off, moonq/eventlog.py), and ``again`` = "1" on
+# an entry put back by ``PROMOTE_LUA`` or ``REDELIVER_LUA``: only those have a P:delivery:<id> to read.
+AGAIN = "again"
+# Fields of P:delivery:<id>.
+KIND, JOB, TARGET, QUEUE, BODY = "kind", "job", "target", "queue", "body"
+ATTEMPTS, FIRST_AT, LAST_ERROR, NEXT_AT, GAVE_UP_AT = "attempts", "first_at", "last_error", "next_at", "gave_up_at"
+
+# Retries that are due go back into the stream, atomically (a delivery is in exactly one of the two).
+# KEYS[1] due zset, KEYS[2] stream. ARGV[1] now (unix s), ARGV[2] most to move. Returns how many moved.
+PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local kind, job = string.match(id, '^(%a+):(.+)$')
+  if kind then redis.call('XADD', KEYS[2], '*', 'kind', kind, 'job', job, 'again', '1') end
+end
+return #due
+"""
+
+# A dead delivery back into the stream, its attempts and retry horizon started afresh.
+# KEYS[1] dead zset, KEYS[2] stream, KEYS[3] the delivery's hash. ARGV[1] delivery id, ARGV[2] kind,
+# ARGV[3] job id, ARGV[4] the hash's TTL (s). Returns 1, or 0 when it is not (any more) a dead letter.
+REDELIVER_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'attempts', '0')
+  redis.call('HDEL', KEYS[3], 'first_at', 'gave_up_at', 'next_at')
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+end
+redis.call('XADD', KEYS[2], '*', 'kind', ARGV[2], 'job', ARGV[3], 'again', '1')
+return 1
+"""
+
+
+def shown_target(target: str) -> str:
+    """A URL for screens and logs: without its query or fragment (they may carry a token)."""
+    parts = urlsplit(target)
+    if not parts.scheme:
+        return target  # a Celery task name
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
+
+
+def failed_deliveries(r: redis.Redis, keys: Keys, limit: int) -> list[dict[str, Any]]:
+    """The newest dead deliveries first: ``[{id, kind, job_id, target, attempts, gave_up_at, error}]``."""
+    entries: list[tuple[bytes, float]] = r.zrevrange(keys.deliveries_dead, 0, limit - 1, withscores=True)  # type: ignore[assignment]
+    if not entries:
+        return []
+    with r.pipeline(transaction=False) as pipe:
+        for raw_id, _ in entries:
+            pipe.hgetall(keys.delivery(raw_id.decode()))
+        states = pipe.execute()
+    rows = []
+    for (raw_id, gave_up_at), raw in zip(entries, states, strict=True):
+        delivery = raw_id.decode()
+        state = decode_hash(raw)
+        kind, job_id = parse_delivery_id(delivery)
+        rows.append(
+            {
+                "id": delivery,
+                "kind": kind,
+                "job_id": job_id,
+                "target": shown_target(state.get(TARGET, "")) or None,
+                "attempts": int(state.get(ATTEMPTS) or 0),
+                "gave_up_at": gave_up_at,
+                "error": state.get(LAST_ERROR) or None,
+            }
+        )
+    return rows
+
+
+def redeliver(r: redis.Redis, keys: Keys, delivery: str, *, ttl_s: int) -> bool:
+    """Put a dead delivery back into the stream (``moonq webhooks redeliver``); False if it is no dead letter.
+
+    The receiver gets the same ``webhook-id`` (and, if a body was stored, the same body) as before.
+
+    Raises:
+        ValueError: ``delivery`` is not a delivery id.
+    """
+    kind, job_id = parse_delivery_id(delivery)
+    keys_ = [keys.deliveries_dead, keys.deliveries, keys.delivery(delivery)]
+    return bool(r.eval(REDELIVER_LUA, len(keys_), *keys_, delivery, kind, job_id, ttl_s))
+
+
+def backlog(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    """Deliveries by state: ``queued`` (in the stream, waiting or being attempted), ``retrying``, ``dead``."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.deliveries)
+        pipe.zcard(keys.deliveries_due)
+        pipe.zcard(keys.deliveries_dead)
+        queued, retrying, dead = pipe.execute()
+    return {"queued": int(queued), "retrying": int(retrying), "dead": int(dead)}
