@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak chaos clean check-redis
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ demo: install check-redis
 	$(BIN)/moonq demo
 
 # Every benchmark in turn (~20 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
-bench: bench-limiter bench-enqueue bench-perf bench-batch bench-soak
+bench: bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -74,6 +74,16 @@ bench-batch: $(BENCH_STAMP) check-redis
 # and once the jobs' keys have expired (~2.5 minutes).
 bench-soak: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.soak
+
+# Webhooks: delivery latency after the job's end (p50/p99 at 1,000 jobs) and job throughput with webhooks on
+# vs off, medians of 5 rounds (~2 minutes).
+bench-webhooks: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.webhooks
+
+# Resumed streams: tokens billed and time to the final answer, MOONQ_RESUME=partial vs restart, at a 20%
+# stream-fault rate (drop, truncate, stall), the same fault scripts for both, medians of 3 rounds (~2 minutes).
+bench-resume: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.resume
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked

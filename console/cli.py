@@ -64,6 +64,14 @@ def cli(redis_url: str | None) -> None:
 @click.option("--max-tokens", type=int, help="max_completion_tokens.")
 @click.option("--priority", type=int, default=5, help="0 (most urgent) to 9.")
 @click.option("--idempotency-key", help="The same key again returns the same job instead of a new run.")
+@click.option("--webhook", metavar="URL", help="POST the job's outcome here when it ends (signed; docs/webhooks.md).")
+@click.option("--on-done", metavar="TASK", help="Send the outcome to this Celery task when the job ends.")
+@click.option("--on-done-queue", metavar="QUEUE", help="The queue of --on-done's task (default: celery).")
+@click.option(
+    "--builtin-tools",
+    type=click.Choice(["auto"]),
+    help="auto: the node runs $web_search's round trips itself; the answer is the final one.",
+)
 @click.option("--no-wait", is_flag=True, help="Print the job id and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 def submit(
@@ -74,6 +82,10 @@ def submit(
     max_tokens: int | None,
     priority: int,
     idempotency_key: str | None,
+    webhook: str | None,
+    on_done: str | None,
+    on_done_queue: str | None,
+    builtin_tools: str | None,
     no_wait: bool,
     as_json: bool,
 ) -> int:
@@ -85,8 +97,15 @@ def submit(
 
     def action(client: Client) -> int:
         request = commands.build_request(file=file, prompt=prompt, model=model, system=system, max_tokens=max_tokens)
+        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
         return commands.submit(
-            client, request, priority=priority, idempotency_key=idempotency_key, no_wait=no_wait, as_json=as_json
+            client,
+            request,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            no_wait=no_wait,
+            as_json=as_json,
+            **owed,
         )
 
     return _run(action)
@@ -157,6 +176,30 @@ def retry(job: str) -> int:
     Exits 2 if JOB is neither failed nor cancelled, 3 if there is no such job.
     """
     return _run(lambda client: commands.retry(client, job))
+
+
+@cli.group("webhooks")
+def webhooks() -> None:
+    """Webhooks and Celery callbacks that gave up: list them, deliver them again."""
+
+
+@webhooks.command("failed")
+@click.option("--limit", type=int, default=100, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def webhooks_failed(limit: int, as_json: bool) -> int:
+    """List deliveries that gave up (dead letters), newest first."""
+    return _run(lambda client: commands.webhooks_failed(client, limit, as_json=as_json))
+
+
+@webhooks.command("redeliver")
+@click.argument("delivery_id", metavar="ID")
+def webhooks_redeliver(delivery_id: str) -> int:
+    """Deliver a dead delivery again (same webhook-id), with a fresh round of retries.
+
+    ID is as `moonq webhooks failed` lists it (webhook:JOB or callback:JOB). Exits 3 if it is not
+    a dead letter (any more), 2 if it is not a delivery id.
+    """
+    return _run(lambda client: commands.webhooks_redeliver(client, delivery_id))
 
 
 @cli.command("top")

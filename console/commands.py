@@ -13,6 +13,7 @@ from typing import Any
 
 from console.records import fetch_record
 from console.render import Renderer
+from moonq.deliveries import failed_deliveries, redeliver
 from moonq.errors import InvalidRequest
 from moonq.record import JobField
 from producers.client import Client
@@ -87,9 +88,14 @@ def submit(
     idempotency_key: str | None,
     no_wait: bool,
     as_json: bool,
+    webhook: str | None = None,
+    on_done: str | None = None,
+    on_done_queue: str | None = None,
+    builtin_tools: str | None = None,
 ) -> int:
     """Submit; ``no_wait``: print the id on stdout, else ``[job ID]`` on stderr and follow the job."""
-    job = client.submit(request, priority=priority, idempotency_key=idempotency_key)
+    owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
+    job = client.submit(request, priority=priority, idempotency_key=idempotency_key, **owed)
     print(job.id if no_wait else f"[job {job.id}]", file=sys.stdout if no_wait else sys.stderr, flush=True)
     return 0 if no_wait else follow(client, job.id, as_json=as_json)
 
@@ -139,4 +145,29 @@ def failed(client: Client, limit: int, *, as_json: bool) -> int:
 
 def retry(client: Client, job_id: str) -> int:
     print(client.retry(job_id).id)
+    return 0
+
+
+def webhooks_failed(client: Client, limit: int, *, as_json: bool) -> int:
+    """The dead deliveries, newest first: a line each (count on stderr), or the rows as JSON."""
+    rows = failed_deliveries(client.redis, client.keys, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['id']}  {row['target'] or '-'}  attempts={row['attempts']:<3} {row['error'] or ''}")
+    print(f"{len(rows)} failed deliveries", file=sys.stderr)
+    return 0
+
+
+def webhooks_redeliver(client: Client, delivery: str) -> int:
+    """Put a dead delivery back in line; 3 if it is no dead letter."""
+    try:
+        again = redeliver(client.redis, client.keys, delivery, ttl_s=client.settings.result_ttl_s)
+    except ValueError as err:
+        raise InvalidRequest([("ID", str(err))]) from None
+    if not again:
+        print(f"moonq: no such failed delivery: {delivery}", file=sys.stderr)
+        return 3
+    print(f"{delivery} queued for delivery")
     return 0

@@ -1,254 +1,68 @@
-"""``moonq top``'s arithmetic: the nodes' /metrics text in, the lines of one screen out.
+"""``moonq top``'s screen: the fleet's view (moonq/fleet.py) as the lines of one screen (pure).
 
-Everything here is pure (no I/O, no clock); ``console/top.py`` scrapes and redraws.
-A scrape of one node is a ``Samples`` dict, ``(sample name, sorted labels) -> value``. Rates
-come from counter increases between two scrapes of the same node, summed over the nodes; a
-node that restarted in between counts its new values as the increase. Latency quantiles are
-Prometheus' ``histogram_quantile`` over the interval's bucket increases. Gauges that every node
-reports fleet-wide (queue depth, limits, cool-down) are taken as the max over nodes, per-node
-ones (jobs in progress) and totals since start (cost) as the sum.
+The arithmetic (scrapes in, a ``View`` out) lives in the core, ``moonq/fleet.py``, because the
+gateway's web console shows the same numbers; this module lays them out for a terminal, and
+``console/top.py`` scrapes and redraws. The names moved to the core are re-exported here, so
+``from console.fleetview import build_view`` goes on working.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
+from moonq.fleet import (
+    CUMULATIVE_SUFFIXES,
+    Labels,
+    SampleKey,
+    Samples,
+    Scrape,
+    View,
+    add,
+    buckets,
+    build_view,
+    by_label,
+    counter_delta,
+    fleet,
+    fleet_delta,
+    histogram_quantile,
+    human,
+    is_reset,
+    node_delta,
+    parse_exposition,
+    reports,
+    seconds,
+    total,
+)
 
-Labels = tuple[tuple[str, str], ...]
-SampleKey = tuple[str, Labels]
-Samples = dict[SampleKey, float]
-
-# Sample names of counters and histograms (cumulative, reset only when the process restarts).
-CUMULATIVE_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
-
-
-def parse_exposition(text: str) -> Samples:
-    """Samples of a Prometheus text exposition; raises ValueError if the text is not one."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    return out
-
-
-def _matches(labels: Labels, want: dict[str, str]) -> bool:
-    have = dict(labels)
-    return all(have.get(k) == v for k, v in want.items())
-
-
-def reports(samples: Samples, name: str, **labels: str) -> bool:
-    """Whether any series of ``name`` with (at least) these labels is present."""
-    return any(n == name and _matches(lab, labels) for n, lab in samples)
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the series of ``name`` having these labels (0 when there is none)."""
-    return sum(v for (n, lab), v in samples.items() if n == name and _matches(lab, labels))
-
-
-def by_label(samples: Samples, name: str, label: str, **labels: str) -> dict[str, float]:
-    """Sums of ``name`` per value of ``label`` (e.g. jobs per outcome), over series having ``labels``."""
-    out: dict[str, float] = {}
-    for (n, lab), v in samples.items():
-        key = dict(lab).get(label)
-        if n == name and key is not None and _matches(lab, labels):
-            out[key] = out.get(key, 0.0) + v
-    return out
-
-
-def fleet(nodes: Iterable[Samples], name: str, how: str = "sum", **labels: str) -> float | None:
-    """Aggregate a per-node ``total`` over the nodes that report it: ``"sum"`` or ``"max"``.
-
-    None when no node reports it (e.g. a limit that is not configured).
-    """
-    values = [total(s, name, **labels) for s in nodes if reports(s, name, **labels)]
-    if not values:
-        return None
-    return max(values) if how == "max" else sum(values)
-
-
-def counter_delta(prev: float | None, cur: float) -> float:
-    """Increase of one counter between two scrapes.
-
-    A counter that went down was reset (its node restarted), so its new value is the increase;
-    a series absent before (``None``) counts from 0.
-    """
-    if prev is None or cur < prev:
-        return cur
-    return cur - prev
-
-
-def is_reset(prev: Samples, cur: Samples) -> bool:
-    """Whether the node restarted between two scrapes: a counter went down or a series was re-created."""
-    for key, value in cur.items():
-        old = prev.get(key)
-        if old is None:
-            continue
-        if key[0].endswith(CUMULATIVE_SUFFIXES) and value < old:
-            return True
-        if key[0].endswith("_created") and value != old:
-            return True
-    return False
-
-
-def node_delta(prev: Samples, cur: Samples) -> Samples:
-    """Counter and histogram increases of one node between two scrapes (gauges left out).
-
-    After a restart every series restarts from its new value at once, so a histogram's buckets
-    stay consistent with each other (a per-series check could miss a bucket that grew past its
-    old value since the restart).
-    """
-    base: Samples = {} if is_reset(prev, cur) else prev
-    return {key: counter_delta(base.get(key), v) for key, v in cur.items() if key[0].endswith(CUMULATIVE_SUFFIXES)}
-
-
-def add(many: Iterable[Samples]) -> Samples:
-    """Series-wise sum of several nodes' samples."""
-    out: Samples = {}
-    for samples in many:
-        for key, v in samples.items():
-            out[key] = out.get(key, 0.0) + v
-    return out
-
-
-def buckets(samples: Samples, family: str, **labels: str) -> list[tuple[float, float]]:
-    """Cumulative buckets ``(upper bound, count)`` of a histogram, summed over its matching series, by bound."""
-    acc: dict[float, float] = {}
-    for (n, lab), v in samples.items():
-        le = dict(lab).get("le")
-        if n == f"{family}_bucket" and le is not None and _matches(lab, labels):
-            acc[float(le)] = acc.get(float(le), 0.0) + v
-    return sorted(acc.items())
-
-
-def histogram_quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
-    """The ``q`` quantile (0 < q <= 1) of cumulative buckets, as Prometheus' ``histogram_quantile``.
-
-    Linear interpolation inside the bucket that holds rank ``q * count``, the first bucket
-    starting at 0; a rank in the ``+Inf`` bucket gives the highest finite bound. None without
-    observations or without a ``+Inf`` bucket.
-    """
-    if not 0 < q <= 1:
-        raise ValueError(f"quantile must be in (0, 1], got {q}")
-    if len(cumulative) < 2 or not math.isinf(cumulative[-1][0]) or cumulative[-1][1] <= 0:
-        return None
-    rank = q * cumulative[-1][1]
-    lower, below = 0.0, 0.0
-    for i, (upper, count) in enumerate(cumulative[:-1]):
-        if count >= rank:
-            if i == 0 and upper <= 0:
-                return upper
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return cumulative[-2][0]
-
-
-@dataclass(frozen=True)
-class Scrape:
-    """One round of scrapes: when (unix s) and each node's samples by URL (None = did not answer)."""
-
-    at: float
-    nodes: dict[str, Samples | None]
-
-    @property
-    def up(self) -> list[Samples]:
-        return [s for s in self.nodes.values() if s is not None]
-
-
-@dataclass(frozen=True)
-class View:
-    """What one screen shows: state now, and rates over the interval between two scrapes."""
-
-    at: float
-    interval_s: float
-    nodes_up: int
-    nodes_known: int
-    down: tuple[str, ...] = ()
-    new: int = 0  # up now, but not in the previous scrape: no rates from them until the next one
-    queue_depth: float | None = None
-    in_flight: float | None = None
-    inflight_cap: float | None = None
-    jobs_per_s: float = 0.0
-    outcomes_per_s: dict[str, float] = field(default_factory=dict)
-    tokens_per_min: float = 0.0
-    tpm_limit: float | None = None
-    requests_per_min: float = 0.0
-    rpm_limit: float | None = None
-    latency_s: tuple[float | None, float | None] = (None, None)  # p50, p95
-    ttft_s: tuple[float | None, float | None] = (None, None)
-    failed: float = 0.0
-    retries: dict[str, float] = field(default_factory=dict)
-    cost_per_hour: float = 0.0
-    cost_total: float | None = None
-    cooldown_s: float | None = None
-
-
-def fleet_delta(prev: Scrape, cur: Scrape) -> Samples:
-    """Counter increases summed over the nodes that answered both scrapes."""
-    pairs = ((prev.nodes.get(url), now) for url, now in cur.nodes.items())
-    return add(node_delta(before, now) for before, now in pairs if before is not None and now is not None)
-
-
-def _p50_p95(delta: Samples, family: str) -> tuple[float | None, float | None]:
-    cumulative = buckets(delta, family)
-    return histogram_quantile(0.5, cumulative), histogram_quantile(0.95, cumulative)
-
-
-def _largest_first(counts: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if v}
-
-
-def build_view(prev: Scrape, cur: Scrape) -> View:
-    """The screen's numbers from two consecutive scrapes."""
-    up, d = cur.up, fleet_delta(prev, cur)
-    dt = max(cur.at - prev.at, 1e-6)
-    outcomes = by_label(d, "moonq_jobs_total", "outcome")
-    tokens = total(d, "moonq_tokens_total", type="prompt") + total(d, "moonq_tokens_total", type="completion")
-    return View(
-        at=cur.at,
-        interval_s=dt,
-        nodes_up=len(up),
-        nodes_known=len(cur.nodes),
-        down=tuple(sorted(url for url, s in cur.nodes.items() if s is None)),
-        new=sum(1 for url, s in cur.nodes.items() if s is not None and prev.nodes.get(url) is None),
-        queue_depth=fleet(up, "moonq_queue_depth", "max"),
-        in_flight=fleet(up, "moonq_jobs_in_progress"),
-        inflight_cap=fleet(up, "moonq_ratelimit_limit", "max", limit="inflight"),
-        jobs_per_s=sum(outcomes.values()) / dt,
-        outcomes_per_s={k: v / dt for k, v in _largest_first(outcomes).items()},
-        tokens_per_min=tokens / dt * 60,
-        tpm_limit=fleet(up, "moonq_ratelimit_limit", "max", limit="tpm"),
-        requests_per_min=total(d, "moonq_upstream_request_duration_seconds_count") / dt * 60,
-        rpm_limit=fleet(up, "moonq_ratelimit_limit", "max", limit="rpm"),
-        latency_s=_p50_p95(d, "moonq_job_duration_seconds"),
-        ttft_s=_p50_p95(d, "moonq_time_to_first_token_seconds"),
-        failed=outcomes.get("failed", 0.0),
-        retries=_largest_first(by_label(d, "moonq_retries_total", "reason")),
-        cost_per_hour=total(d, "moonq_cost_usd_total") / dt * 3600,
-        cost_total=fleet(up, "moonq_cost_usd_total"),
-        cooldown_s=fleet(up, "moonq_ratelimit_cooldown_seconds", "max"),
-    )
-
-
-def human(x: float) -> str:
-    """A count or rate, short: whole numbers below 10000 exactly, else 0.25, 12.5, 950, 12.5k, 5.0M."""
-    if x == int(x) and abs(x) < 1e4:
-        return str(int(x))
-    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= size:
-            return f"{x / size:.1f}{unit}" if abs(x) < 100 * size else f"{x / size:.0f}{unit}"
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
-
-
-def seconds(x: float | None) -> str:
-    """A duration for the screen; ``-`` when unknown (no observation in the interval)."""
-    if x is None:
-        return "-"
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+__all__ = [
+    "CUMULATIVE_SUFFIXES",
+    "LABEL_WIDTH",
+    "Labels",
+    "SampleKey",
+    "Samples",
+    "Scrape",
+    "View",
+    "add",
+    "against",
+    "buckets",
+    "build_view",
+    "by_label",
+    "counter_delta",
+    "deliveries_row",
+    "fleet",
+    "fleet_delta",
+    "format_screen",
+    "histogram_quantile",
+    "human",
+    "is_reset",
+    "node_delta",
+    "parse_exposition",
+    "reports",
+    "screen_line",
+    "screen_rows",
+    "seconds",
+    "total",
+]
 
 
 def against(rate: float, limit: float | None, unit: str) -> str:
@@ -292,6 +106,24 @@ def screen_rows(view: View) -> list[tuple[str, str]]:
         rows.append(("", "no nodes: none announced in Redis in the last 30 s (MOONQ_PREFIX? --node URL)"))
     rows.extend(("down", url) for url in view.down)
     return rows
+
+
+def deliveries_row(prev: Scrape, cur: Scrape) -> tuple[str, str] | None:
+    """The webhook and callback backlog (``moonq_webhook_backlog``, fleet-wide) and the interval's
+    delivered rate, as one row; None when no node reports a backlog (older nodes)."""
+    up = cur.up
+    if not any(reports(s, "moonq_webhook_backlog") for s in up):
+        return None
+    state = {
+        name: fleet(up, "moonq_webhook_backlog", "max", state=name) or 0.0 for name in ("queued", "retrying", "dead")
+    }
+    delivered = total(fleet_delta(prev, cur), "moonq_webhook_deliveries_total", outcome="delivered")
+    rate = delivered / max(cur.at - prev.at, 1e-6)
+    return (
+        "deliveries",
+        f"{human(state['queued'])} queued | {human(state['retrying'])} retrying | {human(state['dead'])} dead"
+        f" | delivered {rate:.2f}/s",
+    )
 
 
 LABEL_WIDTH = 12  # the plain screen's label column

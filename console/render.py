@@ -43,6 +43,8 @@ class Renderer:
     def event(self, event: Event) -> None:
         if event.type == "delta" and event.index == 0 and event.delta:
             self._delta(event.delta)
+        elif event.type == "retry" and event.resume:
+            pass  # resumed: the text so far stands and the next attempt continues it on the same line
         elif event.type == "retry":
             self._switch("note")
             self.out.write(

@@ -1,7 +1,8 @@
 """``moonq top``'s loop: find the nodes, scrape them all at once, redraw every interval.
 
 On a terminal the screen is a rich table redrawn in place (``rich.live.Live``); otherwise (piped,
-or ``--once``) each screen is printed as plain lines, the format ``console/fleetview.py`` gives.
+or ``--once``) each screen is printed as plain lines, the format ``console/fleetview.py`` gives
+(the numbers are ``moonq/fleet.py``'s, which the gateway's web console shows too).
 Nodes are the fresh entries of ``P:nodes`` (every live node re-announces its /metrics URL every
 few seconds) plus any ``--node URL``. A node that does not answer in time, or answers something
 that is not an exposition, is shown as down; Redis not answering only loses discovery.
@@ -24,11 +25,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from console.fleetview import Samples, Scrape, build_view, parse_exposition, screen_line, screen_rows
+from console.fleetview import deliveries_row, screen_line, screen_rows
+from moonq.fleet import NODE_STALE_S, Samples, Scrape, build_view, parse_exposition
 from moonq.keys import Keys
 from moonq.settings import ClientSettings
-
-NODE_STALE_S = 30.0  # a node that has not announced itself for this long is gone
 
 
 def discover(r: redis.Redis, keys: Keys, explicit: Sequence[str], now: float) -> tuple[list[str], str | None]:
@@ -92,8 +92,12 @@ class Top:
         return scrape(self.http, self.pool, urls)
 
     def rows(self, prev: Scrape, cur: Scrape) -> list[tuple[str, str]]:
-        """The screen's rows (``fleetview.screen_rows``), then the discovery note if any."""
+        """The screen's rows (``fleetview.screen_rows``), the delivery backlog, then the discovery note if any."""
         rows = screen_rows(build_view(prev, cur))
+        backlog = deliveries_row(prev, cur)
+        if backlog is not None:  # after the fleet's numbers, before the notes and the nodes that are down
+            at = next((i for i, (label, _) in enumerate(rows) if not label or label == "down"), len(rows))
+            rows.insert(at, backlog)
         return [*rows, ("", self.note)] if self.note else rows
 
     def next_round(self, prev: Scrape, interval_s: float) -> Scrape:

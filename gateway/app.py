@@ -26,16 +26,22 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.console import console_routes
 from gateway.openapi import openapi_document
 from gateway.stream import ChunkStream, error_body, sse
 from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
+from moonq.models import check_builtin_tools
 from moonq.record import JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
 from moonq.settings import ClientSettings
+from moonq.webhooks import check_webhook_url
 from moonq.wire import DEFAULT_PRIORITY, check_priority
 from producers.aio import AsyncClient, AsyncJob
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+BUILTIN_TOOLS_HEADER = "X-Moonq-Builtin-Tools"
+# The web console signs in with a gateway token once, then goes by its session cookie (gateway/console/).
+CONSOLE_PATH = "/console"
 
 
 class GatewaySettings(ClientSettings):
@@ -46,6 +52,8 @@ class GatewaySettings(ClientSettings):
     gateway_max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     # A caller who hangs up on a chat completion: cancel its job (saves tokens) or keep it running.
     gateway_on_disconnect: Literal["cancel", "keep"] = "cancel"
+    # MOONQ_PRICES_FILE, as the nodes read it: the console prices each job as the nodes do.
+    prices_file: str | None = None
 
     @property
     def tokens(self) -> list[str]:
@@ -67,7 +75,8 @@ class Guard:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if not self._authorized(headers.get(b"authorization", b"")):
@@ -127,6 +136,12 @@ def job_options(request: Request) -> dict[str, Any]:
     raw = request.headers.get("x-moonq-priority")
     if raw is not None:
         options["priority"] = check_priority(raw, "X-Moonq-Priority", text=True)
+    hook = request.headers.get("x-moonq-webhook")
+    if hook is not None:  # where the job's end is POSTed (docs/webhooks.md); never a field of the body
+        options["webhook"] = check_webhook_url(hook, "X-Moonq-Webhook")
+    builtin = request.headers.get(BUILTIN_TOOLS_HEADER)
+    if builtin is not None:  # the worker runs $web_search's round trips (docs/moonshot-api.md §6); never in the body
+        options["builtin_tools"] = check_builtin_tools(builtin, None, BUILTIN_TOOLS_HEADER)
     return options
 
 
@@ -152,16 +167,19 @@ class Gateway:
     async def _submit(self, request: Request) -> tuple[AsyncJob, ChatRequest]:
         raw = await read_json(request, self.settings.gateway_max_body_bytes)
         body = await asyncio.to_thread(validate_request, raw)  # a 100 MB request must not stall the loop
-        job = await self.client.submit(body, **job_options(request))
+        options = job_options(request)
+        check_builtin_tools(options.get("builtin_tools"), body.n, BUILTIN_TOOLS_HEADER)
+        job = await self.client.submit(body, **options)
         return job, body
 
     async def chat_completions(self, request: Request) -> Response:
         job, body = await self._submit(request)
         headers = {"X-Moonq-Job-Id": job.id}
-        # The validated request, not the raw body: {"stream": "false"} is not a truthy string here.
+        # The validated request, not the raw body (a non-boolean "stream" was refused by validation).
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = ChunkStream(job.id, body.model, int(time.time()), include_usage)
+            builtin = request.headers.get(BUILTIN_TOOLS_HEADER) is not None
+            chunks = ChunkStream(job.id, body.model, int(time.time()), include_usage, builtin_tools=builtin)
             return StreamingResponse(self._stream(job, chunks), media_type="text/event-stream", headers=headers)
         waiter = asyncio.create_task(job.result())
         if not await _finished_before_disconnect(request, waiter):
@@ -280,6 +298,9 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         Route("/v1/jobs/{job_id}/events", gw.job_events, methods=["GET"]),
         Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
         Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
+        *console_routes(
+            lambda: gw.client, tokens=settings.tokens, keys=settings.keys, prices_file=settings.prices_file
+        ),
     ]
 
     @contextlib.asynccontextmanager

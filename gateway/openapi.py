@@ -74,6 +74,14 @@ PRIORITY = {
     "schema": {"type": "string", "pattern": "^[0-9]$"},
 }
 
+BUILTIN_TOOLS = {
+    "name": "X-Moonq-Builtin-Tools",
+    "in": "header",
+    "required": False,
+    "description": "auto: the worker runs the round trips of builtin tools ($web_search) itself",
+    "schema": {"type": "string", "enum": ["auto"]},
+}
+
 
 @cache
 def openapi_document() -> dict[str, Any]:
@@ -90,7 +98,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/chat/completions": {
                 "post": {
                     "summary": "A chat completion, through the queue (stream or not)",
-                    "parameters": [IDEMPOTENCY, PRIORITY],
+                    "parameters": [IDEMPOTENCY, PRIORITY, BUILTIN_TOOLS],
                     "requestBody": {"required": True, "content": _json("ChatRequest")},
                     "responses": {
                         "200": {
@@ -104,7 +112,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit a job",
-                    "parameters": [IDEMPOTENCY, PRIORITY],
+                    "parameters": [IDEMPOTENCY, PRIORITY, BUILTIN_TOOLS],
                     "requestBody": {"required": True, "content": _json("ChatRequest")},
                     "responses": {
                         "202": {"description": "accepted", "content": _json("JobAccepted")},

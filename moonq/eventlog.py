@@ -22,8 +22,8 @@ from moonq.record import record_lua
 from moonq.wire import Event
 
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
-# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional) the job's
-# idempotency key.
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional; '' = none) the
+# job's idempotency key, KEYS[5] (optional) the deliveries stream.
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
 # that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
 # the log keeps (0 = no cap), ARGV[7] job id, ARGV[8] n = number of events, ARGV[9 .. 8+n] event
@@ -33,6 +33,9 @@ from moonq.wire import Event
 # A write that leaves the job in a terminal status ends it: the record, its log and its idempotency
 # key get their TTL, and the job leaves the active index. Before that nothing here expires: an active
 # job's keys are owned by the index (moonq/keys.py), so a long queue or a long job never loses them.
+# The same write hands off what the job's ending owes: with KEYS[5], one entry (kind, job) per webhook
+# or Celery callback the record names is added to the deliveries stream, in the same atomic step, so a
+# node killed right after the job ended still has them delivered (worker/deliveries.py).
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
@@ -70,8 +73,13 @@ if $is_terminal then
   local ttl = tonumber(ARGV[2])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  if KEYS[4] then redis.call('EXPIRE', KEYS[4], ttl) end
+  if KEYS[4] and KEYS[4] ~= '' then redis.call('EXPIRE', KEYS[4], ttl) end
   redis.call('ZREM', KEYS[3], ARGV[7])
+  if KEYS[5] then
+    local owed = redis.call('HMGET', KEYS[1], $webhook, $on_done)
+    if owed[1] and owed[1] ~= '' then redis.call('XADD', KEYS[5], '*', 'kind', 'webhook', 'job', ARGV[7]) end
+    if owed[2] and owed[2] ~= '' then redis.call('XADD', KEYS[5], '*', 'kind', 'callback', 'job', ARGV[7]) end
+  end
 end
 return math.max(seq, 1)
 """)
@@ -120,6 +128,9 @@ def append_args(
         max_events: caps the log's length (0 = no cap).
         idempotency_key: the Redis key of the job's idempotency key, if it has one (the record's
             ``idem_key``), so that it expires with the job.
+
+    The keys always end with the deliveries stream, so whichever writer ends a job hands off the
+    webhook and callback its record names.
     """
     expected = "" if expected_seq is None else expected_seq
     argv: list[str | int] = [
@@ -135,8 +146,7 @@ def append_args(
     ]
     for name, value in (fields or {}).items():
         argv += [name, value]
-    job_keys = [keys.job(job_id), keys.log(job_id), keys.active]
-    return [*job_keys, idempotency_key] if idempotency_key else job_keys, argv
+    return [keys.job(job_id), keys.log(job_id), keys.active, idempotency_key, keys.deliveries], argv
 
 
 def parse_entries(entries: list[tuple[Any, Any]]) -> list[Event]:

@@ -22,6 +22,20 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
     P:sweep             string the lock that lets one node at a time sweep; expires by itself.
     P:failed            zset job id -> finished_at of jobs that ended failed (the dead letters);
                                entries older than ``result_ttl_s`` are trimmed on each insert.
+    P:recent            zset job id -> enqueued_at of every job submitted in the last ``result_ttl_s``
+                               (the web console's jobs list, newest first): written at submit, trimmed
+                               by age on each write, and the key expires ``result_ttl_s`` after the last.
+    P:deliveries        stream the hand-off of webhooks and Celery callbacks owed by ended jobs: one entry
+                               (``kind``, ``job``) per delivery, added by the write that ends the job
+                               (moonq/eventlog.py), read by the nodes' delivery workers through the
+                               consumer group ``nodes``, and deleted once handled (worker/deliveries.py).
+    P:deliveries:due    zset   delivery id -> when its next attempt is due (unix s): the retries waiting;
+                               each goes back into the stream when due, and leaves the zset as it does.
+    P:deliveries:dead   zset   delivery id -> when it gave up (the deliveries' dead letters); entries older
+                               than ``result_ttl_s`` are trimmed on each insert, and the key expires.
+    P:delivery:<id>     hash   a delivery's state once it has failed an attempt: its body as first built,
+                               target, attempts, last error; expires after the retries' horizon (or
+                               ``result_ttl_s`` after it gave up), deleted once delivered.
     P:limit:*           the fleet limiter's state; names in ``worker/limiter_state.py``.
     P:nodes             zset metrics URL -> last heartbeat (unix s) of each live node, for ``moonq top``.
 
@@ -68,6 +82,25 @@ class Keys:
     @property
     def failed(self) -> str:
         return f"{self.prefix}:failed"
+
+    @property
+    def recent(self) -> str:
+        return f"{self.prefix}:recent"
+
+    @property
+    def deliveries(self) -> str:
+        return f"{self.prefix}:deliveries"
+
+    @property
+    def deliveries_due(self) -> str:
+        return f"{self.prefix}:deliveries:due"
+
+    @property
+    def deliveries_dead(self) -> str:
+        return f"{self.prefix}:deliveries:dead"
+
+    def delivery(self, delivery_id: str) -> str:
+        return f"{self.prefix}:delivery:{delivery_id}"
 
     @property
     def cancel(self) -> str:

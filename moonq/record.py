@@ -27,6 +27,10 @@ Fields (all stored as strings; written by whom):
     retry_of          the failed job this one re-runs (producer's ``retry``)
     idem_key          the Redis key of the job's idempotency key, if it has one (producer); the key
                       lives as long as the record and expires with it (moonq/eventlog.py)
+    webhook           the URL to POST the job's outcome to when it ends (producer; docs/webhooks.md)
+    on_done           a Celery task name to send the outcome to when the job ends (producer)
+    on_done_queue     the queue of that task; empty = ``celery`` (producer)
+    builtin_tools     ``auto``: the worker runs builtin tool rounds itself (producer; docs/moonshot-api.md §6)
 
 Lifetime: a record has no TTL while its job is active; it is owned by the active-jobs index
 (``P:active``, see moonq/keys.py), which the fleet's sweeper watches so that no active job is left
@@ -85,6 +89,10 @@ class JobField(StrEnum):
     ERROR = "error"
     RETRY_OF = "retry_of"
     IDEM_KEY = "idem_key"
+    WEBHOOK = "webhook"
+    ON_DONE = "on_done"
+    ON_DONE_QUEUE = "on_done_queue"
+    BUILTIN_TOOLS = "builtin_tools"
 
 
 def _lua_names() -> dict[str, str]:
@@ -141,6 +149,10 @@ class JobRecord(BaseModel):
     error: str | None = None  # JSON text; ``error_info()`` parses it
     retry_of: str | None = None
     idem_key: str | None = None
+    webhook: str | None = None
+    on_done: str | None = None
+    on_done_queue: str | None = None
+    builtin_tools: str | None = None
 
     @classmethod
     def from_redis(cls, raw: Mapping[Any, Any] | None) -> JobRecord | None:

@@ -5,38 +5,46 @@ range, size) and a mistake raises ``InvalidRequest`` naming the field and the ru
 fields we do not know pass through to the upstream unchanged, because the API grows
 faster than this file. Known or not, every value must be plain JSON that any peer can carry
 (``json_problem``: no NaN, no lone surrogate, no 65-bit integer, at most 64 levels deep).
-``to_payload()`` returns exactly what the caller set (defaults are never injected), with the
-deprecated ``max_tokens`` mapped to ``max_completion_tokens``.
+``to_payload()`` returns exactly what the caller set, as the caller wrote it: defaults are never
+injected, no value is coerced (``"stream": "false"`` is refused, not sent as false), and the
+deprecated ``max_tokens`` is sent as ``max_tokens`` (an upstream that honours only one of the two
+spellings would otherwise apply a different cap than the one asked for; docs/moonshot-api.md §2).
+Documented per-model rules (moonq/models.py) are checked too, for the models they name.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from moonq.errors import InvalidRequest
+from moonq.jsonsafe import MAX_JSON_DEPTH, MAX_JSON_INT, field_path, json_problem
+from moonq.models import Sampling, model_problem
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_INT",
+    "MAX_REQUEST_BYTES",
+    "MAX_STOP_BYTES",
+    "ChatRequest",
+    "field_path",
+    "json_problem",
+    "validate_request",
+]
 
 MAX_STOP_WORDS = 5
 MAX_STOP_BYTES = 32
 MAX_TOOLS = 128
-TOOL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9\-_]{2,63}$")
+# Matched whole (fullmatch): with re.match, "$" also matches before a trailing newline ("get_weather\n").
+TOOL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9\-_]{2,63}")
 ROLES = ("system", "user", "assistant", "tool")
 # Formats Moonshot accepts inside base64 data URLs (docs/moonshot-api.md §2).
 IMAGE_TYPES = ("png", "jpeg", "jpg", "webp", "gif")
 VIDEO_TYPES = ("mp4", "mpeg", "mov", "quicktime", "avi", "x-msvideo", "x-flv", "mpg", "webm", "wmv", "x-ms-wmv", "3gpp")
-# Arrays and objects nested deeper than this are refused: pydantic cannot serialize past ~250
-# levels, and Python's json cannot parse past ~1000, so a deeper request would fail later, in
-# the gateway, the producer or the worker, instead of here with a clear message. A tool's JSON
-# schema needs two levels per nested property; 64 leaves room for 30.
-MAX_JSON_DEPTH = 64
-# Integers a JSON peer can hold: the upstream (and Python's json past 4300 digits) cannot take more.
-MAX_JSON_INT = 2**63 - 1
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 Unit = Annotated[float, Field(strict=True, ge=0, le=1)]
 Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
@@ -80,6 +88,9 @@ class ContentPart(_Open):
         if self.type == "text":
             if not isinstance(self.text, str):
                 raise ValueError("text: a text part needs a 'text' string")
+            if not self.text:
+                # Refused by the API ("text content is empty", docs/moonshot-api.md §2), even beside other parts.
+                raise ValueError("text: must not be empty (leave the part out instead)")
             return self
         ref = self.image_url if self.type == "image_url" else self.video_url
         if ref is None:
@@ -103,7 +114,8 @@ class ToolCallFunction(_Open):
 
 class ToolCall(_Open):
     id: str = Field(min_length=1)
-    type: Literal["function"] = "function"
+    # A $web_search call may come back typed builtin_function; it is sent back unchanged (§6).
+    type: Literal["function", "builtin_function"] = "function"
     function: ToolCallFunction
 
 
@@ -113,7 +125,7 @@ class Message(_Open):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    partial: bool | None = None
+    partial: StrictBool | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
@@ -137,7 +149,8 @@ class Message(_Open):
         if self.partial and self.role != "assistant":
             raise ValueError("partial: is only allowed on an assistant message")
         if self.role == "assistant":
-            if self.tool_calls is None and not self.partial and _content_is_empty(self.content):
+            # An empty tool_calls list is no call: such a message is empty, and the API refuses it.
+            if not self.tool_calls and not self.partial and _content_is_empty(self.content):
                 raise ValueError("content: must not be empty (unless the message has tool_calls or partial)")
         elif _content_is_empty(self.content):
             raise ValueError("content: must not be empty")
@@ -152,7 +165,7 @@ class FunctionDef(_Open):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(_Open):
@@ -168,8 +181,8 @@ class Tool(_Open):
             if not name.startswith("$"):
                 raise ValueError(f"function.name: a builtin_function name starts with '$' (got {name!r})")
             return self
-        if not TOOL_NAME_RE.match(name):
-            raise ValueError(f"function.name: {name!r} does not match {TOOL_NAME_RE.pattern}")
+        if not TOOL_NAME_RE.fullmatch(name):
+            raise ValueError(f"function.name: {name!r} does not match ^{TOOL_NAME_RE.pattern}$")
         params = self.function.parameters
         if params is not None and params.get("type") != "object":
             raise ValueError("function.parameters: must be a JSON schema whose root type is 'object'")
@@ -178,7 +191,7 @@ class Tool(_Open):
 
 class JsonSchemaSpec(_Open):
     name: str = Field(min_length=1)
-    strict: bool | None = None
+    strict: StrictBool | None = None
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
 
@@ -200,7 +213,7 @@ class Thinking(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class NamedToolChoice(_Open):
@@ -214,6 +227,8 @@ class ChatRequest(_Open):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, strict=True, ge=1)
+    # Deprecated by the API but still documented; sent as written, never renamed (see the module docstring).
+    max_tokens: int | None = Field(default=None, strict=True, ge=1)
     temperature: Unit | None = None
     top_p: Unit | None = None
     n: int | None = Field(default=None, strict=True, ge=1, le=5)
@@ -221,7 +236,7 @@ class ChatRequest(_Open):
     frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     stop: str | list[str] | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
@@ -229,24 +244,21 @@ class ChatRequest(_Open):
     reasoning_effort: Literal["low", "high", "max"] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
 
     @model_validator(mode="before")
     @classmethod
-    def _map_deprecated_max_tokens(cls, data: Any) -> Any:
+    def _plain_json(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             raise ValueError(f"request: must be a JSON object (got {type(data).__name__})")
         problem = json_problem(data)
         if problem is not None:
             # A custom error type, so the report names the exact path (unknown fields included).
             raise PydanticCustomError("json_unsafe", "{field}: {rule}", {"field": problem[0], "rule": problem[1]})
-        if "max_tokens" not in data:
-            return data
-        if "max_completion_tokens" in data:
+        if "max_tokens" in data and "max_completion_tokens" in data:
+            # What the API does with both is not documented (docs/moonshot-api.md §13): one cap, one name.
             raise ValueError("max_tokens: is the deprecated alias of max_completion_tokens; set only one")
-        data = dict(data)
-        data["max_completion_tokens"] = data.pop("max_tokens")
         return data
 
     @field_validator("stop")
@@ -279,7 +291,22 @@ class ChatRequest(_Open):
             if wanted not in offered:
                 raise ValueError(f"tool_choice.function.name: {wanted!r} is not among the offered tools")
         self._check_tool_results()
+        problem = model_problem(self.model, self._sampling())
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
         return self
+
+    def _sampling(self) -> Sampling:
+        choice = self.tool_choice
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            thinking=self.thinking.type if self.thinking is not None else None,
+            tool_choice="named" if isinstance(choice, NamedToolChoice) else choice,
+        )
 
     def _check_tool_results(self) -> None:
         known: set[str] = set()
@@ -304,73 +331,6 @@ class ChatRequest(_Open):
             limit = f"must be at most {MAX_REQUEST_BYTES // 2**20} MB as JSON (the API's limit)"
             raise InvalidRequest([("request", f"{limit}; got {size:,} bytes")])
         return payload
-
-
-def _scalar_problem(value: Any) -> str | None:
-    if isinstance(value, str):
-        bad = None if value.isascii() else _SURROGATE_RE.search(value)
-        if bad is not None:
-            return f"is not valid Unicode: lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}"
-    elif value is None or isinstance(value, bool):
-        return None
-    elif isinstance(value, int):
-        if abs(value) > MAX_JSON_INT:
-            return f"integer out of range: at most {MAX_JSON_INT} in magnitude (got {value.bit_length()} bits)"
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            return f"must be a finite number (got {value})"
-    elif not isinstance(value, BaseModel):  # models (a Message, a Tool) are checked when they are built
-        return f"is not a JSON value (got {type(value).__name__})"
-    return None
-
-
-def _key_problem(key: Any) -> str | None:
-    if not isinstance(key, str):
-        return f"keys must be strings (got {type(key).__name__} {key!r:.40})"
-    rule = _scalar_problem(key)
-    return None if rule is None else f"key {key!r:.40}: {rule}"
-
-
-def json_problem(data: Any) -> tuple[str, str] | None:
-    """The first place where ``data`` is not plain, portable JSON, as ``(field, rule)``; else None.
-
-    Checks what no schema rule covers, in known and unknown fields alike: nesting depth, lone
-    surrogates (not encodable as UTF-8), NaN/Infinity and integers beyond 64 bits. Iterative,
-    so a hostile depth cannot exhaust the stack.
-    """
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, dict | list | tuple):
-            if len(path) >= MAX_JSON_DEPTH:
-                return field_path(path), f"is nested deeper than {MAX_JSON_DEPTH} levels"
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(value, dict) and (rule := _key_problem(key)) is not None:
-                    return field_path(path), rule
-                stack.append((item, (*path, key)))
-        elif (rule := _scalar_problem(value)) is not None:
-            return field_path(path), rule
-    return None
-
-
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*|[0-9]+")
-
-
-def field_path(parts: tuple[str | int, ...] | list[str | int]) -> str:
-    """``messages.0.content``; a key that is not a plain name is quoted: ``x["a b"]["\\n"]``.
-
-    Keys come from the caller and may hold anything (spaces, newlines, 10 kB): quoted and cut
-    short, the path still reads as one field and stays on one line.
-    """
-    out = ""
-    for part in parts:
-        text = str(part)
-        if len(text) <= 40 and _PLAIN_SEGMENT.fullmatch(text):
-            out += f".{text}" if out else text
-        else:
-            out += f"[{json.dumps(text[:40] + ('...' if len(text) > 40 else ''))}]"
-    return out or "request"
 
 
 _TYPE_NAMES = {"str", "list", "dict", "int", "float", "bool"}

@@ -20,6 +20,8 @@ from moonq.wire import DEFAULT_QUEUE
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
+# Settings holding a URL that may carry a password (the worker's callback broker too): redacted in repr().
+URL_SETTINGS = ("redis_url", "broker_url", "callback_broker_url")
 # Query parameters that carry a secret (redis-py passes unknown ones to the connection).
 _SECRET_PARAMS = ("password", "pass", "secret", "token")
 
@@ -86,4 +88,4 @@ class ClientSettings(BaseSettings):
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # repr() and str() of the settings (tracebacks, debug logs) never show a Redis or broker password.
         for name, value in super().__repr_args__():
-            yield name, redact_url(value) if name in ("redis_url", "broker_url") and isinstance(value, str) else value
+            yield name, redact_url(value) if name in URL_SETTINGS and isinstance(value, str) else value

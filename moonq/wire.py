@@ -101,6 +101,13 @@ class Event(_Reader):
     delta: dict[str, Any] | None = None
     reason: str | None = None
     delay_s: float | None = None
+    # On a ``retry``: True when the earlier deltas stand and the next attempt continues the answer
+    # (Partial Mode); ``kept`` is then how many characters of content stand. False, or absent on older
+    # events, when they are superseded; ``restart_reason`` says why an answer that had begun to stream
+    # starts over instead of continuing (docs/contract.md, Events).
+    resume: bool | None = None
+    kept: int | None = None
+    restart_reason: str | None = None
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
 

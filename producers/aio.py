@@ -52,18 +52,37 @@ class AsyncClient:
         *,
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
     ) -> AsyncJob:
         """As ``Client.submit``."""
         job_id = await asyncio.to_thread(
-            self._submitter.submit, request, priority=priority, idempotency_key=idempotency_key
+            self._submitter.submit,
+            request,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
+            builtin_tools=builtin_tools,
         )
         return AsyncJob(self, job_id)
 
     async def submit_many(
-        self, requests: Iterable[dict[str, Any] | ChatRequest], *, priority: int = DEFAULT_PRIORITY
+        self,
+        requests: Iterable[dict[str, Any] | ChatRequest],
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
     ) -> list[AsyncJob]:
         """As ``Client.submit_many``."""
-        job_ids = await asyncio.to_thread(self._submitter.submit_many, list(requests), priority=priority)
+        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
+        job_ids = await asyncio.to_thread(self._submitter.submit_many, list(requests), priority=priority, **owed)
         return [AsyncJob(self, job_id) for job_id in job_ids]
 
     def job(self, job_id: str) -> AsyncJob:

@@ -69,6 +69,10 @@ class Client:
         *,
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
     ) -> Job:
         """Validate ``request`` and enqueue it as a new job.
 
@@ -77,22 +81,50 @@ class Client:
             priority: 0 (most urgent) to 9; orders both the queue and the wait for rate-limit capacity.
             idempotency_key: submitting the same key again within ``result_ttl_s`` returns the first
                 job instead of running the request again.
+            webhook: an ``https://`` URL a node POSTs the job's outcome to when it ends, signed as
+                Standard Webhooks describes, at least once (docs/webhooks.md).
+            on_done: a Celery task name a node sends ``(job_id, status, result_or_error)`` to when
+                the job ends, through ``MOONQ_CALLBACK_BROKER_URL``, at least once.
+            on_done_queue: the queue of ``on_done`` (default ``celery``).
+            builtin_tools: ``"auto"``: a node runs the round trips of Moonshot's builtin tools
+                (``$web_search``) itself, so the job's result is the final answer; each round is a
+                ``retry`` event with reason ``tool_round``, and the usage sums them. Travels beside
+                the request, never in it (docs/moonshot-api.md §6).
 
         Raises:
             InvalidRequest: the request or an option broke a documented rule (or the idempotency key
                 was used before with a different request); nothing was enqueued.
         """
-        return Job(self, self._submitter.submit(request, priority=priority, idempotency_key=idempotency_key))
+        job_id = self._submitter.submit(
+            request,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            webhook=webhook,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
+            builtin_tools=builtin_tools,
+        )
+        return Job(self, job_id)
 
     def submit_many(
-        self, requests: Iterable[dict[str, Any] | ChatRequest], *, priority: int = DEFAULT_PRIORITY
+        self,
+        requests: Iterable[dict[str, Any] | ChatRequest],
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
     ) -> list[Job]:
         """Validate every request, then enqueue them all with pipelined Redis writes.
 
         All or nothing for validation: one bad request raises ``InvalidRequest`` naming it
-        (``requests.3.messages.0.content: …``) and nothing is enqueued.
+        (``requests.3.messages.0.content: …``) and nothing is enqueued. ``webhook``, ``on_done`` and
+        ``on_done_queue`` (as in ``submit``) apply to every job: each job's end is delivered on its own.
+        ``builtin_tools`` (as in ``submit``) applies to every job.
         """
-        return [Job(self, job_id) for job_id in self._submitter.submit_many(requests, priority=priority)]
+        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
+        return [Job(self, job_id) for job_id in self._submitter.submit_many(requests, priority=priority, **owed)]
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters: jobs that ended ``failed``, newest first."""

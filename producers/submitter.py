@@ -19,8 +19,10 @@ import redis
 from moonq.broker import producer_app, send_envelope
 from moonq.errors import InvalidRequest, JobNotFound
 from moonq.eventlog import APPEND_LUA, append_args, event_body
+from moonq.models import check_builtin_tools
 from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
 from moonq.settings import ClientSettings
+from moonq.webhooks import callback_fields
 from moonq.wire import ChatRequest, JobEnvelope, check_priority, validate_request
 
 # KEYS[1] idempotency key, KEYS[2] job hash, KEYS[3] active-jobs index. ARGV[1] job id, ARGV[2]
@@ -78,28 +80,50 @@ class Submitter:
         return JobRecord.from_redis(self.redis.hgetall(self.keys.job(job_id)))
 
     def submit(
-        self, request: dict[str, Any] | ChatRequest, *, priority: int, idempotency_key: str | None = None
+        self,
+        request: dict[str, Any] | ChatRequest,
+        *,
+        priority: int,
+        idempotency_key: str | None = None,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
     ) -> str:
         """As ``Client.submit``; returns the job id."""
         priority = check_priority(priority)
+        owed = callback_fields(webhook=webhook, on_done=on_done, on_done_queue=on_done_queue)
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
-        payload = validate_request(request).to_payload()
+        valid = validate_request(request)
+        payload = valid.to_payload()
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
-        return self._enqueue(envelope, {}, idempotency_key)
+        return self._enqueue(envelope, {**owed, **_options(builtin_tools, valid.n)}, idempotency_key)
 
-    def submit_many(self, requests: Iterable[dict[str, Any] | ChatRequest], *, priority: int) -> list[str]:
+    def submit_many(
+        self,
+        requests: Iterable[dict[str, Any] | ChatRequest],
+        *,
+        priority: int,
+        webhook: str | None = None,
+        on_done: str | None = None,
+        on_done_queue: str | None = None,
+        builtin_tools: str | None = None,
+    ) -> list[str]:
         """As ``Client.submit_many``; returns the job ids, in request order."""
         priority = check_priority(priority)
+        owed = callback_fields(webhook=webhook, on_done=on_done, on_done_queue=on_done_queue)
         envelopes = []
         for i, request in enumerate(requests):
             try:
-                payload = validate_request(request).to_payload()
+                valid = validate_request(request)
+                owed.update(_options(builtin_tools, valid.n))  # the same for all: n decides, per request
+                payload = valid.to_payload()
             except InvalidRequest as err:
                 raise InvalidRequest([(f"requests.{i}.{field}", rule) for field, rule in err.errors]) from None
             envelopes.append(JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority))
         for start in range(0, len(envelopes), BULK_CHUNK):
-            self._enqueue_bulk(envelopes[start : start + BULK_CHUNK])
+            self._enqueue_bulk(envelopes[start : start + BULK_CHUNK], owed)
         return [e.job_id for e in envelopes]
 
     def retry(self, job_id: str) -> str:
@@ -113,7 +137,10 @@ class Submitter:
             )
         old = JobEnvelope.model_validate_json(rec.envelope or "")
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=old.request, priority=old.priority)
-        new_id = self._enqueue(envelope, {JobField.RETRY_OF: job_id})
+        # The re-run owes what the first run owed: its webhook and callback go with it.
+        owed = {f: getattr(rec, f.value) for f in (JobField.WEBHOOK, JobField.ON_DONE, JobField.ON_DONE_QUEUE)}
+        owed[JobField.BUILTIN_TOOLS] = rec.builtin_tools  # and so does its builtin_tools option
+        new_id = self._enqueue(envelope, {JobField.RETRY_OF: job_id, **{f: v for f, v in owed.items() if v}})
         self.redis.zrem(self.keys.failed, job_id)
         return new_id
 
@@ -182,6 +209,7 @@ class Submitter:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(job_key, mapping=record)  # type: ignore[arg-type]
                 pipe.zadd(self.keys.active, {envelope.job_id: envelope.enqueued_at})
+                self._remember(pipe, {envelope.job_id: envelope.enqueued_at})
                 pipe.execute()
         else:
             assert idempotency_key is not None
@@ -191,16 +219,21 @@ class Submitter:
             first = self._claim_key(keys=keys, args=[envelope.job_id, digest, envelope.enqueued_at, *flat])
             if first:
                 return self._existing(first.decode(), digest, idempotency_key, envelope, extra)
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._remember(pipe, {envelope.job_id: envelope.enqueued_at})
+                pipe.execute()
         self._send(envelope, idem)
         # Sent: from now on the sweeper looks for its message before re-sending it (worker/sweeper.py).
         self.mark(envelope.job_id, JobField.SENT, "1")
         return envelope.job_id
 
-    def _enqueue_bulk(self, envelopes: list[JobEnvelope]) -> None:
+    def _enqueue_bulk(self, envelopes: list[JobEnvelope], extra: Mapping[str, str]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             for envelope in envelopes:
-                pipe.hset(self.keys.job(envelope.job_id), mapping=_record(envelope))  # type: ignore[arg-type]
+                record = {**_record(envelope), **extra}
+                pipe.hset(self.keys.job(envelope.job_id), mapping=record)  # type: ignore[arg-type]
             pipe.zadd(self.keys.active, {e.job_id: e.enqueued_at for e in envelopes})
+            self._remember(pipe, {e.job_id: e.enqueued_at for e in envelopes})
             pipe.execute()
         try:
             # kombu's producer batch buffers the queue pushes into one Redis pipeline (other brokers: one by one).
@@ -219,6 +252,18 @@ class Submitter:
             for envelope in envelopes:
                 self._set_field(keys=[self.keys.job(envelope.job_id)], args=[JobField.SENT, "1"], client=pipe)
             pipe.execute()
+
+    def _remember(self, pipe: redis.client.Pipeline, enqueued: Mapping[str, float]) -> None:
+        """Queue on ``pipe`` the jobs' entries in the recent-jobs index (``P:recent``, moonq/keys.py).
+
+        Bounded by age: entries older than a record's lifetime are trimmed, and the key expires that
+        long after its newest entry. A job whose send then fails keeps its entry; readers skip ids
+        whose record is gone.
+        """
+        ttl_s = self.settings.result_ttl_s
+        pipe.zadd(self.keys.recent, dict(enqueued))
+        pipe.zremrangebyscore(self.keys.recent, "-inf", time.time() - ttl_s)
+        pipe.expire(self.keys.recent, ttl_s)
 
     def _send(self, envelope: JobEnvelope, idem: str = "") -> None:
         try:
@@ -260,6 +305,12 @@ def _record(envelope: JobEnvelope) -> dict[str, str]:
         priority=envelope.priority,
         envelope_json=envelope.model_dump_json(),
     )
+
+
+def _options(builtin_tools: object, n: int | None, field: str = "builtin_tools") -> dict[str, str]:
+    """The record fields of the options that travel beside the request (moonq/models.py)."""
+    mode = check_builtin_tools(builtin_tools, n, field)
+    return {JobField.BUILTIN_TOOLS: mode} if mode is not None else {}
 
 
 def _request_digest(envelope: JobEnvelope) -> str:

@@ -9,7 +9,8 @@ Two families, kept in one registry:
 - Delivery faults change how a 200 reaches the client: ``drop`` (connection cut mid-body),
   ``truncate`` (clean end without ``[DONE]``), ``no_finish``, ``corrupt``, ``stall``, ``slow_first``.
   ``truncate``, ``no_finish`` and ``corrupt`` reshape SSE frames, so a JSON body has nothing for
-  them to act on (``stream_only``).
+  them to act on (``stream_only``). ``stall`` pauses before the middle frame, or before frame N
+  with ``stall:<seconds>@N`` (frames count from 0, the role frame first).
 - Hostile but well-formed streams, also ``stream_only``: ``surrogate`` (a text fragment that holds a
   lone UTF-16 surrogate, written as the JSON escape ``\\ud800``: valid JSON, not valid Unicode) and
   ``bad_usage`` (every usage count of the stream replaced by one of ``BAD_USAGE_VALUES``).
@@ -96,6 +97,7 @@ _ERRORS: dict[str, Callable[[Fault], ApiError]] = {
 class Fault:
     kind: FaultKind
     param: float | None = None  # as given after the colon; None means the kind's default
+    at: int | None = None  # the frame a stall comes before ("stall:2@5"); None: the middle one
 
     @property
     def name(self) -> str:
@@ -134,6 +136,10 @@ def parse_fault(spec: Any) -> Fault:
         return Fault(kind)
     if kind.param is Param.NONE:
         raise ValueError(f"{spec!r}: the fault {kind.name} takes no parameter")
+    raw, sep, where = raw.partition("@")
+    at = _frame(spec, where) if sep else None
+    if sep and kind.name != "stall":
+        raise ValueError(f"{spec!r}: only stall takes a frame position (@N)")
     try:
         value = float(raw) if kind.param is Param.SECONDS else int(raw)
     except ValueError:
@@ -141,7 +147,13 @@ def parse_fault(spec: Any) -> Fault:
     if not 0 <= value < float("inf"):
         unit = "seconds" if kind.param is Param.SECONDS else "an integer"
         raise ValueError(f"{spec!r}: the parameter of {kind.name} must be {unit} >= 0")
-    return Fault(kind, value)
+    return Fault(kind, value, at)
+
+
+def _frame(spec: str, raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit():
+        raise ValueError(f"{spec!r}: the frame position after @ must be an integer >= 0")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,8 @@ def plan(fault: Fault | None, chunks: list[dict[str, Any]], base: Delivery) -> P
         at = max(1, min(at, len(frames) - 2))
         return Plan([*frames[:at], _mangled(frames[at]), *frames[at:]], base)
     if name == "stall" and fault is not None:
-        return Plan(frames, replace(base, stall_before=max(1, len(frames) // 2), stall_s=fault.value))
+        before = max(1, len(frames) // 2) if fault.at is None else min(fault.at, len(frames) - 1)
+        return Plan(frames, replace(base, stall_before=before, stall_s=fault.value))
     if name == "slow_first" and fault is not None:
         return Plan(frames, replace(base, first_token_latency_s=fault.value))
     if name == "surrogate":

@@ -58,7 +58,7 @@ def _cut_calls(calls: tuple[ToolCall, ...], left: int) -> tuple[tuple[ToolCall, 
         if len(parts) > left - used:
             # The budget ran out inside the arguments: the client gets invalid JSON, as it would.
             cut = "".join(parts[: left - used])
-            return (*kept, ToolCall(call.id, call.name, cut)), left, True
+            return (*kept, ToolCall(call.id, call.name, cut, call.type)), left, True
         kept.append(call)
         used += len(parts)
     return tuple(kept), used, False

@@ -4,6 +4,13 @@ The draft depends only on the seed, the model, the messages, whether tools are o
 choice index (plus the requested output shape), never on ``stop``, ``max_completion_tokens`` or
 ``stream``: a test can read an answer, then pick one of its words as a stop string and see the
 same answer cut just before it.
+
+Partial Mode continues an answer the way a deterministic model would: when the prefix is the
+beginning of what the model answers to the conversation without the partial message (a stream
+that broke and is resumed), the continuation is the rest of that very answer; when it is the
+caller's own prefix followed by the beginning of its continuation (a resumed Partial Mode
+request), likewise. Any other prefix gets a fresh continuation. So a resumed answer equals the
+answer an unbroken stream would have given.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from simulator.config import SimConfig
 from simulator.jsongen import schema_value
@@ -30,6 +37,8 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+    # A builtin ($web_search) comes back typed as it was declared (docs/moonshot-api.md §6).
+    type: str = "function"
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,16 @@ class Draft:
 
 
 def draft(cfg: SimConfig, req: ChatRequest, index: int) -> Draft:
-    rng = _rng(cfg.seed, req, index)
     prefix = partial_prefix(req.messages)
+    if prefix:
+        resumed = _resumed(cfg, req, index, prefix)
+        if resumed is not None:
+            return resumed
+    return _fresh(cfg, req, index, prefix)
+
+
+def _fresh(cfg: SimConfig, req: ChatRequest, index: int, prefix: str | None) -> Draft:
+    rng = _rng(cfg.seed, req, index)
     # Partial Mode continues the answer text itself, so no new reasoning precedes it.
     reasoning = prose(rng, _reasoning_length(cfg, req, rng)) if req.thinking and prefix is None else ""
     tool = _tool_to_call(req)
@@ -50,6 +67,26 @@ def draft(cfg: SimConfig, req: ChatRequest, index: int) -> Draft:
     if req.response_format is not None:
         return Draft(reasoning, _json_answer(req, rng))
     return Draft(reasoning, _continue(prefix, prose(rng, rng.randint(*cfg.answer_tokens))))
+
+
+def _resumed(cfg: SimConfig, req: ChatRequest, index: int, prefix: str) -> Draft | None:
+    """The rest of the answer whose beginning ``prefix`` is, if it is one (see the module docstring)."""
+    if len(req.messages) < 2:
+        return None
+    earlier, last = req.messages[:-1], req.messages[-1]
+    whole = draft(cfg, replace(req, messages=earlier), index)
+    if not whole.tool_calls and whole.content.startswith(prefix):
+        return Draft("", whole.content[len(prefix) :])
+    # A continuation begins at a space, or right after one (``_continue``): only there can the
+    # caller's own prefix have ended.
+    for cut in range(1, len(prefix)):
+        if prefix[cut] != " " and not prefix[cut - 1].isspace():
+            continue
+        head = prefix[:cut]
+        told = _fresh(cfg, replace(req, messages=[*earlier, {**last, "content": head}]), index, head).content
+        if (head + told).startswith(prefix):
+            return Draft("", (head + told)[len(prefix) :])
+    return None
 
 
 def _rng(seed: int, req: ChatRequest, index: int) -> random.Random:
@@ -83,6 +120,7 @@ def _tool_call(tool: Tool, req: ChatRequest, rng: random.Random) -> ToolCall:
             "usage": {"total_tokens": rng.randint(500, 3000)},
         }
         arguments = json.dumps(search, ensure_ascii=False)
+        return ToolCall(f"{name}:{number}", name, arguments, type="builtin_function")
     else:
         parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
         arguments = json.dumps(schema_value(parameters, rng), ensure_ascii=False)

@@ -1,4 +1,11 @@
-"""Validation of the ``messages`` array: roles, content parts, Partial Mode and tool-call pairing."""
+"""Validation of the ``messages`` array: roles, content parts, Partial Mode and tool-call pairing.
+
+As strict as the API where it is known (docs/moonshot-api.md §2, §5, §6): an assistant message with
+neither content nor a tool call is refused (an empty ``tool_calls`` list is no call), as is an empty
+text part, even beside other parts ("text content is empty"), and a ``partial`` that is not a
+boolean. ``reasoning_content: ""`` is accepted: clients round-trip an empty reasoning that way, and
+the API takes it (§9).
+"""
 
 from __future__ import annotations
 
@@ -52,12 +59,21 @@ def _check_message(i: int, message: Any, spec: ModelSpec, *, is_last: bool) -> N
     if not isinstance(role, str) or role not in ROLES:
         raise invalid_request(f"the message at position {i} has an unknown role {role!r}")
     _check_content(i, role, message.get("content"), spec)
-    if message.get("partial") and (not is_last or role != "assistant"):
+    partial = message.get("partial")
+    if partial is not None and not isinstance(partial, bool):
+        raise invalid_request(f"partial of the message at position {i} must be a boolean")
+    if partial and (not is_last or role != "assistant"):
         raise invalid_request("partial is only allowed on the last message, which must be an assistant message")
+    if role == "assistant" and not partial and not message.get("tool_calls") and _is_empty(message.get("content")):
+        raise invalid_request(f"the message at position {i} with role 'assistant' must not be empty")
+
+
+def _is_empty(content: Any) -> bool:
+    return content is None or content == "" or content == []
 
 
 def _check_content(i: int, role: str, content: Any, spec: ModelSpec) -> None:
-    if content is None or content == "" or content == []:
+    if _is_empty(content):
         if role in _NEEDS_CONTENT:
             raise invalid_request(f"the message at position {i} with role '{role}' must not be empty")
         return
@@ -74,6 +90,8 @@ def _check_part(i: int, part: Any, spec: ModelSpec) -> None:
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise invalid_request(f"a text part of the message at position {i} has no text")
+        if not part["text"]:
+            raise invalid_request("text content is empty")
         return
     if not isinstance(kind, str) or kind not in MEDIA_TOKENS:
         raise invalid_request(f"the message at position {i} has a content part of unknown type {kind!r}")

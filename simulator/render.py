@@ -68,7 +68,7 @@ def _message(outcome: Outcome, thinking: bool) -> Json:
         message["reasoning_content"] = outcome.reasoning
     if outcome.tool_calls:
         message["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            {"id": call.id, "type": call.type, "function": {"name": call.name, "arguments": call.arguments}}
             for call in outcome.tool_calls
         ]
     return message
@@ -98,7 +98,7 @@ def _fragments(text: str, next_size: Callable[[], int]) -> Iterator[str]:
 
 
 def _call_fragments(index: int, call: ToolCall, next_size: Callable[[], int]) -> list[Json]:
-    head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    head = {"index": index, "id": call.id, "type": call.type, "function": {"name": call.name, "arguments": ""}}
     texts = list(_fragments(call.arguments, next_size))
     if len(texts) == 1 and len(texts[0]) > 1:
         # Arguments always arrive in pieces the client must concatenate, even short ones.

@@ -4,7 +4,9 @@ The ``sim`` field (our queue passes unknown top-level fields through to the API 
 
 - ``{"script": ["overload", "drop:5", "ok"], "key": "job-1"}`` — the n-th request carrying the key
   gets the n-th entry; the last entry repeats forever after. ``key`` defaults to a hash of the
-  body without ``sim``, so a retried request (same body) walks the script.
+  body without ``sim``, without a final ``partial`` assistant message and without the output budget,
+  so a retried request walks the script whether it is sent again as it was or continued with
+  Partial Mode (which appends to the text so far and shrinks the budget).
 - ``{"fault": "stall:2"}`` — this fault on every request with this body.
 - ``"stamp": true`` beside either — every streamed content fragment starts with the moment the
   simulator sent it, ``[t=<unix seconds>]``, for measuring relay latency downstream (benchmarks).
@@ -27,6 +29,7 @@ from simulator.tokens import compact_json
 
 SIM_FIELD = "sim"
 _SIM_KEYS = ("script", "fault", "key", "stamp")
+_BUDGET_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,17 @@ def parse_sim(body: dict[str, Any]) -> Directive | None:
     if not isinstance(stamp, bool):
         raise invalid_request(f"{SIM_FIELD}.stamp must be a boolean")
     if key is None:
-        rest = {name: value for name, value in body.items() if name != SIM_FIELD}
-        key = hashlib.sha256(compact_json(rest).encode()).hexdigest()
+        key = hashlib.sha256(compact_json(_retry_invariant(body)).encode()).hexdigest()
     return Directive(script, key, stamp)
+
+
+def _retry_invariant(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as every retry of it looks, a Partial Mode continuation included."""
+    rest = {name: value for name, value in body.items() if name not in (SIM_FIELD, *_BUDGET_FIELDS)}
+    messages = rest.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("partial"):
+        rest["messages"] = messages[:-1]
+    return rest
 
 
 def _fault(spec: Any, field: str) -> Fault:

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from simulator.tokens import count
+
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -64,21 +66,29 @@ def sse_frames(chunks: Iterable[dict[str, Any]]) -> list[bytes]:
     return [*map(encode_frame, chunks), DONE_FRAME]
 
 
-async def paced(frames: list[bytes], delivery: Delivery, closing: Callable[[], bool]) -> AsyncIterator[bytes]:
+async def paced(
+    frames: list[bytes],
+    delivery: Delivery,
+    closing: Callable[[], bool],
+    on_sent: Callable[[int], None] | None = None,
+) -> AsyncIterator[bytes]:
     """Yields ``frames`` on the delivery's schedule; stops early once ``closing()`` is true.
 
     Frames due at the same moment go out as one write: the bytes are identical, and an unpaced
     stream costs one syscall instead of one per chunk (~100 us each through Starlette and h11).
+    ``on_sent(n)`` hears of each write's ``n`` frames as it is handed over.
 
     Raises:
         ConnectionCut: after ``delivery.cut_after`` frames, when set.
     """
+    count = on_sent or (lambda n: None)
     due: list[bytes] = []
     end = len(frames) if delivery.cut_after is None else min(delivery.cut_after, len(frames))
     for i, frame in enumerate(frames[:end]):
         pause = delivery.pause_before(i)
         if pause > 0:
             if due:
+                count(len(due))
                 yield b"".join(due)
                 due = []
             await pause_s(pause, closing)
@@ -87,9 +97,29 @@ async def paced(frames: list[bytes], delivery: Delivery, closing: Callable[[], b
             return
         due.append(frame)
     if due:
+        count(len(due))
         yield b"".join(due)
     if delivery.cut_after is not None:
         raise ConnectionCut
+
+
+def frame_tokens(frames: Iterable[bytes]) -> int:
+    """Tokens of generated text in SSE frames: content, reasoning and tool-call arguments.
+
+    What a stream that was cut had generated when it stopped (a frame that is not JSON counts 0).
+    """
+    total = 0
+    for frame in frames:
+        try:
+            chunk = json.loads(frame.removeprefix(b"data: "))
+        except ValueError:
+            continue
+        for choice in chunk.get("choices") or [] if isinstance(chunk, dict) else []:
+            delta = choice.get("delta") or {}
+            texts = [delta.get("content"), delta.get("reasoning_content")]
+            texts += [(call.get("function") or {}).get("arguments") for call in delta.get("tool_calls") or []]
+            total += sum(count(text) for text in texts if isinstance(text, str))
+    return total
 
 
 _CONTENT = b'"content":"'

@@ -182,6 +182,10 @@ OWNED = {
     # Jobs that have not ended (moonq/keys.py): the index owns their records, logs and idempotency keys.
     "active": "job id -> last sign of life of every active job: removed by the write that ends it; the"
     " sweeper re-sends or forgets what stays silent",
+    # Webhooks and Celery callbacks owed by ended jobs (moonq/deliveries.py, worker/deliveries.py).
+    "deliveries": "the hand-off stream: each entry is deleted when a node settles it (delivered, retry"
+    " scheduled, or dead letter); consumers of dead nodes are removed from its group by the live ones",
+    "deliveries:due": "delivery id -> when its retry is due: each leaves as it goes back into the stream",
 }
 
 

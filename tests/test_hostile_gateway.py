@@ -127,9 +127,13 @@ def test_odd_but_valid_requests_are_never_lost(gateway: str, worker: Any, stream
         headers=AUTH,
         timeout=30,
     )
+    if not isinstance(stream, bool):
+        # Issue 14: a value that is not a boolean is refused, never converted into one.
+        assert r.status_code == 400 and "stream: Input should be a valid boolean" in r.json()["error"]["message"]
+        return
     assert r.status_code == 200, r.text[:300]
     job_id = r.headers["x-moonq-job-id"]
-    # The validated request decides: "false" and 0 mean no stream (not a truthy string or number).
+    # The validated request decides.
     if validate_request({"model": "m", "messages": messages, "stream": stream}).stream:
         assert r.headers["content-type"].startswith("text/event-stream") and r.text.endswith("data: [DONE]\n\n")
     else:

@@ -37,12 +37,14 @@ DASHBOARD_PROVISIONING = GRAFANA_DIR / "provisioning" / "dashboards" / "moonq.ym
 
 # What a node exports (worker/metrics.py, worker/exporter.py), plus Prometheus' own `up`.
 COUNTERS = {"moonq_jobs_total", "moonq_tokens_total", "moonq_cost_usd_total", "moonq_retries_total"}
+COUNTERS |= {"moonq_webhook_deliveries_total", "moonq_webhook_attempts_total"}
 HISTOGRAMS = {
     "moonq_upstream_request_duration_seconds",
     "moonq_time_to_first_token_seconds",
     "moonq_job_duration_seconds",
     "moonq_queue_wait_seconds",
     "moonq_ratelimit_wait_seconds",
+    "moonq_webhook_latency_seconds",
 }
 GAUGES = {
     "moonq_jobs_in_progress",
@@ -51,6 +53,7 @@ GAUGES = {
     "moonq_ratelimit_available",
     "moonq_ratelimit_cooldown_seconds",
     "moonq_redis_memory_bytes",
+    "moonq_webhook_backlog",
 }
 SERIES = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "count", "sum")} | {"up"}
 ALERTS = {
@@ -63,6 +66,7 @@ ALERTS = {
     "MoonqUpstreamCooldown",
     "MoonqCostBurn",
     "MoonqRedisMemoryHigh",
+    "MoonqWebhooksFailing",
 }
 
 # Grafana's variables as the test Prometheus should see them; an unknown variable fails the test.

@@ -235,8 +235,9 @@ def test_response_formats(fmt: dict[str, Any]) -> None:
 
 
 def test_deprecated_max_tokens_is_mapped() -> None:
+    # Issue 14: sent as the caller wrote it (an upstream honouring one spelling only must see the caller's).
     payload = validate_request({"model": "m", "messages": USER, "max_tokens": 64}).to_payload()
-    assert payload["max_completion_tokens"] == 64 and "max_tokens" not in payload
+    assert payload["max_tokens"] == 64 and "max_completion_tokens" not in payload
 
 
 def test_defaults_are_not_injected() -> None:

@@ -8,6 +8,11 @@ A usage with a count that is not one (``worker.usage.usage_problem``: "12 tokens
 beyond any context) makes the stream's usage unknown, as if none was reported: the answer itself
 arrived whole, and retrying would bill another call for the same bad number.
 Fields we do not know are kept: on the chunk, on the delta and on tool-call fragments.
+
+Tool calls are joined the way any OpenAI-compatible upstream streams them: Moonshot sends a call's
+``id``, ``type`` and ``function.name`` once, in its first fragment (docs/moonshot-api.md §4), but
+some upstreams repeat them in every fragment, and some repeat the id as ``""``. The first id and
+type that say something win, and a name that repeats the one already read is not appended again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from worker.errors import StreamInterrupted
 from worker.usage import usage_problem
 
 _TOP_LEVEL_SKIP = {"choices", "usage", "object"}
+# Tool-call fields an upstream may repeat in later fragments: the first that says something stands.
+_FIRST_WINS = ("id", "type")
 
 
 @dataclass
@@ -29,11 +36,16 @@ class _ToolCall:
 
     def add(self, fragment: dict[str, Any]) -> None:
         fn = fragment.get("function") or {}
-        self.name += fn.get("name") or ""
+        name = fn.get("name") or ""
+        if name and name != self.name:  # a name in pieces is joined; a repeated one is not doubled
+            self.name += name
         self.arguments.append(fn.get("arguments") or "")
         for key, value in fragment.items():
-            if key not in ("index", "function") and value is not None:
-                self.fields[key] = value
+            if key in ("index", "function") or value is None or value == "":
+                continue
+            if key in _FIRST_WINS and self.fields.get(key):
+                continue
+            self.fields[key] = value
 
     def build(self) -> dict[str, Any]:
         call = {"id": "", "type": "function", **self.fields}
@@ -122,6 +134,10 @@ class StreamAssembler:
         if problem is not None and self.usage_problem is None:
             self.usage_problem = problem
         return problem is None
+
+    def finish_reasons(self) -> dict[int, str | None]:
+        """Each choice seen so far and its finish_reason (None while it is unfinished)."""
+        return {i: c.finish_reason for i, c in sorted(self._choices.items())}
 
     def usage(self) -> dict[str, Any] | None:
         """The stream's usage; None when none was reported or any report could not be counted."""

@@ -3,6 +3,7 @@
 ``moonq_queue_depth`` counts the broker's queue when Prometheus asks, so it is right however many
 nodes there are: all ten priority lists on a Redis broker, the ready messages of a passive
 ``queue.declare`` on RabbitMQ (``moonq.broker.QueueDepth``); on any other broker it is absent.
+The delivery backlog (webhooks and callbacks owed, retrying, dead) is read the same way.
 The limiter gauges show the fleet's headroom: the configured limit, what is available now (bucket
 tokens; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
 clients; if Redis or the broker does not answer, its gauges are left out of that scrape rather than
@@ -56,7 +57,10 @@ class RedisCollector(Collector):
         pipe.get(keys.cooldown)
         pipe.zrangebyscore(keys.inflight, "-inf", "+inf", withscores=True)
         pipe.info("memory")
-        (sec, usec), rpm, tpm, cooldown, leases, memory = pipe.execute()
+        pipe.xlen(self.settings.keys.deliveries)
+        pipe.zcard(self.settings.keys.deliveries_due)
+        pipe.zcard(self.settings.keys.deliveries_dead)
+        (sec, usec), rpm, tpm, cooldown, leases, memory, *backlog = pipe.execute()
         now_ms = sec * 1000 + usec / 1000
         limits = s.limits
         limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
@@ -91,6 +95,19 @@ class RedisCollector(Collector):
         mem.add_metric(["used"], float(memory.get("used_memory", 0)))
         mem.add_metric(["max"], float(memory.get("maxmemory", 0)))
         yield mem
+        yield delivery_backlog(backlog)
+
+
+def delivery_backlog(counts: list[int]) -> GaugeMetricFamily:
+    """``moonq_webhook_backlog``: deliveries in the stream, waiting to retry, and dead (moonq/deliveries.py)."""
+    backlog = GaugeMetricFamily(
+        "moonq_webhook_backlog",
+        "Webhook and callback deliveries owed: queued (handed off, not yet settled), retrying, dead (gave up).",
+        labels=["state"],
+    )
+    for state, n in zip(("queued", "retrying", "dead"), counts, strict=True):
+        backlog.add_metric([state], float(n))
+    return backlog
 
 
 _started: dict[int, str] = {}

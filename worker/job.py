@@ -24,6 +24,7 @@ from moonq.keys import Keys
 from moonq.record import JobField, JobStatus
 from moonq.wire import JobEnvelope
 from worker import metrics
+from worker.answer import Answer
 from worker.assemble import StreamAssembler
 from worker.delivery import Claim, Deliveries, Delivery, claim
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
@@ -31,6 +32,7 @@ from worker.estimate import reservation
 from worker.publisher import EventSink, EventWriter, Fenced
 from worker.ratelimit import Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
+from worker.rounds import TOOL_ROUND, offers_builtin
 from worker.settings import Settings
 from worker.upstream import UpstreamClient, stream_chat
 from worker.usage import Price, cost_usd, token_counts
@@ -182,18 +184,26 @@ async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
 
 
 async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
-    """Attempt after attempt until one succeeds or the policy says stop; the one retry loop."""
+    """Attempt after attempt until one succeeds or the policy says stop; the one retry loop.
+
+    What each attempt sends, whether a broken stream is continued or started over, the builtin
+    tool rounds and the usage over all attempts are decided by ``Answer`` (worker/answer.py).
+    """
     started = time.monotonic()
     model = metrics.model_label(str(envelope.request.get("model", "")))
+    builtin = await _builtin_tools(ctx, envelope)
+    answer = Answer(envelope.request, resume_mode=ctx.settings.resume, builtin_tools=builtin)
     while True:
+        assembler = StreamAssembler()
         try:
-            result = await _attempt(ctx, envelope, writer, attempt)
+            completion = await _attempt(ctx, envelope, writer, attempt, answer, assembler)
         except UpstreamError as err:
             if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
                 return await _end_failed(ctx, writer, envelope, err.info(), attempt)
             delay = retry_delay(err, attempt, ctx.policy)
             if isinstance(err, RateLimited):
                 await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
+            decision = answer.broke(attempt, err.type, assembler)
             attempt += 1
             await writer.write(
                 "retry",
@@ -201,46 +211,73 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
                 attempt=attempt,
                 reason=err.type,
                 delay_s=delay,
+                **decision.event_fields(),
             )
             metrics.RETRIES.labels(model, metrics.reason_label(err.type)).inc()
             log.info(
-                "event=job_retry job_id=%s model=%s attempt=%s reason=%s status=%s delay_s=%.2f",
+                "event=job_retry job_id=%s model=%s attempt=%s reason=%s status=%s delay_s=%.2f resume=%s",
                 envelope.job_id,
                 model,
                 attempt,
                 err.type,
                 err.status,
                 delay,
+                "yes" if decision.resume else decision.restart_reason or "no",
             )
             await asyncio.sleep(delay)
             if await _cancel_requested(ctx, envelope.job_id):  # asked while it waited, announcement missed or not
                 raise asyncio.CancelledError from None
             await writer.write(None, {JobField.STATUS: JobStatus.RUNNING})
             continue
-        await writer.write(
-            "completed",
-            {JobField.STATUS: JobStatus.SUCCEEDED, JobField.RESULT: result, JobField.FINISHED_AT: str(time.time())},
-            attempt=attempt,
-            result=result,
-        )
-        counts = token_counts(result.get("usage"))
-        for kind, n in counts.items():
-            if n:
-                metrics.TOKENS.labels(model, kind).inc(n)
-        metrics.COST.labels(model).inc(cost_usd(counts, ctx.prices.get(str(envelope.request.get("model")))))
-        _record_end(envelope, "succeeded")
-        log.info(
-            "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
-            " cached_tokens=%s latency_s=%.3f",
-            envelope.job_id,
-            model,
-            attempt,
-            counts["prompt"],
-            counts["completion"],
-            counts["cached"],
-            time.time() - envelope.enqueued_at,
-        )
-        return "succeeded"
+        result = answer.answered(attempt, completion, assembler)
+        if result is None:  # a builtin tool round follows (worker/rounds.py): the round's deltas are superseded
+            attempt += 1
+            await writer.write(
+                "retry", {JobField.ATTEMPT: str(attempt)}, attempt=attempt, reason=TOOL_ROUND, delay_s=0.0, resume=False
+            )
+            if await _cancel_requested(ctx, envelope.job_id):
+                raise asyncio.CancelledError from None
+            continue
+        return await _end_succeeded(ctx, writer, envelope, result, attempt)
+
+
+async def _end_succeeded(
+    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, result: dict[str, Any], attempt: int
+) -> Outcome:
+    model = metrics.model_label(str(envelope.request.get("model", "")))
+    await writer.write(
+        "completed",
+        {JobField.STATUS: JobStatus.SUCCEEDED, JobField.RESULT: result, JobField.FINISHED_AT: str(time.time())},
+        attempt=attempt,
+        result=result,
+    )
+    counts = token_counts(result.get("usage"))
+    for kind, n in counts.items():
+        if n:
+            metrics.TOKENS.labels(model, kind).inc(n)
+    metrics.COST.labels(model).inc(cost_usd(counts, ctx.prices.get(str(envelope.request.get("model")))))
+    _record_end(envelope, "succeeded")
+    log.info(
+        "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
+        " cached_tokens=%s latency_s=%.3f",
+        envelope.job_id,
+        model,
+        attempt,
+        counts["prompt"],
+        counts["completion"],
+        counts["cached"],
+        time.time() - envelope.enqueued_at,
+    )
+    return "succeeded"
+
+
+async def _builtin_tools(ctx: JobContext, envelope: JobEnvelope) -> str | None:
+    """The job's ``builtin_tools`` option (its record's field); read only when a builtin tool is offered."""
+    if not offers_builtin(envelope.request):
+        return None
+    raw = await ctx.redis.hget(ctx.keys.job(envelope.job_id), JobField.BUILTIN_TOOLS)
+    value = raw.decode() if isinstance(raw, bytes) else raw
+    return value or None
 
 
 def _record_end(envelope: JobEnvelope, outcome: str) -> None:
@@ -267,9 +304,21 @@ async def _still_ours(ctx: JobContext, job_id: str, owner: str) -> None:
         raise asyncio.CancelledError
 
 
-async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> dict[str, Any]:
-    """One upstream call inside the fleet's limits; returns the assembled completion."""
-    request = envelope.request
+async def _attempt(
+    ctx: JobContext,
+    envelope: JobEnvelope,
+    writer: EventWriter,
+    attempt: int,
+    answer: Answer,
+    assembler: StreamAssembler,
+) -> dict[str, Any]:
+    """One upstream call of ``answer.request`` inside the fleet's limits; returns the assembled completion.
+
+    ``assembler`` and ``answer`` see every chunk and every published delta, also when the call fails:
+    the loop decides from them how the answer goes on.
+    """
+    request = answer.request
+    answer.begin()
     model = metrics.model_label(str(request.get("model", "")))
     lease = await ctx.limiter.acquire(
         reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
@@ -284,7 +333,6 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
     status: int | None = None
     sent = time.monotonic()
     try:
-        assembler = StreamAssembler()
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
             first_token = True
             async for chunk in stream_chat(ctx.upstream, request):
@@ -292,6 +340,7 @@ async def _attempt(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, 
                     pieces = assembler.feed(chunk)
                     for index, delta in pieces:
                         writer.emit_delta(attempt, index, delta)
+                        answer.published(index, delta)
                 except MALFORMED as err:
                     # JSON, but not in the shape of a chunk (an index that is not a number, a delta that
                     # is not an object, nesting too deep to relay): the stream is broken, not the node.

@@ -3,8 +3,9 @@
 Celery's thread pool hands each job to a thread; the thread submits the job's coroutine to
 this loop and waits for it. Waiting threads cost only memory, while the loop multiplexes all
 upstream streams and Redis writes over shared connection pools. The loop also runs the
-process's limiter, the heartbeats of its jobs, and one pub/sub listener for cancel
-announcements and limiter wake-ups.
+process's limiter, the heartbeats of its jobs, one pub/sub listener for cancel
+announcements and limiter wake-ups, the sweeper, and the delivery worker that sends the webhooks
+and Celery callbacks of ended jobs (worker/deliveries.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 from moonq.connect import resilient_redis
 from moonq.eventlog import APPEND_LUA
 from moonq.wire import JobEnvelope
+from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
 from worker.job import JobContext, Outcome, reject_envelope, run_job
 from worker.keepalive import cancel_deliveries, keepalive
@@ -56,6 +58,7 @@ class Runtime:
         self.ctx: JobContext | None = None
         self._background: list[asyncio.Task[None]] = []
         self._sweeper: Sweeper | None = None
+        self._deliveries: DeliveryWorker | None = None
         self.metrics_url: str | None = None  # announced in Redis for `moonq top` (keepalive.py)
 
     def start(self) -> Runtime:
@@ -79,10 +82,12 @@ class Runtime:
             prices=load_prices(self.settings.prices_file),
         )
         limiter.start()
+        self._deliveries = deliveries = DeliveryWorker(self.settings)
         self._background = [
             asyncio.create_task(self._listen(ctx)),
             asyncio.create_task(keepalive(ctx, lambda: self.metrics_url)),
             asyncio.create_task(sweeper.run()),
+            asyncio.create_task(deliveries.run()),
         ]
         return ctx
 
@@ -150,6 +155,9 @@ class Runtime:
             await ctx.upstream.aclose()
         if self._sweeper is not None:
             await asyncio.to_thread(self._sweeper.close)
+        if self._deliveries is not None:
+            with contextlib.suppress(Exception):
+                await self._deliveries.aclose()
         await ctx.redis.aclose()
 
 

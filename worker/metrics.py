@@ -124,3 +124,39 @@ def status_label(status: int | None) -> str:
 
 def reason_label(reason: str) -> str:
     return reason if reason in KNOWN_REASONS else OTHER
+
+
+# ---- webhooks and Celery callbacks (worker/deliveries.py) ------------------------------------
+
+# A delivery lands within milliseconds of the job's end, or after retries that run for hours.
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+KINDS = frozenset({"webhook", "callback"})
+# Attempt results: the answer's status class (408 and 429 apart: they are retried), or what went wrong.
+ATTEMPT_RESULTS = frozenset(
+    {"2xx", "3xx", "4xx", "408", "429", "5xx", "timeout", "connection_error", "blocked", "unsigned", "sent", "error"}
+)
+DELIVERY_OUTCOMES = frozenset({"delivered", "dead", "dropped"})
+
+WEBHOOK_DELIVERIES = Counter(
+    "moonq_webhook_deliveries",
+    "Webhook and callback deliveries that ended: delivered, dead (gave up) or dropped (the job's record was gone).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "moonq_webhook_attempts",
+    "Delivery attempts, by the answer's status class or what went wrong.",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_LATENCY = Histogram(
+    "moonq_webhook_latency_seconds",
+    "The job's end to its delivery's success (retries included).",
+    ["kind"],
+    buckets=DELIVERY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def attempt_label(result: str) -> str:
+    return result if result in ATTEMPT_RESULTS else OTHER

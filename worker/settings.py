@@ -7,13 +7,15 @@ reads the environment; everything else gets a ``Settings`` passed in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from moonq.settings import ClientSettings
+from moonq.webhooks import parse_secrets
 from worker.ratelimit import Limits
 from worker.retry import INITIAL_RETRY_DELAY, MAX_ATTEMPTS, MAX_RETRY_AFTER_DELAY, MAX_RETRY_DELAY, RetryPolicy
+from worker.webhook_http import AllowList
 
 
 class Settings(ClientSettings):
@@ -67,6 +69,10 @@ class Settings(ClientSettings):
     max_retry_delay_s: float = Field(default=MAX_RETRY_DELAY, ge=0)
     max_retry_after_s: float = Field(default=MAX_RETRY_AFTER_DELAY, ge=0)
     job_deadline_s: float = Field(default=3600.0, gt=0)
+    # A stream that breaks after part of the answer was streamed: "partial" continues it with Moonshot's
+    # Partial Mode (the text already sent stands), "restart" starts the answer over (worker/resume.py).
+    # Partial Mode is Moonshot's: an OpenAI-compatible upstream without it needs "restart".
+    resume: Literal["partial", "restart"] = "partial"
 
     # Liveness. A running job's owner beats every heartbeat_interval_s; a job whose owner has been
     # silent for heartbeat_stale_s may be taken over. Broker messages of a dead node are redelivered
@@ -79,6 +85,25 @@ class Settings(ClientSettings):
     # orphan_after_s must leave redelivery (visibility_timeout_s) time to act first.
     sweep_interval_s: float = Field(default=15.0, gt=0)
     orphan_after_s: float = Field(default=120.0, gt=0)
+
+    # Webhooks and Celery callbacks (docs/webhooks.md; worker/deliveries.py). Secrets: comma-separated
+    # whsec_<base64> values, newest first (each delivery is signed with every one). The allow-list
+    # (hosts, .domain suffixes, addresses, CIDRs) opens private addresses and plain http.
+    webhook_secret: SecretStr | None = None
+    webhook_allow: str = ""
+    # Where callbacks are sent by a plain Celery app; empty = the broker URL (without moonq's key prefix).
+    callback_broker_url: str = ""
+    # One attempt's whole time (connect, send, answer); deliveries one node makes at once.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_concurrency: int = Field(default=32, ge=1)
+    # Retries: the first backoff (x4 per attempt, +-20% jitter), its cap, and how long after the first
+    # attempt retries go on before the delivery gives up (a dead letter, `moonq webhooks failed`).
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_for_s: float = Field(default=24 * 3600.0, gt=0)
+    # A delivery a node took but did not settle (it died) is taken by another node after this long;
+    # at least twice webhook_timeout_s, so a live node's attempt is never taken over.
+    webhook_claim_idle_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -111,11 +136,24 @@ class Settings(ClientSettings):
                 " could not bring back"
             )
         self.limits  # noqa: B018 -- validates the bursts against their limits
+        self.webhook_secrets  # noqa: B018 -- a malformed secret or allow-list stops the node at start
+        self.webhook_allow_list  # noqa: B018
+        if self.webhook_claim_idle_s < 2 * self.webhook_timeout_s:
+            raise ValueError("need webhook_claim_idle_s >= 2 * webhook_timeout_s, so no live attempt is taken over")
         return self
 
     @property
     def limits(self) -> Limits:
         return Limits(self.rpm, self.tpm, self.max_inflight, self.rpm_burst, self.tpm_burst)
+
+    @property
+    def webhook_secrets(self) -> list[bytes]:
+        """The signing keys, newest first (empty: webhooks cannot be signed, so they are not sent)."""
+        return parse_secrets(self.webhook_secret.get_secret_value()) if self.webhook_secret else []
+
+    @property
+    def webhook_allow_list(self) -> AllowList:
+        return AllowList.parse(self.webhook_allow)
 
     @property
     def retry_policy(self) -> RetryPolicy:
