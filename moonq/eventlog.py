@@ -22,8 +22,9 @@ from moonq.record import record_lua
 from moonq.wire import Event
 
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
-# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional; '' = none) the
-# job's idempotency key, KEYS[5] (optional) the deliveries stream.
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional) the deliveries
+# stream, KEYS[5] (optional) the job's idempotency key. (No empty key name is ever passed: a Redis ACL
+# that confines a user to the prefix's keys refuses it.)
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
 # that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
 # the log keeps (0 = no cap), ARGV[7] job id, ARGV[8] n = number of events, ARGV[9 .. 8+n] event
@@ -33,7 +34,7 @@ from moonq.wire import Event
 # A write that leaves the job in a terminal status ends it: the record, its log and its idempotency
 # key get their TTL, and the job leaves the active index. Before that nothing here expires: an active
 # job's keys are owned by the index (moonq/keys.py), so a long queue or a long job never loses them.
-# The same write hands off what the job's ending owes: with KEYS[5], one entry (kind, job) per webhook
+# The same write hands off what the job's ending owes: with KEYS[4], one entry (kind, job) per webhook
 # or Celery callback the record names is added to the deliveries stream, in the same atomic step, so a
 # node killed right after the job ended still has them delivered (worker/deliveries.py).
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
@@ -73,12 +74,12 @@ if $is_terminal then
   local ttl = tonumber(ARGV[2])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
-  if KEYS[4] and KEYS[4] ~= '' then redis.call('EXPIRE', KEYS[4], ttl) end
+  if KEYS[5] then redis.call('EXPIRE', KEYS[5], ttl) end
   redis.call('ZREM', KEYS[3], ARGV[7])
-  if KEYS[5] then
+  if KEYS[4] then
     local owed = redis.call('HMGET', KEYS[1], $webhook, $on_done)
-    if owed[1] and owed[1] ~= '' then redis.call('XADD', KEYS[5], '*', 'kind', 'webhook', 'job', ARGV[7]) end
-    if owed[2] and owed[2] ~= '' then redis.call('XADD', KEYS[5], '*', 'kind', 'callback', 'job', ARGV[7]) end
+    if owed[1] and owed[1] ~= '' then redis.call('XADD', KEYS[4], '*', 'kind', 'webhook', 'job', ARGV[7]) end
+    if owed[2] and owed[2] ~= '' then redis.call('XADD', KEYS[4], '*', 'kind', 'callback', 'job', ARGV[7]) end
   end
 end
 return math.max(seq, 1)
@@ -146,7 +147,8 @@ def append_args(
     ]
     for name, value in (fields or {}).items():
         argv += [name, value]
-    return [keys.job(job_id), keys.log(job_id), keys.active, idempotency_key, keys.deliveries], argv
+    job_keys = [keys.job(job_id), keys.log(job_id), keys.active, keys.deliveries]
+    return [*job_keys, idempotency_key] if idempotency_key else job_keys, argv
 
 
 def parse_entries(entries: list[tuple[Any, Any]]) -> list[Event]:
