@@ -65,6 +65,13 @@ def cli(redis_url: str | None) -> None:
 @click.option("--priority", type=int, default=5, help="0 (most urgent) to 9.")
 @click.option("--idempotency-key", help="The same key again returns the same job instead of a new run.")
 @click.option("--webhook", metavar="URL", help="POST the job's outcome here when it ends (signed; docs/webhooks.md).")
+@click.option(
+    "--webhook-event",
+    "webhook_events",
+    multiple=True,
+    type=click.Choice(["started", "retry"]),
+    help="Also POST this progress event to --webhook (repeatable).",
+)
 @click.option("--on-done", metavar="TASK", help="Send the outcome to this Celery task when the job ends.")
 @click.option("--on-done-queue", metavar="QUEUE", help="The queue of --on-done's task (default: celery).")
 @click.option(
@@ -83,6 +90,7 @@ def submit(
     priority: int,
     idempotency_key: str | None,
     webhook: str | None,
+    webhook_events: tuple[str, ...],
     on_done: str | None,
     on_done_queue: str | None,
     builtin_tools: str | None,
@@ -97,7 +105,6 @@ def submit(
 
     def action(client: Client) -> int:
         request = commands.build_request(file=file, prompt=prompt, model=model, system=system, max_tokens=max_tokens)
-        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
         return commands.submit(
             client,
             request,
@@ -105,7 +112,11 @@ def submit(
             idempotency_key=idempotency_key,
             no_wait=no_wait,
             as_json=as_json,
-            **owed,
+            webhook=webhook,
+            webhook_events=webhook_events or None,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
+            builtin_tools=builtin_tools,
         )
 
     return _run(action)

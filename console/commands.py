@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,22 @@ def submit(
     no_wait: bool,
     as_json: bool,
     webhook: str | None = None,
+    webhook_events: Sequence[str] | None = None,
     on_done: str | None = None,
     on_done_queue: str | None = None,
     builtin_tools: str | None = None,
 ) -> int:
     """Submit; ``no_wait``: print the id on stdout, else ``[job ID]`` on stderr and follow the job."""
-    owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
-    job = client.submit(request, priority=priority, idempotency_key=idempotency_key, **owed)
+    job = client.submit(
+        request,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        webhook=webhook,
+        webhook_events=webhook_events,
+        on_done=on_done,
+        on_done_queue=on_done_queue,
+        builtin_tools=builtin_tools,
+    )
     print(job.id if no_wait else f"[job {job.id}]", file=sys.stdout if no_wait else sys.stderr, flush=True)
     return 0 if no_wait else follow(client, job.id, as_json=as_json)
 

@@ -34,7 +34,7 @@ from moonq.models import check_builtin_tools
 from moonq.record import JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
 from moonq.settings import ClientSettings
-from moonq.webhooks import check_webhook_url
+from moonq.webhooks import check_webhook_events, check_webhook_url
 from moonq.wire import DEFAULT_PRIORITY, check_priority
 from producers.aio import AsyncClient, AsyncJob
 
@@ -139,6 +139,11 @@ def job_options(request: Request) -> dict[str, Any]:
     hook = request.headers.get("x-moonq-webhook")
     if hook is not None:  # where the job's end is POSTed (docs/webhooks.md); never a field of the body
         options["webhook"] = check_webhook_url(hook, "X-Moonq-Webhook")
+    events = request.headers.get("x-moonq-webhook-events")
+    if events is not None:  # progress events also POSTed there: "started, retry"
+        if hook is None:
+            raise InvalidRequest([("X-Moonq-Webhook-Events", "needs X-Moonq-Webhook (the URL the events go to)")])
+        options["webhook_events"] = check_webhook_events(events, "X-Moonq-Webhook-Events").split(",")
     builtin = request.headers.get(BUILTIN_TOOLS_HEADER)
     if builtin is not None:  # the worker runs $web_search's round trips (docs/moonshot-api.md §6); never in the body
         options["builtin_tools"] = check_builtin_tools(builtin, None, BUILTIN_TOOLS_HEADER)

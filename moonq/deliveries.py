@@ -24,15 +24,17 @@ import redis
 
 from moonq.keys import Keys
 from moonq.record import decode_hash
-from moonq.webhooks import parse_delivery_id
+from moonq.webhooks import delivery_id, parse_delivery_id
 
 GROUP = "nodes"  # the consumer group every node reads the stream through
 
-# A stream entry's fields: ``kind`` and ``job`` (the hand-off, moonq/eventlog.py), and ``again`` = "1" on
-# an entry put back by ``PROMOTE_LUA`` or ``REDELIVER_LUA``: only those have a P:delivery:<id> to read.
-AGAIN = "again"
+# A stream entry's fields: ``kind`` and ``job`` (the hand-off, moonq/eventlog.py); for a progress event
+# also ``event`` (started | retry), and ``attempt`` (started) or ``seq`` and the event ``e`` (retry);
+# ``again`` = "1" and the delivery's ``id`` on an entry put back by ``PROMOTE_LUA`` or
+# ``REDELIVER_LUA``: only those have a P:delivery:<id> to read.
+AGAIN, ID, EVENT, SEQ, EVENT_JSON, ATTEMPT = "again", "id", "event", "seq", "e", "attempt"
 # Fields of P:delivery:<id>.
-KIND, JOB, TARGET, QUEUE, BODY = "kind", "job", "target", "queue", "body"
+KIND, JOB, TARGET, QUEUE, BODY, EVENT_AT = "kind", "job", "target", "queue", "body", "event_at"
 ATTEMPTS, FIRST_AT, LAST_ERROR, NEXT_AT, GAVE_UP_AT = "attempts", "first_at", "last_error", "next_at", "gave_up_at"
 
 # Retries that are due go back into the stream, atomically (a delivery is in exactly one of the two).
@@ -41,8 +43,8 @@ PROMOTE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
-  local kind, job = string.match(id, '^(%a+):(.+)$')
-  if kind then redis.call('XADD', KEYS[2], '*', 'kind', kind, 'job', job, 'again', '1') end
+  local kind, job = string.match(id, '^(%a+):([^:]+)')
+  if kind then redis.call('XADD', KEYS[2], '*', 'kind', kind, 'job', job, 'again', '1', 'id', id) end
 end
 return #due
 """
@@ -57,9 +59,16 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HDEL', KEYS[3], 'first_at', 'gave_up_at', 'next_at')
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 end
-redis.call('XADD', KEYS[2], '*', 'kind', ARGV[2], 'job', ARGV[3], 'again', '1')
+redis.call('XADD', KEYS[2], '*', 'kind', ARGV[2], 'job', ARGV[3], 'again', '1', 'id', ARGV[1])
 return 1
 """
+
+
+def entry_delivery_id(entry: dict[str, str]) -> str:
+    """The delivery id of a stream entry: the one it carries, or the one its fields make."""
+    return entry.get(ID) or delivery_id(
+        entry.get(KIND, ""), entry.get(JOB, ""), entry.get(EVENT, ""), entry.get(SEQ, "")
+    )
 
 
 def shown_target(target: str) -> str:

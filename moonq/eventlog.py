@@ -36,7 +36,8 @@ from moonq.wire import Event
 # job's keys are owned by the index (moonq/keys.py), so a long queue or a long job never loses them.
 # The same write hands off what the job's ending owes: with KEYS[4], one entry (kind, job) per webhook
 # or Celery callback the record names is added to the deliveries stream, in the same atomic step, so a
-# node killed right after the job ended still has them delivered (worker/deliveries.py).
+# node killed right after the job ended still has them delivered (worker/deliveries.py). Likewise a
+# ``retry`` event, when the record's ``webhook_events`` subscribes to it: its entry carries the event.
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
@@ -54,12 +55,19 @@ if $is_terminal then return 0 end
 if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], $owner) ~= ARGV[3] then return 0 end
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
+local subscribed = nil
 for i = 1, n do
   seq = seq + 1
   local body = ARGV[8 + i]
   local msg = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', msg)
   redis.call('PUBLISH', ARGV[1], msg)
+  if KEYS[4] and string.match(body, '^{"job_id":"[^"]*","type":"retry"') then
+    subscribed = subscribed or (',' .. (redis.call('HGET', KEYS[1], $webhook_events) or '') .. ',')
+    if string.find(subscribed, ',retry,', 1, true) then
+      redis.call('XADD', KEYS[4], '*', 'kind', 'webhook', 'job', ARGV[7], 'event', 'retry', 'seq', seq, 'e', msg)
+    end
+  end
 end
 redis.call('HSET', KEYS[1], $seq, seq)
 for i = 9 + n, #ARGV, 2 do

@@ -28,6 +28,7 @@ Fields (all stored as strings; written by whom):
     idem_key          the Redis key of the job's idempotency key, if it has one (producer); the key
                       lives as long as the record and expires with it (moonq/eventlog.py)
     webhook           the URL to POST the job's outcome to when it ends (producer; docs/webhooks.md)
+    webhook_events    comma-separated progress events also sent to that URL: ``started``, ``retry`` (producer)
     on_done           a Celery task name to send the outcome to when the job ends (producer)
     on_done_queue     the queue of that task; empty = ``celery`` (producer)
     builtin_tools     ``auto``: the worker runs builtin tool rounds itself (producer; docs/moonshot-api.md §6)
@@ -90,6 +91,7 @@ class JobField(StrEnum):
     RETRY_OF = "retry_of"
     IDEM_KEY = "idem_key"
     WEBHOOK = "webhook"
+    WEBHOOK_EVENTS = "webhook_events"
     ON_DONE = "on_done"
     ON_DONE_QUEUE = "on_done_queue"
     BUILTIN_TOOLS = "builtin_tools"
@@ -150,6 +152,7 @@ class JobRecord(BaseModel):
     retry_of: str | None = None
     idem_key: str | None = None
     webhook: str | None = None
+    webhook_events: str | None = None
     on_done: str | None = None
     on_done_queue: str | None = None
     builtin_tools: str | None = None

@@ -11,6 +11,11 @@ it with that specification's own libraries:
     webhook-signature  ``v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``, one per secret,
                        space-separated (during a rotation a receiver holding either secret verifies)
 
+Besides the job's ending, a producer may subscribe its webhook to progress events
+(``webhook_events``): ``started`` (the job's first attempt began) and ``retry`` (an attempt ended
+without an answer and another follows). Each is its own delivery with its own id, handed off in the
+same atomic write that records the event (moonq/eventlog.py, worker/delivery.py).
+
 Secrets are ``whsec_<base64>`` values (``MOONQ_WEBHOOK_SECRET``, comma-separated, newest first).
 Where the URL and secrets come from is one function, ``WebhookTarget``: today the record's URL and
 the node's secrets; a per-tenant URL and secrets plug in there. docs/webhooks.md is the receiver's
@@ -41,6 +46,9 @@ MAX_URL_CHARS = 2048
 DEFAULT_CALLBACK_QUEUE = "celery"
 WEBHOOK, CALLBACK = "webhook", "callback"
 KINDS = (WEBHOOK, CALLBACK)
+# The progress events a webhook may subscribe to, beyond the job's ending (which it always gets).
+STARTED, RETRY = "started", "retry"
+PROGRESS_EVENTS = (STARTED, RETRY)
 # A Celery task name (``myapp.tasks.handle_answer``) or queue name: no spaces, no control characters.
 _NAME = re.compile(r"[A-Za-z0-9_.:\-/@]{1,255}")
 # The event type in a webhook's body, by the job's terminal status.
@@ -88,17 +96,47 @@ def _check_name(value: object, field: str) -> str:
     return value
 
 
+def check_webhook_events(events: object, field: str = "webhook_events") -> str:
+    """``events`` (names, or one comma-separated string) as the record's ``webhook_events``: ``started,retry``.
+
+    Raises:
+        InvalidRequest: naming ``field``: not strings, or a name that is no progress event.
+    """
+    names = events.split(",") if isinstance(events, str) else events
+    if not isinstance(names, list | tuple | set | frozenset) or not all(isinstance(n, str) for n in names):
+        raise InvalidRequest([(field, f"must be a list of event names from {list(PROGRESS_EVENTS)}")])
+    wanted = {n.strip().lower() for n in names} - {""}
+    unknown = sorted(wanted - set(PROGRESS_EVENTS))
+    if unknown:
+        shown = ", ".join(repr(n[:40]) for n in unknown[:3])
+        raise InvalidRequest(
+            [(field, f"{shown} is not an event a webhook can subscribe to; use {' or '.join(PROGRESS_EVENTS)}")]
+        )
+    return ",".join(e for e in PROGRESS_EVENTS if e in wanted)
+
+
 def callback_fields(
-    *, webhook: str | None = None, on_done: str | None = None, on_done_queue: str | None = None
+    *,
+    webhook: str | None = None,
+    webhook_events: object = None,
+    on_done: str | None = None,
+    on_done_queue: str | None = None,
 ) -> dict[str, str]:
     """The job-record fields (``JobField.WEBHOOK`` ...) for a submit's options; ``{}`` for none.
 
     Raises:
-        InvalidRequest: an option breaks its rule, or ``on_done_queue`` is given without ``on_done``.
+        InvalidRequest: an option breaks its rule, ``webhook_events`` is given without ``webhook``,
+            or ``on_done_queue`` without ``on_done``.
     """
     fields: dict[str, str] = {}
     if webhook is not None:
         fields[JobField.WEBHOOK] = check_webhook_url(webhook)
+    if webhook_events is not None:
+        if webhook is None:
+            raise InvalidRequest([("webhook_events", "needs webhook (the URL the events go to)")])
+        events = check_webhook_events(webhook_events)
+        if events:
+            fields[JobField.WEBHOOK_EVENTS] = events
     if on_done is not None:
         fields[JobField.ON_DONE] = _check_name(on_done, "on_done")
     if on_done_queue is not None:
@@ -173,8 +211,16 @@ class WebhookTarget:
 # ---- the body --------------------------------------------------------------------------------
 
 
-def delivery_id(kind: str, job_id: str) -> str:
-    """A delivery's id (``webhook:<job id>``): the ``webhook-id`` header, the callback's Celery task id."""
+def delivery_id(kind: str, job_id: str, event: str = "", seq: int | str = "") -> str:
+    """A delivery's id: the ``webhook-id`` header, the callback's Celery task id.
+
+    ``webhook:<job id>`` (or ``callback:<job id>``) for the job's ending; ``webhook:<job id>:started``
+    and ``webhook:<job id>:retry:<seq>`` (the event's seq) for progress events. Job ids are UUIDs.
+    """
+    if event == RETRY:
+        return f"{kind}:{job_id}:{RETRY}:{seq}"
+    if event:
+        return f"{kind}:{job_id}:{event}"
     return f"{kind}:{job_id}"
 
 
@@ -184,8 +230,10 @@ def parse_delivery_id(delivery: str) -> tuple[str, str]:
     Raises:
         ValueError: not a delivery id.
     """
-    kind, sep, job_id = delivery.partition(":")
-    if not sep or kind not in KINDS or not job_id:
+    kind, _, rest = delivery.partition(":")
+    job_id, _, event = rest.partition(":")
+    plausible = not event or event == STARTED or (event.startswith(f"{RETRY}:") and event[len(RETRY) + 1 :].isdigit())
+    if kind not in KINDS or not job_id or not plausible:
         raise ValueError(f"not a delivery id: {delivery[:80]!r}")
     return kind, job_id
 
@@ -215,12 +263,38 @@ def webhook_body(job_id: str, rec: JobRecord, *, usage_cost_usd: float | None) -
 
     ``timestamp`` is when the job ended (ISO 8601, UTC), not when this attempt was made.
     """
-    ended = datetime.fromtimestamp(rec.finished_at, UTC).isoformat().replace("+00:00", "Z") if rec.finished_at else None
+    ended = _iso(rec.finished_at) if rec.finished_at else None
     return {
         "type": EVENT_TYPES.get(rec.status, f"job.{rec.status.value}"),
         "timestamp": ended,
         "data": outcome_data(job_id, rec, usage_cost_usd=usage_cost_usd),
     }
+
+
+def progress_body(job_id: str, rec: JobRecord, event: str, seen: dict[str, Any]) -> dict[str, Any]:
+    """A progress event's webhook body (``job.started``, ``job.retry``), in the same envelope.
+
+    ``seen`` is what the event said when it was written: for ``started`` the attempt and its start
+    time; for ``retry`` the event itself (``attempt`` = the next attempt, ``reason``, ``delay_s``,
+    ``resume``). ``timestamp`` is when the event happened.
+    """
+    at = float(seen.get("ts") or seen.get("started_at") or rec.started_at or 0.0)
+    data: dict[str, Any] = {
+        "id": job_id,
+        "tenant": None,
+        "status": JobStatus.RUNNING.value if event == STARTED else JobStatus.RETRYING.value,
+        "model": rec.model or None,
+        "attempt": int(seen.get("attempt") or rec.attempt or 1),
+        "enqueued_at": rec.enqueued_at,
+        "started_at": rec.started_at,
+    }
+    if event == RETRY:
+        data |= {k: seen.get(k) for k in ("reason", "delay_s", "resume")}
+    return {"type": f"job.{event}", "timestamp": _iso(at), "data": data}
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat().replace("+00:00", "Z")
 
 
 def callback_args(job_id: str, rec: JobRecord) -> list[Any]:

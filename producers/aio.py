@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -53,6 +53,7 @@ class AsyncClient:
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
@@ -64,6 +65,7 @@ class AsyncClient:
             priority=priority,
             idempotency_key=idempotency_key,
             webhook=webhook,
+            webhook_events=webhook_events,
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
@@ -76,13 +78,22 @@ class AsyncClient:
         *,
         priority: int = DEFAULT_PRIORITY,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
     ) -> list[AsyncJob]:
         """As ``Client.submit_many``."""
-        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
-        job_ids = await asyncio.to_thread(self._submitter.submit_many, list(requests), priority=priority, **owed)
+        job_ids = await asyncio.to_thread(
+            self._submitter.submit_many,
+            list(requests),
+            priority=priority,
+            webhook=webhook,
+            webhook_events=webhook_events,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
+            builtin_tools=builtin_tools,
+        )
         return [AsyncJob(self, job_id) for job_id in job_ids]
 
     def job(self, job_id: str) -> AsyncJob:

@@ -9,7 +9,7 @@ decide is in ``producers/follow.py``, shared with ``AsyncClient``; the writes ar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -70,6 +70,7 @@ class Client:
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
@@ -83,6 +84,8 @@ class Client:
                 job instead of running the request again.
             webhook: an ``https://`` URL a node POSTs the job's outcome to when it ends, signed as
                 Standard Webhooks describes, at least once (docs/webhooks.md).
+            webhook_events: progress events also sent to ``webhook``: ``"started"`` (the first
+                attempt began), ``"retry"`` (an attempt ended without an answer, another follows).
             on_done: a Celery task name a node sends ``(job_id, status, result_or_error)`` to when
                 the job ends, through ``MOONQ_CALLBACK_BROKER_URL``, at least once.
             on_done_queue: the queue of ``on_done`` (default ``celery``).
@@ -100,6 +103,7 @@ class Client:
             priority=priority,
             idempotency_key=idempotency_key,
             webhook=webhook,
+            webhook_events=webhook_events,
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
@@ -112,6 +116,7 @@ class Client:
         *,
         priority: int = DEFAULT_PRIORITY,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
@@ -119,12 +124,20 @@ class Client:
         """Validate every request, then enqueue them all with pipelined Redis writes.
 
         All or nothing for validation: one bad request raises ``InvalidRequest`` naming it
-        (``requests.3.messages.0.content: …``) and nothing is enqueued. ``webhook``, ``on_done`` and
+        (``requests.3.messages.0.content: …``) and nothing is enqueued. ``webhook``, ``webhook_events``, ``on_done`` and
         ``on_done_queue`` (as in ``submit``) apply to every job: each job's end is delivered on its own.
         ``builtin_tools`` (as in ``submit``) applies to every job.
         """
-        owed = {"webhook": webhook, "on_done": on_done, "on_done_queue": on_done_queue, "builtin_tools": builtin_tools}
-        return [Job(self, job_id) for job_id in self._submitter.submit_many(requests, priority=priority, **owed)]
+        job_ids = self._submitter.submit_many(
+            requests,
+            priority=priority,
+            webhook=webhook,
+            webhook_events=webhook_events,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
+            builtin_tools=builtin_tools,
+        )
+        return [Job(self, job_id) for job_id in job_ids]
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters: jobs that ended ``failed``, newest first."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -86,13 +86,16 @@ class Submitter:
         priority: int,
         idempotency_key: str | None = None,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
     ) -> str:
         """As ``Client.submit``; returns the job id."""
         priority = check_priority(priority)
-        owed = callback_fields(webhook=webhook, on_done=on_done, on_done_queue=on_done_queue)
+        owed = callback_fields(
+            webhook=webhook, webhook_events=webhook_events, on_done=on_done, on_done_queue=on_done_queue
+        )
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         valid = validate_request(request)
@@ -106,13 +109,16 @@ class Submitter:
         *,
         priority: int,
         webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
     ) -> list[str]:
         """As ``Client.submit_many``; returns the job ids, in request order."""
         priority = check_priority(priority)
-        owed = callback_fields(webhook=webhook, on_done=on_done, on_done_queue=on_done_queue)
+        owed = callback_fields(
+            webhook=webhook, webhook_events=webhook_events, on_done=on_done, on_done_queue=on_done_queue
+        )
         envelopes = []
         for i, request in enumerate(requests):
             try:
@@ -138,7 +144,8 @@ class Submitter:
         old = JobEnvelope.model_validate_json(rec.envelope or "")
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=old.request, priority=old.priority)
         # The re-run owes what the first run owed: its webhook and callback go with it.
-        owed = {f: getattr(rec, f.value) for f in (JobField.WEBHOOK, JobField.ON_DONE, JobField.ON_DONE_QUEUE)}
+        carried = (JobField.WEBHOOK, JobField.WEBHOOK_EVENTS, JobField.ON_DONE, JobField.ON_DONE_QUEUE)
+        owed = {f: getattr(rec, f.value) for f in carried}
         owed[JobField.BUILTIN_TOOLS] = rec.builtin_tools  # and so does its builtin_tools option
         new_id = self._enqueue(envelope, {JobField.RETRY_OF: job_id, **{f: v for f, v in owed.items() if v}})
         self.redis.zrem(self.keys.failed, job_id)

@@ -30,9 +30,10 @@ from gateway.app import GatewaySettings
 from harness import RedisServer, TcpProxy, WorkerProcess
 from moonq.deliveries import GROUP, backlog, failed_deliveries
 from moonq.errors import InvalidRequest
+from moonq.eventlog import read_log
 from moonq.record import JobField
 from moonq.settings import ClientSettings
-from moonq.webhooks import delivery_id, parse_secrets, signed_headers
+from moonq.webhooks import delivery_id, parse_delivery_id, parse_secrets, signed_headers
 from producers import Client
 from simulator import SimServer
 from tests.helpers import make_settings, node_env, serve_gateway, unbounded_keys, wait_until
@@ -135,6 +136,9 @@ def test_a_malformed_secret_is_refused_without_showing_it(text: str, problem: st
         ({"webhook": "https://example.com/a b"}, "webhook"),
         ({"on_done": "not a task"}, "on_done"),
         ({"on_done_queue": "answers"}, "on_done_queue"),
+        ({"webhook_events": ["started"]}, "webhook_events"),
+        ({"webhook": "https://example.com/hook", "webhook_events": ["started", "finished"]}, "webhook_events"),
+        ({"webhook": "https://example.com/hook", "webhook_events": [3]}, "webhook_events"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_enqueued(
@@ -158,6 +162,16 @@ def test_the_options_go_in_the_record_never_in_the_task_message(fresh_prefix: An
         assert "example.com" not in rec[JobField.ENVELOPE] and "app.tasks" not in rec[JobField.ENVELOPE]
         many = c.submit_many([HELLO, HELLO], webhook="https://example.com/many")
         assert {j.record()[JobField.WEBHOOK] for j in many} == {"https://example.com/many"}
+
+
+def test_delivery_ids_name_the_job_and_the_event() -> None:
+    job = str(uuid.uuid4())
+    ids = [delivery_id("webhook", job), delivery_id("webhook", job, "started"), delivery_id("webhook", job, "retry", 7)]
+    assert ids == [f"webhook:{job}", f"webhook:{job}:started", f"webhook:{job}:retry:7"]
+    assert {parse_delivery_id(i) for i in ids} == {("webhook", job)}
+    for bad in (f"webhook:{job}:finished", f"webhook:{job}:retry:x", f"mail:{job}", "webhook:"):
+        with pytest.raises(ValueError):
+            parse_delivery_id(bad)
 
 
 # ---- delivery through a real node --------------------------------------------------------------
@@ -194,6 +208,41 @@ def test_a_failed_and_a_cancelled_job_are_delivered_too(client: Client, receiver
     assert failing.status() == "failed"
     cancelled = verified(receiver.wait_for("cancelled", 1)[0])
     assert (cancelled["type"], cancelled["data"]["error"]) == ("job.cancelled", None)
+
+
+def test_a_subscribed_webhook_gets_the_start_and_each_retry_too(client: Client, receiver: Receiver) -> None:
+    sim = {"script": ["overload", "ok"], "key": uuid.uuid4().hex}
+    job = client.submit({**HELLO, "sim": sim}, webhook=receiver.script("progress"), webhook_events=["retry", "started"])
+    assert job.record()[JobField.WEBHOOK_EVENTS] == "started,retry"
+    job.result(timeout=30)
+    got = {
+        verified(r)["type"]: (r.headers["webhook-id"], verified(r)["data"]) for r in receiver.wait_for("progress", 3)
+    }
+    [retry_seq] = [e.seq for e in read_log(client.redis, client.keys, job.id) if e.type == "retry"]
+    assert {t: i for t, (i, _) in got.items()} == {
+        "job.started": delivery_id("webhook", job.id, "started"),
+        "job.retry": delivery_id("webhook", job.id, "retry", retry_seq),
+        "job.succeeded": delivery_id("webhook", job.id),
+    }
+    started, retry = got["job.started"][1], got["job.retry"][1]
+    assert (started["id"], started["status"], started["attempt"]) == (job.id, "running", 1)
+    assert started["started_at"] == float(job.record()[JobField.STARTED_AT])
+    assert (retry["status"], retry["attempt"], retry["reason"]) == ("retrying", 2, "engine_overloaded_error")
+    time.sleep(0.5)
+    assert len(receiver.received("progress")) == 3  # each once; an unsubscribed job gets only its end (above)
+
+
+def test_a_progress_delivery_is_retried_under_its_own_id(client: Client, receiver: Receiver) -> None:
+    job = client.submit(HELLO, webhook=receiver.script("progress-flaky", 500), webhook_events=["started"])
+    tries = receiver.wait_for("progress-flaky", 3)
+    first = tries[0].headers["webhook-id"]
+    again = [t for t in tries[1:] if t.headers["webhook-id"] == first]
+    assert again and again[0].body == tries[0].body  # the same id and body on the retry
+    assert {t.headers["webhook-id"] for t in tries} == {
+        delivery_id("webhook", job.id, "started"),
+        delivery_id("webhook", job.id),
+    }
+    wait_until(lambda: backlog(client.redis, client.keys) == {"queued": 0, "retrying": 0, "dead": 0}, 5, "settled")
 
 
 def test_500s_are_retried_with_the_same_id_and_body(client: Client, receiver: Receiver) -> None:
@@ -296,8 +345,15 @@ def test_the_gateway_takes_the_webhook_from_a_header(stack: ClientSettings, rece
         url = receiver.script("gateway")
         made = httpx.post(f"{base}/v1/jobs", json=HELLO, headers={**auth, "x-moonq-webhook": url})
         assert made.status_code == 202
+        lonely = httpx.post(f"{base}/v1/jobs", json=HELLO, headers={**auth, "x-moonq-webhook-events": "started"})
+        assert lonely.status_code == 400 and "X-Moonq-Webhook-Events" in lonely.json()["error"]["message"]
+        events = {**auth, "x-moonq-webhook": receiver.script("gateway-events"), "x-moonq-webhook-events": "started"}
+        subscribed = httpx.post(f"{base}/v1/jobs", json=HELLO, headers=events)
+        assert subscribed.status_code == 202
     [got] = receiver.wait_for("gateway", 1)
     assert verified(got)["data"]["id"] == made.json()["id"]
+    types = {verified(r)["type"] for r in receiver.wait_for("gateway-events", 2)}
+    assert types == {"job.started", "job.succeeded"}
 
 
 # ---- a node killed mid-delivery ----------------------------------------------------------------

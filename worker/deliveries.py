@@ -37,8 +37,12 @@ from redis.exceptions import RedisError, ResponseError
 from moonq.connect import resilient_redis
 from moonq.deliveries import (
     AGAIN,
+    ATTEMPT,
     ATTEMPTS,
     BODY,
+    EVENT,
+    EVENT_AT,
+    EVENT_JSON,
     FIRST_AT,
     GAVE_UP_AT,
     GROUP,
@@ -49,6 +53,7 @@ from moonq.deliveries import (
     PROMOTE_LUA,
     QUEUE,
     TARGET,
+    entry_delivery_id,
     shown_target,
 )
 from moonq.record import JobField, JobRecord, decode_hash
@@ -58,7 +63,7 @@ from moonq.webhooks import (
     WEBHOOK,
     WebhookTarget,
     callback_args,
-    delivery_id,
+    progress_body,
     signed_headers,
     webhook_body,
 )
@@ -240,10 +245,9 @@ class DeliveryWorker:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, entry in found:
-                did = delivery_id(entry.get(KIND, ""), entry.get(JOB, ""))
                 # Only an entry put back for a retry (or by hand) has a stored state: a first attempt reads none.
                 if entry.get(AGAIN):
-                    pipe.hgetall(self.keys.delivery(did))
+                    pipe.hgetall(self.keys.delivery(entry_delivery_id(entry)))
                 # The record without its envelope (the whole request): only what the body says.
                 pipe.hmget(self.keys.job(entry.get(JOB, "")), RECORD_FIELDS)
             replies = iter(await pipe.execute())
@@ -266,9 +270,9 @@ class DeliveryWorker:
         self, entry_id: str, entry: dict[str, str], stored: dict[str, str], record: dict[str, Any]
     ) -> None:
         kind, job_id = entry.get(KIND, ""), entry.get(JOB, "")
-        did = delivery_id(kind, job_id)
+        did = entry_delivery_id(entry)
         try:
-            plan = stored or self._plan(kind, job_id, record)
+            plan = stored or self._plan(entry, record)
             if plan is None:
                 log.warning("event=delivery_dropped id=%s: the job's record is gone", did)
                 await self._settle_entry(entry_id, did, "delivered", 0, {})
@@ -286,12 +290,15 @@ class DeliveryWorker:
             with contextlib.suppress(RedisError, OSError):
                 await self._settle_entry(entry_id, did, "dead", time.time(), {**state, GAVE_UP_AT: repr(time.time())})
 
-    def _plan(self, kind: str, job_id: str, record: dict[str, Any]) -> dict[str, str] | None:
-        """What to deliver, from the job's record: target, queue, body; None if there is nothing."""
+    def _plan(self, entry: dict[str, str], record: dict[str, Any]) -> dict[str, str] | None:
+        """What to deliver, from the entry and the job's record: target, queue, body; None if nothing."""
+        kind, job_id, event = entry.get(KIND, ""), entry.get(JOB, ""), entry.get(EVENT, "")
         rec = JobRecord.from_redis(record)
+        if event and kind == WEBHOOK and rec is not None:
+            return self._progress_plan(entry, rec)
         if rec is None or not rec.terminal:
             return None
-        plan = {KIND: kind, JOB: job_id, "finished_at": repr(rec.finished_at or time.time())}
+        plan = {KIND: kind, JOB: job_id, EVENT_AT: repr(rec.finished_at or time.time())}
         if kind == WEBHOOK:
             target = WebhookTarget.resolve(rec, self.secrets)
             if target is None:
@@ -303,6 +310,19 @@ class DeliveryWorker:
             queue = rec.on_done_queue or DEFAULT_CALLBACK_QUEUE
             return {**plan, TARGET: rec.on_done, QUEUE: queue, BODY: json.dumps(args, separators=(",", ":"))}
         return None
+
+    def _progress_plan(self, entry: dict[str, str], rec: JobRecord) -> dict[str, str] | None:
+        """A ``started`` or ``retry`` webhook: its body from what the entry saw when it was handed off."""
+        target = WebhookTarget.resolve(rec, self.secrets)
+        if target is None:
+            return None
+        seen: dict[str, Any] = json.loads(entry[EVENT_JSON]) if entry.get(EVENT_JSON) else {}
+        if entry.get(ATTEMPT):
+            seen["attempt"] = int(entry[ATTEMPT])
+        body = progress_body(entry[JOB], rec, entry[EVENT], seen)
+        at = seen.get("ts") or rec.started_at or time.time()
+        plan = {KIND: WEBHOOK, JOB: entry[JOB], EVENT: entry[EVENT], EVENT_AT: repr(at), TARGET: target.url}
+        return {**plan, BODY: json.dumps(body, separators=(",", ":"), ensure_ascii=False)}
 
     def _cost(self, rec: JobRecord) -> float | None:
         usage = (rec.result_data() or {}).get("usage") if rec.result else None
@@ -334,7 +354,8 @@ class DeliveryWorker:
         if attempt.verdict == "delivered":
             if await self._settle_entry(entry_id, did, "delivered", now, {}):
                 metrics.WEBHOOK_DELIVERIES.labels(kind, "delivered").inc()
-                metrics.WEBHOOK_LATENCY.labels(kind).observe(max(0.0, now - float(plan.get("finished_at") or now)))
+                since = float(plan.get(EVENT_AT) or plan.get("finished_at") or now)  # stored by an older version
+                metrics.WEBHOOK_LATENCY.labels(kind).observe(max(0.0, now - since))
                 log.debug("event=delivery_delivered id=%s target=%s attempts=%s", did, where, n)
             return
         note = f"{attempt.status or attempt.label}: {attempt.note}".strip()[:500]

@@ -26,7 +26,8 @@ from moonq.keys import Keys
 from moonq.record import record_lua
 
 # Field and status names come from moonq/record.py (``$field`` / ``$status`` placeholders).
-# KEYS[1] job hash, KEYS[2] the active-jobs index (zset job id -> last sign of life, unix s).
+# KEYS[1] job hash, KEYS[2] the active-jobs index (zset job id -> last sign of life, unix s), KEYS[3]
+# the deliveries stream (the job's first start hands off a ``started`` webhook if its record asks).
 # ARGV[1] owner token, ARGV[2] stale_ms: an owner whose heartbeat is older than this is presumed
 # dead, ARGV[3] job id.
 # Returns {verdict, attempt, seq, idempotency key name or ''}. Verdicts: 'run' (now owned by ARGV[1]),
@@ -60,6 +61,10 @@ end
 redis.call('HSET', KEYS[1], $status, $running)
 if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
   redis.call('HSET', KEYS[1], $started_at, tonumber(t[1]) + tonumber(t[2]) / 1e6)
+  local events = ',' .. (redis.call('HGET', KEYS[1], $webhook_events) or '') .. ','
+  if string.find(events, ',started,', 1, true) then
+    redis.call('XADD', KEYS[3], '*', 'kind', 'webhook', 'job', ARGV[3], 'event', 'started', 'attempt', attempt)
+  end
 end
 -- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
 if status ~= $queued then return {'takeover', attempt, seq, idem} end
@@ -119,7 +124,7 @@ async def claim(
     args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id]
     while True:
         verdict, attempt, seq, idem = await script(
-            keys=[keys.job(delivery.job_id), keys.active], args=args, client=redis
+            keys=[keys.job(delivery.job_id), keys.active, keys.deliveries], args=args, client=redis
         )
         if _text(verdict) != "busy":
             return Claim(_text(verdict), int(attempt), int(seq), _text(idem))
