@@ -49,8 +49,13 @@ LONG = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "A l
 
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
-    """Worker settings on ``redis_url`` with the test API key and the ``FAST`` delays; ``overrides`` win."""
-    return Settings(**{"redis_url": redis_url, "moonshot_api_key": API_KEY, **FAST, **overrides})
+    """Worker settings on ``redis_url`` with the test API key and the ``FAST`` delays; ``overrides`` win.
+
+    An embedded runtime delivers webhooks on its own loop: one delivery process per test's runtime
+    would cost a process start each (real nodes, ``node_env``, run theirs in a child process).
+    """
+    defaults = {"redis_url": redis_url, "moonshot_api_key": API_KEY, "webhook_process": False, **FAST}
+    return Settings(**{**defaults, **overrides})
 
 
 def node_env(settings: Settings, base_url: str, **extra: str) -> dict[str, str]:

@@ -27,10 +27,11 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from console.cli import main as moonq
 from console.fleetview import Scrape, deliveries_row, parse_exposition
 from gateway.app import GatewaySettings
-from harness import RedisServer, TcpProxy, WorkerProcess
+from harness import RedisServer, TcpProxy, WorkerProcess, free_port
 from moonq.deliveries import GROUP, backlog, failed_deliveries
 from moonq.errors import InvalidRequest
 from moonq.eventlog import read_log
+from moonq.fleet import total
 from moonq.record import JobField
 from moonq.settings import ClientSettings
 from moonq.webhooks import delivery_id, parse_delivery_id, parse_secrets, signed_headers
@@ -386,6 +387,67 @@ def test_a_node_killed_mid_delivery_is_taken_over_and_the_receiver_deduplicates(
             r = redis.Redis.from_url(server.url)
             assert unbounded_keys(r, settings.prefix) == []
             r.close()
+
+
+# ---- the delivery process ----------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def delivered_total(metrics_url: str) -> float:
+    samples = parse_exposition(httpx.get(metrics_url, timeout=5).text)
+    return total(samples, "moonq_webhook_deliveries_total", outcome="delivered")
+
+
+def test_deliveries_run_in_a_child_process_that_lives_and_dies_with_its_node(
+    sim: SimServer, receiver: Receiver
+) -> None:
+    """Off the node's CPU: a child without the API key, restarted if it dies, gone with a killed node;
+    what it delivers shows in the node's own /metrics."""
+    with RedisServer() as server:
+        settings = make_settings(server.url, prefix=f"whp{uuid.uuid4().hex[:5]}")
+        port = free_port()
+        env = node_env(settings, sim.base_url, MOONQ_METRICS_PORT=str(port), **FAST_DELIVERY)
+        with Client(settings=ClientSettings(redis_url=server.url, prefix=settings.prefix)) as client:
+            node = WorkerProcess(env).start()
+            try:
+                assert node.proc is not None
+                wait_until(lambda: len(children(node.proc.pid)) == 1, 10, "the delivery process")
+                [child] = children(node.proc.pid)
+                with open(f"/proc/{child}/environ", "rb") as f:
+                    assert b"MOONSHOT_API_KEY" not in f.read()
+                client.submit(HELLO, webhook=receiver.script("child")).result(timeout=20)
+                receiver.wait_for("child", 1)
+                metrics_url = f"http://127.0.0.1:{port}/metrics"
+                wait_until(lambda: delivered_total(metrics_url) == 1, 5, "the delivery in the node's metrics")
+
+                os.kill(child, signal.SIGKILL)  # the node starts another; deliveries go on
+                wait_until(lambda: children(node.proc.pid) not in ([], [child]), 15, "a new delivery process")
+                client.submit(HELLO, webhook=receiver.script("child")).result(timeout=20)
+                receiver.wait_for("child", 2)
+                wait_until(lambda: delivered_total(metrics_url) == 2, 5, "both deliveries in the node's metrics")
+
+                [child] = children(node.proc.pid)
+                os.kill(node.proc.pid, signal.SIGKILL)
+                node.proc.wait()
+                wait_until(lambda: not alive(child), 5, "the delivery process gone with its node")
+            finally:
+                node.stop()
 
 
 # ---- what operators see ------------------------------------------------------------------------

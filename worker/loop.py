@@ -26,6 +26,7 @@ from moonq.eventlog import APPEND_LUA
 from moonq.wire import JobEnvelope
 from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
+from worker.delivery_process import DeliveryProcess
 from worker.job import JobContext, Outcome, reject_envelope, run_job
 from worker.keepalive import cancel_deliveries, keepalive
 from worker.publisher import EventSink
@@ -59,6 +60,7 @@ class Runtime:
         self._background: list[asyncio.Task[None]] = []
         self._sweeper: Sweeper | None = None
         self._deliveries: DeliveryWorker | None = None
+        self._delivery_process: DeliveryProcess | None = None
         self.metrics_url: str | None = None  # announced in Redis for `moonq top` (keepalive.py)
 
     def start(self) -> Runtime:
@@ -82,13 +84,16 @@ class Runtime:
             prices=load_prices(self.settings.prices_file),
         )
         limiter.start()
-        self._deliveries = deliveries = DeliveryWorker(self.settings)
         self._background = [
             asyncio.create_task(self._listen(ctx)),
             asyncio.create_task(keepalive(ctx, lambda: self.metrics_url)),
             asyncio.create_task(sweeper.run()),
-            asyncio.create_task(deliveries.run()),
         ]
+        if self.settings.webhook_process:
+            self._delivery_process = DeliveryProcess(self.settings).start()
+        else:
+            self._deliveries = DeliveryWorker(self.settings)
+            self._background.append(asyncio.create_task(self._deliveries.run()))
         return ctx
 
     async def _listen(self, ctx: JobContext) -> None:
@@ -158,6 +163,8 @@ class Runtime:
         if self._deliveries is not None:
             with contextlib.suppress(Exception):
                 await self._deliveries.aclose()
+        if self._delivery_process is not None:
+            await asyncio.to_thread(self._delivery_process.stop)
         await ctx.redis.aclose()
 
 

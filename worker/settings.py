@@ -96,6 +96,9 @@ class Settings(ClientSettings):
     # One attempt's whole time (connect, send, answer); deliveries one node makes at once.
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=32, ge=1)
+    # Deliveries run in a child process of the node (worker/delivery_process.py), off the jobs' CPU;
+    # false: on the node's own loop (one process fewer, for small nodes and embedded runtimes).
+    webhook_process: bool = True
     # Retries: the first backoff (x4 per attempt, +-20% jitter), its cap, and how long after the first
     # attempt retries go on before the delivery gives up (a dead letter, `moonq webhooks failed`).
     webhook_backoff_base_s: float = Field(default=5.0, gt=0)
