@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import redis
 
+from harness import free_port
 from moonq.wire import JobEnvelope
 from producers import Client, InvalidRequest
 from producers.client import RESEND_AFTER_S
@@ -65,6 +66,33 @@ def test_keyed_jobs_run_once_end_to_end(run: Any, client: Client) -> None:
     result = a.result(timeout=20)
     assert b.result(timeout=1) == result
     assert JobEnvelope.model_validate_json(a.record()["envelope"]).request == REQ
+
+
+def test_a_refused_send_forgets_the_key_so_a_retry_with_it_runs(fresh_prefix: Settings, r: redis.Redis) -> None:
+    """The broker did not take the message: no record, no key, no index entry; the same key then works."""
+    dead_broker = fresh_prefix.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with Client(settings=dead_broker) as refused, pytest.raises(Exception) as caught:  # whatever the transport raises
+        refused.submit(REQ, idempotency_key="refused")
+    assert not isinstance(caught.value, InvalidRequest)
+    keys = fresh_prefix.keys
+    assert not r.exists(keys.idempotency("refused")) and not r.zcard(keys.active)
+    assert not r.keys(keys.job("*"))
+    with Client(settings=fresh_prefix) as client:
+        job = client.submit(REQ, idempotency_key="refused")
+        assert client.submit(REQ, idempotency_key="refused").id == job.id and queued(r, fresh_prefix) == 1
+
+
+def test_the_key_lives_as_long_as_its_job(run: Any, client: Client, r: redis.Redis) -> None:
+    """No TTL while the job is active (however long it waits or runs); the record's TTL once it ended."""
+    keys = client.settings.keys
+    waiting = Client(settings=client.settings.model_copy(update={"queue": "nobody-consumes-this"}))
+    with waiting:
+        queued_job = waiting.submit(REQ, idempotency_key="long-wait")
+        assert r.ttl(keys.idempotency("long-wait")) == -1 and r.ttl(keys.job(queued_job.id)) == -1
+    job = client.submit(REQ, idempotency_key="finished")
+    job.result(timeout=20)
+    key_ttl, record_ttl = r.ttl(keys.idempotency("finished")), r.ttl(keys.job(job.id))
+    assert 0 < key_ttl <= record_ttl <= client.settings.result_ttl_s and record_ttl - key_ttl <= 1
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 256, 7])
