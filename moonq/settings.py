@@ -74,6 +74,8 @@ class ClientSettings(BaseSettings):
     queue: str = DEFAULT_QUEUE
     # Job records, results and replay logs expire this long after the job ends.
     result_ttl_s: int = Field(default=24 * 3600, ge=60)
+    # The tenants file (moonq/tenants.py, docs/tenants.md); empty: one tenant, "default", without limits.
+    tenants_file: str = ""
 
     @model_validator(mode="after")
     def _default_broker(self) -> ClientSettings:
