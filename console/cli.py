@@ -22,9 +22,10 @@ COMPLETE_VAR = "_MOONQ_COMPLETE"
 
 def _run(action: Callable[[Client], int]) -> int:
     """``action`` on a client for the group's ``--redis-url``, SDK errors turned into exit codes."""
-    redis_url: str | None = click.get_current_context().find_root().params.get("redis_url")
+    params = click.get_current_context().find_root().params
+    redis_url: str | None = params.get("redis_url")
     try:
-        with Client(redis_url) as client:
+        with Client(redis_url, tenant=params.get("tenant")) as client:
             return action(client)
     except InvalidRequest as err:
         print(f"moonq: invalid request: {err}", file=sys.stderr)
@@ -44,7 +45,13 @@ def _run(action: Callable[[Client], int]) -> int:
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 @click.option("--redis-url", metavar="URL", help="Redis to use; overrides REDIS_URL.")
-def cli(redis_url: str | None) -> None:
+@click.option(
+    "--tenant",
+    metavar="NAME",
+    envvar="MOONQ_TENANT",
+    help="Act as this tenant (MOONQ_TENANTS_FILE): submit as it, see only its jobs and dead letters.",
+)
+def cli(redis_url: str | None, tenant: str | None) -> None:
     """Chat-completion jobs on a Celery + Redis queue.
 
     Submit, follow and manage jobs, run batch files, watch the fleet (top), serve the HTTP

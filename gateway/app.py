@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import re
 import time
@@ -23,23 +22,27 @@ from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.console import console_routes
 from gateway.openapi import openapi_document
 from gateway.stream import ChunkStream, error_body, sse
-from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound
+from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, TenantModelNotAllowed
 from moonq.models import check_builtin_tools
 from moonq.record import JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
 from moonq.settings import ClientSettings
+from moonq.tenants import SETTING as TENANTS_SETTING
+from moonq.tenants import Principal, Tenants
 from moonq.webhooks import check_webhook_events, check_webhook_url
 from moonq.wire import DEFAULT_PRIORITY, check_priority
 from producers.aio import AsyncClient, AsyncJob
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
 BUILTIN_TOOLS_HEADER = "X-Moonq-Builtin-Tools"
+# An operator token (tenants file) submits for the tenant this header names.
+TENANT_HEADER = "X-Moonq-Tenant"
 # The web console signs in with a gateway token once, then goes by its session cookie (gateway/console/).
 CONSOLE_PATH = "/console"
 
@@ -66,12 +69,57 @@ def error(status: int, message: str, type_: str, headers: Mapping[str, str] | No
     return JSONResponse(error_body(message, type_), status_code=status, headers=headers)
 
 
-class Guard:
-    """ASGI middleware: bearer auth (constant-time) and a request size limit, before any route runs."""
+def gateway_tenants(settings: GatewaySettings) -> Tenants:
+    """Whom the gateway's bearer tokens speak for: the tenants file, or every token of
+    ``MOONQ_GATEWAY_TOKENS`` for the one ``default`` tenant (as before tenants).
 
-    def __init__(self, app: ASGIApp, tokens: list[str], max_body_bytes: int) -> None:
+    Raises:
+        ValueError: both are set (which would win is not obvious), or neither.
+        ConfigFileError: the tenants file is wrong (naming the field and the rule).
+    """
+    if settings.tenants_file:
+        if settings.tokens:
+            raise ValueError(
+                f"set {TENANTS_SETTING} or MOONQ_GATEWAY_TOKENS, not both: with a tenants file, tokens are its"
+                " tokens_sha256 (docs/tenants.md)"
+            )
+        return Tenants.load(settings.tenants_file)
+    if not settings.tokens:
+        raise ValueError("MOONQ_GATEWAY_TOKENS is empty: the gateway serves no one without a bearer token")
+    return Tenants.default(settings.tokens)
+
+
+def principal_of(request: Request) -> Principal:
+    """Whom the request's bearer token speaks for (the ``Guard`` put it in the request's state)."""
+    return request.state.principal  # type: ignore[no-any-return]
+
+
+def scope_of(request: Request) -> str | None:
+    """The tenant whose jobs the request may see; None: every tenant's (an operator)."""
+    principal = principal_of(request)
+    return None if principal.operator else principal.tenant
+
+
+def submit_tenant(request: Request) -> str:
+    """The tenant a submit goes to: the token's; an operator's names it in ``X-Moonq-Tenant``."""
+    principal, named = principal_of(request), request.headers.get(TENANT_HEADER)
+    if named is not None and not principal.operator and named != principal.tenant:
+        raise InvalidRequest([(TENANT_HEADER, "only an operator token may submit for another tenant")])
+    tenant = named or principal.tenant
+    if tenant is None:
+        raise InvalidRequest([(TENANT_HEADER, "is required with an operator token: the tenant to submit for")])
+    return tenant
+
+
+class Guard:
+    """ASGI middleware: bearer auth (constant-time) and a request size limit, before any route runs.
+
+    The token's ``Principal`` (its tenant, or an operator) goes into the request's state.
+    """
+
+    def __init__(self, app: ASGIApp, tenants: Tenants, max_body_bytes: int) -> None:
         self.app = app
-        self.tokens = [t.encode() for t in tokens]
+        self.tenants = tenants
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,21 +127,23 @@ class Guard:
         if scope["type"] != "http" or path in OPEN_PATHS or path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if not self._authorized(headers.get(b"authorization", b"")):
+        principal = self._principal(headers.get(b"authorization", b""))
+        if principal is None:
             response = error(401, "Invalid Authentication", "invalid_authentication_error")
             return await response(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = principal
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             response = error(413, f"Invalid request: {BodyTooLarge(self.max_body_bytes)}", "invalid_request_error")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    def _authorized(self, header: bytes) -> bool:
+    def _principal(self, header: bytes) -> Principal | None:
         scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        # Compare against every token, always, so timing says nothing about which one nearly matched.
-        return any([hmac.compare_digest(token.strip(), t) for t in self.tokens])
+        if scheme.lower() != b"bearer" or not token.strip():
+            return None
+        # Compared by hash against every known token, always (moonq/tenants.py): timing says nothing.
+        return self.tenants.by_token(token.strip().decode("utf-8", "replace"))
 
 
 class BodyTooLarge(InvalidRequest):
@@ -173,6 +223,7 @@ class Gateway:
         raw = await read_json(request, self.settings.gateway_max_body_bytes)
         body = await asyncio.to_thread(validate_request, raw)  # a 100 MB request must not stall the loop
         options = job_options(request)
+        options["tenant"] = submit_tenant(request)
         check_builtin_tools(options.get("builtin_tools"), body.n, BUILTIN_TOOLS_HEADER)
         job = await self.client.submit(body, **options)
         return job, body
@@ -228,12 +279,13 @@ class Gateway:
         return await (self.cancel_job(request) if request.method == "DELETE" else self.get_job(request))
 
     async def get_job(self, request: Request) -> Response:
-        job = self.client.job(request.path_params["job_id"])
+        job = self.client.job(request.path_params["job_id"], scope_of(request))
         rec = JobRecord.from_redis(await job.record())
         if rec is None:  # a hash without a status is no job's record
             raise JobNotFound(job.id)
         # The keys are the gateway's JobState (gateway/openapi.py), which names its fields as the record does.
         out: dict[str, Any] = {"id": job.id, "status": rec.status.value, "model": rec.model, "attempt": rec.attempt}
+        out["tenant"] = rec.tenant
         times = {"enqueued_at": rec.enqueued_at, "started_at": rec.started_at, "finished_at": rec.finished_at}
         out.update({name: value for name, value in times.items() if value is not None})
         # The record is written by workers from upstream data, which may hold NaN or Infinity (not JSON).
@@ -244,7 +296,7 @@ class Gateway:
         return JSONResponse(out)
 
     async def job_events(self, request: Request) -> Response:
-        job = self.client.job(request.path_params["job_id"])
+        job = self.client.job(request.path_params["job_id"], scope_of(request))
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         if not DIGITS.fullmatch(last):
             raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
@@ -258,7 +310,7 @@ class Gateway:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def cancel_job(self, request: Request) -> Response:
-        job = self.client.job(request.path_params["job_id"])
+        job = self.client.job(request.path_params["job_id"], scope_of(request))
         if await job.cancel():
             return JSONResponse({"id": job.id, "status": JobStatus.CANCELLED.value})
         status = await job.status()
@@ -286,16 +338,17 @@ async def _errors(request: Request, exc: Exception) -> Response:
         return error(400, f"Invalid request: {exc}", "invalid_request_error")
     if isinstance(exc, JobNotFound):
         return error(404, f"Not found the job {exc}", "resource_not_found_error")
+    if isinstance(exc, TenantModelNotAllowed):
+        return error(403, f"Permission denied: {exc}", exc.type)
     raise exc
 
 
 def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
     """The gateway as an ASGI app (serve it with uvicorn; ``moonq gateway`` does)."""
     settings = settings or GatewaySettings()
-    if not settings.tokens:
-        raise ValueError("MOONQ_GATEWAY_TOKENS is empty: the gateway serves no one without a bearer token")
+    tenants = gateway_tenants(settings)
     gw = Gateway(settings)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/jobs", gw.submit_job, methods=["POST"]),
         # One route for both methods, so a 405 on the path lists both in its Allow header.
@@ -303,10 +356,11 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         Route("/v1/jobs/{job_id}/events", gw.job_events, methods=["GET"]),
         Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
         Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
-        *console_routes(
-            lambda: gw.client, tokens=settings.tokens, keys=settings.keys, prices_file=settings.prices_file
-        ),
     ]
+    if not settings.tenants_file:  # its sign-in is by the tokens themselves; with a tenants file there are only hashes
+        routes += console_routes(
+            lambda: gw.client, tokens=settings.tokens, keys=settings.keys, prices_file=settings.prices_file
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -314,7 +368,9 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         await gw.aclose()
 
     app = Starlette(
-        routes=routes, exception_handlers={InvalidRequest: _errors, JobNotFound: _errors}, lifespan=lifespan
+        routes=routes,
+        exception_handlers={InvalidRequest: _errors, JobNotFound: _errors, TenantModelNotAllowed: _errors},
+        lifespan=lifespan,
     )
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -328,7 +384,7 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         return error(405, f"Method not allowed: {request.method} {request.url.path}", "invalid_request_error", allow)
 
     app.add_exception_handler(405, method_not_allowed)
-    return Guard(app, settings.tokens, settings.gateway_max_body_bytes)
+    return Guard(app, tenants, settings.gateway_max_body_bytes)
 
 
 def serve(host: str, port: int) -> None:

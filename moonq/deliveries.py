@@ -35,6 +35,7 @@ GROUP = "nodes"  # the consumer group every node reads the stream through
 AGAIN, ID, EVENT, SEQ, EVENT_JSON, ATTEMPT = "again", "id", "event", "seq", "e", "attempt"
 # Fields of P:delivery:<id>.
 KIND, JOB, TARGET, QUEUE, BODY, EVENT_AT = "kind", "job", "target", "queue", "body", "event_at"
+TENANT = "tenant"  # whose webhook_secrets sign it (the secrets themselves are never stored)
 ATTEMPTS, FIRST_AT, LAST_ERROR, NEXT_AT, GAVE_UP_AT = "attempts", "first_at", "last_error", "next_at", "gave_up_at"
 
 # Retries that are due go back into the stream, atomically (a delivery is in exactly one of the two).

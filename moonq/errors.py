@@ -4,6 +4,9 @@
     ├── InvalidRequest              bad input, raised before anything is enqueued
     ├── JobNotFound                 no such job (never submitted, or expired)
     ├── JobTimeout                  result()/events() gave up waiting
+    ├── TenantModelNotAllowed       the tenant's ``models`` exclude the request's (gateway: 403)
+    ├── ConfigFileError             a tenants or accounts file breaks a rule (moonq/configfile.py)
+    ├── UnknownTenant               a tenant name the tenants file does not configure
     └── JobFailed                   result() of a job that ended failed
         └── JobCancelled            result() of a job that was cancelled
 
@@ -29,6 +32,18 @@ class InvalidRequest(MoonqError, ValueError):
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         self.errors = errors
         super().__init__("; ".join(f"{field}: {rule}" if field else rule for field, rule in errors))
+
+
+class TenantModelNotAllowed(MoonqError, PermissionError):
+    """The tenant's ``models`` do not include the requested model (the gateway answers 403)."""
+
+    type = "tenant_model_not_allowed_error"
+
+    def __init__(self, tenant: str, model: str, field: str = "model") -> None:
+        self.tenant, self.model, self.field = tenant, model, field
+        super().__init__(
+            f"{field}: tenant {tenant!r} may not use model {model[:80]!r} (its models in the tenants file)"
+        )
 
 
 class JobNotFound(MoonqError, LookupError):

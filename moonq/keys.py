@@ -48,6 +48,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from moonq.record import DEFAULT_TENANT
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -64,8 +66,13 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    def idempotency(self, key: str, tenant: str = DEFAULT_TENANT) -> str:
+        """An idempotency key's name: per tenant, so two tenants' ``order-42`` never meet.
+
+        The default tenant's keep the name they had before tenants existed.
+        """
+        scoped = key if tenant == DEFAULT_TENANT else f"{tenant}\n{key}"
+        return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode()).hexdigest()}"
 
     @property
     def nodes(self) -> str:

@@ -25,6 +25,7 @@ Fields (all stored as strings; written by whom):
     result            the completion as JSON (worker, on success)
     error             ``{type, message, status}`` as JSON (worker, on failure)
     retry_of          the failed job this one re-runs (producer's ``retry``)
+    tenant            the tenant the job belongs to (producer; moonq/tenants.py); absent = ``default``
     idem_key          the Redis key of the job's idempotency key, if it has one (producer); the key
                       lives as long as the record and expires with it (moonq/eventlog.py)
     webhook           the URL to POST the job's outcome to when it ends (producer; docs/webhooks.md)
@@ -50,6 +51,9 @@ from string import Template
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+# The tenant of a job recorded without one (before tenants, or without a tenants file).
+DEFAULT_TENANT = "default"
 
 
 class JobStatus(StrEnum):
@@ -89,6 +93,7 @@ class JobField(StrEnum):
     RESULT = "result"
     ERROR = "error"
     RETRY_OF = "retry_of"
+    TENANT = "tenant"
     IDEM_KEY = "idem_key"
     WEBHOOK = "webhook"
     WEBHOOK_EVENTS = "webhook_events"
@@ -129,6 +134,11 @@ def decode_hash(raw: Mapping[Any, Any] | None) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in (raw or {}).items()}
 
 
+def visible(fields: Mapping[str, str], tenant: str | None) -> bool:
+    """Whether a record (decoded fields) is one a reader scoped to ``tenant`` may see (None: any)."""
+    return tenant is None or (fields.get(JobField.TENANT) or DEFAULT_TENANT) == tenant
+
+
 class JobRecord(BaseModel):
     """A job record as read from Redis: typed, and tolerant of fields it does not know."""
 
@@ -150,6 +160,7 @@ class JobRecord(BaseModel):
     result: str | None = None  # JSON text; ``completion()`` parses it
     error: str | None = None  # JSON text; ``error_info()`` parses it
     retry_of: str | None = None
+    tenant: str = DEFAULT_TENANT
     idem_key: str | None = None
     webhook: str | None = None
     webhook_events: str | None = None
@@ -194,10 +205,13 @@ return 0
 """
 
 
-def new_record(*, model: str, enqueued_at: float, priority: int, envelope_json: str) -> dict[str, str]:
+def new_record(
+    *, model: str, enqueued_at: float, priority: int, envelope_json: str, tenant: str = DEFAULT_TENANT
+) -> dict[str, str]:
     """The fields of a new job's record, written before its message is sent."""
     return {
         JobField.STATUS: JobStatus.QUEUED,
+        JobField.TENANT: tenant,
         JobField.MODEL: model,
         JobField.ENQUEUED_AT: repr(enqueued_at),
         JobField.PRIORITY: str(priority),

@@ -28,11 +28,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, St
 
 from moonq.configfile import ConfigFileError, Name, read_mapping, validate
 from moonq.errors import InvalidRequest, MoonqError
+from moonq.record import DEFAULT_TENANT
 from moonq.webhooks import check_webhook_url, parse_secrets
 from moonq.wire import LEAST_URGENT, MOST_URGENT
 
 SETTING = "MOONQ_TENANTS_FILE"
-DEFAULT_TENANT = "default"
 _HEX = frozenset("0123456789abcdef")
 
 

@@ -17,9 +17,9 @@ without an answer and another follows). Each is its own delivery with its own id
 same atomic write that records the event (moonq/eventlog.py, worker/delivery.py).
 
 Secrets are ``whsec_<base64>`` values (``MOONQ_WEBHOOK_SECRET``, comma-separated, newest first).
-Where the URL and secrets come from is one function, ``WebhookTarget``: today the record's URL and
-the node's secrets; a per-tenant URL and secrets plug in there. docs/webhooks.md is the receiver's
-guide.
+The URL is the record's (a tenant's default ``webhook_url`` is written there at submit); the keys
+are the tenant's ``webhook_secrets`` if the tenants file gives it some, else the node's.
+docs/webhooks.md is the receiver's guide.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import hmac
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -190,24 +189,6 @@ def signed_headers(secrets: Sequence[bytes], msg_id: str, timestamp_s: int, body
     }
 
 
-@dataclass(frozen=True)
-class WebhookTarget:
-    """Where one job's webhook goes and what signs it."""
-
-    url: str
-    secrets: tuple[bytes, ...]
-
-    @classmethod
-    def resolve(cls, rec: JobRecord, node_secrets: Sequence[bytes]) -> WebhookTarget | None:
-        """The record's URL with the node's secrets; None when the record names no webhook.
-
-        The one place a tenant's default ``webhook_url`` and its ``webhook_secrets`` will plug in.
-        """
-        if not rec.webhook:
-            return None
-        return cls(rec.webhook, tuple(node_secrets))
-
-
 # ---- the body --------------------------------------------------------------------------------
 
 
@@ -243,7 +224,7 @@ def outcome_data(job_id: str, rec: JobRecord, *, usage_cost_usd: float | None) -
     result = _json(rec.result) if rec.status is JobStatus.SUCCEEDED else None
     return {
         "id": job_id,
-        "tenant": None,  # tenants come later (a per-tenant target plugs into WebhookTarget)
+        "tenant": rec.tenant,
         "status": rec.status.value,
         "model": rec.model or None,
         "attempts": rec.attempt,
@@ -281,7 +262,7 @@ def progress_body(job_id: str, rec: JobRecord, event: str, seen: dict[str, Any])
     at = float(seen.get("ts") or seen.get("started_at") or rec.started_at or 0.0)
     data: dict[str, Any] = {
         "id": job_id,
-        "tenant": None,
+        "tenant": rec.tenant,
         "status": JobStatus.RUNNING.value if event == STARTED else JobStatus.RETRYING.value,
         "model": rec.model or None,
         "attempt": int(seen.get("attempt") or rec.attempt or 1),

@@ -6,7 +6,15 @@ for event in job.events(): ...
 job.result().choices[0].message.content
 """
 
-from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, JobTimeout, MoonqError
+from moonq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    MoonqError,
+    TenantModelNotAllowed,
+)
 from moonq.wire import ChatCompletion, ChatRequest, Event
 from producers.aio import AsyncClient, AsyncJob
 from producers.client import Client, Job
@@ -25,4 +33,5 @@ __all__ = [
     "JobNotFound",
     "JobTimeout",
     "MoonqError",
+    "TenantModelNotAllowed",
 ]

@@ -20,7 +20,7 @@ from moonq.connect import resilient_redis
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
 from moonq.keys import Keys
-from moonq.record import JobField, JobRecord, decode_hash
+from moonq.record import JobField, JobRecord, decode_hash, visible
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
@@ -32,11 +32,17 @@ class AsyncClient:
     """An asyncio connection to one moonq queue. Use ``async with AsyncClient() as client``."""
 
     def __init__(
-        self, redis_url: str | None = None, *, settings: ClientSettings | None = None, max_connections: int = 50
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: ClientSettings | None = None,
+        max_connections: int = 50,
+        tenant: str | None = None,
     ) -> None:
         if settings is None:
             settings = ClientSettings(redis_url=redis_url) if redis_url else ClientSettings()
         self.settings = settings
+        self.tenant = tenant  # as ``Client(tenant=...)``
         self.keys: Keys = settings.keys
         # Bounded, blocking, retrying (moonq/connect.py); followers share one pub/sub connection
         # (producers/fanout.py), so a follower rides out a Redis restart and many fit in a small pool.
@@ -57,6 +63,7 @@ class AsyncClient:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> AsyncJob:
         """As ``Client.submit``."""
         job_id = await asyncio.to_thread(
@@ -69,8 +76,9 @@ class AsyncClient:
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
+            tenant=tenant or self.tenant,
         )
-        return AsyncJob(self, job_id)
+        return AsyncJob(self, job_id, tenant or self.tenant)
 
     async def submit_many(
         self,
@@ -82,6 +90,7 @@ class AsyncClient:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> list[AsyncJob]:
         """As ``Client.submit_many``."""
         job_ids = await asyncio.to_thread(
@@ -93,17 +102,20 @@ class AsyncClient:
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
+            tenant=tenant or self.tenant,
         )
-        return [AsyncJob(self, job_id) for job_id in job_ids]
+        return [AsyncJob(self, job_id, tenant or self.tenant) for job_id in job_ids]
 
-    def job(self, job_id: str) -> AsyncJob:
-        return AsyncJob(self, job_id)
+    def job(self, job_id: str, tenant: str | None = None) -> AsyncJob:
+        """A handle for an existing job, seen as ``tenant`` (default: the client's; None: any)."""
+        return AsyncJob(self, job_id, tenant or self.tenant)
 
-    async def failed(self, limit: int = 100) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._submitter.failed, limit)
+    async def failed(self, limit: int = 100, tenant: str | None = None) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._submitter.failed, limit, tenant or self.tenant)
 
-    async def retry(self, job_id: str) -> AsyncJob:
-        return AsyncJob(self, await asyncio.to_thread(self._submitter.retry, job_id))
+    async def retry(self, job_id: str, tenant: str | None = None) -> AsyncJob:
+        scope = tenant or self.tenant
+        return AsyncJob(self, await asyncio.to_thread(self._submitter.retry, job_id, scope), scope)
 
     async def close(self) -> None:
         await self.fanout.close()
@@ -124,9 +136,10 @@ class AsyncClient:
 class AsyncJob:
     """A handle on one job; every method reads Redis afresh."""
 
-    def __init__(self, client: AsyncClient, job_id: str) -> None:
+    def __init__(self, client: AsyncClient, job_id: str, tenant: str | None = None) -> None:
         self.client = client
         self.id = job_id
+        self.tenant = tenant  # whose jobs this handle may see (None: any)
 
     def __repr__(self) -> str:
         return f"<AsyncJob {self.id}>"
@@ -134,7 +147,7 @@ class AsyncJob:
     async def record(self) -> dict[str, str]:
         """As ``Job.record``."""
         rec = decode_hash(await self.client.redis.hgetall(self.client.keys.job(self.id)))
-        if not rec.get(JobField.STATUS):
+        if not rec.get(JobField.STATUS) or not visible(rec, self.tenant):
             raise JobNotFound(self.id)
         return rec
 
@@ -166,6 +179,8 @@ class AsyncJob:
         async with self.client.fanout.watch(self.client.keys.events(self.id)) as inbox:
             while True:
                 rec = JobRecord.from_redis(await self.client.redis.hgetall(self.client.keys.job(self.id)))
+                if rec is not None and self.tenant is not None and rec.tenant != self.tenant:
+                    raise JobNotFound(self.id)
                 step = wait.step(rec, time.monotonic())
                 if isinstance(step, ChatCompletion):
                     return step
@@ -173,4 +188,4 @@ class AsyncJob:
 
     async def cancel(self) -> bool:
         """As ``Job.cancel``."""
-        return await asyncio.to_thread(self.client._submitter.cancel, self.id)
+        return await asyncio.to_thread(self.client._submitter.cancel, self.id, self.tenant)

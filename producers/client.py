@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
-from moonq.record import JobField, JobRecord, decode_hash
+from moonq.record import JobField, JobRecord, decode_hash, visible
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.follow import Follower, ResultWait
@@ -51,12 +51,20 @@ class Client:
     Args:
         redis_url: overrides ``REDIS_URL``.
         settings: full settings; by default read from the environment.
+        tenant: the tenant this client submits as and whose jobs it sees (another tenant's job id
+            answers ``JobNotFound``, as an unknown one); None: submits need a per-call ``tenant=``
+            when ``MOONQ_TENANTS_FILE`` configures tenants (else they go to ``default``), and every
+            job is visible. A Python client holds Redis credentials: this scopes it, it does not
+            police it (the gateway is the boundary, docs/tenants.md).
     """
 
-    def __init__(self, redis_url: str | None = None, *, settings: ClientSettings | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, settings: ClientSettings | None = None, tenant: str | None = None
+    ) -> None:
         if settings is None:
             settings = ClientSettings(redis_url=redis_url) if redis_url else ClientSettings()
         self.settings = settings
+        self.tenant = tenant
         self.keys = settings.keys
         self.redis = redis.Redis.from_url(settings.redis_url)
         # Every follower and waiter of this client, in any thread, shares one pub/sub connection.
@@ -74,6 +82,7 @@ class Client:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> Job:
         """Validate ``request`` and enqueue it as a new job.
 
@@ -93,10 +102,13 @@ class Client:
                 (``$web_search``) itself, so the job's result is the final answer; each round is a
                 ``retry`` event with reason ``tool_round``, and the usage sums them. Travels beside
                 the request, never in it (docs/moonshot-api.md §6).
+            tenant: the tenant to submit as (default: the client's); its models, priorities and
+                webhook default apply, and its idempotency keys are its own.
 
         Raises:
             InvalidRequest: the request or an option broke a documented rule (or the idempotency key
                 was used before with a different request); nothing was enqueued.
+            TenantModelNotAllowed: the tenant may not use the request's model.
         """
         job_id = self._submitter.submit(
             request,
@@ -107,8 +119,9 @@ class Client:
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
+            tenant=tenant or self.tenant,
         )
-        return Job(self, job_id)
+        return Job(self, job_id, tenant or self.tenant)
 
     def submit_many(
         self,
@@ -120,6 +133,7 @@ class Client:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> list[Job]:
         """Validate every request, then enqueue them all with pipelined Redis writes.
 
@@ -136,12 +150,13 @@ class Client:
             on_done=on_done,
             on_done_queue=on_done_queue,
             builtin_tools=builtin_tools,
+            tenant=tenant or self.tenant,
         )
-        return [Job(self, job_id) for job_id in job_ids]
+        return [Job(self, job_id, tenant or self.tenant) for job_id in job_ids]
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The most recent dead letters: jobs that ended ``failed``, newest first."""
-        return self._submitter.failed(limit)
+        """The most recent dead letters: jobs that ended ``failed``, newest first (the client's tenant's)."""
+        return self._submitter.failed(limit, self.tenant)
 
     def retry(self, job_id: str) -> Job:
         """Run a failed (or cancelled) job's request again, as a new job; returns the new job.
@@ -149,11 +164,11 @@ class Client:
         The old job keeps its outcome and its events (each job ends exactly once); the new record
         names it in ``retry_of``.
         """
-        return Job(self, self._submitter.retry(job_id))
+        return Job(self, self._submitter.retry(job_id, self.tenant), self.tenant)
 
     def job(self, job_id: str) -> Job:
-        """A handle for an existing job (not checked until used)."""
-        return Job(self, job_id)
+        """A handle for an existing job (not checked until used; another tenant's answers ``JobNotFound``)."""
+        return Job(self, job_id, self.tenant)
 
     def close(self) -> None:
         self.fanout.close()
@@ -174,9 +189,10 @@ class Client:
 class Job:
     """A handle on one job; cheap to create, every method reads Redis afresh."""
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str, tenant: str | None = None) -> None:
         self.client = client
         self.id = job_id
+        self.tenant = tenant  # whose jobs this handle may see (None: any)
 
     def __repr__(self) -> str:
         return f"<Job {self.id}>"
@@ -184,7 +200,7 @@ class Job:
     def record(self) -> dict[str, str]:
         """The job's record, field by field (``moonq/record.py`` names them)."""
         rec = decode_hash(self.client.redis.hgetall(self.client.keys.job(self.id)))
-        if not rec.get(JobField.STATUS):
+        if not rec.get(JobField.STATUS) or not visible(rec, self.tenant):
             raise JobNotFound(self.id)
         return rec
 
@@ -236,7 +252,10 @@ class Job:
 
         Returns False if the job had already ended.
         """
-        return self.client._submitter.cancel(self.id)
+        return self.client._submitter.cancel(self.id, self.tenant)
 
     def _typed_record(self) -> JobRecord | None:
-        return JobRecord.from_redis(self.client.redis.hgetall(self.client.keys.job(self.id)))
+        rec = JobRecord.from_redis(self.client.redis.hgetall(self.client.keys.job(self.id)))
+        if rec is not None and self.tenant is not None and rec.tenant != self.tenant:
+            raise JobNotFound(self.id)
+        return rec

@@ -17,11 +17,13 @@ from typing import Any
 import redis
 
 from moonq.broker import producer_app, send_envelope
-from moonq.errors import InvalidRequest, JobNotFound
+from moonq.errors import InvalidRequest, JobNotFound, TenantModelNotAllowed
 from moonq.eventlog import APPEND_LUA, append_args, event_body
 from moonq.models import check_builtin_tools
-from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
+from moonq.record import DEFAULT_TENANT, SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
 from moonq.settings import ClientSettings
+from moonq.tenants import SETTING as TENANTS_SETTING
+from moonq.tenants import TenantConfig, Tenants, cached_tenants
 from moonq.webhooks import callback_fields
 from moonq.wire import ChatRequest, JobEnvelope, check_priority, validate_request
 
@@ -74,10 +76,36 @@ class Submitter:
         self._set_field = client.register_script(SET_IF_EXISTS_LUA)
         self._forget = client.register_script(FORGET_LUA)
         self._celery = producer_app(settings)
+        self.tenants: Tenants = cached_tenants(settings.tenants_file)
 
-    def record(self, job_id: str) -> JobRecord | None:
-        """The job's record, or None when it is unknown (or expired)."""
-        return JobRecord.from_redis(self.redis.hgetall(self.keys.job(job_id)))
+    def record(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The job's record, or None when it is unknown (or expired), or another tenant's (``tenant`` set)."""
+        rec = JobRecord.from_redis(self.redis.hgetall(self.keys.job(job_id)))
+        return rec if rec is not None and (tenant is None or rec.tenant == tenant) else None
+
+    def tenant(self, name: str | None) -> tuple[str, TenantConfig]:
+        """The tenant a submit goes to, and its configuration.
+
+        Raises:
+            InvalidRequest: naming ``tenant``: none given while a tenants file configures tenants, or
+                one that it does not configure.
+        """
+        if name is None:
+            if self.settings.tenants_file:
+                raise InvalidRequest([("tenant", f"is required: {TENANTS_SETTING} configures tenants; name one")])
+            name = DEFAULT_TENANT
+        if not isinstance(name, str) or name not in self.tenants:
+            shown = name[:64] if isinstance(name, str) else name
+            raise InvalidRequest([("tenant", f"{shown!r} is not a tenant configured in {TENANTS_SETTING}")])
+        return name, self.tenants.get(name)
+
+    def _admit(self, name: str, config: TenantConfig, model: str, priority: int, prefix: str = "") -> None:
+        """The tenant's rules for one request: its models and the most urgent priority it may ask for."""
+        if not config.allows_model(model):
+            raise TenantModelNotAllowed(name, model, f"{prefix}model")
+        if not config.allows_priority(priority):
+            most = config.max_priority
+            raise InvalidRequest([("priority", f"tenant {name!r} may ask for priorities {most} to 9 (got {priority})")])
 
     def submit(
         self,
@@ -90,18 +118,25 @@ class Submitter:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> str:
         """As ``Client.submit``; returns the job id."""
         priority = check_priority(priority)
+        name, config = self.tenant(tenant)
         owed = callback_fields(
-            webhook=webhook, webhook_events=webhook_events, on_done=on_done, on_done_queue=on_done_queue
+            webhook=webhook or config.webhook_url,
+            webhook_events=webhook_events,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
         )
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         valid = validate_request(request)
+        self._admit(name, config, valid.model, priority)
         payload = valid.to_payload()
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
-        return self._enqueue(envelope, {**owed, **_options(builtin_tools, valid.n)}, idempotency_key)
+        extra = {**owed, **_options(builtin_tools, valid.n), JobField.TENANT: name}
+        return self._enqueue(envelope, extra, idempotency_key, name)
 
     def submit_many(
         self,
@@ -113,16 +148,23 @@ class Submitter:
         on_done: str | None = None,
         on_done_queue: str | None = None,
         builtin_tools: str | None = None,
+        tenant: str | None = None,
     ) -> list[str]:
         """As ``Client.submit_many``; returns the job ids, in request order."""
         priority = check_priority(priority)
+        name, config = self.tenant(tenant)
         owed = callback_fields(
-            webhook=webhook, webhook_events=webhook_events, on_done=on_done, on_done_queue=on_done_queue
+            webhook=webhook or config.webhook_url,
+            webhook_events=webhook_events,
+            on_done=on_done,
+            on_done_queue=on_done_queue,
         )
+        owed[JobField.TENANT] = name
         envelopes = []
         for i, request in enumerate(requests):
             try:
                 valid = validate_request(request)
+                self._admit(name, config, valid.model, priority, f"requests.{i}.")
                 owed.update(_options(builtin_tools, valid.n))  # the same for all: n decides, per request
                 payload = valid.to_payload()
             except InvalidRequest as err:
@@ -132,9 +174,9 @@ class Submitter:
             self._enqueue_bulk(envelopes[start : start + BULK_CHUNK], owed)
         return [e.job_id for e in envelopes]
 
-    def retry(self, job_id: str) -> str:
-        """As ``Client.retry``; returns the new job's id."""
-        rec = self.record(job_id)
+    def retry(self, job_id: str, tenant: str | None = None) -> str:
+        """As ``Client.retry``; returns the new job's id (the old job's tenant's)."""
+        rec = self.record(job_id, tenant)
         if rec is None:
             raise JobNotFound(job_id)
         if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
@@ -147,38 +189,46 @@ class Submitter:
         carried = (JobField.WEBHOOK, JobField.WEBHOOK_EVENTS, JobField.ON_DONE, JobField.ON_DONE_QUEUE)
         owed = {f: getattr(rec, f.value) for f in carried}
         owed[JobField.BUILTIN_TOOLS] = rec.builtin_tools  # and so does its builtin_tools option
+        owed[JobField.TENANT] = rec.tenant
         new_id = self._enqueue(envelope, {JobField.RETRY_OF: job_id, **{f: v for f, v in owed.items() if v}})
         self.redis.zrem(self.keys.failed, job_id)
         return new_id
 
-    def failed(self, limit: int) -> list[dict[str, Any]]:
-        """As ``Client.failed``."""
-        out = []
-        entries: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
-            self.keys.failed, 0, limit - 1, withscores=True
-        )
-        for raw_id, finished_at in entries:
-            job_id = raw_id.decode()
-            rec = self.record(job_id)
-            if rec is not None and rec.status is JobStatus.FAILED:  # not expired, not re-run under the same id
-                out.append(
-                    {
-                        "id": job_id,
-                        "model": rec.model or None,
-                        "finished_at": finished_at,
-                        "attempts": rec.attempt,
-                        "error": rec.error_info(),
-                    }
-                )
+    def failed(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
+        """As ``Client.failed``: ``tenant``'s dead letters only, when it is set."""
+        out: list[dict[str, Any]] = []
+        start = 0
+        while len(out) < limit:
+            # Pages of the fleet-wide list, until ``limit`` of this tenant's are found or the list ends.
+            page: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
+                self.keys.failed, start, start + max(limit, 100) - 1, withscores=True
+            )
+            start += len(page)
+            for raw_id, finished_at in page:
+                job_id = raw_id.decode()
+                rec = self.record(job_id, tenant)
+                if rec is not None and rec.status is JobStatus.FAILED and len(out) < limit:  # not expired or re-run
+                    out.append(
+                        {
+                            "id": job_id,
+                            "tenant": rec.tenant,
+                            "model": rec.model or None,
+                            "finished_at": finished_at,
+                            "attempts": rec.attempt,
+                            "error": rec.error_info(),
+                        }
+                    )
+            if not page or tenant is None:
+                break
         return out
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, tenant: str | None = None) -> bool:
         """As ``Job.cancel``: False if the job had already ended.
 
         Raises:
-            JobNotFound: no such job.
+            JobNotFound: no such job (or another tenant's, ``tenant`` set).
         """
-        rec = self.record(job_id)
+        rec = self.record(job_id, tenant)
         if rec is None:
             raise JobNotFound(job_id)
         if rec.terminal:
@@ -206,12 +256,18 @@ class Submitter:
     def close(self) -> None:
         self._celery.close()
 
-    def _enqueue(self, envelope: JobEnvelope, extra: Mapping[str, str], idempotency_key: str | None = None) -> str:
+    def _enqueue(
+        self,
+        envelope: JobEnvelope,
+        extra: Mapping[str, str],
+        idempotency_key: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> str:
         job_key = self.keys.job(envelope.job_id)
         # The record (and the job's place in the active index, which owns it until the job ends)
         # exists before the message does, so a worker always finds it.
         record = {**_record(envelope), **extra}
-        idem = self.keys.idempotency(idempotency_key) if idempotency_key is not None else ""
+        idem = self.keys.idempotency(idempotency_key, tenant) if idempotency_key is not None else ""
         if not idem:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(job_key, mapping=record)  # type: ignore[arg-type]
@@ -225,7 +281,7 @@ class Submitter:
             keys = [idem, job_key, self.keys.active]
             first = self._claim_key(keys=keys, args=[envelope.job_id, digest, envelope.enqueued_at, *flat])
             if first:
-                return self._existing(first.decode(), digest, idempotency_key, envelope, extra)
+                return self._existing(first.decode(), digest, idempotency_key, envelope, extra, tenant)
             with self.redis.pipeline(transaction=False) as pipe:
                 self._remember(pipe, {envelope.job_id: envelope.enqueued_at})
                 pipe.execute()
@@ -280,15 +336,18 @@ class Submitter:
             self._forget(keys=keys, args=[envelope.job_id])
             raise
 
-    def _existing(self, stored: str, digest: str, key: str, envelope: JobEnvelope, extra: Mapping[str, str]) -> str:
+    def _existing(
+        self, stored: str, digest: str, key: str, envelope: JobEnvelope, extra: Mapping[str, str], tenant: str
+    ) -> str:
         job_id, _, first_digest = stored.partition("|")
         if first_digest != digest:
             raise InvalidRequest([("idempotency_key", f"{key!r} was used for a different request (job {job_id})")])
         if self.record(job_id) is None:
             # The key outlived its job (a key written before keys were tied to their record's life):
             # release it and submit afresh, rather than hand back an id that answers "not found".
-            self._forget(keys=[self.keys.job(job_id), self.keys.active, self.keys.idempotency(key)], args=[job_id])
-            return self._enqueue(envelope, extra, key)
+            idem = self.keys.idempotency(key, tenant)
+            self._forget(keys=[self.keys.job(job_id), self.keys.active, idem], args=[job_id])
+            return self._enqueue(envelope, extra, key, tenant)
         # Recorded but not (yet) sent: the first submitter is sending it now, or died before it could.
         # Wait until it is sent or RESEND_AFTER_S old, then send it ourselves; returning without
         # either could leave the job queued forever. (A duplicate message is harmless: the claim runs

@@ -157,7 +157,7 @@ def test_from_redis_reads_str_and_bytes_hashes_alike(raw: dict[Any, Any]) -> Non
     "extra",
     [
         {"added_by_a_newer_writer": "x"},
-        {b"tenant": b"t1", b"cost_usd": b"0.5"},
+        {b"cost_usd": b"0.5", b"region": b"eu"},
         {"Status": "failed"},  # field names are case-sensitive: not ours, ignored
     ],
 )

@@ -189,7 +189,7 @@ def test_a_job_end_is_posted_once_signed_for_both_secrets(client: Client, receiv
     body = verified(got)
     assert body["type"] == "job.succeeded" and body["timestamp"].endswith("Z")
     data = body["data"]
-    assert (data["id"], data["status"], data["tenant"], data["error"]) == (job.id, "succeeded", None, None)
+    assert (data["id"], data["status"], data["tenant"], data["error"]) == (job.id, "succeeded", "default", None)
     assert data["result"]["choices"][0]["message"]["content"] == answer.choices[0].message.content
     assert data["usage"]["total_tokens"] > 0 and data["cost_usd"] > 0
     assert data["enqueued_at"] <= data["started_at"] <= data["finished_at"]

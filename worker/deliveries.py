@@ -53,15 +53,16 @@ from moonq.deliveries import (
     PROMOTE_LUA,
     QUEUE,
     TARGET,
+    TENANT,
     entry_delivery_id,
     shown_target,
 )
 from moonq.record import JobField, JobRecord, decode_hash
+from moonq.tenants import cached_tenants
 from moonq.webhooks import (
     CALLBACK,
     DEFAULT_CALLBACK_QUEUE,
     WEBHOOK,
-    WebhookTarget,
     callback_args,
     progress_body,
     signed_headers,
@@ -200,6 +201,7 @@ class DeliveryWorker:
         )
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.secrets = settings.webhook_secrets
+        self.tenants = cached_tenants(settings.tenants_file)
         self.http = WebhookSender(
             settings.webhook_allow_list,
             timeout_s=settings.webhook_timeout_s,
@@ -379,11 +381,11 @@ class DeliveryWorker:
             return None
         plan = {KIND: kind, JOB: job_id, EVENT_AT: repr(rec.finished_at or time.time())}
         if kind == WEBHOOK:
-            target = WebhookTarget.resolve(rec, self.secrets)
-            if target is None:
+            if not rec.webhook:
                 return None
             body = webhook_body(job_id, rec, usage_cost_usd=self._cost(rec))
-            return {**plan, TARGET: target.url, BODY: json.dumps(body, separators=(",", ":"), ensure_ascii=False)}
+            text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+            return {**plan, TENANT: rec.tenant, TARGET: rec.webhook, BODY: text}
         if kind == CALLBACK and rec.on_done:
             args = callback_args(job_id, rec)
             queue = rec.on_done_queue or DEFAULT_CALLBACK_QUEUE
@@ -392,16 +394,22 @@ class DeliveryWorker:
 
     def _progress_plan(self, entry: dict[str, str], rec: JobRecord) -> dict[str, str] | None:
         """A ``started`` or ``retry`` webhook: its body from what the entry saw when it was handed off."""
-        target = WebhookTarget.resolve(rec, self.secrets)
-        if target is None:
+        if not rec.webhook:
             return None
         seen: dict[str, Any] = json.loads(entry[EVENT_JSON]) if entry.get(EVENT_JSON) else {}
         if entry.get(ATTEMPT):
             seen["attempt"] = int(entry[ATTEMPT])
         body = progress_body(entry[JOB], rec, entry[EVENT], seen)
         at = seen.get("ts") or rec.started_at or time.time()
-        plan = {KIND: WEBHOOK, JOB: entry[JOB], EVENT: entry[EVENT], EVENT_AT: repr(at), TARGET: target.url}
+        plan = {KIND: WEBHOOK, JOB: entry[JOB], EVENT: entry[EVENT], EVENT_AT: repr(at), TARGET: rec.webhook}
+        plan[TENANT] = rec.tenant
         return {**plan, BODY: json.dumps(body, separators=(",", ":"), ensure_ascii=False)}
+
+    def _signing_keys(self, tenant: str | None) -> list[bytes]:
+        """The tenant's ``webhook_secrets`` when the tenants file gives it some, else the node's."""
+        if tenant and tenant in self.tenants:
+            return self.tenants.get(tenant).webhook_keys or self.secrets
+        return self.secrets
 
     def _cost(self, rec: JobRecord) -> float | None:
         usage = (rec.result_data() or {}).get("usage") if rec.result else None
@@ -417,11 +425,12 @@ class DeliveryWorker:
             except Exception as err:  # whatever the broker connection raised: retried
                 return Attempt("retry", "error", None, f"{type(err).__name__}: {err}"[:300])
             return Attempt("delivered", "sent")
-        if not self.secrets:
+        secrets = self._signing_keys(plan.get(TENANT))
+        if not secrets:
             return Attempt(
                 "give_up", "unsigned", None, "MOONQ_WEBHOOK_SECRET is not set on the node: nothing to sign with"
             )
-        headers = signed_headers(self.secrets, did, int(time.time()), body)
+        headers = signed_headers(secrets, did, int(time.time()), body)
         return await self.http.post(plan[TARGET], body, headers)
 
     async def _settle_attempt(self, entry_id: str, did: str, plan: dict[str, str], attempt: Attempt) -> None:
