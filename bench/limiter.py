@@ -2,14 +2,19 @@
 
     python -m bench.limiter [--quick] [--rpm R] [--tpm T] [--window S] [--nodes N] [--no-write]
 
-Two scenarios against the local simulator, which enforces the account's limits like Moonshot
-(a sliding minute, 429 beyond it):
+Four scenarios against the local simulator, which enforces the account's limits like Moonshot
+(a sliding minute, 429 beyond it) or, in D, as token buckets:
 
 * A (RPM): the simulator allows R requests per minute; each system runs N worker nodes limited
   to R (moonq: ``MOONQ_RPM=R`` shared in Redis; Celery: ``rate_limit=f"{R}/m"`` on the task).
 * B (TPM): the simulator allows T tokens per minute (prompt + ``max_completion_tokens`` reserved
   while a request runs, the real total after) and still R requests; moonq gets ``MOONQ_TPM=T``,
   Celery the same ``rate_limit=f"{R}/m"`` (it has nothing for tokens).
+* C (cold burst): 1.5 x R jobs on an idle moonq fleet with ``MOONQ_RPM=R``, against the sliding
+  minute; the ideal is R at once and the rest one minute later. Watched until every job has ended:
+  when the R-th and the (R+1)-th request arrived, when the last call ended, 429s.
+* D: C against an upstream whose R per minute is a token bucket of size R (``quota_mode="bucket"``).
+  C and D run ``--cold-runs`` times each; the report gives the medians.
 
 Celery runs as ``-P threads -c 1 --prefetch-multiplier 1``, where its rate limit delivers what
 it promises per worker; scenario A also runs it as ``-c 16`` with the default prefetch, where
@@ -29,6 +34,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -40,10 +46,11 @@ from bench.sim import RecordingSim
 from harness import RedisServer
 from simulator import SimConfig, max_in_window
 from simulator.validate import parse_chat_request
-from worker.ratelimit import Limits
 
 MODEL = "moonshot-v1-8k"
 SUPPLY = 1.3  # jobs queued = this x what the limit allows over the window
+COLD_SUPPLY = 1.5  # C, D: jobs queued = this x R
+COLD_MAX_S = 150.0  # C, D: ideally done in about 61 s; give up watching after this
 LOG_DIR = REPO / ".bench" / "limiter"
 PROGRESS_EVERY_S = 20.0
 
@@ -73,7 +80,6 @@ def scenarios(rpm: int, tpm: int, window_s: float) -> list[Scenario]:
         sim=SimConfig(seed=7, rpm=rpm, tokens_per_chunk=8),
         moonq_env={"MOONQ_RPM": str(rpm)},
         requests=rpm_requests,
-        burst=Limits(rpm=rpm).rpm_bucket,
         sim_reserve=reservation(rpm_requests[0]),
         systems=(MOONQ, CELERY, CELERY_C16),
     )
@@ -92,11 +98,26 @@ def scenarios(rpm: int, tpm: int, window_s: float) -> list[Scenario]:
         sim=SimConfig(seed=7, rpm=rpm, tpm=tpm, answer_tokens=answer_tokens, tokens_per_chunk=16),
         moonq_env={"MOONQ_TPM": str(tpm)},
         requests=[{"model": MODEL, "messages": prompt(i), "max_completion_tokens": budget} for i in range(tpm_jobs)],
-        burst=Limits(tpm=tpm).tpm_bucket,
         sim_reserve=reservation({"model": MODEL, "messages": prompt(0), "max_completion_tokens": budget}),
         systems=(MOONQ, CELERY),
     )
-    return [a, b]
+    cold = [{"model": MODEL, "messages": prompt(i)} for i in range(math.ceil(COLD_SUPPLY * rpm))]
+    c, d = (
+        Scenario(
+            key=key,
+            axis="requests",
+            limit=rpm,
+            rpm=rpm,
+            sim=SimConfig(seed=7, rpm=rpm, tokens_per_chunk=8, quota_mode=mode),
+            moonq_env={"MOONQ_RPM": str(rpm)},
+            requests=cold,
+            sim_reserve=reservation(cold[0]),
+            systems=(MOONQ,),
+            cold_s=COLD_MAX_S,
+        )
+        for key, mode in (("C", "window"), ("D", "bucket"))
+    )
+    return [a, b, c, d]
 
 
 class Progress:
@@ -113,8 +134,15 @@ def make_fleet(system: System, sc: Scenario, redis_url: str, base_url: str, node
     return CeleryFleet(redis_url, base_url, f"{sc.rpm}/m", nodes, log_dir, system.concurrency, system.prefetch)
 
 
-def run_phase(sc: Scenario, system: System, sim: RecordingSim, args: argparse.Namespace, say: Progress) -> Result:
-    log_dir = LOG_DIR / f"{sc.key}-{system.key}"
+def phase_dir(sc: Scenario, system: System, run: int) -> Path:
+    """Where a phase's worker logs and raw books go: one directory per run of a repeated cold burst."""
+    return LOG_DIR / (f"{sc.key}-{system.key}" + (f"-{run + 1}" if sc.cold_s else ""))
+
+
+def run_phase(
+    sc: Scenario, system: System, sim: RecordingSim, args: argparse.Namespace, say: Progress, run: int = 0
+) -> Result:
+    log_dir = phase_dir(sc, system, run)
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
     started = time.monotonic()
@@ -124,7 +152,7 @@ def run_phase(sc: Scenario, system: System, sim: RecordingSim, args: argparse.Na
         try:
             say(f"{name}: starting {args.nodes} worker processes")
             fleet.start()
-            result = measure(sc, system, fleet, args, sim, say)
+            result = measure(sc, system, fleet, args, sim, say, log_dir)
             if isinstance(fleet, CeleryFleet):
                 result.retried = fleet.retried()
         finally:
@@ -135,10 +163,16 @@ def run_phase(sc: Scenario, system: System, sim: RecordingSim, args: argparse.Na
 
 
 def measure(
-    sc: Scenario, system: System, fleet: Fleet, args: argparse.Namespace, sim: RecordingSim, say: Progress
+    sc: Scenario,
+    system: System,
+    fleet: Fleet,
+    args: argparse.Namespace,
+    sim: RecordingSim,
+    say: Progress,
+    log_dir: Path,
 ) -> Result:
     """Queue the jobs, then watch for ``args.window`` s (less if every job has ended: nothing more is sent)."""
-    window_s = args.window
+    window_s = sc.cold_s or args.window
     sim.reset()
     t0 = time.monotonic()
     fleet.enqueue(sc.requests)
@@ -160,7 +194,7 @@ def measure(
     result.ok, result.failed = ok, failed
     stats, arrivals = sim.stats(), list(sim.arrivals)
     tally(result, sim, stats, arrivals, t0)
-    dump(LOG_DIR / f"{sc.key}-{system.key}" / "raw.json", sim, stats, arrivals, t0)
+    dump(log_dir / "raw.json", sim, stats, arrivals, t0)
     return result
 
 
@@ -201,13 +235,31 @@ def tally(r: Result, sim: RecordingSim, stats: dict[str, Any], arrivals: list[tu
     r.first_429_s = min((t - t0 for t, s in sent if s == 429), default=None)
     r.other_errors = sum(1 for _, s in sent if s not in (200, 429))
     r.rejected_by_axis = dict(stats.get("rejected") or {})
+    if sc.cold_s:
+        cold_figures(r, sim, admitted, t0)
+
+
+def cold_figures(r: Result, sim: RecordingSim, admitted: list[dict[str, Any]], t0: float) -> None:
+    """When the L-th and (L+1)-th request arrived after the first, the last call's end, the median call."""
+    limit = r.scenario.limit
+    starts = sorted(sim.to_monotonic(a["start"]) for a in admitted)
+    ended = [a for a in admitted if a["end"] is not None]
+    if len(starts) > limit:
+        r.first_burst_s = starts[limit - 1] - starts[0]
+        r.next_window_s = starts[limit] - starts[0]
+    if ended:
+        r.finish_s = max(sim.to_monotonic(a["end"]) for a in ended) - t0
+        r.call_s = statistics.median(a["end"] - a["start"] for a in ended)
 
 
 def summary(r: Result) -> str:
-    return (
-        f"429s={r.n429} max60s={r.max_60s:,.0f}/{r.scenario.limit:,} quota={r.quota_used:.1%}"
-        f" ok={r.ok} failed={r.failed}"
+    cold = (
+        f" first L within {r.first_burst_s or 0:.2f}s, L+1-th at {r.next_window_s or 0:.2f}s, done at"
+        f" {r.finish_s or 0:.1f}s, steady {r.steady_use or 0:.1%}"
+        if r.scenario.cold_s
+        else f" quota={r.quota_used:.1%}"
     )
+    return f"429s={r.n429} max60s={r.max_60s:,.0f}/{r.scenario.limit:,}{cold} ok={r.ok} failed={r.failed}"
 
 
 def main() -> None:
@@ -216,6 +268,7 @@ def main() -> None:
     parser.add_argument("--tpm", type=int, default=60_000, help="T: the account's tokens per minute (default 60000)")
     parser.add_argument("--window", type=float, default=None, help="measurement window per run, s (default 65)")
     parser.add_argument("--nodes", type=int, default=4, help="worker processes per system (default 4)")
+    parser.add_argument("--cold-runs", type=int, default=3, help="runs of each cold burst, C and D (default 3)")
     parser.add_argument("--quick", action="store_true", help="20 s windows, a smoke run; BENCHMARKS.md untouched")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
@@ -233,7 +286,8 @@ def main() -> None:
             say(f"{sc.title}: simulator on {sim.base_url} (rpm={sc.sim.rpm}, tpm={sc.sim.tpm})")
             for system in sc.systems:
                 if args.only is None or f"{sc.key}-{system.key}" in args.only:
-                    results.append(run_phase(sc, system, sim, args, say))
+                    runs = args.cold_runs if sc.cold_s else 1
+                    results += [run_phase(sc, system, sim, args, say, run) for run in range(runs)]
     total_s = time.monotonic() - say.t0
     print()
     print(report.text_tables(results))

@@ -34,9 +34,10 @@ class Scenario:
     sim: SimConfig
     moonq_env: dict[str, str]
     requests: list[dict[str, Any]]
-    burst: int  # moonq's bucket size on this axis (its default)
     sim_reserve: int  # what the simulator reserves per request: prompt + output budget
     systems: tuple[System, ...]
+    # A cold burst (C, D): watched until every job has ended, at most this long, instead of the run's window.
+    cold_s: float | None = None
 
     @property
     def unit(self) -> str:
@@ -70,10 +71,26 @@ class Result:
     rejected_by_axis: dict[str, int] = field(default_factory=dict)
     retried: int | None = None
     phase_s: float = 0.0
+    # Cold bursts only, from the simulator's admitted records (seconds): when the L-th and the
+    # (L+1)-th request arrived after the first, when the last job's call ended after the jobs were
+    # queued, and the median call.
+    first_burst_s: float | None = None
+    next_window_s: float | None = None
+    finish_s: float | None = None
+    call_s: float | None = None
 
     @property
     def quota_used(self) -> float:
         return self.amount / (self.scenario.limit * self.window_s / WINDOW_60_S)
+
+    @property
+    def steady_use(self) -> float | None:
+        """A saturated limiter's share of the limit: L arrivals per (L+1-th arrival - 1st), per minute.
+
+        The window grants again what leaves it, so a fleet with work to spare repeats its first
+        window's arrivals with this period.
+        """
+        return WINDOW_60_S / self.next_window_s if self.next_window_s else None
 
     @property
     def unfinished(self) -> int:

@@ -11,6 +11,7 @@ from types import FrameType
 
 from simulator.config import SimConfig
 from simulator.faults import DEFAULT_RANDOM_KINDS
+from simulator.quota import QUOTA_MODES
 from simulator.server import SimServer
 
 # Interactive use wants a visible stream: ~0.4 s to first token, then ~30 chunks a second.
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tpm", type=int, default=None, help="tokens per minute, prompt + max_tokens (default: unlimited)"
     )
     faults.add_argument("--max-concurrency", type=int, default=None, help="requests in flight (default: unlimited)")
+    faults.add_argument(
+        "--quota-mode",
+        choices=QUOTA_MODES,
+        default="window",
+        help="RPM and TPM as a sliding minute (default) or as token buckets of that size refilled per minute",
+    )
     return parser
 
 
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             rpm=args.rpm,
             tpm=args.tpm,
             max_concurrency=args.max_concurrency,
+            quota_mode=args.quota_mode,
         )
     except ValueError as err:
         print(f"moonq simulate: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simulator.faults import DEFAULT_RANDOM_KINDS, parse_fault
+from simulator.quota import QUOTA_MODES
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SimConfig:
         rpm: requests per sliding minute the account may start; None for no limit.
         tpm: tokens (prompt + output budget) per sliding minute; None for no limit.
         max_concurrency: requests the account may have in flight; None for no limit.
+        quota_mode: how ``rpm`` and ``tpm`` are enforced: ``"window"``, a sliding minute like
+            Moonshot's, or ``"bucket"``, token buckets of that size refilled at that rate per minute.
     """
 
     seed: int = 0
@@ -39,6 +42,7 @@ class SimConfig:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+    quota_mode: str = "window"
 
     def __post_init__(self) -> None:
         if self.first_token_latency_s < 0 or self.chunk_interval_s < 0:
@@ -55,6 +59,8 @@ class SimConfig:
             limit = getattr(self, name)
             if limit is not None and limit < 1:
                 raise ValueError(f"{name} must be >= 1 or None")
+        if self.quota_mode not in QUOTA_MODES:
+            raise ValueError(f"quota_mode must be one of {', '.join(QUOTA_MODES)}")
 
     def _check_faults(self) -> None:
         # A list from a caller or the CLI would make the frozen config unhashable.

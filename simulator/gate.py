@@ -42,7 +42,7 @@ class Gate:
         self._clock = clock
         self._t0 = clock()
         self._lock = threading.Lock()
-        self._quotas = Quotas(cfg.rpm, cfg.tpm, cfg.max_concurrency)
+        self._quotas = Quotas(cfg.rpm, cfg.tpm, cfg.max_concurrency, cfg.quota_mode)
         self._picker = FaultPicker(cfg.seed, cfg.fault_rate, cfg.fault_kinds)
         self._stats = Stats()
 

@@ -2,7 +2,8 @@
 
 Times are seconds since the server started. A request's token *charge* is its actual
 ``total_tokens`` once it has finished (0 if it failed before generating), else its reservation —
-the same numbers the TPM limit sees, so ``max_tokens_in_any_60s <= tpm`` holds for any run.
+the same numbers the TPM limit sees, so ``max_tokens_in_any_60s <= tpm`` holds for any run with
+the quotas in window mode (buckets allow up to twice that).
 
 Not thread-safe: the caller (``gate.Gate``) serialises access.
 """

@@ -1,8 +1,14 @@
-"""The fleet limiter against a real Redis, several Limiter instances standing in for several processes."""
+"""The fleet limiter against a real Redis, several Limiter instances standing in for several processes.
+
+The rate tests shorten the window (``Limits.window_ms``) to 1.5-2 s; grant times are read from the
+windows themselves (Redis TIME, as the script stored them), not from the test's clock.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,7 +17,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from worker.limiter_state import LimiterKeys
+from simulator import max_in_window
+from tests.helpers import make_settings
+from worker import settings as worker_settings
+from worker.limiter_state import MAX_WINDOW_MS, SUM_FIELD, LimiterKeys
 from worker.ratelimit import Lease, Limiter, Limits
 
 
@@ -80,54 +89,146 @@ def test_in_flight_cap_holds_across_processes(redis_url: str) -> None:
     assert run(redis_url, body) == 3
 
 
-def test_rpm_bucket_never_exceeds_its_ceiling(redis_url: str) -> None:
-    # 600/min with a burst of 10: at most 10 at once, then 590/62 per second. The ceiling is a hard
-    # bound (grants <= burst + rate * elapsed), so this cannot flake on a slow machine.
-    async def body(limiter: Callable[..., Limiter]) -> tuple[int, float]:
-        limits = Limits(rpm=600, rpm_burst=10)
-        procs = [limiter(limits) for _ in range(4)]
-        start = time.monotonic()
-        grants: list[float] = []
+class Grants:
+    """Every grant entered in the windows of ``keys``: lease id -> (Redis ms, units at grant), per axis.
 
-        async def one(lim: Limiter) -> None:
-            await lim.acquire(1, priority=5, enqueued_at_s=time.time())
-            grants.append(time.monotonic() - start)
+    Polled every 20 ms while the test runs; a grant stays in its window for a whole window (well over
+    the poll period), so none is missed.
+    """
 
-        await asyncio.gather(*(one(procs[i % 4]) for i in range(25)))
-        return len(grants), max(grants)
+    def __init__(self, redis: Redis, keys: LimiterKeys) -> None:
+        self.redis, self.keys = redis, keys
+        self.seen: dict[str, dict[str, tuple[float, int]]] = {"rpm": {}, "tpm": {}}
 
-    count, elapsed = run(redis_url, body)
-    assert count == 25
-    assert count <= 10 + (590 / 62) * elapsed + 1  # the bucket's bound
-    assert elapsed >= (25 - 10 - 1) / (590 / 62) * 0.9  # and it did make the later ones wait
+    async def poll(self) -> None:
+        while True:
+            await self.snapshot()
+            await asyncio.sleep(0.02)
+
+    async def snapshot(self) -> None:
+        for axis, seen in self.seen.items():
+            window = self.keys.window(axis)
+            grants: list[Any] = await self.redis.zrange(window.grants, 0, -1, withscores=True)
+            for raw, at in grants:
+                lease_id = raw.decode()
+                if lease_id not in seen:
+                    units = await self.redis.hget(window.units, lease_id)
+                    seen.setdefault(lease_id, (at, int(units or 0)))  # the first read, before any refund
+
+    def times(self, axis: str) -> list[float]:
+        return sorted(at for at, _ in self.seen[axis].values())
 
 
-def test_tpm_reserves_and_refunds(redis_url: str) -> None:
-    async def body(limiter: Callable[..., Limiter]) -> tuple[float, float]:
-        lim = limiter(Limits(tpm=60_000, tpm_burst=1_000))  # refill 59,000/62 ≈ 952 tokens/s
-        lease = await lim.acquire(1_000, priority=5, enqueued_at_s=time.time())  # empties the bucket
-        await lim.release(lease, used_tokens=100)  # 900 come back
+async def evalsha_calls(redis: Redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_after_an_idle_window_the_whole_limit_goes_at_once(redis_url: str) -> None:
+    # L = 5 per 2 s window: five calls at once, and the sixth exactly when the first leaves the window,
+    # having slept for it rather than asked again and again.
+    async def body(limiter: Callable[..., Limiter]) -> tuple[list[float], int]:
+        limits = Limits(rpm=5, window_ms=2_000)
+        procs = [limiter(limits) for _ in range(3)]
+        grants = Grants(procs[0]._redis, procs[0].keys)
+        poller = asyncio.create_task(grants.poll())
+        calls_before = await evalsha_calls(procs[0]._redis)
+        await asyncio.gather(*(p.acquire(1, priority=5, enqueued_at_s=time.time()) for p in procs * 2))
+        calls = await evalsha_calls(procs[0]._redis) - calls_before
+        await grants.snapshot()
+        poller.cancel()
+        return grants.times("rpm"), calls
+
+    times, calls = run(redis_url, body)
+    assert len(times) == 6
+    assert times[4] - times[0] < 500  # the first five at once
+    assert 2_000 <= times[5] - times[0] < 2_300  # the sixth when the first has left, not before, not much after
+    assert calls < 20  # 6 grants and the waits they named (plus wake-ups), no polling through 2 s
+
+
+def test_never_more_than_the_limit_in_any_window(redis_url: str) -> None:
+    # Random costs (some above the whole TPM), random holds and random usage over three processes; in no
+    # window of W may the grants (their units after refunds, which only lower them) exceed either limit.
+    window_ms, rpm, tpm = 1_500, 12, 1_000
+    rng = random.Random(13)
+    jobs = [(rng.randint(1, 300) if i % 10 else 1_500, rng.uniform(0, 0.3), rng.random()) for i in range(30)]
+
+    async def body(limiter: Callable[..., Limiter]) -> tuple[Grants, dict[str, int]]:
+        limits = Limits(rpm=rpm, tpm=tpm, window_ms=window_ms)
+        procs = [limiter(limits) for _ in range(3)]
+        grants = Grants(procs[0]._redis, procs[0].keys)
+        poller = asyncio.create_task(grants.poll())
+        used: dict[str, int] = {}
+
+        async def one(i: int, cost: int, hold_s: float, share: float) -> None:
+            lease = await procs[i % 3].acquire(cost, priority=rng.randint(0, 9), enqueued_at_s=time.time())
+            await grants.snapshot()  # before the refund: the units the grant took
+            await asyncio.sleep(hold_s)
+            used[lease.id] = int(lease.reserved_tokens * share)
+            await procs[i % 3].release(lease, used_tokens=used[lease.id])
+
+        await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
+        poller.cancel()
+        return grants, used
+
+    grants, used = run(redis_url, body)
+    assert len(grants.seen["rpm"]) == len(grants.seen["tpm"]) == len(jobs)
+    assert max_in_window([(at / 1000, 1) for at in grants.times("rpm")], window_ms / 1000) <= rpm
+    at_grant = [(at / 1000, units) for at, units in grants.seen["tpm"].values()]
+    assert max(units for _, units in at_grant) == tpm  # the oversize calls reserved the whole window
+    settled = [(at / 1000, used[lease_id]) for lease_id, (at, _) in grants.seen["tpm"].items()]
+    assert max_in_window(settled, window_ms / 1000) <= tpm
+    # Refunds let more in than the reservations alone would have: the windows were used, not just held.
+    assert max_in_window(at_grant, window_ms / 1000) > tpm
+
+
+def test_a_refund_lowers_its_grant_and_creates_no_credit(redis_url: str) -> None:
+    async def body(limiter: Callable[..., Limiter]) -> tuple[float, float, int, int]:
+        lim = limiter(Limits(tpm=1_000, window_ms=2_000))
+        units = lim.keys.tpm.units
+        lease = await lim.acquire(1_000, priority=5, enqueued_at_s=time.time())  # the whole window
+        await lim.release(lease, used_tokens=100)  # its grant now holds 100
         t0 = time.monotonic()
-        await lim.acquire(900, priority=5, enqueued_at_s=time.time())
+        await lim.acquire(900, priority=5, enqueued_at_s=time.time())  # fits at once
         refunded_wait = time.monotonic() - t0
         t1 = time.monotonic()
-        await lim.acquire(500, priority=5, enqueued_at_s=time.time())  # nothing left: ~0.5 s of refill
-        empty_wait = time.monotonic() - t1
-        return refunded_wait, empty_wait
+        late = await lim.acquire(1, priority=5, enqueued_at_s=time.time())  # full: waits for the first to leave
+        full_wait = time.monotonic() - t1
+        await asyncio.sleep(2.1)  # every grant has left the window
+        await lim.release(late, used_tokens=0)  # a refund for a grant the window no longer holds
+        after_late_refund = int(await lim._redis.hget(units, SUM_FIELD) or 0)
+        fresh = await lim.acquire(400, priority=5, enqueued_at_s=time.time())
+        await lim.release(fresh, used_tokens=500)  # usage above the estimate: the grant holds more
+        return refunded_wait, full_wait, after_late_refund, int(await lim._redis.hget(units, SUM_FIELD) or 0)
 
-    refunded_wait, empty_wait = run(redis_url, body)
-    assert refunded_wait < empty_wait
-    assert empty_wait >= 0.4
+    refunded_wait, full_wait, after_late_refund, after_overuse = run(redis_url, body)
+    assert refunded_wait < 0.2
+    assert 1.5 <= full_wait < 2.4
+    assert after_late_refund == 0  # nothing to lower: no credit for the next window
+    assert after_overuse == 500
 
 
-def test_a_reservation_is_capped_at_one_minute_of_tokens(redis_url: str) -> None:
-    async def body(limiter: Callable[..., Limiter]) -> int:
-        lim = limiter(Limits(tpm=60_000, tpm_burst=60_000 - 1))
-        lease = await lim.acquire(10**12, priority=5, enqueued_at_s=time.time())  # max_completion_tokens: 1e12
-        await lim.release(lease, used_tokens=0)  # the upstream refused it: everything comes back
-        return lease.reserved_tokens
+def test_a_reservation_above_the_limit_goes_alone_on_an_empty_window(redis_url: str) -> None:
+    # A call reserving more than the whole TPM (max_completion_tokens: 1e12) reserves the whole window:
+    # it waits until the window is empty (not forever), holds it while it runs, and its refund frees it.
+    async def body(limiter: Callable[..., Limiter]) -> tuple[int, float, bool, float]:
+        a, b = limiter(Limits(tpm=1_000, window_ms=1_500)), limiter(Limits(tpm=1_000, window_ms=1_500))
+        await a.acquire(300, priority=5, enqueued_at_s=time.time())
+        t0 = time.monotonic()
+        huge = await a.acquire(10**12, priority=5, enqueued_at_s=time.time())
+        huge_wait = time.monotonic() - t0
+        small = asyncio.create_task(b.acquire(1, priority=5, enqueued_at_s=time.time()))
+        await asyncio.sleep(0.3)
+        held_back = not small.done()
+        t1 = time.monotonic()
+        await a.release(huge, used_tokens=0)  # the upstream refused it: everything comes back
+        await asyncio.wait_for(small, 1)
+        return huge.reserved_tokens, huge_wait, held_back, time.monotonic() - t1
 
-    assert run(redis_url, body) == 60_000
+    reserved, huge_wait, held_back, freed_after = run(redis_url, body)
+    assert reserved == 1_000
+    assert 1.2 <= huge_wait < 2.0  # until the 300 left the window
+    assert held_back
+    assert freed_after < 0.3
 
 
 def test_waiters_are_served_in_priority_then_arrival_order(redis_url: str) -> None:
@@ -205,10 +306,19 @@ def test_cancelled_waiter_leaves_no_trace(redis_url: str) -> None:
     assert run(redis_url, body)
 
 
-@pytest.mark.parametrize(
-    ("limits", "message"),
-    [(dict(rpm=10, rpm_burst=10), "rpm_burst must be"), (dict(tpm=100, tpm_burst=0), "tpm_burst must be")],
-)
-def test_burst_must_leave_room_to_refill(limits: dict[str, int], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Limits(**limits)
+def test_the_window_keeps_97_percent_of_the_limit() -> None:
+    assert Limits().window_ms == 61_500 and 60_000 / MAX_WINDOW_MS >= 0.97
+    for window_ms in (0, MAX_WINDOW_MS):
+        with pytest.raises(ValueError, match="window_ms must be"):
+            Limits(rpm=10, window_ms=window_ms)
+
+
+def test_the_old_burst_settings_are_accepted_ignored_and_warned_about_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker_settings._warn_ignored.cache_clear()  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="moonq.worker"):
+        settings = [make_settings(redis_url, rpm=600, rpm_burst=10, tpm_burst=5) for _ in range(3)]
+    assert settings[0].limits == Limits(rpm=600)
+    warned = [r.getMessage() for r in caplog.records if "deprecated_setting" in r.getMessage()]
+    assert len(warned) == 1 and "MOONQ_RPM_BURST,MOONQ_TPM_BURST" in warned[0]

@@ -14,6 +14,7 @@ import json
 import secrets
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,8 @@ def test_dead_letters_and_webhooks_follow_the_tenant(sim: SimServer, tmp_path: P
         ):
             failing = {**HELLO, "model": "moonshot-v1-8k", "sim": {"fault": "quota"}}
             ours, theirs = search.submit(failing), reports.submit(failing)
-            for job in (ours, theirs):
-                wait_until(lambda job=job: operator.job(job.id).status() == "failed", 20, "the job failed")
+            for job in (operator.job(ours.id), operator.job(theirs.id)):
+                wait_until(partial(lambda j: j.status() == "failed", job), 20, "the job failed")
             assert [row["id"] for row in search.failed()] == [ours.id]
             assert [row["id"] for row in reports.failed()] == [theirs.id]
             assert {row["id"] for row in operator.failed()} == {ours.id, theirs.id}

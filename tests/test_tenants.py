@@ -18,9 +18,9 @@ import yaml
 
 from moonq.configfile import ConfigFileError, validate
 from moonq.errors import MoonqError
+from moonq.record import DEFAULT_TENANT
 from moonq.settings import ClientSettings
 from moonq.tenants import (
-    DEFAULT_TENANT,
     Principal,
     TenantConfig,
     Tenants,

@@ -427,8 +427,9 @@ def test_deliveries_run_in_a_child_process_that_lives_and_dies_with_its_node(
             node = WorkerProcess(env).start()
             try:
                 assert node.proc is not None
-                wait_until(lambda: len(children(node.proc.pid)) == 1, 10, "the delivery process")
-                [child] = children(node.proc.pid)
+                pid = node.proc.pid
+                wait_until(lambda: len(children(pid)) == 1, 10, "the delivery process")
+                [child] = children(pid)
                 with open(f"/proc/{child}/environ", "rb") as f:
                     assert b"MOONSHOT_API_KEY" not in f.read()
                 client.submit(HELLO, webhook=receiver.script("child")).result(timeout=20)
@@ -437,13 +438,13 @@ def test_deliveries_run_in_a_child_process_that_lives_and_dies_with_its_node(
                 wait_until(lambda: delivered_total(metrics_url) == 1, 5, "the delivery in the node's metrics")
 
                 os.kill(child, signal.SIGKILL)  # the node starts another; deliveries go on
-                wait_until(lambda: children(node.proc.pid) not in ([], [child]), 15, "a new delivery process")
+                wait_until(lambda: children(pid) not in ([], [child]), 15, "a new delivery process")
                 client.submit(HELLO, webhook=receiver.script("child")).result(timeout=20)
                 receiver.wait_for("child", 2)
                 wait_until(lambda: delivered_total(metrics_url) == 2, 5, "both deliveries in the node's metrics")
 
-                [child] = children(node.proc.pid)
-                os.kill(node.proc.pid, signal.SIGKILL)
+                [child] = children(pid)
+                os.kill(pid, signal.SIGKILL)
                 node.proc.wait()
                 wait_until(lambda: not alive(child), 5, "the delivery process gone with its node")
             finally:

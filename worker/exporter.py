@@ -4,8 +4,8 @@
 nodes there are: all ten priority lists on a Redis broker, the ready messages of a passive
 ``queue.declare`` on RabbitMQ (``moonq.broker.QueueDepth``); on any other broker it is absent.
 The delivery backlog (webhooks and callbacks owed, retrying, dead) is read the same way.
-The limiter gauges show the fleet's headroom: the configured limit, what is available now (bucket
-tokens; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
+The limiter gauges show the fleet's headroom: the configured limit, what is available now (room in
+the sliding window; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
 clients; if Redis or the broker does not answer, its gauges are left out of that scrape rather than
 failing it.
 """
@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from moonq.broker import QueueDepth
-from worker.limiter_state import BUCKET_FIELDS, LimiterKeys, bucket_level
+from worker.limiter_state import SUM_FIELD, LimiterKeys, window_used
 from worker.metrics import REGISTRY
 from worker.settings import Settings
 
@@ -52,29 +52,25 @@ class RedisCollector(Collector):
         s, keys = self.settings, LimiterKeys.for_prefix(self.settings.prefix)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
-        pipe.hmget(keys.rpm, *BUCKET_FIELDS)
-        pipe.hmget(keys.tpm, *BUCKET_FIELDS)
         pipe.get(keys.cooldown)
         pipe.zrangebyscore(keys.inflight, "-inf", "+inf", withscores=True)
         pipe.info("memory")
         pipe.xlen(self.settings.keys.deliveries)
         pipe.zcard(self.settings.keys.deliveries_due)
         pipe.zcard(self.settings.keys.deliveries_dead)
-        (sec, usec), rpm, tpm, cooldown, leases, memory, *backlog = pipe.execute()
+        (sec, usec), cooldown, leases, memory, *backlog = pipe.execute()
         now_ms = sec * 1000 + usec / 1000
         limits = s.limits
         limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
         available = GaugeMetricFamily(
             "moonq_ratelimit_available",
-            "Capacity available now: bucket tokens (rpm, tpm; negative is debt) or free in-flight slots.",
+            "Capacity available now: room in the sliding window (rpm, tpm; negative while usage exceeded"
+            " its estimates) or free in-flight slots.",
             labels=["limit"],
         )
-        if limits.rpm:
-            limit.add_metric(["rpm"], limits.rpm)
-            available.add_metric(["rpm"], bucket_level(rpm, now_ms, limits.rpm, limits.rpm_bucket))
-        if limits.tpm:
-            limit.add_metric(["tpm"], limits.tpm)
-            available.add_metric(["tpm"], bucket_level(tpm, now_ms, limits.tpm, limits.tpm_bucket))
+        for axis, cap in limits.rates:
+            limit.add_metric([axis], cap)
+            available.add_metric([axis], cap - self._window_used(keys, axis, now_ms - limits.window_ms))
         if limits.max_inflight:
             live = sum(1 for _, expiry in leases if expiry > now_ms)
             limit.add_metric(["inflight"], limits.max_inflight)
@@ -96,6 +92,15 @@ class RedisCollector(Collector):
         mem.add_metric(["max"], float(memory.get("maxmemory", 0)))
         yield mem
         yield delivery_backlog(backlog)
+
+    def _window_used(self, keys: LimiterKeys, axis: str, cutoff_ms: float) -> int:
+        """Units the fleet's window on ``axis`` holds, its grants at or before ``cutoff_ms`` left out."""
+        window = keys.window(axis)
+        pipe = self.redis.pipeline()  # one snapshot: no trim between the two reads
+        pipe.hget(window.units, SUM_FIELD)
+        pipe.zrangebyscore(window.grants, "-inf", cutoff_ms)
+        stored_sum, expired = pipe.execute()
+        return window_used(stored_sum, self.redis.hmget(window.units, expired) if expired else [])
 
 
 def delivery_backlog(counts: list[int]) -> GaugeMetricFamily:

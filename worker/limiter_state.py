@@ -1,22 +1,29 @@
-"""The fleet limiter's state in Redis: its key names and its buckets' arithmetic, in one place.
+"""The fleet limiter's state in Redis: its key names and its windows' arithmetic, in one place.
 
 Everything that reads or writes ``P:limit:*`` (``P`` = prefix) takes its names from
-``LimiterKeys`` and its bucket arithmetic from here: the limiter's Lua scripts
+``LimiterKeys`` and its window arithmetic from here: the limiter's Lua scripts
 (``worker/ratelimit_scripts.py``, through ``limiter_lua``) and the exporter's gauges
-(``worker/exporter.py``, through ``bucket_level``), so the two cannot drift apart.
+(``worker/exporter.py``, through ``window_used``), so the two cannot drift apart.
 
 Key families:
 
-    P:limit:rpm, P:limit:tpm   hash {tokens, ts}: a bucket's level at ``ts`` (Redis ms); expires
-                               ``BUCKET_TTL_MS`` after its last grant (a missing bucket is full).
-    P:limit:inflight           zset lease id -> expiry ms.
-    P:limit:cooldown           string: until when (ms) every caller holds back after an upstream 429.
-    P:limit:waiters            zset process -> rank (the fleet-wide waiting line).
-    P:limit:alive              zset process -> expiry ms of its place in that line.
-    P:limit:wake               pub/sub channel: capacity may have changed.
+    P:limit:<scope>:<axis>        zset lease id -> grant time (Redis ms): the grants of the last
+                                  window on a rate axis (``rpm``, ``tpm``) of a scope. Every acquire
+                                  that checks it first trims what has left the window.
+    P:limit:<scope>:<axis>:units  hash lease id -> the units that grant holds (1 request; its tokens,
+                                  lowered by the refund at release), and ``sum`` -> their total.
+    P:limit:inflight              zset lease id -> expiry ms.
+    P:limit:cooldown              string: until when (ms) every caller holds back after an upstream 429.
+    P:limit:waiters               zset process -> rank (the fleet-wide waiting line).
+    P:limit:alive                 zset process -> expiry ms of its place in that line.
+    P:limit:wake                  pub/sub channel: capacity may have changed.
 
-Times are Redis' own clock (``TIME``), so node clocks may differ. Why buckets refill over 62 s
-rather than 60 is the design note in ``worker/ratelimit.py``.
+A window's two keys expire ``IDLE_GRACE_MS`` after their grants have all left the window, so an
+idle fleet keeps nothing, and a busy one keeps at most the grants of one window. The fleet's own
+limits are the scope ``fleet`` (``P:limit:fleet:rpm``); a per-account or per-tenant limit is
+another scope, checked in the same script as two more keys per axis. Times are Redis' own clock
+(``TIME``), so node clocks may differ. Why the window is 61.5 s rather than 60 is the design note in
+``worker/ratelimit.py``.
 """
 
 from __future__ import annotations
@@ -25,22 +32,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Template
 
-# A bucket refills (limit - burst) over this period; the 2 s beyond the minute cover the delay from
-# grant to the upstream counting the request (worker/ratelimit.py).
-REFILL_PERIOD_MS = 62_000
-# A bucket hash expires this long after its last grant, and a missing bucket reads as full: one whose
-# burst is under half its limit (the defaults, bar tiny limits) has refilled to full well before then.
-BUCKET_TTL_MS = 120_000
-# A bucket hash's fields, in the order ``bucket_level`` reads them from ``HMGET``.
-BUCKET_FIELDS = ("tokens", "ts")
+# The limiter's window: 60 s, the upstream's, plus 1.5 s for the time from a grant to the upstream
+# counting the request (worker/ratelimit.py). Steady use is 60/61.5 = 97.6% of a limit.
+WINDOW_MS = 61_500
+# Above 60/0.97 s a saturated fleet would use less than 97% of its limits.
+MAX_WINDOW_MS = 61_855
+# A window's keys outlive its newest grant by the window plus this, then expire.
+IDLE_GRACE_MS = 1_000
+# The field of a window's units hash that holds their total (lease ids are 32 hex digits).
+SUM_FIELD = "sum"
+# A refused ask computes its wait from at most this many of the oldest grants: past them it is told
+# to ask again when the last one it looked at has left (at most once per this many grants).
+WAIT_SCAN = 256
+# Expired grants are trimmed this many at a time (Lua's unpack takes a few thousand values at most).
+TRIM_BATCH = 1_000
+# The scope of the fleet-wide limits.
+FLEET = "fleet"
+
+
+@dataclass(frozen=True)
+class WindowKeys:
+    """The two keys of one sliding window: the grants by time, and the units each holds."""
+
+    grants: str
+    units: str
 
 
 @dataclass(frozen=True)
 class LimiterKeys:
     """The limiter's key and channel names under one prefix."""
 
-    rpm: str
-    tpm: str
+    root: str
     inflight: str
     cooldown: str
     waiters: str
@@ -51,8 +73,7 @@ class LimiterKeys:
     def for_prefix(cls, prefix: str) -> LimiterKeys:
         p = f"{prefix}:limit"
         return cls(
-            rpm=f"{p}:rpm",
-            tpm=f"{p}:tpm",
+            root=p,
             inflight=f"{p}:inflight",
             cooldown=f"{p}:cooldown",
             waiters=f"{p}:waiters",
@@ -60,54 +81,113 @@ class LimiterKeys:
             wake=f"{p}:wake",
         )
 
+    def window(self, axis: str, scope: str = FLEET) -> WindowKeys:
+        """The window of rate axis ``axis`` (``rpm``, ``tpm``) in ``scope``."""
+        base = f"{self.root}:{scope}:{axis}"
+        return WindowKeys(grants=base, units=f"{base}:units")
 
-def refill_per_ms(limit: int, burst: int) -> float:
-    """Tokens a bucket gains per ms: ``(limit - burst)`` over the refill period, at least 1 per period.
+    @property
+    def rpm(self) -> WindowKeys:
+        return self.window("rpm")
 
-    A limit no larger than its burst (e.g. 1 RPM) still refills; its ceiling is then burst + limit.
+    @property
+    def tpm(self) -> WindowKeys:
+        return self.window("tpm")
+
+
+def window_used(stored_sum: bytes | str | int | None, expired_units: Sequence[bytes | str | int | None]) -> int:
+    """The units a window holds: its stored ``sum`` less the units of grants that have left it.
+
+    ``expired_units`` are the units of the grants whose time is at or before ``now - window``
+    (``HMGET`` of the ids ``ZRANGEBYSCORE grants -inf now-window`` gives); a missing window holds
+    0. The result is above the limit only while usage exceeds its estimates. Same arithmetic as the
+    trimming in ``WINDOW_LUA``'s ``window_check``.
     """
-    return max(limit - burst, 1) / REFILL_PERIOD_MS
+    return int(stored_sum or 0) - sum(int(units or 0) for units in expired_units)
 
 
-def bucket_level(stored: Sequence[bytes | str | float | None], now_ms: float, limit: int, burst: int) -> float:
-    """A bucket's tokens at ``now_ms``, from its stored ``(tokens, ts)`` as ``HMGET key tokens ts`` gives them.
-
-    A missing bucket (tokens None) is full: ``burst``. Otherwise the stored tokens plus the refill
-    since ``ts``, capped at ``burst``; the result is negative while the bucket is in debt (a TPM
-    reservation larger than the bucket, or usage above the estimate). Same arithmetic as
-    ``BUCKET_LEVEL_LUA``.
-    """
-    tokens, ts_ms = stored[0], stored[1]
-    if tokens is None:
-        return float(burst)
-    if ts_ms is None:
-        raise ValueError("a stored bucket has tokens but no ts")
-    return min(float(burst), float(tokens) + (now_ms - float(ts_ms)) * refill_per_ms(limit, burst))
-
-
-# The Lua twin of refill_per_ms and bucket_level, for the limiter's scripts: the level of the bucket at
-# `key` at `now` (nil when no bucket is stored) and its refill rate per ms.
-BUCKET_LEVEL_LUA = """
-local function bucket_level(key, limit, burst, now)
-  local rate = math.max(limit - burst, 1) / $refill_period_ms
-  local state = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens = tonumber(state[1])
-  if tokens ~= nil then
-    tokens = math.min(burst, tokens + (now - tonumber(state[2])) * rate)
+# The Lua twin of window_used (trimming as it goes), with the wait and the two writes a window
+# takes. Each function names the keys of one window: zkey (grants by time) and hkey (units, sum).
+WINDOW_LUA = """
+-- Trims the grants at or before now - window_ms; returns the units left and the ms until `need` more
+-- fit under `limit` (0: now), the time when enough of the oldest grants will have left.
+local function window_check(zkey, hkey, now, window_ms, limit, need)
+  local cutoff = now - window_ms
+  local used = tonumber(redis.call('HGET', hkey, '$sum_field') or '0')
+  local trimmed = false
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', zkey, '-inf', cutoff, 'LIMIT', 0, $trim_batch)
+    if #old == 0 then break end
+    local units = redis.call('HMGET', hkey, unpack(old))
+    for i = 1, #old do
+      used = used - (tonumber(units[i]) or 0)
+    end
+    redis.call('ZREM', zkey, unpack(old))
+    redis.call('HDEL', hkey, unpack(old))
+    trimmed = true
   end
-  return tokens, rate
+  if trimmed then
+    if redis.call('EXISTS', zkey) == 0 then
+      redis.call('DEL', hkey)
+    else
+      redis.call('HSET', hkey, '$sum_field', used)
+    end
+  end
+  local excess = used + need - limit
+  if excess <= 0 then
+    return used, 0
+  end
+  local oldest = redis.call('ZRANGE', zkey, 0, $wait_scan - 1, 'WITHSCORES')
+  local at = now
+  if #oldest > 0 then
+    local ids = {}
+    for i = 1, #oldest, 2 do
+      ids[#ids + 1] = oldest[i]
+    end
+    local units = redis.call('HMGET', hkey, unpack(ids))
+    for i = 1, #ids do
+      excess = excess - (tonumber(units[i]) or 0)
+      at = tonumber(oldest[2 * i])
+      if excess <= 0 then break end
+    end
+  end
+  return used, at + window_ms - now
+end
+
+-- Records a grant of `units` at `now`; both keys expire once it has left the window.
+local function window_add(zkey, hkey, now, window_ms, id, units)
+  redis.call('ZADD', zkey, now, id)
+  redis.call('HSET', hkey, id, units)
+  redis.call('HINCRBY', hkey, '$sum_field', units)
+  redis.call('PEXPIRE', zkey, window_ms + $idle_grace_ms)
+  redis.call('PEXPIRE', hkey, window_ms + $idle_grace_ms)
+end
+
+-- Lowers the units of grant `id` by `refund` (raises them for a negative one), never below 0; a grant
+-- that has left the window is not counted any more, and gets nothing.
+local function window_refund(hkey, id, refund)
+  local units = tonumber(redis.call('HGET', hkey, id))
+  if units == nil then return end
+  local left = math.max(0, units - refund)
+  redis.call('HSET', hkey, id, left)
+  redis.call('HINCRBY', hkey, '$sum_field', left - units)
 end
 """
 
-_CONSTANTS = {"refill_period_ms": str(REFILL_PERIOD_MS), "bucket_ttl_ms": str(BUCKET_TTL_MS)}
-_LUA_NAMES = {**_CONSTANTS, "bucket_level": Template(BUCKET_LEVEL_LUA.strip()).substitute(_CONSTANTS)}
+_CONSTANTS = {
+    "sum_field": SUM_FIELD,
+    "wait_scan": str(WAIT_SCAN),
+    "trim_batch": str(TRIM_BATCH),
+    "idle_grace_ms": str(IDLE_GRACE_MS),
+}
+_LUA_NAMES = {**_CONSTANTS, "window_functions": Template(WINDOW_LUA.strip()).substitute(_CONSTANTS)}
 
 
 def limiter_lua(script: str) -> str:
-    """``script`` with ``$refill_period_ms``, ``$bucket_ttl_ms`` and ``$bucket_level`` filled in.
+    """``script`` with ``$window_functions`` and the constants (``$sum_field``, ``$wait_scan``, …) filled in.
 
-    ``$bucket_level`` defines the Lua function ``bucket_level(key, limit, burst, now)``. Lua's own
-    braces are untouched (``string.Template`` only reads ``$``).
+    ``$window_functions`` defines the Lua functions ``window_check``, ``window_add`` and
+    ``window_refund``. Lua's own braces are untouched (``string.Template`` only reads ``$``).
 
     Raises:
         KeyError: the script names any other placeholder.

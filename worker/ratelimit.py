@@ -4,34 +4,40 @@ Every node and process asks the same Redis, and check-and-reserve is one Lua scr
 (``ACQUIRE_LUA``), so no two callers can both take the last unit of capacity (the overshoot
 LiteLLM's multi-instance limits had for years came from separate read and write steps).
 
-Rates are continuously refilling buckets, not fixed windows. A bucket of capacity ``B`` (the
-burst) refilled at ``(L - B) / 62`` per second never grants more than ``L`` in any 62 s
-window: at most ``B`` stored at the window's start plus ``L - B`` refilled during it. The two
-extra seconds are for the upstream, which counts requests when they *arrive*: a grant reaches
-it a little later (a new connection, a busy node), and the limiting benchmark saw a cold
-start's first burst arrive ~0.15 s behind its grants and draw a 429 one minute later. With the
-margin, arrivals keep under ``L`` per 60 s unless one request lags its grant by over 2 s.
-Steady throughput is ``(L - B) * 60/62`` per minute (about 95% of ``L`` at the default burst).
-One exception, documented: a single TPM reservation larger than the burst is let through when
-the bucket is full, leaving it in debt, so raise ``MOONQ_TPM_BURST`` above your largest request
-to keep the ceiling exact.
+Rates are true sliding windows, like the upstream's own minute (docs/moonshot-api.md §8). Each
+grant is recorded with its Redis time, and a call is granted iff the units granted in the last
+``W`` plus its own are at most the limit ``L``: after an idle minute ``L`` calls go at once, and no
+window of ``W`` ever holds more than ``L``. ``W`` is 61.5 s (``WINDOW_MS``), not 60: the upstream
+counts a request when it *arrives*, a little after its grant (a new connection, a busy node; the
+limiter benchmark saw a cold burst arrive ~0.15 s behind its grants). A grant that replaces one
+leaving the window reaches the upstream at least ``W`` after that one's grant, so their arrivals
+stay more than 60 s apart unless the older one lagged its grant by 1.5 s more than the newer one.
+The margin costs throughput: a saturated fleet grants ``L`` per ``W``, 60/61.5 = 97.6% of ``L`` per
+minute, and ``W`` must stay below 60/0.97 s (``MAX_WINDOW_MS``) to keep that above 97%. Tests pass a
+shorter window through ``Limits.window_ms``.
 
 TPM reserves what Moonshot checks, the prompt estimate plus the completion budget
 (``max_completion_tokens``, or the model's default), and ``release`` refunds the difference
-once the real usage is known. In-flight slots are leases that expire unless renewed, so a
-node that dies gives its slots back within ``lease_ttl_s``; a live node whose renewals came too
-late (Redis paused, its loop stalled) adds the leases of its running calls back at the next
-renewal, so a long stream is counted again. A 429 from the upstream sets a shared cool-down that
-every caller honours.
+once the real usage is known: the grant's own entry in the window drops to what was used (or
+rises, when the estimate was low), so a refund frees exactly what its grant took and never
+creates credit. A single reservation larger than ``L`` (an absurd ``max_completion_tokens``)
+reserves ``L``: it goes alone, once the window is empty, and holds the fleet's tokens until its
+release refunds them; it waits at most one window, never forever.
+
+In-flight slots are leases that expire unless renewed, so a node that dies gives its slots back
+within ``lease_ttl_s``; a live node whose renewals came too late (Redis paused, its loop stalled)
+adds the leases of its running calls back at the next renewal, so a long stream is counted again.
+A 429 from the upstream sets a shared cool-down that every caller honours.
 
 Waiting is ordered and does not spin: each process queues its waiters by (priority,
 enqueue time) and only its best waiter asks Redis, registered in a fleet-wide waiting list
-that the script serves head first. A waiter sleeps for exactly the deficit the script reports,
+that the script serves head first. A waiter sleeps for exactly the time the script reports
+(until enough of the oldest grants have left the window, the cool-down ends or a lease expires),
 or until a release or grant is announced on the wake channel.
 
 The state lives under ``P:limit:*`` (``P`` = prefix): ``worker/limiter_state.py`` owns those key
-names and the buckets' arithmetic (the 62 s refill period), shared by these scripts and the
-exporter. Times are Redis' own clock (``TIME``), so node clocks may differ.
+names and the windows' arithmetic, shared by these scripts and the exporter. Times are Redis'
+own clock (``TIME``), so node clocks may differ.
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.limiter_state import LimiterKeys
+from worker.limiter_state import MAX_WINDOW_MS, WINDOW_MS, LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
 
 log = logging.getLogger("moonq.limiter")
@@ -58,35 +65,25 @@ log = logging.getLogger("moonq.limiter")
 
 @dataclass(frozen=True)
 class Limits:
-    """Fleet limits; None means no limit on that axis."""
+    """Fleet limits; None means no limit on that axis. ``window_ms`` is the rate window (tests shorten it)."""
 
     rpm: int | None = None
     tpm: int | None = None
     max_inflight: int | None = None
-    rpm_burst: int | None = None
-    tpm_burst: int | None = None
+    window_ms: int = WINDOW_MS
 
     def __post_init__(self) -> None:
-        for name, limit, burst in (("rpm", self.rpm, self.rpm_burst), ("tpm", self.tpm, self.tpm_burst)):
-            if limit is not None and burst is not None and not 1 <= burst < limit:
-                raise ValueError(f"{name}_burst must be at least 1 and below {name} ({limit}); got {burst}")
+        if not 0 < self.window_ms < MAX_WINDOW_MS:
+            raise ValueError(f"window_ms must be above 0 and below {MAX_WINDOW_MS}; got {self.window_ms}")
 
     @property
-    def rpm_bucket(self) -> int:
-        """Burst of the RPM bucket: one second's worth by default."""
-        if self.rpm is None:
-            return 0
-        return self.rpm_burst or max(1, self.rpm // 60)
+    def rates(self) -> list[tuple[str, int]]:
+        """(axis, limit) of each configured rate axis: ``rpm``, ``tpm``."""
+        return [(axis, limit) for axis, limit in (("rpm", self.rpm), ("tpm", self.tpm)) if limit]
 
-    @property
-    def tpm_bucket(self) -> int:
-        """Burst of the TPM bucket: 2% of the limit by default (so 98% of it is usable)."""
-        if self.tpm is None:
-            return 0
-        return self.tpm_burst or max(1, math.ceil(self.tpm * 0.02))
-
-    def argv(self) -> list[int]:
-        return [self.rpm or 0, self.rpm_bucket, self.tpm or 0, self.tpm_bucket, self.max_inflight or 0]
+    def windows(self, cost_tokens: int) -> list[tuple[str, int, int]]:
+        """(axis, limit, units) for each configured rate axis, for one call reserving ``cost_tokens``."""
+        return [(axis, limit, cost_tokens if axis == "tpm" else 1) for axis, limit in self.rates]
 
 
 def rank(priority: int, enqueued_at_s: float) -> float:
@@ -156,9 +153,9 @@ class Limiter:
     async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
         """Wait, in (priority, enqueue time) order, until the fleet has room for one call of this cost."""
         loop = asyncio.get_running_loop()
-        if self.limits.tpm is not None:
-            # A call bigger than a whole minute's tokens (an absurd max_completion_tokens) reserves one
-            # minute, not a debt that would hold the fleet back for hours; the upstream refuses it anyway.
+        if self.limits.tpm:
+            # A call bigger than a whole window's tokens (an absurd max_completion_tokens) reserves the
+            # window: it goes alone once the window is empty, instead of waiting for room that never comes.
             cost_tokens = min(cost_tokens, self.limits.tpm)
         waiter = _Waiter(rank(priority, enqueued_at_s), next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heap, waiter)
@@ -174,9 +171,8 @@ class Limiter:
         """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
         self._leases.discard(lease.id)
         refund = 0 if used_tokens is None else lease.reserved_tokens - used_tokens
-        keys = [self.keys.tpm, self.keys.inflight]
-        args: list[str | int] = [lease.id, refund, self.limits.tpm or 0, self.limits.tpm_bucket, self.wake_channel]
-        await self._release(keys=keys, args=args)
+        keys = [self.keys.inflight] + ([self.keys.tpm.units] if self.limits.tpm else [])
+        await self._release(keys=keys, args=[lease.id, refund, self.wake_channel])
 
     async def cooldown(self, delay_s: float) -> None:
         """Hold every caller in the fleet back for ``delay_s`` (the upstream said 429)."""
@@ -205,26 +201,7 @@ class Limiter:
         head = self._heap[0]
         lease_id = uuid.uuid4().hex
         self._wake.clear()  # before asking: a wake during the call must not be lost
-        granted, wait_ms, reason = await self._acquire(
-            keys=[
-                self.keys.rpm,
-                self.keys.tpm,
-                self.keys.inflight,
-                self.keys.cooldown,
-                self.keys.waiters,
-                self.keys.alive,
-            ],
-            args=[
-                self._id,
-                head.rank,
-                int(self.waiter_ttl_s * 1000),
-                lease_id,
-                int(self.lease_ttl_s * 1000),
-                head.cost,
-                *self.limits.argv(),
-                self.wake_channel,
-            ],
-        )
+        granted, wait_ms, reason = await self._ask(head, lease_id)
         self._registered = not granted
         if granted:
             # Not heappop: a better waiter may have arrived during the call and now be on top.
@@ -240,14 +217,36 @@ class Limiter:
                 head.future.set_result(lease)
             return
         head.held_by = reason.decode() if isinstance(reason, bytes) else str(reason)
-        # Sleep for the deficit, or until woken; never longer than the waiter registration lives.
-        timeout = self.waiter_ttl_s / 3 if wait_ms < 0 else min(wait_ms / 1000, self.waiter_ttl_s / 3)
+        # Sleep for exactly the time the script named, or until woken (the renewals keep our place in
+        # line meanwhile). Behind another process's waiter nothing is named: ask again well within the
+        # time its registration lives, in case that process died without a word.
+        timeout = self.waiter_ttl_s / 3 if wait_ms < 0 else wait_ms / 1000
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def _ask(self, head: _Waiter, lease_id: str) -> list[Any]:
+        """One ``ACQUIRE_LUA`` call for ``head``: the line, the cool-down, the in-flight cap, every rate window."""
+        keys = [self.keys.inflight, self.keys.cooldown, self.keys.waiters, self.keys.alive]
+        args: list[str | int | float] = [
+            self._id,
+            head.rank,
+            int(self.waiter_ttl_s * 1000),
+            lease_id,
+            int(self.lease_ttl_s * 1000),
+            self.limits.max_inflight or 0,
+            self.wake_channel,
+            self.limits.window_ms,
+        ]
+        for axis, limit, units in self.limits.windows(head.cost):
+            window = self.keys.window(axis)
+            keys += [window.grants, window.units]
+            args += [axis, limit, units]
+        answer: list[Any] = await self._acquire(keys=keys, args=args)
+        return answer
+
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_ttl_s / 3)
+            await asyncio.sleep(min(self.lease_ttl_s, self.waiter_ttl_s) / 3)
             if not self._leases and not self._registered:
                 continue
             try:

@@ -6,6 +6,8 @@ reads the environment; everything else gets a ``Settings`` passed in.
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,8 @@ from moonq.webhooks import parse_secrets
 from worker.ratelimit import Limits
 from worker.retry import INITIAL_RETRY_DELAY, MAX_ATTEMPTS, MAX_RETRY_AFTER_DELAY, MAX_RETRY_DELAY, RetryPolicy
 from worker.webhook_http import AllowList
+
+log = logging.getLogger("moonq.worker")
 
 
 class Settings(ClientSettings):
@@ -36,7 +40,8 @@ class Settings(ClientSettings):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_inflight: int | None = Field(default=None, ge=1)
-    # Bucket sizes: requests / tokens that may go back to back; default 1 s of RPM, 2% of TPM.
+    # Deprecated and ignored: the bucket sizes of the limiter before it became a sliding minute. Still
+    # accepted, so a deployment that sets them starts; a node logs a warning once.
     rpm_burst: int | None = Field(default=None, ge=1)
     tpm_burst: int | None = Field(default=None, ge=1)
     # In-flight slots of a dead node come back after this long.
@@ -138,7 +143,9 @@ class Settings(ClientSettings):
                 "need orphan_after_s >= 2 * visibility_timeout_s, so the sweeper re-sends only what redelivery"
                 " could not bring back"
             )
-        self.limits  # noqa: B018 -- validates the bursts against their limits
+        ignored = tuple(name for name in ("rpm_burst", "tpm_burst") if getattr(self, name) is not None)
+        if ignored:
+            _warn_ignored(ignored)
         self.webhook_secrets  # noqa: B018 -- a malformed secret or allow-list stops the node at start
         self.webhook_allow_list  # noqa: B018
         if self.webhook_claim_idle_s < 2 * self.webhook_timeout_s:
@@ -147,7 +154,7 @@ class Settings(ClientSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.rpm, self.tpm, self.max_inflight, self.rpm_burst, self.tpm_burst)
+        return Limits(self.rpm, self.tpm, self.max_inflight)
 
     @property
     def webhook_secrets(self) -> list[bytes]:
@@ -167,3 +174,10 @@ class Settings(ClientSettings):
             max_retry_after_s=self.max_retry_after_s,
             deadline_s=self.job_deadline_s,
         )
+
+
+@functools.cache
+def _warn_ignored(names: tuple[str, ...]) -> None:
+    """Once per process: settings still accepted but no longer used (docs/contract.md)."""
+    variables = ",".join(f"MOONQ_{name.upper()}" for name in names)
+    log.warning("event=deprecated_setting names=%s: ignored, the limiter is a sliding minute now", variables)

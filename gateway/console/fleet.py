@@ -85,15 +85,15 @@ def describe(view: View, cur: Scrape, rated: bool, note: str | None) -> dict[str
     failed_share = view.outcomes_per_s.get("failed", 0.0) / total_jobs if total_jobs else 0.0
     limits = []
     for name, (available, limit) in headroom(cur.up).items():
-        # In flight: free slots of the cap. RPM and TPM: what the bucket holds now (at most its burst),
-        # refilled at the limit per minute; below 0 it is debt (worker/limiter_state.py).
+        # In flight: free slots of the cap. RPM and TPM: room in the sliding window now (the limit less the
+        # grants of the last window); below 0 while usage exceeded its estimates (worker/limiter_state.py).
         slots = name == "inflight" and available is not None
         limits.append(
             {
                 "name": name,
                 "available": "-" if available is None else human(round(available, 1)),
                 "limit": human(limit) + ("" if name == "inflight" else "/min"),
-                "note": "" if slots else f"bucket, refilled at {human(limit)}/min",
+                "note": "" if slots else "sliding window: room now",
                 "used": max(0.0, limit - (available or 0.0)) if slots else None,
                 "max": limit,
             }
