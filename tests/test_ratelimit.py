@@ -17,11 +17,17 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from simulator import max_in_window
-from tests.helpers import make_settings
+from harness import WorkerProcess
+from moonq.settings import ClientSettings
+from producers import Client, JobFailed
+from simulator import SimConfig, SimServer, max_in_window
+from tests.helpers import make_settings, node_env, wait_until
 from worker import settings as worker_settings
+from worker.errors import CapacityWaitTimeout
 from worker.limiter_state import MAX_WINDOW_MS, SUM_FIELD, LimiterKeys
 from worker.ratelimit import Lease, Limiter, Limits
+
+REQUEST = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Is there room?"}]}
 
 
 def run(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaitable[Any]]) -> Any:
@@ -250,6 +256,62 @@ def test_waiters_are_served_in_priority_then_arrival_order(redis_url: str) -> No
         return [name for name, _ in order]
 
     assert run(redis_url, body) == ["b-p1", "b-p1-late", "a-p5", "a-p9"]
+
+
+@pytest.mark.parametrize(("aging_s", "expected"), [(60.0, ["old-p9", "new-p0"]), (0.0, ["new-p0", "old-p9"])])
+def test_priorities_age_so_old_work_is_not_starved(redis_url: str, aging_s: float, expected: list[str]) -> None:
+    """One level is worth aging_s of waiting: a priority-9 job ten minutes old beats a fresh priority 0."""
+
+    async def body(limiter: Callable[..., Limiter]) -> list[str]:
+        lim = limiter(Limits(max_inflight=1), priority_aging_s=aging_s)
+        first = await lim.acquire(1, priority=5, enqueued_at_s=time.time())
+        order: list[tuple[str, float]] = []
+        now = time.time()
+        tasks = [
+            asyncio.create_task(hold(lim, 0.01, order, "new-p0", priority=0, at=now)),
+            asyncio.create_task(hold(lim, 0.01, order, "old-p9", priority=9, at=now - 600)),
+        ]
+        await asyncio.sleep(0.2)
+        await lim.release(first, used_tokens=None)
+        await asyncio.gather(*tasks)
+        return [name for name, _ in order]
+
+    assert run(redis_url, body) == expected
+
+
+def test_a_wait_for_capacity_has_a_deadline(redis_url: str) -> None:
+    """Past max_wait_s the waiter leaves the line with CapacityWaitTimeout; the next one is not held up."""
+
+    async def body(limiter: Callable[..., Limiter]) -> tuple[float, str]:
+        lim = limiter(Limits(max_inflight=1), max_wait_s=0.4)
+        held = await lim.acquire(1, priority=5, enqueued_at_s=time.time())
+        started = time.monotonic()
+        with pytest.raises(CapacityWaitTimeout) as timed_out:
+            await lim.acquire(1, priority=5, enqueued_at_s=time.time())
+        waited = time.monotonic() - started
+        await lim.release(held, used_tokens=None)
+        again = await lim.acquire(1, priority=5, enqueued_at_s=time.time())  # the line is free again
+        await lim.release(again, used_tokens=None)
+        return waited, str(timed_out.value)
+
+    waited, message = run(redis_url, body)
+    assert 0.35 <= waited < 2.0
+    assert "MOONQ_CAPACITY_WAIT_S" in message and "inflight" in message and "no request was sent" in message
+
+
+def test_a_job_that_found_no_capacity_fails_without_a_call(redis_url: str) -> None:
+    """End to end on a real node: capacity_wait_timeout_error, and the upstream saw only the slot's holder."""
+    settings = make_settings(redis_url, prefix=f"cw{uuid.uuid4().hex[:6]}")
+    with SimServer(SimConfig(seed=3)) as sim:
+        env = node_env(settings, sim.base_url, MOONQ_MAX_INFLIGHT="1", MOONQ_CAPACITY_WAIT_S="0.5")
+        with WorkerProcess(env), Client(settings=ClientSettings(redis_url=redis_url, prefix=settings.prefix)) as c:
+            slow = c.submit({**REQUEST, "sim": {"fault": "stall:3"}})
+            wait_until(lambda: slow.status() == "running", 10, "the slow job holding the only slot")
+            starved = c.submit(REQUEST)
+            with pytest.raises(JobFailed) as failed:
+                starved.result(timeout=20)
+            assert failed.value.error["type"] == "capacity_wait_timeout_error"
+            assert sim.stats()["requests"] == 1
 
 
 def test_a_dead_holders_slot_comes_back_after_the_lease_ttl(redis_url: str) -> None:

@@ -5,7 +5,8 @@
         ├── RateLimited          retry  429 rate_limit_reached_error / engine_overloaded_error
         ├── UpstreamUnavailable  retry  408, 409, 5xx, timeouts, connection errors
         ├── UpstreamRejected     final  400/401/403/404/422, 429 exceeded_current_quota_error
-        └── StreamInterrupted    retry  stream cut: no [DONE], no finish_reason, undecodable chunk
+        ├── StreamInterrupted    retry  stream cut: no [DONE], no finish_reason, undecodable chunk
+        └── CapacityWaitTimeout  final  no fleet capacity within MOONQ_CAPACITY_WAIT_S (no call made)
 
 The retry code reads only ``retryable``; ``error_from_response`` is the one place that maps an
 HTTP answer to a class. ``info()`` is what a ``failed`` event and the job record carry.
@@ -65,6 +66,15 @@ class StreamInterrupted(UpstreamError):
 
     def __init__(self, message: str, *, type: str = "stream_interrupted", **kw: Any) -> None:
         super().__init__(message, type=type, **kw)
+
+
+class CapacityWaitTimeout(UpstreamError):
+    """The wait for fleet capacity (the limiter) outlasted ``MOONQ_CAPACITY_WAIT_S``: nothing was sent."""
+
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="capacity_wait_timeout_error")
 
 
 # Quota exhaustion is a billing state, not congestion: waiting does not help.

@@ -71,7 +71,15 @@ class Runtime:
     async def _open(self) -> JobContext:
         redis = connect(self.settings)
         self._sweeper = sweeper = Sweeper(self.settings, redis)
-        limiter = Limiter(redis, self.settings.prefix, self.settings.limits, lease_ttl_s=self.settings.lease_ttl_s)
+        s = self.settings
+        limiter = Limiter(
+            redis,
+            s.prefix,
+            s.limits,
+            lease_ttl_s=s.lease_ttl_s,
+            priority_aging_s=s.priority_aging_s,
+            max_wait_s=s.capacity_wait_s or None,
+        )
         ctx = JobContext(
             settings=self.settings,
             keys=self.settings.keys,

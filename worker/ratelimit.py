@@ -57,6 +57,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.errors import CapacityWaitTimeout
 from worker.limiter_state import MAX_WINDOW_MS, WINDOW_MS, LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
 
@@ -86,8 +87,15 @@ class Limits:
         return [(axis, limit, cost_tokens if axis == "tpm" else 1) for axis, limit in self.rates]
 
 
-def rank(priority: int, enqueued_at_s: float) -> float:
-    """Waiting-line order: lower priority number first, then first enqueued (exact in a double)."""
+def rank(priority: int, enqueued_at_s: float, aging_s: float = 0.0) -> float:
+    """Waiting-line order, lowest first (exact in a double).
+
+    With ``aging_s`` > 0 priorities age: one level is worth ``aging_s`` of waiting, so a job of
+    priority 9 enqueued ``9 * aging_s`` before a job of priority 0 goes first, and nothing waits
+    forever behind a stream of more urgent work. ``aging_s`` = 0: strict priority, then arrival.
+    """
+    if aging_s > 0:
+        return math.floor(enqueued_at_s * 1000) + priority * math.floor(aging_s * 1000)
     return priority * 1e13 + math.floor(enqueued_at_s * 1000)
 
 
@@ -115,10 +123,20 @@ class Limiter:
     """One per process: queues the process's waiters and asks Redis on behalf of the best one."""
 
     def __init__(
-        self, redis: Redis, prefix: str, limits: Limits, *, lease_ttl_s: float = 15.0, waiter_ttl_s: float = 10.0
+        self,
+        redis: Redis,
+        prefix: str,
+        limits: Limits,
+        *,
+        lease_ttl_s: float = 15.0,
+        waiter_ttl_s: float = 10.0,
+        priority_aging_s: float = 0.0,
+        max_wait_s: float | None = None,
     ) -> None:
         self._redis = redis
         self.limits = limits
+        self.priority_aging_s = priority_aging_s
+        self.max_wait_s = max_wait_s  # None: a waiter waits as long as it takes
         self.lease_ttl_s = lease_ttl_s
         self.waiter_ttl_s = waiter_ttl_s
         self.keys = LimiterKeys.for_prefix(prefix)
@@ -151,18 +169,33 @@ class Limiter:
         self._wake.set()
 
     async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
-        """Wait, in (priority, enqueue time) order, until the fleet has room for one call of this cost."""
+        """Wait, in (aged priority, enqueue time) order, until the fleet has room for one call of this cost.
+
+        Raises:
+            CapacityWaitTimeout: no room within ``max_wait_s``; the waiter has left the line.
+        """
         loop = asyncio.get_running_loop()
         if self.limits.tpm:
             # A call bigger than a whole window's tokens (an absurd max_completion_tokens) reserves the
             # window: it goes alone once the window is empty, instead of waiting for room that never comes.
             cost_tokens = min(cost_tokens, self.limits.tpm)
-        waiter = _Waiter(rank(priority, enqueued_at_s), next(self._seq), cost_tokens, loop.create_future(), loop.time())
+        order = rank(priority, enqueued_at_s, self.priority_aging_s)
+        waiter = _Waiter(order, next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heap, waiter)
         self._wake.set()
         try:
-            return await waiter.future
+            async with asyncio.timeout(self.max_wait_s):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            waiter.future.cancel()  # the pump drops it; a grant that raced the deadline is given back below
+            if waiter.future.done() and not waiter.future.cancelled():
+                await self.release(waiter.future.result(), used_tokens=0)
+            raise CapacityWaitTimeout(
+                f"no fleet capacity within {self.max_wait_s:g} s (MOONQ_CAPACITY_WAIT_S); last held back by"
+                f" {waiter.held_by}; no request was sent"
+            ) from None
         except asyncio.CancelledError:
+            waiter.future.cancel()
             if waiter.future.done() and not waiter.future.cancelled():
                 await self.release(waiter.future.result(), used_tokens=0)
             raise

@@ -46,6 +46,10 @@ class Settings(ClientSettings):
     tpm_burst: int | None = Field(default=None, ge=1)
     # In-flight slots of a dead node come back after this long.
     lease_ttl_s: float = Field(default=15.0, gt=0)
+    # The wait for fleet capacity: one priority level is worth this much waiting (0 = strict priority),
+    # and a job that found no capacity within capacity_wait_s fails (capacity_wait_timeout_error; 0 = no limit).
+    priority_aging_s: float = Field(default=60.0, ge=0)
+    capacity_wait_s: float = Field(default=900.0, ge=0)
     # Each node serves /metrics here (0 = off). metrics_host is the bind address; the node also
     # announces its URL in Redis for `moonq top`, using this host or, for 0.0.0.0, its hostname.
     metrics_port: int = Field(default=9464, ge=0, le=65535)
