@@ -10,7 +10,9 @@ that is not an exposition, is shown as down; Redis not answering only loses disc
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +88,7 @@ class Top:
         self.http = httpx.Client(timeout=min(2.0, max(0.5, interval_s / 2)), trust_env=False)
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="moonq-top")
         self.note: str | None = None
+        self.stopped = threading.Event()  # set by Ctrl-C (run_top): the loop ends between rounds
 
     def round(self) -> Scrape:
         urls, self.note = discover(self.redis, self.keys, self.explicit, time.time())
@@ -100,9 +103,10 @@ class Top:
             rows.insert(at, backlog)
         return [*rows, ("", self.note)] if self.note else rows
 
-    def next_round(self, prev: Scrape, interval_s: float) -> Scrape:
-        """The round ``interval_s`` after ``prev`` started (sleeping until then)."""
-        time.sleep(max(0.0, prev.at + interval_s - time.time()))
+    def next_round(self, prev: Scrape, interval_s: float) -> Scrape | None:
+        """The round ``interval_s`` after ``prev`` started (sleeping until then); None once stopped."""
+        if self.stopped.wait(max(0.0, prev.at + interval_s - time.time())):
+            return None
         return self.round()
 
     def close(self) -> None:
@@ -124,22 +128,23 @@ def run_top(
         print("moonq top: --interval must be above 0", file=sys.stderr)
         return 2
     top = Top(settings, nodes, interval_s)
+    # Ctrl-C stops the loop between rounds rather than raising wherever the main thread is: a
+    # KeyboardInterrupt inside a Redis or HTTP call can leave a lock taken that close() then waits on.
+    previous = signal.signal(signal.SIGINT, lambda *_: top.stopped.set())
     try:
         if not once and out.isatty():
             _live(top, interval_s, out)
         else:
             _plain(top, interval_s, out, once=once)
-    except KeyboardInterrupt:
-        pass
     finally:
+        signal.signal(signal.SIGINT, previous)
         top.close()
     return 0
 
 
 def _plain(top: Top, interval_s: float, out: TextIO, *, once: bool) -> None:
     prev = top.round()
-    while True:
-        cur = top.next_round(prev, interval_s)
+    while (cur := top.next_round(prev, interval_s)) is not None:
         draw(out, [screen_line(label, value) for label, value in top.rows(prev, cur)], gap=not once)
         if once:
             return
@@ -151,7 +156,6 @@ def _live(top: Top, interval_s: float, out: TextIO) -> None:
     first = Text(f"moonq top: {len(prev.nodes)} node(s), first numbers in {interval_s:g} s")
     # Redrawn only when a round is in (no refresh thread): the numbers change once per interval.
     with Live(first, console=Console(file=out), auto_refresh=False) as live:
-        while True:
-            cur = top.next_round(prev, interval_s)
+        while (cur := top.next_round(prev, interval_s)) is not None:
             live.update(table(top.rows(prev, cur)), refresh=True)
             prev = cur
