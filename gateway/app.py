@@ -28,7 +28,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.console import console_routes
 from gateway.openapi import openapi_document
 from gateway.stream import ChunkStream, error_body, sse
-from moonq.errors import InvalidRequest, JobCancelled, JobFailed, JobNotFound, TenantModelNotAllowed
+from moonq import budgets
+from moonq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    TenantBudgetExceeded,
+    TenantModelNotAllowed,
+)
 from moonq.models import check_builtin_tools
 from moonq.record import JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
@@ -340,6 +348,10 @@ async def _errors(request: Request, exc: Exception) -> Response:
         return error(404, f"Not found the job {exc}", "resource_not_found_error")
     if isinstance(exc, TenantModelNotAllowed):
         return error(403, f"Permission denied: {exc}", exc.type)
+    if isinstance(exc, TenantBudgetExceeded):
+        # Retry-After: when the budget is whole again (an SDK that honours it waits; the message says so too).
+        retry_after = {"Retry-After": str(budgets.seconds_to_midnight(time.time()))}
+        return error(budgets.HTTP_STATUS, str(exc), exc.type, retry_after)
     raise exc
 
 
@@ -357,10 +369,7 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
         Route("/openapi.json", lambda _: JSONResponse(openapi_document()), methods=["GET"]),
         Route("/healthz", lambda _: JSONResponse({"ok": True}), methods=["GET"]),
     ]
-    if not settings.tenants_file:  # its sign-in is by the tokens themselves; with a tenants file there are only hashes
-        routes += console_routes(
-            lambda: gw.client, tokens=settings.tokens, keys=settings.keys, prices_file=settings.prices_file
-        )
+    routes += console_routes(lambda: gw.client, tenants=tenants, keys=settings.keys, prices_file=settings.prices_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -369,7 +378,12 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
 
     app = Starlette(
         routes=routes,
-        exception_handlers={InvalidRequest: _errors, JobNotFound: _errors, TenantModelNotAllowed: _errors},
+        exception_handlers={
+            InvalidRequest: _errors,
+            JobNotFound: _errors,
+            TenantModelNotAllowed: _errors,
+            TenantBudgetExceeded: _errors,
+        },
         lifespan=lifespan,
     )
 

@@ -116,7 +116,7 @@ def openapi_document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("ChatRequest")},
                     "responses": {
                         "202": {"description": "accepted", "content": _json("JobAccepted")},
-                        **_errors(400, 401, 413),
+                        **_errors(400, 401, 413, 429),
                     },
                 }
             },

@@ -5,6 +5,7 @@
     ├── JobNotFound                 no such job (never submitted, or expired)
     ├── JobTimeout                  result()/events() gave up waiting
     ├── TenantModelNotAllowed       the tenant's ``models`` exclude the request's (gateway: 403)
+    ├── TenantBudgetExceeded        the tenant spent a daily budget (gateway: 429; docs/tenants.md)
     ├── ConfigFileError             a tenants or accounts file breaks a rule (moonq/configfile.py)
     ├── UnknownTenant               a tenant name the tenants file does not configure
     └── JobFailed                   result() of a job that ended failed
@@ -43,6 +44,31 @@ class TenantModelNotAllowed(MoonqError, PermissionError):
         self.tenant, self.model, self.field = tenant, model, field
         super().__init__(
             f"{field}: tenant {tenant!r} may not use model {model[:80]!r} (its models in the tenants file)"
+        )
+
+
+class TenantBudgetExceeded(MoonqError):
+    """The tenant has spent its ``daily_tokens`` or ``daily_usd`` for the UTC day (the gateway answers 429).
+
+    Raised at submit, before anything is enqueued; a job of the tenant that was already queued ends
+    ``failed`` with the same ``type`` when a node takes it (docs/tenants.md).
+
+    Attributes:
+        tenant: the tenant's name.
+        unit: ``"tokens"`` or ``"usd"``: the budget that is spent (``daily_tokens``, ``daily_usd``).
+        limit: the budget, as the tenants file sets it.
+        spent: what the tenant's jobs have used today, fleet-wide.
+        day: the UTC day, ``YYYY-MM-DD``; the budget is whole again at its end.
+    """
+
+    type = "tenant_budget_exceeded_error"
+
+    def __init__(self, tenant: str, unit: str, limit: float, spent: float, day: str) -> None:
+        self.tenant, self.unit, self.limit, self.spent, self.day = tenant, unit, limit, spent, day
+        amounts = f"${spent:.6g} of ${limit:.6g}" if unit == "usd" else f"{spent:.0f} of {limit:.0f} tokens"
+        super().__init__(
+            f"tenant {tenant!r} has spent its daily_{unit} budget for {day} (UTC): {amounts};"
+            " new jobs are refused until 00:00 UTC"
         )
 
 

@@ -37,7 +37,14 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
                                target, attempts, last error; expires after the retries' horizon (or
                                ``result_ttl_s`` after it gave up), deleted once delivered.
     P:limit:*           the fleet limiter's state; names in ``worker/limiter_state.py``.
+    P:budget:<tenant>:<YYYY-MM-DD>
+                        hash   a tenant's spend on a UTC day, ``{tokens, usd}``; expires two days after
+                               its last write (moonq/budgets.py).
     P:nodes             zset metrics URL -> last heartbeat (unix s) of each live node, for ``moonq top``.
+    P:console:session_key
+                        string the web console's session-signing key: 32 random bytes, made once (SET NX)
+                               by the first gateway that needs it and read by every other; kept for the
+                               deployment's life (to change it, delete it and restart every gateway).
 
 The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
 ``global_keyprefix``.
@@ -108,6 +115,10 @@ class Keys:
 
     def delivery(self, delivery_id: str) -> str:
         return f"{self.prefix}:delivery:{delivery_id}"
+
+    @property
+    def console_session_key(self) -> str:
+        return f"{self.prefix}:console:session_key"
 
     @property
     def cancel(self) -> str:

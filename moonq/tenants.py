@@ -215,6 +215,10 @@ class Tenants:
                 found = who
         return found
 
+    def token_hashes(self) -> dict[str, Principal]:
+        """Every admitted token's sha256 (hex) and whom it speaks for: the web console fingerprints them."""
+        return {known.hex(): who for known, who in self._principals}
+
 
 def _duplicate_hashes(config: TenantsFile) -> list[tuple[str, str]]:
     """``(field, rule)`` for each hash listed again, in the same or another entry: one token, one principal."""

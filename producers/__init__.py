@@ -13,6 +13,7 @@ from moonq.errors import (
     JobNotFound,
     JobTimeout,
     MoonqError,
+    TenantBudgetExceeded,
     TenantModelNotAllowed,
 )
 from moonq.wire import ChatCompletion, ChatRequest, Event
@@ -33,5 +34,6 @@ __all__ = [
     "JobNotFound",
     "JobTimeout",
     "MoonqError",
+    "TenantBudgetExceeded",
     "TenantModelNotAllowed",
 ]

@@ -109,6 +109,7 @@ class Client:
             InvalidRequest: the request or an option broke a documented rule (or the idempotency key
                 was used before with a different request); nothing was enqueued.
             TenantModelNotAllowed: the tenant may not use the request's model.
+            TenantBudgetExceeded: the tenant has spent a daily budget (docs/tenants.md); nothing was enqueued.
         """
         job_id = self._submitter.submit(
             request,

@@ -16,8 +16,9 @@ from typing import Any
 
 import redis
 
+from moonq import budgets
 from moonq.broker import producer_app, send_envelope
-from moonq.errors import InvalidRequest, JobNotFound, TenantModelNotAllowed
+from moonq.errors import InvalidRequest, JobNotFound, TenantBudgetExceeded, TenantModelNotAllowed
 from moonq.eventlog import APPEND_LUA, append_args, event_body
 from moonq.models import check_builtin_tools
 from moonq.record import DEFAULT_TENANT, SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
@@ -107,6 +108,23 @@ class Submitter:
             most = config.max_priority
             raise InvalidRequest([("priority", f"tenant {name!r} may ask for priorities {most} to 9 (got {priority})")])
 
+    def _within_budget(self, name: str, config: TenantConfig, idempotency_key: str | None = None) -> None:
+        """Refuse a tenant whose daily budget is spent: one read, and none for a tenant without a budget.
+
+        Raises:
+            TenantBudgetExceeded: naming the tenant, the budget and what was spent today (UTC).
+        """
+        if not budgets.limits(config):
+            return
+        day = budgets.utc_day(time.time())
+        spent = self.redis.hmget(budgets.key(self.keys.prefix, name, day), budgets.FIELDS)
+        try:
+            budgets.check(name, config, budgets.Spend.from_redis(spent), day)
+        except TenantBudgetExceeded:
+            # An idempotency key used before still finds its job (a batch resumed): that starts nothing new.
+            if idempotency_key is None or not self.redis.exists(self.keys.idempotency(idempotency_key, name)):
+                raise
+
     def submit(
         self,
         request: dict[str, Any] | ChatRequest,
@@ -133,6 +151,7 @@ class Submitter:
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         valid = validate_request(request)
         self._admit(name, config, valid.model, priority)
+        self._within_budget(name, config, idempotency_key)
         payload = valid.to_payload()
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
         extra = {**owed, **_options(builtin_tools, valid.n), JobField.TENANT: name}
@@ -170,6 +189,7 @@ class Submitter:
             except InvalidRequest as err:
                 raise InvalidRequest([(f"requests.{i}.{field}", rule) for field, rule in err.errors]) from None
             envelopes.append(JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority))
+        self._within_budget(name, config)
         for start in range(0, len(envelopes), BULK_CHUNK):
             self._enqueue_bulk(envelopes[start : start + BULK_CHUNK], owed)
         return [e.job_id for e in envelopes]
@@ -183,6 +203,8 @@ class Submitter:
             raise InvalidRequest(
                 [("job", f"only a failed or cancelled job can be retried (job {job_id} is {rec.status.value})")]
             )
+        if rec.tenant in self.tenants:  # a re-run spends like a new job
+            self._within_budget(rec.tenant, self.tenants.get(rec.tenant))
         old = JobEnvelope.model_validate_json(rec.envelope or "")
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=old.request, priority=old.priority)
         # The re-run owes what the first run owed: its webhook and callback go with it.

@@ -191,6 +191,8 @@ OWNED = {
     "deliveries": "the hand-off stream: each entry is deleted when a node settles it (delivered, retry"
     " scheduled, or dead letter); consumers of dead nodes are removed from its group by the live ones",
     "deliveries:due": "delivery id -> when its retry is due: each leaves as it goes back into the stream",
+    # The web console (gateway/console/session.py): one key for the deployment's life.
+    "console:session_key": "the console's session-signing key: 32 bytes, made once (SET NX), never more than one",
 }
 
 

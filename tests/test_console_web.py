@@ -4,19 +4,24 @@ One browser for the module, a fresh context (cookies) per test. Jobs are submitt
 gateway's HTTP API and run by the suite's embedded worker against the simulator; the simulator's
 ``sim`` field paces them (``stall``: a pause mid-stream, so a page sees a job running) or fails them
 (``quota``, a final error). Each page's screenshot is saved under docs/console/ (docs/console.md
-shows them). Tenants do not exist yet: "a tenant cannot open another tenant's job" is issue 13's test.
+shows them). A second gateway on the same Redis serves a tenants file: a tenant's session sees and
+acts on its own jobs only, an operator's on every tenant's, and an edited cookie opens nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
+import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import httpx
@@ -27,9 +32,10 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from gateway.app import GatewaySettings
-from gateway.console.session import COOKIE, Sessions
+from gateway.console.session import COOKIE, KEY_BYTES, Sessions
 from gateway.console.web import CSP
 from moonq.keys import Keys
+from moonq.tenants import Principal, Tenants, hash_token
 from producers import Client
 from tests.helpers import serve_gateway, wait_until
 from worker.exporter import RedisCollector
@@ -286,7 +292,7 @@ def test_the_jobs_list_filters_and_finds_a_job_by_id(page: Page, api: httpx.Clie
     expect(page.locator("#jobs")).to_contain_text(done)
     row = page.locator("#jobs tr", has_text=done)
     expect(row).to_contain_text("succeeded")
-    expect(row).to_contain_text("default")  # the tenant, until tenants exist
+    expect(row).to_contain_text("default")  # the tenant of every job without a tenants file
     expect(row.locator("td.num").nth(1)).to_contain_text("$")
     shot(page, "jobs")
     page.select_option("select[name=status]", "failed")
@@ -397,7 +403,7 @@ def test_the_jobs_list_stays_fast_with_100000_jobs(r: redis.Redis, settings: Set
             assert "No jobs match in this window" in pages["?status=failed"]
             assert pages["?q=0009999"].count("-big</a>") == 10  # 00099990 .. 00099999
     finally:
-        r.delete(keys.recent)
+        r.delete(keys.recent, keys.console_session_key)
         for start in range(1, count + 1, 10_000):
             r.delete(*(keys.job(f"{i:08d}-big") for i in range(start, start + 10_000)))
 
@@ -417,14 +423,194 @@ def test_a_submit_adds_the_job_to_the_recent_index_which_forgets_by_age(r: redis
 # --- the session cookie, without a browser ----------------------------------------------------
 
 
-def test_sessions_refuse_forged_expired_and_revoked_cookies() -> None:
-    sessions = Sessions([TOKEN, OTHER])
-    fp = sessions.match(TOKEN)
-    assert fp and sessions.match("nope") is None and sessions.match("") is None
-    cookie = sessions.encode(sessions.issue(fp, now=1000.0))
-    assert sessions.decode(cookie, now=1001.0) is not None
+def test_sessions_refuse_forged_expired_revoked_and_moved_cookies(tmp_path: Path) -> None:
+    key = secrets.token_bytes(KEY_BYTES)
+    both = Tenants.default([TOKEN, OTHER])
+    sessions = Sessions(key, both)
+    opened = sessions.open(f" {TOKEN} ", now=1000.0)
+    assert opened and opened.principal == Principal("default", operator=True)
+    assert sessions.open("nope") is None and sessions.open("") is None and sessions.open("  ") is None
+    cookie = sessions.encode(opened)
+    assert sessions.decode(cookie, now=1001.0) == opened
     assert sessions.decode(cookie, now=1000.0 + sessions.max_age_s) is None  # expired
     payload, signature = cookie.split(".")
     assert sessions.decode(f"{payload}x.{signature}", now=1001.0) is None  # tampered
     assert sessions.decode("garbage", now=1001.0) is None and sessions.decode(None) is None
-    assert Sessions([TOKEN]).decode(cookie, now=1001.0) is None  # the token set changed: every session ends
+    anonymous = sessions.issue(now=1000.0)
+    assert sessions.decode(sessions.encode(anonymous), now=1001.0) == anonymous and not anonymous.signed_in
+    assert Sessions(secrets.token_bytes(KEY_BYTES), both).decode(cookie, now=1001.0) is None  # another key
+    assert Sessions(key, Tenants.default([TOKEN])).decode(cookie, now=1001.0) == opened  # its token stays
+    assert Sessions(key, Tenants.default([OTHER])).decode(cookie, now=1001.0) is None  # its token was removed
+    # The same token, now a tenant's in a tenants file: the operator's session it opened ends.
+    moved = tmp_path / "tenants.json"
+    moved.write_text(json.dumps({"tenants": {"search": {"tokens_sha256": [hash_token(TOKEN)]}}}))
+    assert Sessions(key, Tenants.load(moved)).decode(cookie, now=1001.0) is None
+
+
+# --- tenants: a gateway with a tenants file ---------------------------------------------------
+
+TENANT_TOKENS = {"search": "console-search-token", "reports": "console-reports-token", "ops": "console-ops-token"}
+
+
+@pytest.fixture(scope="module")
+def tenants_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> GatewaySettings:
+    """A tenants file's gateway on the suite's Redis and prefix (the embedded worker runs its jobs)."""
+    path = tmp_path_factory.mktemp("console-tenants") / "tenants.json"
+    entry = {name: {"tokens_sha256": [hash_token(TENANT_TOKENS[name])]} for name in ("search", "reports")}
+    path.write_text(json.dumps({"operators": {"tokens_sha256": [hash_token(TENANT_TOKENS["ops"])]}, "tenants": entry}))
+    return GatewaySettings(redis_url=settings.redis_url, prefix=settings.prefix, tenants_file=str(path))
+
+
+@pytest.fixture(scope="module")
+def tenants_gateway(tenants_settings: GatewaySettings, worker: Any) -> Iterator[str]:
+    with serve_gateway(tenants_settings) as url:
+        yield url
+
+
+@pytest.fixture
+def as_tenant(browser: Browser, tenants_gateway: str) -> Iterator[Any]:
+    """Signs a fresh browser context in with a tenants file's token; yields its page."""
+    contexts = []
+
+    def sign_in_as(who: str) -> Page:
+        context = browser.new_context(viewport={"width": 1200, "height": 760}, base_url=tenants_gateway)
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        sign_in(page, TENANT_TOKENS[who])
+        expect(page).to_have_url(re.compile(r"/console/jobs$"))
+        return page
+
+    yield sign_in_as
+    for context in contexts:
+        context.close()
+
+
+def tenant_api(gateway: str, who: str) -> httpx.Client:
+    return httpx.Client(base_url=gateway, headers={"Authorization": f"Bearer {TENANT_TOKENS[who]}"}, timeout=10)
+
+
+def cookie_of(page: Page) -> str:
+    (value,) = [c["value"] for c in page.context.cookies() if c["name"] == COOKIE]
+    return value
+
+
+def refusal(page: Page, path: str, job_id: str) -> tuple[int, str]:
+    """The status and message of the console's answer to ``path``, with ``job_id`` blanked out."""
+    resp = page.goto(path)
+    assert resp is not None
+    return resp.status, page.inner_text("#error").replace(job_id, "ID")
+
+
+def test_a_tenants_session_sees_only_its_jobs_and_an_operators_every_tenants(
+    as_tenant: Any, tenants_gateway: str
+) -> None:
+    with tenant_api(tenants_gateway, "search") as search, tenant_api(tenants_gateway, "reports") as reports:
+        ours = submit(search, ask("A search job."))
+        theirs = failing(reports, "A reports job that fails.")  # a dead letter, too
+        ended(search, ours)
+    page = as_tenant("search")
+    expect(page.locator("#who")).to_have_text("tenant search")
+    expect(page.locator("#jobs")).to_contain_text(ours)
+    expect(page.locator("#jobs")).not_to_contain_text(theirs)
+    assert page.locator("select[name=tenant]").count() == 0
+    # Another tenant's job answers exactly as an id nobody ever submitted: the page, its events, the search box.
+    unknown = str(uuid.uuid4())
+    for path in ("/console/jobs/{}", "/console/jobs/{}/events"):
+        answer = refusal(page, path.format(theirs), theirs)
+        assert answer[0] == 404 and answer == refusal(page, path.format(unknown), unknown)
+    for job_id in (theirs, unknown):
+        page.goto(f"/console/jobs?q={job_id}")
+        expect(page).to_have_url(re.compile(rf"/console/jobs\?q={job_id}$"))
+        expect(page.locator("#jobs tbody")).to_have_text("No jobs match in this window.")
+    page.goto(f"/console/jobs?q={ours}")
+    expect(page).to_have_url(re.compile(f"/console/jobs/{ours}$"))
+    page.goto("/console/failed")
+    expect(page.locator("#failed")).not_to_contain_text(theirs)
+
+    operator = as_tenant("ops")
+    expect(operator.locator("#who")).to_have_text("operator")
+    expect(operator.locator("#jobs tr", has_text=ours)).to_contain_text("search")
+    expect(operator.locator("#jobs tr", has_text=theirs)).to_contain_text("reports")
+    operator.select_option("select[name=tenant]", "reports")
+    operator.click(".filters button")
+    expect(operator.locator("#jobs")).to_contain_text(theirs)
+    expect(operator.locator("#jobs")).not_to_contain_text(ours)
+    operator.goto(f"/console/jobs/{theirs}")
+    expect(operator.locator("#status")).to_have_text("failed")
+    operator.goto("/console/failed")
+    expect(operator.locator("#failed tr", has_text=theirs)).to_contain_text("reports")
+
+
+def test_a_tenant_cannot_act_on_another_tenants_job(as_tenant: Any, tenants_gateway: str) -> None:
+    with tenant_api(tenants_gateway, "reports") as reports:
+        running = submit(reports, ask("Not to be cancelled by search.", sim={"fault": "stall:3"}))
+        dead = failing(reports, "Not to be retried by search.")
+        page = as_tenant("search")
+        csrf = page.locator("form.logout input[name=csrf]").get_attribute("value")
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        with httpx.Client(base_url=tenants_gateway, cookies={COOKIE: cookie_of(page)}) as browserish:
+            for path, body in (
+                (f"/console/jobs/{running}/cancel", f"csrf={csrf}"),
+                (f"/console/jobs/{dead}/retry", f"csrf={csrf}"),
+                ("/console/failed/retry", f"csrf={csrf}&ids={dead}"),
+                ("/console/failed/retry", f"csrf={csrf}&one={dead}"),
+            ):
+                resp = browserish.post(path, content=body.encode(), headers=form)
+                assert resp.status_code == 404, (path, resp.text)
+        assert ended(reports, running)["status"] == "succeeded"  # never cancelled
+        assert record(reports, dead)["status"] == "failed"
+    operator = as_tenant("ops")
+    operator.goto("/console/failed")
+    expect(operator.locator("#failed tr", has_text=dead)).to_have_count(1)  # still a dead letter: not retried
+
+
+def test_a_tenant_sees_the_fleets_health_but_not_its_spend_or_nodes(as_tenant: Any, node: str) -> None:
+    page = as_tenant("search")
+    page.goto("/console/fleet")
+    expect(page.locator("[data-cell=nodes]")).to_have_text(re.compile(r"[1-9]\d* up / \d+ known"))
+    expect(page.locator("#fleet")).to_have_attribute("data-refreshed", re.compile(r"[1-9]"))  # the script runs
+    assert page.locator("[data-cell=cost_per_hour], [data-cell=tokens_per_hour], #nodes").count() == 0
+    snapshot = page.request.get("/console/fleet.json").json()
+    assert "cost_total" not in snapshot["cells"] and "queue" in snapshot["cells"] and snapshot["nodes"] == []
+    assert node not in page.content()
+    operator = as_tenant("ops")
+    operator.goto("/console/fleet")
+    expect(operator.locator("#nodes")).to_contain_text(node)
+    assert operator.inner_text("[data-cell=cost_total]").startswith("$")
+
+
+def _edited(cookie: str, **changes: Any) -> str:
+    """The cookie with fields of its payload changed and its signature kept."""
+    payload, signature = cookie.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    edited = base64.urlsafe_b64encode(json.dumps({**data, **changes}).encode()).rstrip(b"=").decode()
+    return f"{edited}.{signature}"
+
+
+def test_an_edited_or_foreign_cookie_is_refused_and_the_key_outlives_the_gateway(
+    as_tenant: Any, page: Page, tenants_settings: GatewaySettings, tenants_gateway: str, r: redis.Redis
+) -> None:
+    with tenant_api(tenants_gateway, "reports") as reports:
+        theirs = submit(reports, ask("Reports only."))
+    search = as_tenant("search")
+    cookie, host = cookie_of(search), urlsplit(tenants_gateway).hostname
+    sign_in(page)  # the token-mode gateway on the same Redis: the same key, but not a token of this file
+    forged = [
+        _edited(cookie, tenant="reports"),
+        _edited(cookie, tenant=None, operator=True),
+        f"{cookie.split('.')[0]}.{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}",
+        cookie_of(page),
+    ]
+    for value in forged:
+        search.context.add_cookies([{"name": COOKIE, "value": value, "domain": host, "path": "/console"}])
+        search.goto(f"/console/jobs/{theirs}")
+        expect(search).to_have_url(re.compile(r"/console/login$"))
+        assert theirs not in search.content()
+    # One key for the deployment, made once, kept in Redis (no TTL): another gateway process takes the session.
+    key = tenants_settings.keys.console_session_key
+    assert len(r.get(key) or b"") == KEY_BYTES and r.ttl(key) == -1
+    with serve_gateway(tenants_settings) as again, httpx.Client(base_url=again, cookies={COOKIE: cookie}) as http:
+        resp = http.get("/console/jobs")
+        assert resp.status_code == 200 and "tenant search" in resp.text
+    assert len(r.get(key) or b"") == KEY_BYTES

@@ -260,6 +260,8 @@ def test_public_surface() -> None:
         "JobNotFound",
         "JobTimeout",
         "MoonqError",
+        "TenantBudgetExceeded",
+        "TenantModelNotAllowed",
     }
     # Each export is defined by the SDK or by the core it shares with the worker (moonq/), nowhere else.
     for name in producers.__all__:

@@ -23,14 +23,15 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from moonq.keys import Keys
-from moonq.record import record_lua
+from moonq.record import DEFAULT_TENANT, record_lua
 
 # Field and status names come from moonq/record.py (``$field`` / ``$status`` placeholders).
 # KEYS[1] job hash, KEYS[2] the active-jobs index (zset job id -> last sign of life, unix s), KEYS[3]
 # the deliveries stream (the job's first start hands off a ``started`` webhook if its record asks).
 # ARGV[1] owner token, ARGV[2] stale_ms: an owner whose heartbeat is older than this is presumed
 # dead, ARGV[3] job id.
-# Returns {verdict, attempt, seq, idempotency key name or ''}. Verdicts: 'run' (now owned by ARGV[1]),
+# Returns {verdict, attempt, seq, idempotency key name or ''}, and for 'run' and 'takeover' also the
+# job's tenant ('' = the default; its budget, worker/budgets.py). Verdicts: 'run' (now owned by ARGV[1]),
 # 'takeover' (the same, but the last owner died mid-attempt), 'cancel' (cancel requested before it
 # started), 'busy' (a live owner is running it: this copy must not run it twice), 'gone' (no record:
 # the job ended and its record expired, or was never recorded; a message is never a reason to
@@ -66,9 +67,10 @@ if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
     redis.call('XADD', KEYS[3], '*', 'kind', 'webhook', 'job', ARGV[3], 'event', 'started', 'attempt', attempt)
   end
 end
+local tenant = redis.call('HGET', KEYS[1], $tenant) or ''
 -- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
-if status ~= $queued then return {'takeover', attempt, seq, idem} end
-return {'run', attempt, seq, idem}
+if status ~= $queued then return {'takeover', attempt, seq, idem, tenant} end
+return {'run', attempt, seq, idem, tenant}
 """)
 
 
@@ -111,6 +113,7 @@ class Claim:
     attempt: int
     seq: int
     idempotency_key: str  # the Redis key of the job's idempotency key ('' when it has none)
+    tenant: str = DEFAULT_TENANT  # the job's tenant (read for the verdicts that run it)
 
 
 def _text(x: Any) -> str:
@@ -123,9 +126,10 @@ async def claim(
     """Claim the job for ``delivery``; while another live node runs it, wait parked (it may die, or finish)."""
     args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id]
     while True:
-        verdict, attempt, seq, idem = await script(
+        verdict, attempt, seq, idem, *tenant = await script(
             keys=[keys.job(delivery.job_id), keys.active, keys.deliveries], args=args, client=redis
         )
         if _text(verdict) != "busy":
-            return Claim(_text(verdict), int(attempt), int(seq), _text(idem))
+            named = _text(tenant[0]) if tenant else ""
+            return Claim(_text(verdict), int(attempt), int(seq), _text(idem), named or DEFAULT_TENANT)
         await asyncio.sleep(wait_s)

@@ -5,15 +5,17 @@ nodes there are: all ten priority lists on a Redis broker, the ready messages of
 ``queue.declare`` on RabbitMQ (``moonq.broker.QueueDepth``); on any other broker it is absent.
 The delivery backlog (webhooks and callbacks owed, retrying, dead) is read the same way.
 The limiter gauges show the fleet's headroom: the configured limit, what is available now (room in
-the sliding window; free in-flight slots) and any shared cool-down. Scrape-time reads use their own short-timeout
-clients; if Redis or the broker does not answer, its gauges are left out of that scrape rather than
-failing it.
+the sliding window; free in-flight slots) and any shared cool-down. With a tenants file, each configured
+tenant's spend today (UTC) and its daily budgets are read the same way (moonq/budgets.py).
+Scrape-time reads use their own short-timeout clients; if Redis or the broker does not answer, its
+gauges are left out of that scrape rather than failing it.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator
 
 import redis
@@ -21,7 +23,9 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from moonq import budgets
 from moonq.broker import QueueDepth
+from moonq.tenants import cached_tenants
 from worker.limiter_state import SUM_FIELD, LimiterKeys, window_used
 from worker.metrics import REGISTRY
 from worker.settings import Settings
@@ -36,6 +40,7 @@ class RedisCollector(Collector):
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.depth = QueueDepth(settings, timeout_s=1.0)
+        self.tenants = cached_tenants(settings.tenants_file) if settings.tenants_file else None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         waiting = self.depth.read()
@@ -45,6 +50,7 @@ class RedisCollector(Collector):
             yield depth
         try:
             yield from self._collect()
+            yield from self._budgets()
         except (redis.RedisError, OSError):
             log.warning("scrape: Redis did not answer; limiter gauges skipped")
 
@@ -101,6 +107,31 @@ class RedisCollector(Collector):
         pipe.zrangebyscore(window.grants, "-inf", cutoff_ms)
         stored_sum, expired = pipe.execute()
         return window_used(stored_sum, self.redis.hmget(window.units, expired) if expired else [])
+
+    def _budgets(self) -> Iterator[GaugeMetricFamily]:
+        """``moonq_tenant_spend`` and ``moonq_tenant_budget`` of each configured tenant (none without a file)."""
+        if self.tenants is None:
+            return
+        names, day = self.tenants.names, budgets.utc_day(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(budgets.key(self.settings.prefix, name, day), budgets.FIELDS)
+        spent = GaugeMetricFamily(
+            "moonq_tenant_spend",
+            "What each tenant's jobs used today (UTC), fleet-wide: tokens, and dollars at the nodes' prices.",
+            labels=["tenant", "unit"],
+        )
+        budget = GaugeMetricFamily(
+            "moonq_tenant_budget", "Each tenant's configured daily budget.", labels=["tenant", "unit"]
+        )
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            today = budgets.Spend.from_redis(raw)
+            spent.add_metric([name, budgets.TOKENS], today.tokens)
+            spent.add_metric([name, budgets.USD], today.usd)
+            for unit, cap in budgets.limits(self.tenants.get(name)).items():
+                budget.add_metric([name, unit], cap)
+        yield spent
+        yield budget
 
 
 def delivery_backlog(counts: list[int]) -> GaugeMetricFamily:

@@ -26,6 +26,7 @@ from moonq.wire import JobEnvelope
 from worker import metrics
 from worker.answer import Answer
 from worker.assemble import StreamAssembler
+from worker.budgets import Budgets
 from worker.delivery import Claim, Deliveries, Delivery, claim
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
@@ -60,6 +61,11 @@ class JobContext:
     prices: dict[str, Price] = field(default_factory=dict)
     deliveries: Deliveries = field(default_factory=Deliveries)
     shutting_down: bool = False
+    budgets: Budgets = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Read when the node starts: a tenants file that breaks a rule stops it there, naming the rule.
+        self.budgets = Budgets(self.redis, self.keys.prefix, self.settings.tenants_file)
 
 
 async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
@@ -161,11 +167,10 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
         # ones whose announcement was missed).
         if await _cancel_requested(ctx, job_id):
             raise asyncio.CancelledError
-        if attempt > ctx.policy.max_attempts:
-            # Deliveries that never finished (e.g. a job that keeps killing its node) still end.
-            info = {"type": "attempts_exhausted", "message": f"{attempt - 1} attempts started, none finished"}
-            return await _end_failed(ctx, writer, envelope, {**info, "status": None}, attempt)
-        return await _attempts(ctx, envelope, writer, attempt)
+        refused = await _refused(ctx, got)
+        if refused is not None:
+            return await _end_failed(ctx, writer, envelope, refused, attempt)
+        return await _attempts(ctx, envelope, writer, attempt, got.tenant)
     except asyncio.CancelledError:
         if await _cancel_requested(ctx, job_id):
             return await _end_cancelled(writer, envelope)
@@ -179,11 +184,21 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
         metrics.IN_PROGRESS.labels(model).dec()
 
 
+async def _refused(ctx: JobContext, got: Claim) -> dict[str, Any] | None:
+    """The error a claimed job ends ``failed`` with before any call, or None when it may run."""
+    if got.attempt > ctx.policy.max_attempts:
+        # Deliveries that never finished (e.g. a job that keeps killing its node) still end.
+        info = {"type": "attempts_exhausted", "message": f"{got.attempt - 1} attempts started, none finished"}
+        return {**info, "status": None}
+    # A queued job of a tenant whose budget is spent never calls the upstream; a running one finishes.
+    return await ctx.budgets.refusal(got.tenant) if got.verdict == "run" else None
+
+
 async def _cancel_requested(ctx: JobContext, job_id: str) -> bool:
     return bool(await ctx.redis.hget(ctx.keys.job(job_id), JobField.CANCEL_REQUESTED) == b"1")
 
 
-async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int) -> Outcome:
+async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter, attempt: int, tenant: str) -> Outcome:
     """Attempt after attempt until one succeeds or the policy says stop; the one retry loop.
 
     What each attempt sends, whether a broken stream is continued or started over, the builtin
@@ -238,24 +253,26 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
             if await _cancel_requested(ctx, envelope.job_id):
                 raise asyncio.CancelledError from None
             continue
-        return await _end_succeeded(ctx, writer, envelope, result, attempt)
+        return await _end_succeeded(ctx, writer, envelope, result, attempt, tenant)
 
 
 async def _end_succeeded(
-    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, result: dict[str, Any], attempt: int
+    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, result: dict[str, Any], attempt: int, tenant: str
 ) -> Outcome:
     model = metrics.model_label(str(envelope.request.get("model", "")))
+    counts = token_counts(result.get("usage"))
+    usd = cost_usd(counts, ctx.prices.get(str(envelope.request.get("model"))))
+    await ctx.budgets.count(tenant, result.get("usage"), usd)  # before the end: see worker/budgets.py
     await writer.write(
         "completed",
         {JobField.STATUS: JobStatus.SUCCEEDED, JobField.RESULT: result, JobField.FINISHED_AT: str(time.time())},
         attempt=attempt,
         result=result,
     )
-    counts = token_counts(result.get("usage"))
     for kind, n in counts.items():
         if n:
             metrics.TOKENS.labels(model, kind).inc(n)
-    metrics.COST.labels(model).inc(cost_usd(counts, ctx.prices.get(str(envelope.request.get("model")))))
+    metrics.COST.labels(model).inc(usd)
     _record_end(envelope, "succeeded")
     log.info(
         "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"

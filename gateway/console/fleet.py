@@ -23,6 +23,8 @@ from moonq.keys import Keys
 
 REFRESH_S = 2.0  # the page asks this often; a scrape round is never closer to the last than this
 SCRAPE_TIMEOUT_S = 1.5
+# What a tenant's session is not shown: what the whole fleet spends (the other tenants' usage, summed).
+SPEND_CELLS = frozenset({"tokens_per_hour", "tokens_per_min", "cost_per_hour", "cost_total"})
 
 
 async def _scrape_node(http: httpx.AsyncClient, url: str) -> Samples | None:
@@ -128,3 +130,10 @@ def describe(view: View, cur: Scrape, rated: bool, note: str | None) -> dict[str
         "nodes": [{"url": url, "up": samples is not None} for url, samples in sorted(cur.nodes.items())],
         "notes": notes,
     }
+
+
+def for_tenant(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The fleet's health as a tenant's session sees it: no spend cells, and no node addresses (the
+    fleet's inner network); nodes up, queue, in flight, rates, latency and the limiter stay."""
+    cells = {name: value for name, value in snapshot["cells"].items() if name not in SPEND_CELLS}
+    return {**snapshot, "cells": cells, "nodes": []}

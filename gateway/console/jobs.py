@@ -2,13 +2,14 @@
 
 The jobs list reads the recent-jobs index (``P:recent``, moonq/keys.py: job id -> enqueued_at,
 newest last) by rank, then the records of that page in one pipeline, so a page costs the same with
-100,000 jobs as with ten. Filters (status, model, id prefix) apply within a window of the index
-(``FILTER_WINDOW_JOBS`` from the page's start): a first pipeline reads only ``status`` and
-``model`` of the window, a second the whole records of the matches shown. An id that is
-not in the index (older than a record's lifetime, or never listed) is still found by exact search.
+100,000 jobs as with ten. Filters (status, model, id prefix, tenant) apply within a window of the
+index (``FILTER_WINDOW_JOBS`` from the page's start): a first pipeline reads only ``status``,
+``model`` and ``tenant`` of the window, a second the whole records of the matches shown. An id that
+is not in the index (older than a record's lifetime, or never listed) is still found by exact search.
 
-Tenants: until tenants exist (a tenants file), every job belongs to ``DEFAULT_TENANT`` and every
-gateway token sees every job; ``tenant_of`` and ``Viewer.sees`` are where tenants will plug in.
+Tenants: a job belongs to its record's tenant (``tenant_of``; ``default`` without a tenants file),
+and a session sees the jobs its principal may see (``Viewer.sees``): a tenant's its own, an
+operator's every tenant's. A tenant's list is the index filtered to its tenant.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from typing import Any
 import redis.asyncio
 
 from moonq.keys import Keys
-from moonq.record import JobField, JobRecord, JobStatus
+from moonq.record import DEFAULT_TENANT, JobField, JobRecord, JobStatus
+from moonq.tenants import Principal
 from moonq.usage import Price, cost_usd, token_counts
 
-DEFAULT_TENANT = "default"
 PAGE_JOBS = 50
 FILTER_WINDOW_JOBS = 2000
 # The record fields a row shows (never the envelope: a request may be 100 MB of images).
 ROW_FIELDS = (
     JobField.STATUS,
+    JobField.TENANT,
     JobField.MODEL,
     JobField.PRIORITY,
     JobField.ENQUEUED_AT,
@@ -46,18 +48,31 @@ ROW_FIELDS = (
 
 @dataclass(frozen=True)
 class Viewer:
-    """Who is looking: the fingerprint of the gateway token the session was opened with."""
+    """Who is looking: the principal the session was opened for (a tenant, or an operator)."""
 
-    fp: str
+    principal: Principal
+
+    @property
+    def operator(self) -> bool:
+        return self.principal.operator
+
+    @property
+    def scope(self) -> str | None:
+        """The tenant whose jobs this viewer sees; None: every tenant's (an operator)."""
+        return None if self.principal.operator else self.principal.tenant
+
+    @property
+    def label(self) -> str:
+        return "operator" if self.principal.operator else f"tenant {self.principal.tenant}"
 
     def sees(self, tenant: str) -> bool:
-        """Without a tenants file every token sees every tenant's jobs."""
-        return True
+        """Another tenant's job is, to this viewer, a job that does not exist."""
+        return self.principal.may_see(tenant)
 
 
 def tenant_of(rec: JobRecord) -> str:
-    """The tenant a job belongs to (one, ``default``, until tenants exist)."""
-    return DEFAULT_TENANT
+    """The tenant a job belongs to, as its record says (``default`` without a tenants file)."""
+    return rec.tenant
 
 
 @dataclass(frozen=True)
@@ -134,21 +149,23 @@ def make_row(job_id: str, rec: JobRecord, prices: dict[str, Price], now: float) 
 
 @dataclass(frozen=True)
 class Filters:
-    """What the jobs list was asked to show: empty strings mean "any"."""
+    """What the jobs list shows: empty strings mean "any"; a tenant's session always has its ``tenant``."""
 
     status: str = ""
     model: str = ""
     id_prefix: str = ""
+    tenant: str = ""
 
     @property
     def active(self) -> bool:
-        return bool(self.status or self.model or self.id_prefix)
+        return bool(self.status or self.model or self.id_prefix or self.tenant)
 
-    def keep(self, job_id: str, status: str | None, model: str | None) -> bool:
+    def keep(self, job_id: str, status: str | None, model: str | None, tenant: str | None) -> bool:
         return (
             status is not None
             and (not self.status or status == self.status)
             and (not self.model or model == self.model)
+            and (not self.tenant or (tenant or DEFAULT_TENANT) == self.tenant)
             and job_id.startswith(self.id_prefix)
         )
 
@@ -190,7 +207,7 @@ class JobReader:
         candidates = [i for i in ids if i.startswith(filters.id_prefix)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in candidates:
-                pipe.hmget(self.keys.job(job_id), [JobField.STATUS, JobField.MODEL])
+                pipe.hmget(self.keys.job(job_id), [JobField.STATUS, JobField.MODEL, JobField.TENANT])
             replies = await pipe.execute()
         fields = {
             job_id: tuple(v.decode() if v else None for v in reply)
@@ -198,8 +215,8 @@ class JobReader:
         }
         chosen: list[str] = []
         for n, job_id in enumerate(ids):
-            status, model = fields.get(job_id, (None, None))
-            if filters.keep(job_id, status, model):
+            status, model, tenant = fields.get(job_id, (None, None, None))
+            if filters.keep(job_id, status, model, tenant):
                 chosen.append(job_id)
                 if len(chosen) == limit:
                     return chosen, n + 1
@@ -222,14 +239,20 @@ class JobReader:
     async def record(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_redis(await self.redis.hgetall(self.keys.job(job_id)))
 
-    async def models(self, limit: int = FILTER_WINDOW_JOBS) -> list[str]:
-        """The models of the newest ``limit`` jobs, for the filter's choices."""
+    async def tenant(self, job_id: str) -> str | None:
+        """The tenant of a job whose record exists, else None: two fields, so another tenant's job (whose
+        envelope may be 100 MB) takes no longer to refuse than an unknown one."""
+        status, tenant = await self.redis.hmget(self.keys.job(job_id), [JobField.STATUS, JobField.TENANT])
+        return (text(tenant) if tenant else DEFAULT_TENANT) if status else None
+
+    async def models(self, tenant: str | None, limit: int = FILTER_WINDOW_JOBS) -> list[str]:
+        """The models of the newest ``limit`` jobs (``tenant``'s only, when set), for the filter's choices."""
         ids = await self.redis.zrevrange(self.keys.recent, 0, limit - 1)
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in ids:
-                pipe.hget(self.keys.job(text(raw)), JobField.MODEL)
+                pipe.hmget(self.keys.job(text(raw)), [JobField.MODEL, JobField.TENANT])
             replies = await pipe.execute()
-        return sorted({text(m) for m in replies if m})
+        return sorted({text(m) for m, t in replies if m and (tenant is None or text(t or DEFAULT_TENANT) == tenant)})
 
 
 def text(x: Any) -> str:

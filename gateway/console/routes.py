@@ -7,6 +7,10 @@ search by id, paged), ``/console/jobs/{id}`` (request, live answer, timeline, us
 ``/console/fleet.json``. Actions (POST, each a form with the session's CSRF token): login,
 logout, cancel, retry, retry many dead letters. Every page but the login needs a signed-in session
 (gateway/console/session.py); the gateway's bearer tokens do not apply under ``/console``.
+
+A session is a tenant's or an operator's (``Viewer``): a tenant's sees and acts on its own jobs
+only, and another tenant's job answers exactly as an unknown id does, on every page and action; it
+sees the fleet's health but not its spend or its nodes' addresses (``fleet.for_tenant``).
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import Receive, Scope, Send
 
 from gateway.console import render
-from gateway.console.fleet import REFRESH_S, FleetWatch
+from gateway.console.fleet import REFRESH_S, FleetWatch, for_tenant
 from gateway.console.jobs import PAGE_JOBS, Filters, JobReader, JobRow, Viewer, duration, make_row, money, when
-from gateway.console.session import COOKIE, Session, Sessions
+from gateway.console.session import COOKIE, Session, Sessions, session_key
 from gateway.console.web import ConsoleGuard, read_form
-from moonq.errors import InvalidRequest, JobNotFound
+from moonq.errors import InvalidRequest, JobNotFound, TenantBudgetExceeded
 from moonq.keys import Keys
 from moonq.record import JobRecord, JobStatus
+from moonq.tenants import Tenants
 from moonq.usage import load_prices
 from moonq.wire import JobEnvelope
 from producers.aio import AsyncClient
@@ -59,6 +65,11 @@ class Refused(Exception):
         self.status = status
 
 
+def no_job(job_id: str) -> Refused:
+    """The one answer for an id that is unknown, expired, or another tenant's: the three look alike."""
+    return Refused(404, f"no job {job_id[:200]!r}: never submitted, or ended more than a record's lifetime ago")
+
+
 def _templates() -> Jinja2Templates:
     # Autoescape everything: model output, requests and errors are text, never markup.
     env = jinja2.Environment(
@@ -74,11 +85,12 @@ class Console:
     """The console's routes over the gateway's shared ``AsyncClient``."""
 
     def __init__(
-        self, client_of: Callable[[], AsyncClient], *, tokens: list[str], keys: Keys, prices_file: str | None
+        self, client_of: Callable[[], AsyncClient], *, tenants: Tenants, keys: Keys, prices_file: str | None
     ) -> None:
         self.client_of = client_of
+        self.tenants = tenants
         self.keys = keys
-        self.sessions = Sessions(tokens)
+        self._sessions: Sessions | None = None
         self.prices = load_prices(prices_file)
         self.fleet = FleetWatch(lambda: self.client_of().redis, keys)
         self.templates = _templates()
@@ -89,14 +101,25 @@ class Console:
 
     # --- sessions --------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Reads the deployment's session key from Redis once, at the first request: on the loop that serves."""
+        if self._sessions is None:
+            self._sessions = Sessions(await session_key(self.client_of().redis, self.keys), self.tenants)
+
+    @property
+    def sessions(self) -> Sessions:
+        if self._sessions is None:
+            raise RuntimeError("the console's sessions exist from its first request on (Console.open)")
+        return self._sessions
+
     def _session(self, request: Request) -> Session | None:
         return self.sessions.decode(request.cookies.get(COOKIE))
 
     def _viewer(self, request: Request) -> Viewer:
         session = self._session(request)
-        if session is None or not session.signed_in:
+        if session is None or session.principal is None:
             raise LoginRequired
-        return Viewer(session.fp)
+        return Viewer(session.principal)
 
     async def _post(self, request: Request, *, signed_in: bool = True) -> tuple[Session, dict[str, list[str]]]:
         """The form of a POST whose CSRF token is the session's (else 403; no session: login)."""
@@ -128,10 +151,12 @@ class Console:
         self, request: Request, name: str, status: int = 200, *, session: Session | None = None, **context: Any
     ) -> Response:
         session = session or self._session(request)
+        principal = session.principal if session else None
         context = {
             "base": self._base(request),
             "csrf": session.csrf if session else "",
-            "signed_in": bool(session and session.signed_in),
+            "signed_in": principal is not None,
+            "viewer": Viewer(principal) if principal else None,
             "nav": name.removesuffix(".html"),
             **context,
         }
@@ -156,11 +181,11 @@ class Console:
 
     async def login(self, request: Request) -> Response:
         session, form = await self._post(request, signed_in=False)
-        fp = self.sessions.match((form.get("token") or [""])[0])
-        if fp is None:
-            return self._page(request, "login.html", 401, session=session, refused=True)
         # A new session, with a new CSRF token: nothing chosen before the login carries over.
-        return self._set_session(request, self._redirect(request, "/jobs"), self.sessions.issue(fp))
+        opened = self.sessions.open((form.get("token") or [""])[0])
+        if opened is None:
+            return self._page(request, "login.html", 401, session=session, refused=True)
+        return self._set_session(request, self._redirect(request, "/jobs"), opened)
 
     async def logout(self, request: Request) -> Response:
         await self._post(request)
@@ -175,36 +200,51 @@ class Console:
         q = request.query_params
         search = q.get("q", "").strip()
         reader = self.reader
-        if search and JOB_ID.fullmatch(search) and await reader.record(search) is not None:
+        if search and await self._visible(search, viewer):
             return self._redirect(request, f"/jobs/{search}")
-        status = q.get("status", "")
-        filters = Filters(status if status in set(JobStatus) else "", q.get("model", "").strip()[:200], search[:200])
+        filters, query = self._filters(request, viewer, search)
         offset = int(q["offset"]) if DIGITS.fullmatch(q.get("offset", "")) else 0
         page = await reader.page(offset, filters, now=time.time())
-        rows = [row for row in page.rows if viewer.sees(row.tenant)]
-        query = {"status": filters.status, "model": filters.model, "q": search}
         return self._page(
             request,
             "jobs.html",
             page=page,
-            rows=rows,
+            rows=page.rows,
             filters=filters,
             search=search,
             statuses=[s.value for s in JobStatus],
-            models=await reader.models(),
-            query=urlencode({k: v for k, v in query.items() if v}),
+            tenants=self.tenants.names,
+            models=await reader.models(viewer.scope),
+            query=query,
             prev_offset=max(0, offset - PAGE_JOBS) if offset and not filters.active else None,
         )
 
+    def _filters(self, request: Request, viewer: Viewer, search: str) -> tuple[Filters, str]:
+        """The list's filters, and the query string of those the person chose (for the pager's links).
+
+        A tenant's session is filtered to its tenant, always; an operator may pick a configured tenant.
+        """
+        q = request.query_params
+        status = q.get("status", "")
+        status = status if status in set(JobStatus) else ""
+        picked = "" if viewer.scope else q.get("tenant", "")
+        picked = picked if picked in self.tenants else ""
+        model = q.get("model", "").strip()[:200]
+        filters = Filters(status, model, search[:200], viewer.scope or picked)
+        query = {"status": status, "model": model, "q": search, "tenant": picked}
+        return filters, urlencode({k: v for k, v in query.items() if v})
+
+    async def _visible(self, job_id: str, viewer: Viewer) -> bool:
+        """Whether the job exists for this viewer: another tenant's is, to a tenant, one that does not."""
+        tenant = await self.reader.tenant(job_id) if JOB_ID.fullmatch(job_id) else None
+        return tenant is not None and viewer.sees(tenant)
+
     async def _row(self, request: Request, viewer: Viewer) -> tuple[JobRow, JobRecord]:
         job_id = request.path_params["job_id"]
-        rec = await self.reader.record(job_id) if JOB_ID.fullmatch(job_id) else None
-        if rec is None:
-            raise Refused(404, f"no job {job_id[:200]!r}: never submitted, or ended more than a record's lifetime ago")
-        row = make_row(job_id, rec, self.prices, time.time())
-        if not viewer.sees(row.tenant):
-            raise Refused(404, f"no job {job_id!r}")
-        return row, rec
+        rec = await self.reader.record(job_id) if await self._visible(job_id, viewer) else None
+        if rec is None:  # unknown, another tenant's, or expired since: one answer for the three
+            raise no_job(job_id)
+        return make_row(job_id, rec, self.prices, time.time()), rec
 
     async def job(self, request: Request) -> Response:
         row, rec = await self._row(request, self._viewer(request))
@@ -223,10 +263,11 @@ class Console:
         )
 
     async def job_events(self, request: Request) -> Response:
-        row, rec = await self._row(request, self._viewer(request))
+        viewer = self._viewer(request)
+        row, rec = await self._row(request, viewer)
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         after = int(last) if DIGITS.fullmatch(last) else 0
-        job = self.client_of().job(row.id)
+        job = self.client_of().job(row.id, viewer.scope)
 
         async def stream() -> AsyncIterator[bytes]:
             yield b"retry: 2000\n\n"
@@ -244,29 +285,33 @@ class Console:
 
     async def cancel(self, request: Request) -> Response:
         await self._post(request)
-        row, _ = await self._row(request, self._viewer(request))
-        await self.client_of().job(row.id).cancel()
+        viewer = self._viewer(request)
+        row, _ = await self._row(request, viewer)
+        await self.client_of().job(row.id, viewer.scope).cancel()
         return self._redirect(request, f"/jobs/{row.id}")
 
     async def retry(self, request: Request) -> Response:
         await self._post(request)
-        row, _ = await self._row(request, self._viewer(request))
-        new = await self._retry_one(row.id)
+        viewer = self._viewer(request)
+        row, _ = await self._row(request, viewer)
+        new = await self._retry_one(row.id, viewer)
         return self._redirect(request, f"/jobs/{new}")
 
-    async def _retry_one(self, job_id: str) -> str:
+    async def _retry_one(self, job_id: str, viewer: Viewer) -> str:
         try:
-            return (await self.client_of().retry(job_id)).id
+            return (await self.client_of().retry(job_id, viewer.scope)).id
         except JobNotFound:
-            raise Refused(404, f"no job {job_id[:200]!r}") from None
+            raise no_job(job_id) from None
         except InvalidRequest as err:
             raise Refused(409, str(err)) from None
+        except TenantBudgetExceeded as err:  # the job's tenant has spent its daily budget: no re-run today
+            raise Refused(429, str(err)) from None
 
     # --- dead letters ----------------------------------------------------------------------
 
     async def failed(self, request: Request) -> Response:
-        self._viewer(request)
-        letters = await self.client_of().failed(limit=FAILED_SHOWN)
+        viewer = self._viewer(request)
+        letters = await self.client_of().failed(limit=FAILED_SHOWN, tenant=viewer.scope)
         retried = request.query_params.get("retried", "")
         return self._page(
             request,
@@ -278,23 +323,27 @@ class Console:
 
     async def retry_failed(self, request: Request) -> Response:
         _, form = await self._post(request)
+        viewer = self._viewer(request)
         one = form.get("one") or []
         ids = one[:1] if one else form.get("ids", [])[:RETRY_MANY_MAX]
         ids = [i for i in ids if JOB_ID.fullmatch(i)]
-        new = [await self._retry_one(job_id) for job_id in ids]
+        new = [await self._retry_one(job_id, viewer) for job_id in ids]
         if one and new:
             return self._redirect(request, f"/jobs/{new[0]}")
         return self._redirect(request, f"/failed?retried={len(new)}")
 
     # --- fleet -----------------------------------------------------------------------------
 
+    async def _fleet(self, viewer: Viewer) -> dict[str, Any]:
+        snapshot = await self.fleet.snapshot()
+        return snapshot if viewer.operator else for_tenant(snapshot)
+
     async def fleet_page(self, request: Request) -> Response:
-        self._viewer(request)
-        return self._page(request, "fleet.html", fleet=await self.fleet.snapshot(), refresh_ms=int(REFRESH_S * 1000))
+        fleet = await self._fleet(self._viewer(request))
+        return self._page(request, "fleet.html", fleet=fleet, refresh_ms=int(REFRESH_S * 1000))
 
     async def fleet_json(self, request: Request) -> Response:
-        self._viewer(request)
-        return JSONResponse(await self.fleet.snapshot())
+        return JSONResponse(await self._fleet(self._viewer(request)))
 
     # --- errors ----------------------------------------------------------------------------
 
@@ -338,11 +387,18 @@ def _request_shown(envelope: str) -> tuple[list[render.Message], str]:
 
 
 def console_routes(
-    client_of: Callable[[], AsyncClient], *, tokens: list[str], keys: Keys, prices_file: str | None = None
+    client_of: Callable[[], AsyncClient], *, tenants: Tenants, keys: Keys, prices_file: str | None = None
 ) -> list[BaseRoute]:
-    """The routes the gateway mounts: ``/console`` itself, and everything under it."""
-    console = Console(client_of, tokens=tokens, keys=keys, prices_file=prices_file)
-    app = ConsoleGuard(console.app())
+    """The routes the gateway mounts: ``/console`` itself, and everything under it.
+
+    ``tenants`` are the gateway's (``gateway_tenants``): the tokens the console admits, and whom each speaks for.
+    """
+    console = Console(client_of, tenants=tenants, keys=keys, prices_file=prices_file)
+    guarded = ConsoleGuard(console.app())
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await console.open()
+        await guarded(scope, receive, send)
 
     async def root(request: Request) -> Response:
         return RedirectResponse(str(request.scope.get("root_path", "")) + "/console/", status_code=307)

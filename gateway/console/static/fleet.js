@@ -40,9 +40,12 @@
         })
       );
     }
-    document.getElementById("nodes").replaceChildren(
-      ...data.nodes.map((n) => el("li", n.up ? "up" : "down", n.url + " · " + (n.up ? "up" : "down")))
-    );
+    const nodes = document.getElementById("nodes"); // an operator's page only
+    if (nodes) {
+      nodes.replaceChildren(
+        ...data.nodes.map((n) => el("li", n.up ? "up" : "down", n.url + " · " + (n.up ? "up" : "down")))
+      );
+    }
     document.getElementById("notes").replaceChildren(...data.notes.map((n) => el("li", "", n)));
     root.dataset.refreshed = String(Number(root.dataset.refreshed || 0) + 1);
   }
