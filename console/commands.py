@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from console.records import fetch_record
 from console.render import Renderer
 from moonq.deliveries import failed_deliveries, redeliver
 from moonq.errors import InvalidRequest
 from moonq.record import JobField
-from producers.client import Client
+from producers import Client, JobOptions
 
 DEFAULT_MODEL = "kimi-k2.5"
 
@@ -89,23 +88,10 @@ def submit(
     idempotency_key: str | None,
     no_wait: bool,
     as_json: bool,
-    webhook: str | None = None,
-    webhook_events: Sequence[str] | None = None,
-    on_done: str | None = None,
-    on_done_queue: str | None = None,
-    builtin_tools: str | None = None,
+    **options: Unpack[JobOptions],
 ) -> int:
     """Submit; ``no_wait``: print the id on stdout, else ``[job ID]`` on stderr and follow the job."""
-    job = client.submit(
-        request,
-        priority=priority,
-        idempotency_key=idempotency_key,
-        webhook=webhook,
-        webhook_events=webhook_events,
-        on_done=on_done,
-        on_done_queue=on_done_queue,
-        builtin_tools=builtin_tools,
-    )
+    job = client.submit(request, priority=priority, idempotency_key=idempotency_key, **options)
     print(job.id if no_wait else f"[job {job.id}]", file=sys.stdout if no_wait else sys.stderr, flush=True)
     return 0 if no_wait else follow(client, job.id, as_json=as_json)
 

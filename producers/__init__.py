@@ -19,6 +19,7 @@ from moonq.errors import (
 from moonq.wire import ChatCompletion, ChatRequest, Event
 from producers.aio import AsyncClient, AsyncJob
 from producers.client import Client, Job
+from producers.submitter import JobOptions
 
 __all__ = [
     "AsyncClient",
@@ -32,6 +33,7 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobNotFound",
+    "JobOptions",
     "JobTimeout",
     "MoonqError",
     "TenantBudgetExceeded",

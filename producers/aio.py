@@ -10,9 +10,10 @@ validation errors are still raised in the caller before anything is enqueued.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Unpack
 
 import redis
 
@@ -25,7 +26,7 @@ from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
 from producers.follow import Follower, ResultWait
-from producers.submitter import Submitter
+from producers.submitter import JobOptions, Submitter
 
 
 class AsyncClient:
@@ -58,53 +59,26 @@ class AsyncClient:
         *,
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> AsyncJob:
         """As ``Client.submit``."""
-        job_id = await asyncio.to_thread(
-            self._submitter.submit,
-            request,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            webhook=webhook,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-            builtin_tools=builtin_tools,
-            tenant=tenant or self.tenant,
+        options["tenant"] = tenant = options.get("tenant") or self.tenant
+        submit = functools.partial(
+            self._submitter.submit, priority=priority, idempotency_key=idempotency_key, **options
         )
-        return AsyncJob(self, job_id, tenant or self.tenant)
+        return AsyncJob(self, await asyncio.to_thread(submit, request), tenant)
 
     async def submit_many(
         self,
         requests: Iterable[dict[str, Any] | ChatRequest],
         *,
         priority: int = DEFAULT_PRIORITY,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[AsyncJob]:
         """As ``Client.submit_many``."""
-        job_ids = await asyncio.to_thread(
-            self._submitter.submit_many,
-            list(requests),
-            priority=priority,
-            webhook=webhook,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-            builtin_tools=builtin_tools,
-            tenant=tenant or self.tenant,
-        )
-        return [AsyncJob(self, job_id, tenant or self.tenant) for job_id in job_ids]
+        options["tenant"] = tenant = options.get("tenant") or self.tenant
+        submit_many = functools.partial(self._submitter.submit_many, priority=priority, **options)
+        return [AsyncJob(self, job_id, tenant) for job_id in await asyncio.to_thread(submit_many, list(requests))]
 
     def job(self, job_id: str, tenant: str | None = None) -> AsyncJob:
         """A handle for an existing job, seen as ``tenant`` (default: the client's; None: any)."""

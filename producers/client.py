@@ -9,8 +9,8 @@ decide is in ``producers/follow.py``, shared with ``AsyncClient``; the writes ar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar, Unpack
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -22,7 +22,7 @@ from moonq.record import JobField, JobRecord, decode_hash, visible
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.follow import Follower, ResultWait
-from producers.submitter import RESEND_AFTER_S, Submitter
+from producers.submitter import RESEND_AFTER_S, JobOptions, Submitter
 from producers.thread_fanout import ThreadFanout
 
 __all__ = ["RESEND_AFTER_S", "Client", "Job"]
@@ -77,12 +77,7 @@ class Client:
         *,
         priority: int = DEFAULT_PRIORITY,
         idempotency_key: str | None = None,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> Job:
         """Validate ``request`` and enqueue it as a new job.
 
@@ -111,30 +106,16 @@ class Client:
             TenantModelNotAllowed: the tenant may not use the request's model.
             TenantBudgetExceeded: the tenant has spent a daily budget (docs/tenants.md); nothing was enqueued.
         """
-        job_id = self._submitter.submit(
-            request,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            webhook=webhook,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-            builtin_tools=builtin_tools,
-            tenant=tenant or self.tenant,
-        )
-        return Job(self, job_id, tenant or self.tenant)
+        options["tenant"] = tenant = options.get("tenant") or self.tenant
+        job_id = self._submitter.submit(request, priority=priority, idempotency_key=idempotency_key, **options)
+        return Job(self, job_id, tenant)
 
     def submit_many(
         self,
         requests: Iterable[dict[str, Any] | ChatRequest],
         *,
         priority: int = DEFAULT_PRIORITY,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[Job]:
         """Validate every request, then enqueue them all with pipelined Redis writes.
 
@@ -143,17 +124,9 @@ class Client:
         ``on_done_queue`` (as in ``submit``) apply to every job: each job's end is delivered on its own.
         ``builtin_tools`` (as in ``submit``) applies to every job.
         """
-        job_ids = self._submitter.submit_many(
-            requests,
-            priority=priority,
-            webhook=webhook,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-            builtin_tools=builtin_tools,
-            tenant=tenant or self.tenant,
-        )
-        return [Job(self, job_id, tenant or self.tenant) for job_id in job_ids]
+        options["tenant"] = tenant = options.get("tenant") or self.tenant
+        job_ids = self._submitter.submit_many(requests, priority=priority, **options)
+        return [Job(self, job_id, tenant) for job_id in job_ids]
 
     def failed(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters: jobs that ended ``failed``, newest first (the client's tenant's)."""

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import redis
 
@@ -58,6 +58,20 @@ if KEYS[3] then
 end
 return 1
 """
+
+
+class JobOptions(TypedDict, total=False):
+    """What a submit may say beside the request, its priority and idempotency key (``Client.submit``
+    documents each): where its end is delivered, its builtin tools mode, and its tenant."""
+
+    webhook: str | None
+    webhook_events: Sequence[str] | None
+    on_done: str | None
+    on_done_queue: str | None
+    builtin_tools: str | None
+    tenant: str | None
+
+
 # A job recorded under an idempotency key but never sent (its submitter died) is sent again by a
 # later submitter once it is this old.
 RESEND_AFTER_S = 5.0
@@ -131,22 +145,12 @@ class Submitter:
         *,
         priority: int,
         idempotency_key: str | None = None,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> str:
         """As ``Client.submit``; returns the job id."""
         priority = check_priority(priority)
-        name, config = self.tenant(tenant)
-        owed = callback_fields(
-            webhook=webhook or config.webhook_url,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-        )
+        name, config = self.tenant(options.get("tenant"))
+        owed = _owed(options, config)
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255):
             raise InvalidRequest([("idempotency_key", "must be a non-empty string of at most 255 characters")])
         valid = validate_request(request)
@@ -154,7 +158,7 @@ class Submitter:
         self._within_budget(name, config, idempotency_key)
         payload = valid.to_payload()
         envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
-        extra = {**owed, **_options(builtin_tools, valid.n), JobField.TENANT: name}
+        extra = {**owed, **_options(options.get("builtin_tools"), valid.n), JobField.TENANT: name}
         return self._enqueue(envelope, extra, idempotency_key, name)
 
     def submit_many(
@@ -162,29 +166,19 @@ class Submitter:
         requests: Iterable[dict[str, Any] | ChatRequest],
         *,
         priority: int,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        on_done: str | None = None,
-        on_done_queue: str | None = None,
-        builtin_tools: str | None = None,
-        tenant: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[str]:
         """As ``Client.submit_many``; returns the job ids, in request order."""
         priority = check_priority(priority)
-        name, config = self.tenant(tenant)
-        owed = callback_fields(
-            webhook=webhook or config.webhook_url,
-            webhook_events=webhook_events,
-            on_done=on_done,
-            on_done_queue=on_done_queue,
-        )
+        name, config = self.tenant(options.get("tenant"))
+        owed = _owed(options, config)
         owed[JobField.TENANT] = name
         envelopes = []
         for i, request in enumerate(requests):
             try:
                 valid = validate_request(request)
                 self._admit(name, config, valid.model, priority, f"requests.{i}.")
-                owed.update(_options(builtin_tools, valid.n))  # the same for all: n decides, per request
+                owed.update(_options(options.get("builtin_tools"), valid.n))  # the same for all: n decides, per request
                 payload = valid.to_payload()
             except InvalidRequest as err:
                 raise InvalidRequest([(f"requests.{i}.{field}", rule) for field, rule in err.errors]) from None
@@ -392,6 +386,16 @@ def _record(envelope: JobEnvelope) -> dict[str, str]:
         enqueued_at=envelope.enqueued_at,
         priority=envelope.priority,
         envelope_json=envelope.model_dump_json(),
+    )
+
+
+def _owed(options: JobOptions, config: TenantConfig) -> dict[str, str]:
+    """The record fields of a submit's webhook and callback options (the tenant's webhook URL by default)."""
+    return callback_fields(
+        webhook=options.get("webhook") or config.webhook_url,
+        webhook_events=options.get("webhook_events"),
+        on_done=options.get("on_done"),
+        on_done_queue=options.get("on_done_queue"),
     )
 
 

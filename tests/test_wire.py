@@ -258,6 +258,7 @@ def test_public_surface() -> None:
         "JobCancelled",
         "JobFailed",
         "JobNotFound",
+        "JobOptions",
         "JobTimeout",
         "MoonqError",
         "TenantBudgetExceeded",
