@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ typecheck: install
 	$(BIN)/mypy
 
 test: install check-redis
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 # The slow tests too (long streams, process kills).
 test-all: install check-redis
@@ -47,6 +47,10 @@ demo: install check-redis
 	$(BIN)/moonq demo
 
 # Every benchmark in turn (~20 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
+# The web console's screenshots in docs/console/ (docs/console.md), taken by its browser tests.
+screenshots: install check-redis
+	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
+
 bench: bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
 
 BENCH_STAMP := $(VENV)/.bench-stamp

@@ -3,9 +3,10 @@
 One browser for the module, a fresh context (cookies) per test. Jobs are submitted through the
 gateway's HTTP API and run by the suite's embedded worker against the simulator; the simulator's
 ``sim`` field paces them (``stall``: a pause mid-stream, so a page sees a job running) or fails them
-(``quota``, a final error). Each page's screenshot is saved under docs/console/ (docs/console.md
-shows them). A second gateway on the same Redis serves a tenants file: a tenant's session sees and
-acts on its own jobs only, an operator's on every tenant's, and an edited cookie opens nothing.
+(``quota``, a final error). Each page's screenshot is taken; with ``MOONQ_SCREENSHOTS=1`` (``make
+screenshots``) they are saved under docs/console/, which docs/console.md shows. A second gateway on
+the same Redis serves a tenants file: a tenant's session sees and acts on its own jobs only, an
+operator's on every tenant's, and an edited cookie opens nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 import uuid
@@ -53,7 +55,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+# The screenshots docs/console.md shows: rewritten only when asked (``make screenshots``), so that a
+# test run leaves the checkout as it found it; otherwise taken all the same, into a scratch folder.
+DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+SHOTS = DOCS_SHOTS if os.environ.get("MOONQ_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="moonq-shots-"))
 TOKEN = "console-test-token-1"
 OTHER = "console-test-token-2"
 MODEL = "moonshot-v1-8k"
