@@ -38,7 +38,7 @@ from moonq.errors import (
     TenantModelNotAllowed,
 )
 from moonq.models import check_builtin_tools
-from moonq.record import JobRecord, JobStatus
+from moonq.record import STATE_FIELDS, JobField, JobRecord, JobStatus
 from moonq.request import ChatRequest, validate_request
 from moonq.settings import ClientSettings
 from moonq.tenants import SETTING as TENANTS_SETTING
@@ -288,7 +288,8 @@ class Gateway:
 
     async def get_job(self, request: Request) -> Response:
         job = self.client.job(request.path_params["job_id"], scope_of(request))
-        rec = JobRecord.from_redis(await job.record())
+        # Not the request (up to 100 MB): another tenant's job is refused as fast as an unknown one.
+        rec = JobRecord.from_redis(await job.record(STATE_FIELDS))
         if rec is None:  # a hash without a status is no job's record
             raise JobNotFound(job.id)
         # The keys are the gateway's JobState (gateway/openapi.py), which names its fields as the record does.
@@ -308,7 +309,7 @@ class Gateway:
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         if not DIGITS.fullmatch(last):
             raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
-        await job.record()
+        await job.record((JobField.STATUS,))  # 404 for an unknown (or another tenant's) job, before streaming
 
         async def events() -> AsyncIterator[bytes]:
             async for event in job.events(after_seq=int(last)):

@@ -45,7 +45,7 @@ Readers ignore fields they do not know, so a newer writer never breaks an older 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from string import Template
 from typing import Any
@@ -132,6 +132,21 @@ def _text(x: bytes | str) -> str:
 def decode_hash(raw: Mapping[Any, Any] | None) -> dict[str, str]:
     """A hash as redis-py returns it (bytes or str) as ``{str: str}``; ``{}`` for a missing key."""
     return {_text(k): _text(v) for k, v in (raw or {}).items()}
+
+
+def fields_to_read(fields: Iterable[str] | None) -> list[str] | None:
+    """The fields a reader asking for ``fields`` reads: those, plus what says whether it may see the job
+    (status and tenant); None (all of them, the request too) when it asks for none in particular."""
+    return None if fields is None else list(dict.fromkeys([JobField.STATUS, JobField.TENANT, *fields]))
+
+
+def picked(names: list[str], values: Iterable[Any]) -> dict[str, str]:
+    """An ``HMGET`` of ``names`` as ``{name: value}``, decoded, without the fields the record lacks."""
+    return decode_hash({k: v for k, v in zip(names, values, strict=True) if v is not None})
+
+
+# Every field but the envelope, which holds the whole request (up to 100 MB): what a state read needs.
+STATE_FIELDS: tuple[str, ...] = tuple(f.value for f in JobField if f is not JobField.ENVELOPE)
 
 
 def visible(fields: Mapping[str, str], tenant: str | None) -> bool:

@@ -21,7 +21,7 @@ from moonq.connect import resilient_redis
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
 from moonq.keys import Keys
-from moonq.record import JobField, JobRecord, decode_hash, visible
+from moonq.record import JobField, JobRecord, decode_hash, fields_to_read, picked, visible
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
@@ -118,15 +118,16 @@ class AsyncJob:
     def __repr__(self) -> str:
         return f"<AsyncJob {self.id}>"
 
-    async def record(self) -> dict[str, str]:
+    async def record(self, fields: Iterable[str] | None = None) -> dict[str, str]:
         """As ``Job.record``."""
-        rec = decode_hash(await self.client.redis.hgetall(self.client.keys.job(self.id)))
+        r, key, names = self.client.redis, self.client.keys.job(self.id), fields_to_read(fields)
+        rec = decode_hash(await r.hgetall(key)) if names is None else picked(names, await r.hmget(key, names))
         if not rec.get(JobField.STATUS) or not visible(rec, self.tenant):
             raise JobNotFound(self.id)
         return rec
 
     async def status(self) -> str:
-        return (await self.record())[JobField.STATUS]
+        return (await self.record((JobField.STATUS,)))[JobField.STATUS]
 
     async def events(self, *, after_seq: int = 0, poll_s: float = 1.0) -> AsyncIterator[Event]:
         """As ``Job.events``: every event from the first (replayed), then live; ends after the terminal one."""

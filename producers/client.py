@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
-from moonq.record import JobField, JobRecord, decode_hash, visible
+from moonq.record import JobField, JobRecord, decode_hash, fields_to_read, picked, visible
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.follow import Follower, ResultWait
@@ -171,16 +171,19 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id}>"
 
-    def record(self) -> dict[str, str]:
-        """The job's record, field by field (``moonq/record.py`` names them)."""
-        rec = decode_hash(self.client.redis.hgetall(self.client.keys.job(self.id)))
+    def record(self, fields: Iterable[str] | None = None) -> dict[str, str]:
+        """The job's record, field by field (``moonq/record.py`` names them); ``fields``: only those
+        (the request, ``envelope``, can be megabytes: leave it out when it is not wanted)."""
+        key, names = self.client.keys.job(self.id), fields_to_read(fields)
+        r = self.client.redis
+        rec = decode_hash(r.hgetall(key)) if names is None else picked(names, r.hmget(key, names))
         if not rec.get(JobField.STATUS) or not visible(rec, self.tenant):
             raise JobNotFound(self.id)
         return rec
 
     def status(self) -> str:
         """``queued``, ``running``, ``retrying``, ``succeeded``, ``failed`` or ``cancelled``."""
-        return self.record()[JobField.STATUS]
+        return self.record((JobField.STATUS,))[JobField.STATUS]
 
     def events(self, *, after_seq: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
         """Every event from the first (replayed), then live; ends after the terminal one.

@@ -188,3 +188,12 @@ def test_dead_letters_and_webhooks_follow_the_tenant(sim: SimServer, tmp_path: P
             assert (body["data"]["tenant"], body["type"]) == ("search", "job.succeeded")
             with pytest.raises(Exception, match="signature"):
                 Webhook(node_secret).verify(got[0].body, got[0].headers)
+
+
+def test_state_reads_leave_the_request_out(clients: dict[str, Client]) -> None:
+    """status() and record(fields) read only what they name (a request can be 100 MB); a tenant still sees only its own."""
+    job = clients["search"].submit(HELLO)
+    assert set(job.record(("model",))) == {"status", "tenant", "model"}
+    assert "envelope" in job.record()  # all of it only when asked for all
+    with pytest.raises(JobNotFound):
+        clients["reports"].job(job.id).record(("model",))
