@@ -191,7 +191,7 @@ def test_dead_letters_and_webhooks_follow_the_tenant(sim: SimServer, tmp_path: P
 
 
 def test_state_reads_leave_the_request_out(clients: dict[str, Client]) -> None:
-    """status() and record(fields) read only what they name (a request can be 100 MB); a tenant still sees only its own."""
+    """status() and record(fields) read only what they name (a request can be 100 MB), scoped as ever."""
     job = clients["search"].submit(HELLO)
     assert set(job.record(("model",))) == {"status", "tenant", "model"}
     assert "envelope" in job.record()  # all of it only when asked for all
