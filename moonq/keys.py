@@ -25,6 +25,7 @@ Key families (``P`` = ``MOONQ_PREFIX``, default ``moonq``):
     P:recent            zset job id -> enqueued_at of every job submitted in the last ``result_ttl_s``
                                (the web console's jobs list, newest first): written at submit, trimmed
                                by age on each write, and the key expires ``result_ttl_s`` after the last.
+    P:recent:<tenant>   zset the same for one tenant's jobs (a tenant's console list).
     P:deliveries        stream the hand-off of webhooks and Celery callbacks owed by ended jobs: one entry
                                (``kind``, ``job``) per delivery, added by the write that ends the job
                                (moonq/eventlog.py), read by the nodes' delivery workers through the
@@ -100,6 +101,10 @@ class Keys:
     @property
     def recent(self) -> str:
         return f"{self.prefix}:recent"
+
+    def recent_of(self, tenant: str) -> str:
+        """One tenant's recent-jobs index: its console list, without scanning every tenant's jobs."""
+        return f"{self.prefix}:recent:{tenant}"
 
     @property
     def deliveries(self) -> str:

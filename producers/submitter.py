@@ -288,7 +288,7 @@ class Submitter:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(job_key, mapping=record)  # type: ignore[arg-type]
                 pipe.zadd(self.keys.active, {envelope.job_id: envelope.enqueued_at})
-                self._remember(pipe, {envelope.job_id: envelope.enqueued_at})
+                self._remember(pipe, {envelope.job_id: envelope.enqueued_at}, record[JobField.TENANT])
                 pipe.execute()
         else:
             assert idempotency_key is not None
@@ -299,7 +299,7 @@ class Submitter:
             if first:
                 return self._existing(first.decode(), digest, idempotency_key, envelope, extra, tenant)
             with self.redis.pipeline(transaction=False) as pipe:
-                self._remember(pipe, {envelope.job_id: envelope.enqueued_at})
+                self._remember(pipe, {envelope.job_id: envelope.enqueued_at}, record[JobField.TENANT])
                 pipe.execute()
         self._send(envelope, idem)
         # Sent: from now on the sweeper looks for its message before re-sending it (worker/sweeper.py).
@@ -312,7 +312,9 @@ class Submitter:
                 record = {**_record(envelope), **extra}
                 pipe.hset(self.keys.job(envelope.job_id), mapping=record)  # type: ignore[arg-type]
             pipe.zadd(self.keys.active, {e.job_id: e.enqueued_at for e in envelopes})
-            self._remember(pipe, {e.job_id: e.enqueued_at for e in envelopes})
+            self._remember(
+                pipe, {e.job_id: e.enqueued_at for e in envelopes}, extra.get(JobField.TENANT, DEFAULT_TENANT)
+            )
             pipe.execute()
         try:
             # kombu's producer batch buffers the queue pushes into one Redis pipeline (other brokers: one by one).
@@ -332,17 +334,19 @@ class Submitter:
                 self._set_field(keys=[self.keys.job(envelope.job_id)], args=[JobField.SENT, "1"], client=pipe)
             pipe.execute()
 
-    def _remember(self, pipe: redis.client.Pipeline, enqueued: Mapping[str, float]) -> None:
-        """Queue on ``pipe`` the jobs' entries in the recent-jobs index (``P:recent``, moonq/keys.py).
+    def _remember(self, pipe: redis.client.Pipeline, enqueued: Mapping[str, float], tenant: str) -> None:
+        """Queue on ``pipe`` the jobs' entries in the recent-jobs indexes (``P:recent``, and
+        ``P:recent:<tenant>`` for the tenant's own list; moonq/keys.py).
 
-        Bounded by age: entries older than a record's lifetime are trimmed, and the key expires that
+        Bounded by age: entries older than a record's lifetime are trimmed, and each key expires that
         long after its newest entry. A job whose send then fails keeps its entry; readers skip ids
         whose record is gone.
         """
         ttl_s = self.settings.result_ttl_s
-        pipe.zadd(self.keys.recent, dict(enqueued))
-        pipe.zremrangebyscore(self.keys.recent, "-inf", time.time() - ttl_s)
-        pipe.expire(self.keys.recent, ttl_s)
+        for index in (self.keys.recent, self.keys.recent_of(tenant)):
+            pipe.zadd(index, dict(enqueued))
+            pipe.zremrangebyscore(index, "-inf", time.time() - ttl_s)
+            pipe.expire(index, ttl_s)
 
     def _send(self, envelope: JobEnvelope, idem: str = "") -> None:
         try:

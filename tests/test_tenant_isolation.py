@@ -197,3 +197,13 @@ def test_state_reads_leave_the_request_out(clients: dict[str, Client]) -> None:
     assert "envelope" in job.record()  # all of it only when asked for all
     with pytest.raises(JobNotFound):
         clients["reports"].job(job.id).record(("model",))
+
+
+def test_each_tenant_has_its_own_recent_jobs_index(clients: dict[str, Client], scoped: ClientSettings) -> None:
+    """The console lists a tenant's jobs from its own index, however many other tenants' jobs there are."""
+    ours = [clients["search"].submit(HELLO).id for _ in range(2)]
+    theirs = [j.id for j in clients["reports"].submit_many([{**HELLO, "model": "moonshot-v1-8k"}] * 3)]
+    r = clients["operator"].redis
+    assert {m.decode() for m in r.zrange(scoped.keys.recent_of("search"), 0, -1)} == set(ours)
+    assert {m.decode() for m in r.zrange(scoped.keys.recent_of("reports"), 0, -1)} == set(theirs)
+    assert r.zcard(scoped.keys.recent) == 5 and 0 < r.ttl(scoped.keys.recent_of("search")) <= scoped.result_ttl_s

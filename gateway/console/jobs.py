@@ -190,10 +190,12 @@ class JobReader:
     async def page(self, offset: int, filters: Filters, *, now: float, limit: int = PAGE_JOBS) -> Page:
         """Up to ``limit`` jobs from rank ``offset`` of the index (newest first) that pass ``filters``."""
         offset = max(0, offset)
+        # A tenant's list reads its own index: a tenant with a few jobs among many finds them on page one.
+        index = self.keys.recent_of(filters.tenant) if filters.tenant else self.keys.recent
         window = FILTER_WINDOW_JOBS if filters.active else limit
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.recent)
-            pipe.zrevrange(self.keys.recent, offset, offset + window - 1)
+            pipe.zcard(index)
+            pipe.zrevrange(index, offset, offset + window - 1)
             indexed, raw_ids = await pipe.execute()
         ids = [text(raw) for raw in raw_ids]
         chosen, consumed = ids[:limit], len(ids[:limit])
@@ -247,7 +249,7 @@ class JobReader:
 
     async def models(self, tenant: str | None, limit: int = FILTER_WINDOW_JOBS) -> list[str]:
         """The models of the newest ``limit`` jobs (``tenant``'s only, when set), for the filter's choices."""
-        ids = await self.redis.zrevrange(self.keys.recent, 0, limit - 1)
+        ids = await self.redis.zrevrange(self.keys.recent_of(tenant) if tenant else self.keys.recent, 0, limit - 1)
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in ids:
                 pipe.hmget(self.keys.job(text(raw)), [JobField.MODEL, JobField.TENANT])
