@@ -204,6 +204,10 @@ def test_each_tenant_has_its_own_recent_jobs_index(clients: dict[str, Client], s
     ours = [clients["search"].submit(HELLO).id for _ in range(2)]
     theirs = [j.id for j in clients["reports"].submit_many([{**HELLO, "model": "moonshot-v1-8k"}] * 3)]
     r = clients["operator"].redis
-    assert {m.decode() for m in r.zrange(scoped.keys.recent_of("search"), 0, -1)} == set(ours)
-    assert {m.decode() for m in r.zrange(scoped.keys.recent_of("reports"), 0, -1)} == set(theirs)
+
+    def listed(tenant: str) -> set[str]:
+        members: list[bytes] = r.zrange(scoped.keys.recent_of(tenant), 0, -1)  # type: ignore[assignment]
+        return {m.decode() for m in members}
+
+    assert listed("search") == set(ours) and listed("reports") == set(theirs)
     assert r.zcard(scoped.keys.recent) == 5 and 0 < r.ttl(scoped.keys.recent_of("search")) <= scoped.result_ttl_s
