@@ -13,7 +13,7 @@ from typing import Any, Unpack
 
 from console.records import fetch_record
 from console.render import Renderer
-from moonq.deliveries import failed_deliveries, redeliver
+from moonq.deliveries import delivery_tenant, failed_deliveries, redeliver
 from moonq.errors import InvalidRequest
 from moonq.record import JobField
 from producers import Client, JobOptions
@@ -146,7 +146,7 @@ def retry(client: Client, job_id: str) -> int:
 
 def webhooks_failed(client: Client, limit: int, *, as_json: bool) -> int:
     """The dead deliveries, newest first: a line each (count on stderr), or the rows as JSON."""
-    rows = failed_deliveries(client.redis, client.keys, limit)
+    rows = failed_deliveries(client.redis, client.keys, limit, client.tenant)
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -157,9 +157,10 @@ def webhooks_failed(client: Client, limit: int, *, as_json: bool) -> int:
 
 
 def webhooks_redeliver(client: Client, delivery: str) -> int:
-    """Put a dead delivery back in line; 3 if it is no dead letter."""
+    """Put a dead delivery back in line; 3 if it is no dead letter (or, with ``--tenant``, another tenant's)."""
     try:
-        again = redeliver(client.redis, client.keys, delivery, ttl_s=client.settings.result_ttl_s)
+        theirs = client.tenant is not None and delivery_tenant(client.redis, client.keys, delivery) != client.tenant
+        again = not theirs and redeliver(client.redis, client.keys, delivery, ttl_s=client.settings.result_ttl_s)
     except ValueError as err:
         raise InvalidRequest([("ID", str(err))]) from None
     if not again:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from moonq.keys import Keys
-from moonq.record import decode_hash
+from moonq.record import DEFAULT_TENANT, JobField, decode_hash
 from moonq.webhooks import delivery_id, parse_delivery_id
 
 GROUP = "nodes"  # the consumer group every node reads the stream through
@@ -80,25 +80,34 @@ def shown_target(target: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
 
 
-def failed_deliveries(r: redis.Redis, keys: Keys, limit: int) -> list[dict[str, Any]]:
-    """The newest dead deliveries first: ``[{id, kind, job_id, target, attempts, gave_up_at, error}]``."""
-    entries: list[tuple[bytes, float]] = r.zrevrange(keys.deliveries_dead, 0, limit - 1, withscores=True)  # type: ignore[assignment]
+def failed_deliveries(r: redis.Redis, keys: Keys, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
+    """The newest dead deliveries first: ``[{id, kind, job_id, tenant, target, attempts, gave_up_at, error}]``;
+    ``tenant``: that tenant's only (the state names it; else its job's record, while it lasts)."""
+    window = limit if tenant is None else max(limit, 1000)  # a tenant's among everyone's: look further
+    entries: list[tuple[bytes, float]] = r.zrevrange(keys.deliveries_dead, 0, window - 1, withscores=True)  # type: ignore[assignment]
     if not entries:
         return []
     with r.pipeline(transaction=False) as pipe:
         for raw_id, _ in entries:
             pipe.hgetall(keys.delivery(raw_id.decode()))
-        states = pipe.execute()
-    rows = []
-    for (raw_id, gave_up_at), raw in zip(entries, states, strict=True):
+            pipe.hget(keys.job(parse_delivery_id(raw_id.decode())[1]), JobField.TENANT)
+        replies = pipe.execute()
+    rows: list[dict[str, Any]] = []
+    for (raw_id, gave_up_at), raw, job_tenant in zip(entries, replies[::2], replies[1::2], strict=True):
         delivery = raw_id.decode()
         state = decode_hash(raw)
+        owner = state.get(TENANT) or (job_tenant.decode() if job_tenant else DEFAULT_TENANT)
+        if tenant is not None and owner != tenant:
+            continue
+        if len(rows) == limit:
+            break
         kind, job_id = parse_delivery_id(delivery)
         rows.append(
             {
                 "id": delivery,
                 "kind": kind,
                 "job_id": job_id,
+                "tenant": owner,
                 "target": shown_target(state.get(TARGET, "")) or None,
                 "attempts": int(state.get(ATTEMPTS) or 0),
                 "gave_up_at": gave_up_at,
@@ -106,6 +115,21 @@ def failed_deliveries(r: redis.Redis, keys: Keys, limit: int) -> list[dict[str, 
             }
         )
     return rows
+
+
+def delivery_tenant(r: redis.Redis, keys: Keys, delivery: str) -> str:
+    """The tenant a delivery belongs to: as its stored state names it, else its job's record.
+
+    Raises:
+        ValueError: ``delivery`` is not a delivery id.
+    """
+    _, job_id = parse_delivery_id(delivery)
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.delivery(delivery), TENANT)
+        pipe.hget(keys.job(job_id), JobField.TENANT)
+        named, recorded = pipe.execute()
+    found = named or recorded
+    return found.decode() if found else DEFAULT_TENANT
 
 
 def redeliver(r: redis.Redis, keys: Keys, delivery: str, *, ttl_s: int) -> bool:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -25,8 +29,10 @@ from standardwebhooks import Webhook
 from gateway.app import GatewaySettings, create_app
 from harness import RedisServer, WorkerProcess
 from moonq.configfile import ConfigFileError
+from moonq.deliveries import failed_deliveries
 from moonq.settings import ClientSettings
 from moonq.tenants import hash_token
+from moonq.webhooks import delivery_id
 from producers import Client, InvalidRequest, JobNotFound, TenantModelNotAllowed
 from simulator import SimServer
 from tests.helpers import make_settings, node_env, serve_gateway, wait_until
@@ -211,3 +217,24 @@ def test_each_tenant_has_its_own_recent_jobs_index(clients: dict[str, Client], s
 
     assert listed("search") == set(ours) and listed("reports") == set(theirs)
     assert r.zcard(scoped.keys.recent) == 5 and 0 < r.ttl(scoped.keys.recent_of("search")) <= scoped.result_ttl_s
+
+
+def test_dead_deliveries_are_listed_and_redelivered_per_tenant(
+    clients: dict[str, Client], scoped: ClientSettings
+) -> None:
+    """`moonq --tenant T webhooks failed` lists T's dead deliveries only; T cannot redeliver another's."""
+    r, keys = clients["operator"].redis, scoped.keys
+    ours, theirs = clients["search"].submit(HELLO), clients["reports"].submit({**HELLO, "model": "moonshot-v1-8k"})
+    for job, tenant in ((ours, "search"), (theirs, "reports")):  # as a node leaves a delivery that gave up
+        did = delivery_id("webhook", job.id)
+        r.hset(keys.delivery(did), mapping={"kind": "webhook", "job": job.id, "tenant": tenant, "attempts": "3"})
+        r.zadd(keys.deliveries_dead, {did: time.time()})
+    assert [row["job_id"] for row in failed_deliveries(r, keys, 10, "search")] == [ours.id]
+    assert {row["tenant"] for row in failed_deliveries(r, keys, 10)} == {"search", "reports"}
+    env = {**os.environ, "REDIS_URL": scoped.redis_url, "MOONQ_PREFIX": scoped.prefix}
+    env["MOONQ_TENANTS_FILE"] = scoped.tenants_file
+    cli = [sys.executable, "-m", "console.cli", "--tenant", "search", "webhooks"]
+    listed = subprocess.run([*cli, "failed", "--json"], env=env, capture_output=True, text=True, timeout=30)
+    assert [row["id"] for row in json.loads(listed.stdout)] == [delivery_id("webhook", ours.id)]
+    refused = subprocess.run([*cli, "redeliver", delivery_id("webhook", theirs.id)], env=env, timeout=30)
+    assert refused.returncode == 3 and r.zcard(keys.deliveries_dead) == 2
