@@ -16,9 +16,11 @@ from moonq.fleet import (
     SampleKey,
     Samples,
     Scrape,
+    TenantUsage,
     View,
     add,
     buckets,
+    budget_text,
     build_view,
     by_label,
     counter_delta,
@@ -41,6 +43,7 @@ __all__ = [
     "SampleKey",
     "Samples",
     "Scrape",
+    "TenantUsage",
     "View",
     "add",
     "against",
@@ -61,6 +64,7 @@ __all__ = [
     "screen_line",
     "screen_rows",
     "seconds",
+    "tenant_row",
     "total",
 ]
 
@@ -102,10 +106,22 @@ def screen_rows(view: View) -> list[tuple[str, str]]:
     ]
     if view.cooldown_s:
         rows.append(("cool-down", f"{max(view.cooldown_s, 0.1):.1f} s left (upstream 429)"))
+    rows.extend(tenant_row(row) for row in view.tenants)
     if not view.nodes_known:
         rows.append(("", "no nodes: none announced in Redis in the last 30 s (MOONQ_PREFIX? --node URL)"))
     rows.extend(("down", url) for url in view.down)
     return rows
+
+
+def tenant_row(row: TenantUsage) -> tuple[str, str]:
+    """One tenant's interval (jobs by outcome, tokens, cost) and its budgets today, as one row."""
+    outcomes = ", ".join(f"{k} {v:.2f}/s" for k, v in row.outcomes_per_s.items())
+    return (
+        "tenant",
+        f"{row.name}: {row.jobs_per_s:.2f} jobs/s"
+        + (f" ({outcomes})" if outcomes else "")
+        + f" | {human(row.tokens_per_min)} tokens/min | ${row.cost_per_hour:.4f}/h | {budget_text(row)}",
+    )
 
 
 def deliveries_row(prev: Scrape, cur: Scrape) -> tuple[str, str] | None:

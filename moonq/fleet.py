@@ -11,6 +11,11 @@ node that restarted in between counts its new values as the increase. Latency qu
 Prometheus' ``histogram_quantile`` over the interval's bucket increases. Gauges that every node
 reports fleet-wide (queue depth, limits, cool-down) are taken as the max over nodes, per-node
 ones (jobs in progress) and totals since start (cost) as the sum.
+
+Per tenant (the ``tenant`` label, bounded by the tenants file: worker/metrics.py), the interval's
+jobs by outcome, tokens and cost, and what is left of each daily budget today (the exporter's
+fleet-wide ``moonq_tenant_budget`` less ``moonq_tenant_spend``, max over nodes). Without a tenants
+file every job is ``default``'s and there is no budget: then there are no tenant rows at all.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from moonq.budgets import TOKENS, USD
 
 NODE_STALE_S = 30.0  # a node that has not announced itself in P:nodes for this long is gone
 
@@ -165,6 +172,26 @@ class Scrape:
 
 
 @dataclass(frozen=True)
+class TenantUsage:
+    """One tenant's share of the interval, and its daily budgets today (UTC).
+
+    ``budget`` and ``spend`` are keyed by unit (``tokens``, ``usd``); a unit without a budget is absent
+    from ``budget``, and ``spend`` is empty where no node reports the tenant's spend (no tenants file).
+    """
+
+    name: str
+    outcomes_per_s: dict[str, float] = field(default_factory=dict)
+    tokens_per_min: float = 0.0
+    cost_per_hour: float = 0.0
+    spend: dict[str, float] = field(default_factory=dict)
+    budget: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def jobs_per_s(self) -> float:
+        return sum(self.outcomes_per_s.values())
+
+
+@dataclass(frozen=True)
 class View:
     """What one screen shows: state now, and rates over the interval between two scrapes."""
 
@@ -190,6 +217,7 @@ class View:
     cost_per_hour: float = 0.0
     cost_total: float | None = None
     cooldown_s: float | None = None
+    tenants: tuple[TenantUsage, ...] = ()  # empty with one tenant and no budget (no tenants file)
 
 
 def fleet_delta(prev: Scrape, cur: Scrape) -> Samples:
@@ -236,7 +264,48 @@ def build_view(prev: Scrape, cur: Scrape) -> View:
         cost_per_hour=total(d, "moonq_cost_usd_total") / dt * 3600,
         cost_total=fleet(up, "moonq_cost_usd_total"),
         cooldown_s=fleet(up, "moonq_ratelimit_cooldown_seconds", "max"),
+        tenants=tenant_usage(up, d, dt),
     )
+
+
+def _tenant_names(up: Iterable[Samples]) -> list[str]:
+    """Every value of a ``tenant`` label the nodes report (jobs, tokens, waits, spend, budgets)."""
+    return sorted({name for samples in up for _, labels in samples for key, name in labels if key == "tenant"})
+
+
+def tenant_usage(up: list[Samples], delta: Samples, dt: float) -> tuple[TenantUsage, ...]:
+    """Per tenant: the interval's rates from ``delta`` over ``dt`` seconds, and budgets now from ``up``.
+
+    Empty when there is only one tenant and no budget: without a tenants file a ``default`` row
+    would repeat the fleet's numbers.
+    """
+    rows = []
+    for name in _tenant_names(up):
+        outcomes = by_label(delta, "moonq_jobs_total", "outcome", tenant=name)
+        tokens = sum(total(delta, "moonq_tokens_total", type=kind, tenant=name) for kind in ("prompt", "completion"))
+        rows.append(
+            TenantUsage(
+                name=name,
+                outcomes_per_s={k: v / dt for k, v in _largest_first(outcomes).items()},
+                tokens_per_min=tokens / dt * 60,
+                cost_per_hour=total(delta, "moonq_cost_usd_total", tenant=name) / dt * 3600,
+                spend=_per_unit(up, "moonq_tenant_spend", name),
+                budget=_per_unit(up, "moonq_tenant_budget", name),
+            )
+        )
+    if len(rows) <= 1 and not any(row.budget for row in rows):
+        return ()
+    return tuple(rows)
+
+
+def _per_unit(up: list[Samples], name: str, tenant: str) -> dict[str, float]:
+    """A fleet-wide per-tenant gauge by unit: every node reads the same key, so the max over nodes."""
+    out: dict[str, float] = {}
+    for unit in (TOKENS, USD):
+        value = fleet(up, name, "max", tenant=tenant, unit=unit)
+        if value is not None:
+            out[unit] = value
+    return out
 
 
 def human(x: float) -> str:
@@ -254,6 +323,20 @@ def seconds(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def budget_text(row: TenantUsage) -> str:
+    """A tenant's budgets today as text: what is left of each (below 0 once running jobs overshot it), or its
+    spend when it has no budget."""
+    if row.budget:
+        parts = []
+        for unit, cap in row.budget.items():
+            left = cap - row.spend.get(unit, 0.0)
+            parts.append(f"${left:.4f} of ${cap:.4f}" if unit == USD else f"{human(left)} of {human(cap)} tokens")
+        return "left today " + ", ".join(parts)
+    if row.spend:
+        return f"no budget (today {human(row.spend.get(TOKENS, 0.0))} tokens, ${row.spend.get(USD, 0.0):.4f})"
+    return "no budget"
 
 
 # The fleet limiter's limits as its gauges name them (moonq_ratelimit_limit{limit=...}).

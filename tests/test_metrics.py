@@ -103,6 +103,7 @@ def test_outcomes_retries_latency_and_bounded_labels(node_run: dict[str, Any]) -
     m = samples(node_run["text"])
     assert total(m, "moonq_jobs_total", outcome="succeeded") == len(REQUESTS)
     assert total(m, "moonq_jobs_total", outcome="failed", model="other") == 1  # unknown model collapsed
+    assert total(m, "moonq_jobs_total", tenant="default") == len(REQUESTS) + 1  # no tenants file: one tenant
     assert total(m, "moonq_retries_total", model="kimi-k2.5", reason="engine_overloaded_error") == 1
     assert total(m, "moonq_upstream_request_duration_seconds_count", status="200") == len(REQUESTS)
     assert total(m, "moonq_upstream_request_duration_seconds_count", status="429") == 1
@@ -114,6 +115,49 @@ def test_outcomes_retries_latency_and_bounded_labels(node_run: dict[str, Any]) -
     assert total(m, "moonq_cost_usd_total") > 0
     assert total(m, "moonq_jobs_in_progress") == 0
     assert not any("job_id" in dict(labels) for _, labels in m)
+
+
+@pytest.fixture(scope="module")
+def tenants_run(redis_url: str, sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A real node reading a tenants file of two tenants, after jobs of both and of a tenant the file does not name."""
+    path = tmp_path_factory.mktemp("tenants") / "tenants.json"
+    path.write_text(json.dumps({"tenants": {"a": {"tokens_sha256": []}, "b": {"tokens_sha256": []}}}))
+    settings = make_settings(
+        redis_url, prefix=f"mt{uuid.uuid4().hex[:6]}", metrics_port=free_port(), moonshot_base_url=sim.base_url
+    )
+    env = node_env(
+        settings,
+        sim.base_url,
+        MOONQ_METRICS_PORT=str(settings.metrics_port),
+        MOONQ_METRICS_HOST="127.0.0.1",
+        MOONQ_TENANTS_FILE=str(path),
+    )
+    request = {"model": "moonshot-v1-8k", "messages": USER}
+    configured = settings.model_copy(update={"tenants_file": str(path)})
+    with WorkerProcess(env), Client(settings=configured) as client, Client(settings=settings) as unaware:
+        usage = {
+            tenant: [client.submit(request, tenant=tenant).result(timeout=30).usage for _ in range(n)]
+            for tenant, n in (("a", 2), ("b", 1))
+        }
+        # A producer without the tenants file submits as ``default``, a name this node's file does not configure.
+        usage["other"] = [unaware.submit(request).result(timeout=30).usage]
+        text = httpx.get(f"http://127.0.0.1:{settings.metrics_port}/metrics").text
+    return {"usage": usage, "metrics": samples(text)}
+
+
+def test_jobs_tokens_cost_and_waits_carry_the_configured_tenant_and_other(tenants_run: dict[str, Any]) -> None:
+    m, usage = tenants_run["metrics"], tenants_run["usage"]
+    for tenant, jobs in usage.items():
+        assert total(m, "moonq_jobs_total", outcome="succeeded", tenant=tenant) == len(jobs), tenant
+        assert total(m, "moonq_tokens_total", type="prompt", tenant=tenant) == sum(u.prompt_tokens for u in jobs)
+        assert total(m, "moonq_tokens_total", type="completion", tenant=tenant) == sum(
+            u.completion_tokens for u in jobs
+        )
+        assert total(m, "moonq_queue_wait_seconds_count", tenant=tenant) == len(jobs), tenant
+        assert total(m, "moonq_ratelimit_wait_seconds_count", tenant=tenant) == len(jobs), tenant
+        assert total(m, "moonq_cost_usd_total", tenant=tenant) > 0, tenant
+    # Bounded: the file's names and ``other``, never the name a record carried.
+    assert {dict(labels)["tenant"] for _, labels in m if "tenant" in dict(labels)} == {"a", "b", "other"}
 
 
 def test_queue_depth_and_limiter_headroom(node_run: dict[str, Any]) -> None:

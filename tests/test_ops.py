@@ -54,6 +54,9 @@ GAUGES = {
     "moonq_ratelimit_cooldown_seconds",
     "moonq_redis_memory_bytes",
     "moonq_webhook_backlog",
+    "moonq_tenant_spend",
+    "moonq_tenant_budget",
+    "moonq_jobs_waiting",
 }
 SERIES = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "count", "sum")} | {"up"}
 ALERTS = {

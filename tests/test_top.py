@@ -35,6 +35,7 @@ from console.fleetview import (
     total,
 )
 from console.top import discover, scrape_node
+from gateway.console.fleet import describe, for_tenant
 from harness import WorkerProcess, free_port
 from moonq.keys import Keys
 from producers import Client
@@ -254,6 +255,75 @@ def test_parse_a_real_exposition() -> None:
     assert total(samples, "moonq_time_to_first_token_seconds_bucket", le="1.0") == 1
     with pytest.raises(ValueError):
         parse_exposition("<html>not metrics</html>")
+
+
+def tenants_node(rounds: list[tuple[float, float]]) -> list[Samples]:
+    """One node's scrapes, one per round of ``(alpha's jobs, beta's jobs)`` since the previous scrape: two
+    tenants' jobs, tokens and cost, and the exporter's budget gauges (alpha has budgets, beta none)."""
+    registry = CollectorRegistry()  # one registry: a scrape of a new one would read as a restarted node
+    jobs = Counter("moonq_jobs", "", ["model", "outcome", "tenant"], registry=registry)
+    tokens = Counter("moonq_tokens", "", ["model", "type", "tenant"], registry=registry)
+    cost = Counter("moonq_cost_usd", "", ["model", "tenant"], registry=registry)
+    spend = Gauge("moonq_tenant_spend", "", ["tenant", "unit"], registry=registry)
+    budget = Gauge("moonq_tenant_budget", "", ["tenant", "unit"], registry=registry)
+    budget.labels("alpha", "tokens").set(100_000)
+    budget.labels("alpha", "usd").set(1.0)
+    scrapes = []
+    for jobs_a, jobs_b in rounds:
+        jobs.labels("kimi-k2.5", "succeeded", "alpha").inc(jobs_a * 0.8)
+        jobs.labels("kimi-k2.5", "failed", "alpha").inc(jobs_a * 0.2)
+        jobs.labels("kimi-k2.5", "succeeded", "beta").inc(jobs_b)
+        for tenant, n in (("alpha", jobs_a), ("beta", jobs_b)):
+            tokens.labels("kimi-k2.5", "prompt", tenant).inc(100 * n)
+            tokens.labels("kimi-k2.5", "completion", tenant).inc(50 * n)
+            tokens.labels("kimi-k2.5", "cached", tenant).inc(100 * n)  # part of prompt: not added
+            cost.labels("kimi-k2.5", tenant).inc(0.001 * n)
+            spend.labels(tenant, "tokens").inc(150 * n)
+            spend.labels(tenant, "usd").inc(0.001 * n)
+        scrapes.append(parse_exposition(generate_latest(registry).decode()))
+    return scrapes
+
+
+def test_tenant_rows_show_each_tenants_interval_and_budget_left() -> None:
+    url = "http://a:9464/metrics"
+    before, now = tenants_node([(6, 2), (10, 2)])
+    prev, cur = Scrape(100.0, {url: before}), Scrape(102.0, {url: now})
+    view = build_view(prev, cur)
+    assert [row.name for row in view.tenants] == ["alpha", "beta"]
+    rows = [line for line in format_screen(view) if line.startswith("tenant ")]
+    assert rows == [
+        # alpha: 8 succeeded and 2 failed in 2 s; 10 x 150 tokens (prompt + completion) in 2 s = 45k/min;
+        # $0.010 in 2 s = $18/h; left today: 100k - 16 x 150 tokens, $1 - $0.016.
+        "tenant      alpha: 5.00 jobs/s (succeeded 4.00/s, failed 1.00/s) | 45.0k tokens/min | $18.0000/h"
+        " | left today 97.6k of 100k tokens, $0.9840 of $1.0000",
+        "tenant      beta: 1.00 jobs/s (succeeded 1.00/s) | 9000 tokens/min | $3.6000/h"
+        " | no budget (today 600 tokens, $0.0040)",
+    ]
+    # The web console shows the same rows to operators, and none to a tenant's session (other tenants' usage).
+    page = describe(view, cur, True, None)
+    assert [(t["name"], t["throughput"], t["budget"]) for t in page["tenants"]] == [
+        ("alpha", "5.00 jobs/s", "left today 97.6k of 100k tokens, $0.9840 of $1.0000"),
+        ("beta", "1.00 jobs/s", "no budget (today 600 tokens, $0.0040)"),
+    ]
+    assert for_tenant(page)["tenants"] == []
+
+
+def test_no_tenant_rows_for_the_default_tenant_alone_but_one_with_a_budget_shows() -> None:
+    def only(tenant: str, n: float, budget: float | None = None) -> Samples:
+        out = s("moonq_jobs_total", n, model="kimi-k2.5", outcome="succeeded", tenant=tenant)
+        if budget is not None:
+            out |= s("moonq_tenant_budget", budget, tenant=tenant, unit="tokens")
+            out |= s("moonq_tenant_spend", 10, tenant=tenant, unit="tokens")
+        return out
+
+    url = "http://a:9464/metrics"
+    plain = build_view(Scrape(0.0, {url: only("default", 1)}), Scrape(1.0, {url: only("default", 3)}))
+    assert plain.jobs_per_s == 2 and plain.tenants == ()
+    assert not any(line.startswith("tenant") for line in format_screen(plain))
+    capped = build_view(Scrape(0.0, {url: only("solo", 1, 50)}), Scrape(1.0, {url: only("solo", 3, 50)}))
+    assert [line for line in format_screen(capped) if line.startswith("tenant")] == [
+        "tenant      solo: 2.00 jobs/s (succeeded 2.00/s) | 0 tokens/min | $0.0000/h | left today 40 of 50 tokens"
+    ]
 
 
 # --- discovery and scraping, for real ---------------------------------------------------------

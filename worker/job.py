@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 from moonq.eventlog import append_args, event_body
 from moonq.keys import Keys
 from moonq.record import JobField, JobStatus
+from moonq.tenants import cached_tenants
 from moonq.wire import JobEnvelope
 from worker import metrics
 from worker.answer import Answer
@@ -66,6 +67,7 @@ class JobContext:
     def __post_init__(self) -> None:
         # Read when the node starts: a tenants file that breaks a rule stops it there, naming the rule.
         self.budgets = Budgets(self.redis, self.keys.prefix, self.settings.tenants_file)
+        metrics.set_tenants(cached_tenants(self.settings.tenants_file).names)  # the tenant label's values
 
 
 async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
@@ -145,7 +147,7 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
     )
     model = metrics.model_label(str(envelope.request.get("model", "")))
     if got.verdict == "cancel":
-        return await _end_cancelled(writer, envelope)
+        return await _end_cancelled(writer, envelope, got.tenant)
     if got.verdict not in ("run", "takeover"):
         # 'gone' is worth a warning: a message whose job has no record (it ended long ago, or was never recorded).
         level = logging.WARNING if got.verdict == "gone" else logging.INFO
@@ -153,7 +155,8 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
         return "skipped"
     delivery.owns = True
     if attempt == 1:
-        metrics.QUEUE_WAIT.labels(model).observe(max(0.0, time.time() - envelope.enqueued_at))
+        waited = max(0.0, time.time() - envelope.enqueued_at)
+        metrics.QUEUE_WAIT.labels(model, metrics.tenant_label(got.tenant)).observe(waited)
     metrics.IN_PROGRESS.labels(model).inc()
     try:
         if got.verdict == "takeover":
@@ -169,11 +172,11 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
             raise asyncio.CancelledError
         refused = await _refused(ctx, got)
         if refused is not None:
-            return await _end_failed(ctx, writer, envelope, refused, attempt)
+            return await _end_failed(ctx, writer, envelope, refused, attempt, got.tenant)
         return await _attempts(ctx, envelope, writer, attempt, got.tenant)
     except asyncio.CancelledError:
         if await _cancel_requested(ctx, job_id):
-            return await _end_cancelled(writer, envelope)
+            return await _end_cancelled(writer, envelope, got.tenant)
         if ctx.shutting_down:
             return await _requeue(writer, attempt)
         raise
@@ -211,10 +214,10 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
     while True:
         assembler = StreamAssembler()
         try:
-            completion = await _attempt(ctx, envelope, writer, attempt, answer, assembler)
+            completion = await _attempt(ctx, envelope, writer, attempt, answer, assembler, tenant)
         except UpstreamError as err:
             if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
-                return await _end_failed(ctx, writer, envelope, err.info(), attempt)
+                return await _end_failed(ctx, writer, envelope, err.info(), attempt, tenant)
             delay = retry_delay(err, attempt, ctx.policy)
             if isinstance(err, RateLimited):
                 await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
@@ -271,9 +274,9 @@ async def _end_succeeded(
     )
     for kind, n in counts.items():
         if n:
-            metrics.TOKENS.labels(model, kind).inc(n)
-    metrics.COST.labels(model).inc(usd)
-    _record_end(envelope, "succeeded")
+            metrics.TOKENS.labels(model, kind, metrics.tenant_label(tenant)).inc(n)
+    metrics.COST.labels(model, metrics.tenant_label(tenant)).inc(usd)
+    _record_end(envelope, "succeeded", tenant)
     log.info(
         "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
         " cached_tokens=%s latency_s=%.3f",
@@ -297,9 +300,10 @@ async def _builtin_tools(ctx: JobContext, envelope: JobEnvelope) -> str | None:
     return value or None
 
 
-def _record_end(envelope: JobEnvelope, outcome: str) -> None:
+def _record_end(envelope: JobEnvelope, outcome: str, tenant: str) -> None:
     model = metrics.model_label(str(envelope.request.get("model", "")))
-    metrics.JOBS.labels(model, outcome).inc()
+    metrics.JOBS.labels(model, outcome, metrics.tenant_label(tenant)).inc()
+    # The duration stays without the tenant: its buckets times the tenants would be the node's largest family.
     metrics.JOB_DURATION.labels(model, outcome).observe(max(0.0, time.time() - envelope.enqueued_at))
 
 
@@ -328,6 +332,7 @@ async def _attempt(
     attempt: int,
     answer: Answer,
     assembler: StreamAssembler,
+    tenant: str,
 ) -> dict[str, Any]:
     """One upstream call of ``answer.request`` inside the fleet's limits; returns the assembled completion.
 
@@ -340,7 +345,7 @@ async def _attempt(
     lease = await ctx.limiter.acquire(
         reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
     )
-    metrics.RATELIMIT_WAIT.labels(lease.limit).observe(lease.waited_s)
+    metrics.RATELIMIT_WAIT.labels(lease.limit, metrics.tenant_label(tenant)).observe(lease.waited_s)
     try:
         await _still_ours(ctx, envelope.job_id, writer.owner)
     except BaseException:
@@ -406,13 +411,13 @@ async def _index_dead_letter(ctx: JobContext, job_id: str, now: float) -> None:
 
 
 async def _end_failed(
-    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, info: dict[str, Any], attempt: int
+    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, info: dict[str, Any], attempt: int, tenant: str
 ) -> Outcome:
     now = time.time()
     await _index_dead_letter(ctx, writer.job_id, now)
     record: dict[str, Any] = {JobField.STATUS: JobStatus.FAILED, JobField.ERROR: info, JobField.FINISHED_AT: str(now)}
     await writer.write("failed", record, error=info)
-    _record_end(envelope, "failed")
+    _record_end(envelope, "failed", tenant)
     log.info(
         "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",
         writer.job_id,
@@ -425,12 +430,12 @@ async def _end_failed(
     return "failed"
 
 
-async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope) -> Outcome:
+async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope, tenant: str) -> Outcome:
     try:
         await writer.write("cancelled", {JobField.STATUS: JobStatus.CANCELLED, JobField.FINISHED_AT: str(time.time())})
     except Fenced:
         return "cancelled"  # ended some other way first (e.g. the producer cancelled it while queued)
-    _record_end(envelope, "cancelled")
+    _record_end(envelope, "cancelled", tenant)
     log.info("event=job_cancelled job_id=%s", writer.job_id)
     return "cancelled"
 

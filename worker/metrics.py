@@ -4,11 +4,18 @@ A node is one process (Celery's thread pool plus one asyncio loop), so one regis
 everything and counters never jump when pool threads come and go: no multiprocess mode, no
 shared directory to clean. Labels stay bounded: model names outside the known set collapse
 into ``other``, statuses and reasons into small fixed sets, and no job id is ever a label.
+Tenant names are bounded by the tenants file: the node sets its configured names once at start
+(``set_tenants``), and any other name a job record carries (a producer that read another file, or
+none) collapses into ``other``; without a file the only value is ``default``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moonq.record import DEFAULT_TENANT
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -59,15 +66,18 @@ KNOWN_REASONS = frozenset(
 )
 OTHER = "other"
 
-JOBS = Counter("moonq_jobs", "Jobs that ended, by outcome.", ["model", "outcome"], registry=REGISTRY)
+JOBS = Counter("moonq_jobs", "Jobs that ended, by outcome.", ["model", "outcome", "tenant"], registry=REGISTRY)
 TOKENS = Counter(
     "moonq_tokens",
     "Tokens the upstream reported: prompt, completion, cached (part of prompt), reasoning (part of completion).",
-    ["model", "type"],
+    ["model", "type", "tenant"],
     registry=REGISTRY,
 )
 COST = Counter(
-    "moonq_cost_usd", "Estimated spend from reported usage and the price table.", ["model"], registry=REGISTRY
+    "moonq_cost_usd",
+    "Estimated spend from reported usage and the price table.",
+    ["model", "tenant"],
+    registry=REGISTRY,
 )
 UPSTREAM_DURATION = Histogram(
     "moonq_upstream_request_duration_seconds",
@@ -93,7 +103,7 @@ JOB_DURATION = Histogram(
 QUEUE_WAIT = Histogram(
     "moonq_queue_wait_seconds",
     "Enqueue to the first start of the job.",
-    ["model"],
+    ["model", "tenant"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -103,11 +113,34 @@ RETRIES = Counter(
 RATELIMIT_WAIT = Histogram(
     "moonq_ratelimit_wait_seconds",
     "Time a call waited for fleet capacity, by the limit that held it last (none = no wait).",
-    ["limit"],
+    ["limit", "tenant"],
     buckets=SHORT_BUCKETS,
     registry=REGISTRY,
 )
 IN_PROGRESS = Gauge("moonq_jobs_in_progress", "Jobs this node is running now.", ["model"], registry=REGISTRY)
+WAITING = Gauge(
+    "moonq_jobs_waiting",
+    "Jobs of this node waiting for fleet capacity (not yet calling the upstream).",
+    ["tenant", "account"],
+    registry=REGISTRY,
+)
+
+# The values the ``tenant`` label may take besides ``other``: the tenants file's names (``set_tenants``).
+_tenants: frozenset[str] = frozenset({DEFAULT_TENANT})
+
+
+def set_tenants(names: Iterable[str]) -> None:
+    """The configured tenant names (``Tenants.names``), set once when the node starts.
+
+    Only these become label values, so a record naming anything else cannot add series.
+    """
+    global _tenants  # one node, one tenants file, read once at start
+    _tenants = frozenset(names)
+
+
+def tenant_label(name: str) -> str:
+    """The job's tenant if the node's tenants file names it (``default`` without a file), else ``other``."""
+    return name if name in _tenants else OTHER
 
 
 def model_label(model: str) -> str:

@@ -18,7 +18,18 @@ import httpx
 import redis.asyncio
 
 from gateway.console.jobs import text
-from moonq.fleet import NODE_STALE_S, Samples, Scrape, View, build_view, headroom, human, parse_exposition, seconds
+from moonq.fleet import (
+    NODE_STALE_S,
+    Samples,
+    Scrape,
+    View,
+    budget_text,
+    build_view,
+    headroom,
+    human,
+    parse_exposition,
+    seconds,
+)
 from moonq.keys import Keys
 
 REFRESH_S = 2.0  # the page asks this often; a scrape round is never closer to the last than this
@@ -81,7 +92,7 @@ def _of(x: float | None, cap: float | None) -> str:
 
 
 def describe(view: View, cur: Scrape, rated: bool, note: str | None) -> dict[str, Any]:
-    """The view as the Fleet page's cells: ``{name: text}``, plus lists of limits, nodes and notes."""
+    """The view as the Fleet page's cells: ``{name: text}``, plus lists of limits, tenants, nodes and notes."""
     dash = "-" if not rated else None
     total_jobs = sum(view.outcomes_per_s.values())
     failed_share = view.outcomes_per_s.get("failed", 0.0) / total_jobs if total_jobs else 0.0
@@ -127,13 +138,26 @@ def describe(view: View, cur: Scrape, rated: bool, note: str | None) -> dict[str
         },
         "in_flight": {"used": view.in_flight or 0.0, "max": view.inflight_cap or 0.0},
         "limits": limits,
+        # One entry per tenant, as `moonq top`'s tenant rows; none without a tenants file (view.tenants).
+        "tenants": [
+            {
+                "name": row.name,
+                "throughput": dash or f"{row.jobs_per_s:.2f} jobs/s",
+                "outcomes": dash or (", ".join(f"{k} {v:.2f}/s" for k, v in row.outcomes_per_s.items()) or "none"),
+                "tokens_per_min": dash or f"{human(round(row.tokens_per_min))}/min",
+                "cost_per_hour": dash or f"${row.cost_per_hour:.4f}/h",
+                "budget": budget_text(row),
+            }
+            for row in view.tenants
+        ],
         "nodes": [{"url": url, "up": samples is not None} for url, samples in sorted(cur.nodes.items())],
         "notes": notes,
     }
 
 
 def for_tenant(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """The fleet's health as a tenant's session sees it: no spend cells, and no node addresses (the
-    fleet's inner network); nodes up, queue, in flight, rates, latency and the limiter stay."""
+    """The fleet's health as a tenant's session sees it: no spend cells, no tenant rows (the other
+    tenants' usage) and no node addresses (the fleet's inner network); nodes up, queue, in flight,
+    rates, latency and the limiter stay."""
     cells = {name: value for name, value in snapshot["cells"].items() if name not in SPEND_CELLS}
-    return {**snapshot, "cells": cells, "nodes": []}
+    return {**snapshot, "cells": cells, "tenants": [], "nodes": []}
