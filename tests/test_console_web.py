@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -327,14 +328,15 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-@pytest.fixture
-def node(settings: Settings, r: redis.Redis) -> Iterator[str]:
+@contextmanager
+def serve_node(settings: Settings, r: redis.Redis, **node: Any) -> Iterator[str]:
     """The embedded worker's metrics served on a free port and announced in P:nodes, as a node announces itself.
 
     The Redis gauges are read as a node with fleet limits reports them (the embedded worker runs
     without limits, so its buckets read full): the page's limiter section has something to show.
+    ``node`` are more of that node's settings (its tenants file: the tenants' budget gauges).
     """
-    limited = settings.model_copy(update={"rpm": 600, "tpm": 1_000_000, "max_inflight": 16})
+    limited = settings.model_copy(update={"rpm": 600, "tpm": 1_000_000, "max_inflight": 16, **node})
     gauges = RedisCollector(limited)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Node(gauges))
@@ -350,6 +352,12 @@ def node(settings: Settings, r: redis.Redis) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         gauges.redis.close()
+
+
+@pytest.fixture
+def node(settings: Settings, r: redis.Redis) -> Iterator[str]:
+    with serve_node(settings, r) as url:
+        yield url
 
 
 def test_the_fleet_page_shows_the_nodes_and_refreshes(page: Page, api: httpx.Client, node: str) -> None:
@@ -455,13 +463,17 @@ def test_sessions_refuse_forged_expired_revoked_and_moved_cookies(tmp_path: Path
 # --- tenants: a gateway with a tenants file ---------------------------------------------------
 
 TENANT_TOKENS = {"search": "console-search-token", "reports": "console-reports-token", "ops": "console-ops-token"}
+SEARCH_DAILY_TOKENS = 5_000_000
 
 
 @pytest.fixture(scope="module")
 def tenants_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> GatewaySettings:
     """A tenants file's gateway on the suite's Redis and prefix (the embedded worker runs its jobs)."""
     path = tmp_path_factory.mktemp("console-tenants") / "tenants.json"
-    entry = {name: {"tokens_sha256": [hash_token(TENANT_TOKENS[name])]} for name in ("search", "reports")}
+    entry: dict[str, dict[str, Any]] = {
+        name: {"tokens_sha256": [hash_token(TENANT_TOKENS[name])]} for name in ("search", "reports")
+    }
+    entry["search"]["daily_tokens"] = SEARCH_DAILY_TOKENS  # far above what the tests use: never refuses a job
     path.write_text(json.dumps({"operators": {"tokens_sha256": [hash_token(TENANT_TOKENS["ops"])]}, "tenants": entry}))
     return GatewaySettings(redis_url=settings.redis_url, prefix=settings.prefix, tenants_file=str(path))
 
@@ -469,6 +481,13 @@ def tenants_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def tenants_gateway(tenants_settings: GatewaySettings, worker: Any) -> Iterator[str]:
     with serve_gateway(tenants_settings) as url:
+        yield url
+
+
+@pytest.fixture
+def tenants_node(settings: Settings, r: redis.Redis, tenants_settings: GatewaySettings) -> Iterator[str]:
+    """A node of the tenants file's deployment: it reports each configured tenant's spend and budgets."""
+    with serve_node(settings, r, tenants_file=tenants_settings.tenants_file) as url:
         yield url
 
 
@@ -570,19 +589,36 @@ def test_a_tenant_cannot_act_on_another_tenants_job(as_tenant: Any, tenants_gate
     expect(operator.locator("#failed tr", has_text=dead)).to_have_count(1)  # still a dead letter: not retried
 
 
-def test_a_tenant_sees_the_fleets_health_but_not_its_spend_or_nodes(as_tenant: Any, node: str) -> None:
+def test_a_tenant_sees_the_fleets_health_but_not_its_spend_or_nodes(
+    as_tenant: Any, tenants_gateway: str, tenants_node: str
+) -> None:
+    with tenant_api(tenants_gateway, "search") as search:  # a job ended: the fleet has a cost to show
+        ended(search, submit(search, ask("Fleet traffic for search.")))
     page = as_tenant("search")
     page.goto("/console/fleet")
     expect(page.locator("[data-cell=nodes]")).to_have_text(re.compile(r"[1-9]\d* up / \d+ known"))
     expect(page.locator("#fleet")).to_have_attribute("data-refreshed", re.compile(r"[1-9]"))  # the script runs
-    assert page.locator("[data-cell=cost_per_hour], [data-cell=tokens_per_hour], #nodes").count() == 0
+    # Neither the fleet's spend nor any tenant's usage (its own included: the rows are the operators').
+    assert page.locator("[data-cell=cost_per_hour], [data-cell=tokens_per_hour], #nodes, #tenants").count() == 0
     snapshot = page.request.get("/console/fleet.json").json()
     assert "cost_total" not in snapshot["cells"] and "queue" in snapshot["cells"] and snapshot["nodes"] == []
-    assert node not in page.content()
+    assert snapshot["tenants"] == []
+    assert tenants_node not in page.content() and "reports" not in page.inner_text("#fleet")
     operator = as_tenant("ops")
     operator.goto("/console/fleet")
-    expect(operator.locator("#nodes")).to_contain_text(node)
+    expect(operator.locator("#nodes")).to_contain_text(tenants_node)
     assert operator.inner_text("[data-cell=cost_total]").startswith("$")
+    # A row per tenant of the file, as the page first drew it and again as its script redraws it (with rates).
+    rows = operator.locator("#tenants tbody tr")
+    searched, reported = rows.filter(has_text="search"), rows.filter(has_text="reports")
+    expect(operator.locator("#tenants")).to_be_visible()
+    expect(searched.locator("td").last).to_have_text(re.compile(r"^left today [\d.]+[kM]? of 5\.0M tokens$"))
+    expect(reported.locator("td").last).to_have_text(re.compile(r"^no budget"))
+    expect(operator.locator("#fleet")).to_have_attribute("data-refreshed", re.compile(r"[1-9]"))
+    for row in (searched, reported):
+        expect(row.locator("td").nth(1)).to_contain_text(re.compile(r"^\d+\.\d\d jobs/s"))
+        expect(row.locator("td").nth(2)).to_have_text(re.compile(r"/min$"))
+        expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^\$\d+\.\d{4}/h$"))
 
 
 def _edited(cookie: str, **changes: Any) -> str:

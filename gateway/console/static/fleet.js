@@ -40,6 +40,25 @@
         })
       );
     }
+    const tenants = document.getElementById("tenants"); // an operator's page only; no rows with one tenant and no budget
+    if (tenants) {
+      tenants.classList.toggle("hidden", !data.tenants.length);
+      tenants.querySelector("tbody").replaceChildren(
+        ...data.tenants.map((t) => {
+          const row = el("tr");
+          const jobs = el("td", "num", t.throughput);
+          jobs.append(el("div", "muted small", t.outcomes));
+          row.append(
+            el("td", "", t.name),
+            jobs,
+            el("td", "num", t.tokens_per_min),
+            el("td", "num", t.cost_per_hour),
+            el("td", "", t.budget)
+          );
+          return row;
+        })
+      );
+    }
     const nodes = document.getElementById("nodes"); // an operator's page only
     if (nodes) {
       nodes.replaceChildren(
