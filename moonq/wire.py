@@ -108,6 +108,8 @@ class Event(_Reader):
     resume: bool | None = None
     kept: int | None = None
     restart_reason: str | None = None
+    # On a ``retry`` with reason ``account_switch``: the upstream account taken out of rotation.
+    account: str | None = None
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
 

@@ -9,15 +9,18 @@ the tests that call them.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.asyncio import Redis
 
 from gateway.app import GatewaySettings, create_app
 from harness import WorkerProcess
@@ -25,6 +28,8 @@ from moonq.wire import Event
 from producers import Client
 from simulator import SimConfig, SimServer
 from simulator.server import serve_in_thread
+from worker.limiter_state import LimiterKeys
+from worker.ratelimit import Limiter, Limits
 from worker.settings import Settings
 
 API_KEY = "sk-moonq-test-0123456789abcdef"
@@ -214,3 +219,41 @@ def unbounded_keys(r: redis.Redis, prefix: str) -> list[str]:
         elif ttl == -1 and owned_reason(prefix, key) is None:
             bad.append(f"{key!r} ({r.type(raw)!r}): no TTL and no owner")
     return bad
+
+
+# ---- the fleet limiter, several Limiter instances standing in for several processes ----
+
+
+def run_limiters(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaitable[Any]]) -> Any:
+    """Run ``body`` with a factory of started limiters sharing one fresh prefix; stop them all after."""
+
+    async def main() -> Any:
+        redis = Redis.from_url(redis_url)
+        prefix = f"rl{uuid.uuid4().hex[:8]}"
+        made: list[Limiter] = []
+
+        def limiter(limits: Limits, **kw: Any) -> Limiter:
+            lim = Limiter(redis, prefix, limits, **kw)
+            lim.start()
+            made.append(lim)
+            return lim
+
+        listener = asyncio.create_task(_wake_limiters(redis, LimiterKeys.for_prefix(prefix).wake, made))
+        try:
+            return await asyncio.wait_for(body(limiter), timeout=30)
+        finally:
+            listener.cancel()
+            for lim in made:
+                await lim.stop()
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+async def _wake_limiters(redis: Redis, channel: str, limiters: list[Limiter]) -> None:
+    # What the runtime's listener does for its process's limiter.
+    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(channel)
+        async for _ in pubsub.listen():
+            for lim in limiters:
+                lim.wake()

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,47 +22,13 @@ from moonq.settings import ClientSettings
 from producers import Client, JobFailed
 from simulator import SimConfig, SimServer, max_in_window
 from tests.helpers import make_settings, node_env, wait_until
+from tests.helpers import run_limiters as run
 from worker import settings as worker_settings
 from worker.errors import CapacityWaitTimeout
 from worker.limiter_state import MAX_WINDOW_MS, SUM_FIELD, LimiterKeys
 from worker.ratelimit import Lease, Limiter, Limits
 
 REQUEST = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Is there room?"}]}
-
-
-def run(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaitable[Any]]) -> Any:
-    """Run ``body`` with a factory of started limiters sharing one fresh prefix; stop them all after."""
-
-    async def main() -> Any:
-        redis = Redis.from_url(redis_url)
-        prefix = f"rl{uuid.uuid4().hex[:8]}"
-        made: list[Limiter] = []
-
-        def limiter(limits: Limits, **kw: Any) -> Limiter:
-            lim = Limiter(redis, prefix, limits, **kw)
-            lim.start()
-            made.append(lim)
-            return lim
-
-        listener = asyncio.create_task(_wake_all(redis, LimiterKeys.for_prefix(prefix).wake, made))
-        try:
-            return await asyncio.wait_for(body(limiter), timeout=30)
-        finally:
-            listener.cancel()
-            for lim in made:
-                await lim.stop()
-            await redis.aclose()
-
-    return asyncio.run(main())
-
-
-async def _wake_all(redis: Redis, channel: str, limiters: list[Limiter]) -> None:
-    # What the runtime's listener does for its process's limiter.
-    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-        await pubsub.subscribe(channel)
-        async for _ in pubsub.listen():
-            for lim in limiters:
-                lim.wake()
 
 
 async def hold(lim: Limiter, seconds: float, log: list[tuple[str, float]], name: str, **kw: Any) -> None:

@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from moonq.configfile import ConfigFileError, Name, read_mapping, validate
-from moonq.errors import MoonqError
-from worker.ratelimit import Limits
+from worker.errors import UnknownAccount
+from worker.ratelimit import DEFAULT_ACCOUNT, Limits
 from worker.settings import Settings
 
 SETTING = "MOONQ_ACCOUNTS_FILE"
-DEFAULT_ACCOUNT = "default"
+__all__ = ["DEFAULT_ACCOUNT", "SETTING", "Account", "AccountEntry", "Accounts", "AccountsFile", "UnknownAccount"]
 
 
 class _Caps(BaseModel):
@@ -88,14 +88,6 @@ class Account(_Caps):
 
     name: Name
     api_key: SecretStr | None = None
-
-
-class UnknownAccount(MoonqError, LookupError):
-    """An account name that the node does not have."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"unknown account {name[:64]!r}: not configured on this node")
 
 
 class Accounts:
@@ -182,3 +174,12 @@ def _read_key(entry: AccountEntry, folder: Path) -> tuple[str, str]:
     except UnicodeDecodeError:
         return "", f"{path} is not UTF-8 text"
     return (key, "") if key else ("", f"{path} is empty")
+
+
+def load_accounts(settings: Settings) -> Accounts:
+    """The node's accounts: ``MOONQ_ACCOUNTS_FILE``'s, or one of its own settings when there is none.
+
+    Raises:
+        ConfigFileError: the file breaks a rule (the message names the account and the field).
+    """
+    return Accounts.load(settings.accounts_file) if settings.accounts_file else Accounts.from_settings(settings)

@@ -44,6 +44,7 @@ class UpstreamError(MoonqError):
         self.status = status
         self.request_id = request_id
         self.retry_after_s = retry_after_s
+        self.account: str | None = None  # the upstream account that answered (set by the node's runner)
 
     def info(self) -> dict[str, Any]:
         return {"type": self.type, "message": self.message, "status": self.status}
@@ -110,3 +111,11 @@ def error_from_response(status: int, body: bytes, headers: Any = None) -> Upstre
     else:
         cls = UpstreamRejected
     return cls(message, **kw)
+
+
+class UnknownAccount(MoonqError, LookupError):
+    """An account name that the node does not have."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"unknown account {name[:64]!r}: not configured on this node")

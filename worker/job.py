@@ -32,7 +32,7 @@ from worker.delivery import Claim, Deliveries, Delivery, claim
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
 from worker.publisher import EventSink, EventWriter, Fenced
-from worker.ratelimit import Limiter
+from worker.ratelimit import DEFAULT_ACCOUNT, Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.rounds import TOOL_ROUND, offers_builtin
 from worker.settings import Settings
@@ -40,6 +40,10 @@ from worker.upstream import UpstreamClient, stream_chat
 from worker.usage import Price, cost_usd, token_counts
 
 log = logging.getLogger("moonq.worker")
+
+# The retry reason of a job that goes on on another account, and the errors that send it there (with a 401).
+ACCOUNT_SWITCH = "account_switch"
+ACCOUNT_GONE_TYPES = frozenset({"exceeded_current_quota_error"})
 
 # What reading a chunk of the wrong shape raises in the assembler or the event encoder.
 MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, OverflowError)
@@ -54,7 +58,7 @@ class JobContext:
     settings: Settings
     keys: Keys
     redis: Redis
-    upstream: UpstreamClient
+    upstreams: dict[str, UpstreamClient]  # by account name (worker/accounts.py)
     append: EventSink
     claim: AsyncScript
     limiter: Limiter
@@ -216,11 +220,35 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
         try:
             completion = await _attempt(ctx, envelope, writer, attempt, answer, assembler, tenant)
         except UpstreamError as err:
+            if await _switch_account(ctx, err, tenant):
+                decision = answer.broke(attempt, err.type, assembler)
+                attempt += 1
+                await writer.write(
+                    "retry",
+                    {JobField.ATTEMPT: str(attempt)},
+                    attempt=attempt,
+                    reason=ACCOUNT_SWITCH,
+                    delay_s=0.0,
+                    account=err.account,
+                    **decision.event_fields(),
+                )
+                metrics.RETRIES.labels(model, ACCOUNT_SWITCH).inc()
+                log.warning(
+                    "event=account_switch job_id=%s account=%s error_type=%s status=%s: out of rotation for %gs",
+                    envelope.job_id,
+                    err.account,
+                    err.type,
+                    err.status,
+                    ctx.settings.account_out_s,
+                )
+                if await _cancel_requested(ctx, envelope.job_id):
+                    raise asyncio.CancelledError from None
+                continue
             if not should_retry(err, attempt, time.monotonic() - started, ctx.policy):
                 return await _end_failed(ctx, writer, envelope, err.info(), attempt, tenant)
             delay = retry_delay(err, attempt, ctx.policy)
             if isinstance(err, RateLimited):
-                await ctx.limiter.cooldown(delay)  # every node holds back, not just this job
+                await ctx.limiter.cooldown(delay, err.account or DEFAULT_ACCOUNT)  # every node holds back
             decision = answer.broke(attempt, err.type, assembler)
             attempt += 1
             await writer.write(
@@ -257,6 +285,20 @@ async def _attempts(ctx: JobContext, envelope: JobEnvelope, writer: EventWriter,
                 raise asyncio.CancelledError from None
             continue
         return await _end_succeeded(ctx, writer, envelope, result, attempt, tenant)
+
+
+async def _switch_account(ctx: JobContext, err: UpstreamError, tenant: str) -> bool:
+    """Whether the job goes on on another account: ``err`` says this one cannot serve anyone (its balance is
+    gone, its key is refused) and the tenant may use another that is in rotation. If so, this one is taken
+    out of rotation fleet-wide for ``account_out_s``; the last account standing stays in, and the job fails
+    with the upstream's error, as a node with one account does."""
+    if err.account is None or not (err.type in ACCOUNT_GONE_TYPES or err.status == 401):
+        return False
+    others = set(ctx.limiter.candidates(tenant)) - {err.account} - await ctx.limiter.out_of_rotation()
+    if not others:
+        return False
+    await ctx.limiter.take_out(err.account, ctx.settings.account_out_s)
+    return True
 
 
 async def _end_succeeded(
@@ -298,6 +340,12 @@ async def _builtin_tools(ctx: JobContext, envelope: JobEnvelope) -> str | None:
     raw = await ctx.redis.hget(ctx.keys.job(envelope.job_id), JobField.BUILTIN_TOOLS)
     value = raw.decode() if isinstance(raw, bytes) else raw
     return value or None
+
+
+def _account_label(ctx: JobContext, tenant: str) -> str:
+    """The account a waiting call waits for: its tenant's one pinned account, or ``any``."""
+    candidates = ctx.limiter.candidates(tenant)
+    return candidates[0] if len(candidates) == 1 else "any"
 
 
 def _record_end(envelope: JobEnvelope, outcome: str, tenant: str) -> None:
@@ -342,9 +390,14 @@ async def _attempt(
     request = answer.request
     answer.begin()
     model = metrics.model_label(str(request.get("model", "")))
-    lease = await ctx.limiter.acquire(
-        reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at
-    )
+    waiting = metrics.WAITING.labels(metrics.tenant_label(tenant), _account_label(ctx, tenant))
+    waiting.inc()
+    try:
+        lease = await ctx.limiter.acquire(
+            reservation(request), priority=envelope.priority, enqueued_at_s=envelope.enqueued_at, tenant=tenant
+        )
+    finally:
+        waiting.dec()
     metrics.RATELIMIT_WAIT.labels(lease.limit, metrics.tenant_label(tenant)).observe(lease.waited_s)
     try:
         await _still_ours(ctx, envelope.job_id, writer.owner)
@@ -357,7 +410,7 @@ async def _attempt(
     try:
         async with asyncio.timeout(ctx.settings.attempt_timeout_s):
             first_token = True
-            async for chunk in stream_chat(ctx.upstream, request):
+            async for chunk in stream_chat(ctx.upstreams[lease.account], request):
                 try:
                     pieces = assembler.feed(chunk)
                     for index, delta in pieces:
@@ -386,6 +439,7 @@ async def _attempt(
         return result
     except UpstreamError as err:
         status = err.status
+        err.account = lease.account
         if err.status is not None:
             used = 0  # answered with an error before generating anything
         raise

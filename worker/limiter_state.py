@@ -12,18 +12,27 @@ Key families:
                                   that checks it first trims what has left the window.
     P:limit:<scope>:<axis>:units  hash lease id -> the units that grant holds (1 request; its tokens,
                                   lowered by the refund at release), and ``sum`` -> their total.
-    P:limit:inflight              zset lease id -> expiry ms.
-    P:limit:cooldown              string: until when (ms) every caller holds back after an upstream 429.
-    P:limit:waiters               zset process -> rank (the fleet-wide waiting line).
-    P:limit:alive                 zset process -> expiry ms of its place in that line.
+    P:limit:<scope>:inflight      zset lease id -> expiry ms: the calls in flight in a scope.
+    P:limit:<scope>:cooldown      string: until when (ms) an account's callers hold back after a 429.
+    P:limit:<scope>:out           string: until when (ms) an account is out of rotation (balance
+                                  gone, key refused).
+    P:limit:waiters               zset ``<process>|<tenant>`` -> rank of that process's best waiter
+                                  of that tenant (the fleet-wide waiting line).
+    P:limit:alive                 zset ``<process>|<tenant>`` -> expiry ms of its place in that line.
+    P:limit:vtime                 hash tenant -> the virtual time its last grant finished (fair share).
+    P:limit:vclock                string: the virtual time of the fleet's last grant.
+    P:limit:weights               hash tenant -> its weight, as its waiters last said.
+    P:limit:parked                zset tenant -> until when (ms) it is out of the line: held back by
+                                  its own limits or its pinned accounts, it blocks no one.
     P:limit:wake                  pub/sub channel: capacity may have changed.
 
-A window's two keys expire ``IDLE_GRACE_MS`` after their grants have all left the window, so an
-idle fleet keeps nothing, and a busy one keeps at most the grants of one window. The fleet's own
-limits are the scope ``fleet`` (``P:limit:fleet:rpm``); a per-account or per-tenant limit is
-another scope, checked in the same script as two more keys per axis. Times are Redis' own clock
-(``TIME``), so node clocks may differ. Why the window is 61.5 s rather than 60 is the design note in
-``worker/ratelimit.py``.
+Scopes: ``fleet`` is the single account of a node without an accounts file (its keys keep the
+names they had before accounts: ``P:limit:inflight``, ``P:limit:cooldown``, ``P:limit:fleet:rpm``),
+and with an accounts file the optional cap over all accounts; ``account:<name>`` is one upstream
+account; ``tenant:<name>`` a tenant's own limits. A window's two keys expire ``IDLE_GRACE_MS`` after
+their grants have all left the window, so an idle fleet keeps nothing, and a busy one keeps at most
+the grants of one window. Times are Redis' own clock (``TIME``), so node clocks may differ. Why the
+window is 61.5 s rather than 60 is the design note in ``worker/ratelimit.py``.
 """
 
 from __future__ import annotations
@@ -46,8 +55,12 @@ SUM_FIELD = "sum"
 WAIT_SCAN = 256
 # Expired grants are trimmed this many at a time (Lua's unpack takes a few thousand values at most).
 TRIM_BATCH = 1_000
-# The scope of the fleet-wide limits.
+# The scope of the fleet-wide limits (and of the one account of a node without an accounts file).
 FLEET = "fleet"
+# How long the fair-share clocks outlive the fleet's last grant (an idle day starts everyone afresh).
+VTIME_TTL_MS = 86_400_000
+# A grant advances its tenant's virtual time by VTIME_UNIT / weight (integers: exact in Redis and Lua).
+VTIME_UNIT = 720_720  # divisible by every weight from 1 to 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class LimiterKeys:
     waiters: str
     alive: str
     wake: str
+    vtime: str
+    vclock: str
+    weights: str
+    parked: str
 
     @classmethod
     def for_prefix(cls, prefix: str) -> LimiterKeys:
@@ -79,7 +96,23 @@ class LimiterKeys:
             waiters=f"{p}:waiters",
             alive=f"{p}:alive",
             wake=f"{p}:wake",
+            vtime=f"{p}:vtime",
+            vclock=f"{p}:vclock",
+            weights=f"{p}:weights",
+            parked=f"{p}:parked",
         )
+
+    def scope_inflight(self, scope: str) -> str:
+        """The in-flight leases of ``scope`` (the fleet's keep their old name)."""
+        return self.inflight if scope == FLEET else f"{self.root}:{scope}:inflight"
+
+    def scope_cooldown(self, scope: str) -> str:
+        """The 429 cool-down of an account scope (the fleet's keeps its old name)."""
+        return self.cooldown if scope == FLEET else f"{self.root}:{scope}:cooldown"
+
+    def scope_out(self, scope: str) -> str:
+        """Until when an account scope is out of rotation."""
+        return f"{self.root}:{scope}:out"
 
     def window(self, axis: str, scope: str = FLEET) -> WindowKeys:
         """The window of rate axis ``axis`` (``rpm``, ``tpm``) in ``scope``."""
@@ -179,6 +212,7 @@ _CONSTANTS = {
     "wait_scan": str(WAIT_SCAN),
     "trim_batch": str(TRIM_BATCH),
     "idle_grace_ms": str(IDLE_GRACE_MS),
+    "vtime_ttl_ms": str(VTIME_TTL_MS),
 }
 _LUA_NAMES = {**_CONSTANTS, "window_functions": Template(WINDOW_LUA.strip()).substitute(_CONSTANTS)}
 

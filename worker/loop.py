@@ -23,14 +23,16 @@ from redis.exceptions import RedisError
 
 from moonq.connect import resilient_redis
 from moonq.eventlog import APPEND_LUA
+from moonq.tenants import cached_tenants
 from moonq.wire import JobEnvelope
+from worker.accounts import load_accounts
 from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
 from worker.delivery_process import DeliveryProcess
 from worker.job import JobContext, Outcome, reject_envelope, run_job
 from worker.keepalive import cancel_deliveries, keepalive
 from worker.publisher import EventSink
-from worker.ratelimit import Limiter
+from worker.ratelimit import Limiter, shares
 from worker.settings import Settings
 from worker.sweeper import Sweeper
 from worker.upstream import UpstreamClient
@@ -72,10 +74,13 @@ class Runtime:
         redis = connect(self.settings)
         self._sweeper = sweeper = Sweeper(self.settings, redis)
         s = self.settings
+        accounts = load_accounts(s)
         limiter = Limiter(
             redis,
             s.prefix,
             s.limits,
+            accounts={account.name: account.limits for account in accounts} if s.accounts_file else None,
+            tenants=shares(cached_tenants(s.tenants_file)),
             lease_ttl_s=s.lease_ttl_s,
             priority_aging_s=s.priority_aging_s,
             max_wait_s=s.capacity_wait_s or None,
@@ -84,7 +89,7 @@ class Runtime:
             settings=self.settings,
             keys=self.settings.keys,
             redis=redis,
-            upstream=UpstreamClient(self.settings),
+            upstreams={account.name: UpstreamClient(s, account) for account in accounts},
             append=EventSink(redis, APPEND_LUA),
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
@@ -165,7 +170,8 @@ class Runtime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
-            await ctx.upstream.aclose()
+            for upstream in ctx.upstreams.values():
+                await upstream.aclose()
         if self._sweeper is not None:
             await asyncio.to_thread(self._sweeper.close)
         if self._deliveries is not None:

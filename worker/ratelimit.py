@@ -46,22 +46,29 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.errors import CapacityWaitTimeout
-from worker.limiter_state import MAX_WINDOW_MS, WINDOW_MS, LimiterKeys
+from moonq.record import DEFAULT_TENANT
+from moonq.tenants import Tenants
+from worker.errors import CapacityWaitTimeout, UnknownAccount
+from worker.limiter_state import FLEET, MAX_WINDOW_MS, VTIME_UNIT, WINDOW_MS, LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
 
 log = logging.getLogger("moonq.limiter")
+
+# The one account of a node without an accounts file (worker/accounts.py).
+DEFAULT_ACCOUNT = "default"
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,26 @@ def rank(priority: int, enqueued_at_s: float, aging_s: float = 0.0) -> float:
     return priority * 1e13 + math.floor(enqueued_at_s * 1000)
 
 
+@dataclass(frozen=True)
+class Share:
+    """A tenant's place in the fleet: its fair-share weight, its own fleet-wide limits, its accounts."""
+
+    weight: int = 1
+    limits: Limits = field(default_factory=Limits)
+    # The accounts its calls may use (None: any), in the order they are preferred on a tie.
+    accounts: tuple[str, ...] | None = None
+
+
+def shares(tenants: Tenants) -> dict[str, Share]:
+    """Each configured tenant's ``Share``: its weight, its own rpm/tpm/max_inflight, its pinned accounts."""
+    out = {}
+    for name in tenants.names:
+        entry = tenants.get(name)
+        accounts = tuple(entry.accounts) if entry.accounts else None
+        out[name] = Share(entry.weight, Limits(entry.rpm, entry.tpm, entry.max_inflight), accounts)
+    return out
+
+
 @dataclass
 class Lease:
     """Capacity granted to one upstream call; give it back with ``Limiter.release``."""
@@ -106,7 +133,11 @@ class Lease:
     id: str
     reserved_tokens: int
     waited_s: float = 0.0
-    limit: str = "none"  # the limit that held the call back last: rpm, tpm, inflight, cooldown, queued
+    limit: str = "none"  # the limit that held the call back last: rpm, tpm, inflight, cooldown, queued, tenant_*
+    account: str = DEFAULT_ACCOUNT
+    tenant: str = DEFAULT_TENANT
+    slots: tuple[str, ...] = ()  # the in-flight sets it holds a place in
+    units: tuple[str, ...] = ()  # the token windows' units hashes it was entered in
 
 
 @dataclass(order=True)
@@ -119,8 +150,21 @@ class _Waiter:
     held_by: str = field(compare=False, default="none")
 
 
+@dataclass(frozen=True)
+class _Account:
+    name: str
+    scope: str
+    limits: Limits
+
+
 class Limiter:
-    """One per process: queues the process's waiters and asks Redis on behalf of the best one."""
+    """One per process: queues the process's waiters by tenant and asks Redis on behalf of each tenant's best.
+
+    ``limits`` are the fleet's. With ``accounts`` (name -> limits, in preference order) each account
+    is a scope of its own and ``limits`` is an optional cap over all of them; without, the fleet is
+    one account, ``default``, whose limits are ``limits``. ``tenants`` gives each tenant its
+    ``Share``; a tenant not named has weight 1, no limits of its own, and any account.
+    """
 
     def __init__(
         self,
@@ -128,6 +172,8 @@ class Limiter:
         prefix: str,
         limits: Limits,
         *,
+        accounts: Mapping[str, Limits] | None = None,
+        tenants: Mapping[str, Share] | None = None,
         lease_ttl_s: float = 15.0,
         waiter_ttl_s: float = 10.0,
         priority_aging_s: float = 0.0,
@@ -141,47 +187,94 @@ class Limiter:
         self.waiter_ttl_s = waiter_ttl_s
         self.keys = LimiterKeys.for_prefix(prefix)
         self.wake_channel = self.keys.wake
+        if accounts is None:
+            self._accounts = {DEFAULT_ACCOUNT: _Account(DEFAULT_ACCOUNT, FLEET, limits)}
+            self._fleet: Limits | None = None
+        else:
+            if not accounts:
+                raise ValueError("accounts: at least one")
+            self._accounts = {name: _Account(name, f"account:{name}", lim) for name, lim in accounts.items()}
+            self._fleet = limits if (limits.rpm or limits.tpm or limits.max_inflight) else None
+        self._shares = dict(tenants or {})
+        for tenant, share in self._shares.items():
+            unknown = [name for name in share.accounts or () if name not in self._accounts]
+            if unknown:
+                raise ValueError(
+                    f"tenants.{tenant}.accounts names {', '.join(unknown)}, which this node's accounts do not have"
+                )
         self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self._cooldown = redis.register_script(COOLDOWN_LUA)
         self._renew = redis.register_script(RENEW_LUA)
         self._leave = redis.register_script(LEAVE_LUA)
-        self._heap: list[_Waiter] = []
+        self._heaps: dict[str, list[_Waiter]] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._leases: set[str] = set()
-        self._registered = False
+        self._leases: dict[str, tuple[str, ...]] = {}  # lease id -> its in-flight sets
+        self._registered: set[str] = set()  # tenants with a place in the fleet's line
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def account_names(self) -> tuple[str, ...]:
+        return tuple(self._accounts)
+
+    def share(self, tenant: str) -> Share:
+        return self._shares.get(tenant) or Share()
+
+    def candidates(self, tenant: str) -> tuple[str, ...]:
+        """The accounts ``tenant``'s calls may use, in preference order."""
+        pinned = self.share(tenant).accounts
+        return tuple(name for name in self._accounts if pinned is None or name in pinned)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._renew_loop())]
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: a cancel that arrives while the pump's Redis call (LEAVE_LUA) is
+        # under way is lost in redis-py at times (seen on Python 3.11 with redis-py 8.1), and the pump
+        # would then wait for a wake for ever.
+        self._stopping = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(RedisError):
-            await self._leave(keys=[self.keys.waiters, self.keys.alive], args=[self._id, self.wake_channel])
+        for tenant in list(self._registered):
+            with contextlib.suppress(RedisError):
+                await self._leave(
+                    keys=[self.keys.waiters, self.keys.alive], args=[self._member(tenant), self.wake_channel]
+                )
+        self._registered.clear()
 
     def wake(self) -> None:
-        """Capacity may have changed somewhere in the fleet: let the best waiter ask again."""
+        """Capacity may have changed somewhere in the fleet: let the best waiters ask again."""
         self._wake.set()
 
-    async def acquire(self, cost_tokens: int, *, priority: int, enqueued_at_s: float) -> Lease:
-        """Wait, in (aged priority, enqueue time) order, until the fleet has room for one call of this cost.
+    def waiting(self) -> dict[str, int]:
+        """How many calls of each tenant this process has waiting for capacity now."""
+        return {tenant: sum(1 for w in heap if not w.future.done()) for tenant, heap in self._heaps.items()}
+
+    async def acquire(
+        self, cost_tokens: int, *, priority: int, enqueued_at_s: float, tenant: str = DEFAULT_TENANT
+    ) -> Lease:
+        """Wait until the fleet, one of the tenant's accounts and the tenant itself have room for one call.
+
+        Within a tenant, waiters go in (aged priority, enqueue time) order; between tenants, in
+        proportion to their weights (``worker/ratelimit.py``'s design note).
 
         Raises:
             CapacityWaitTimeout: no room within ``max_wait_s``; the waiter has left the line.
         """
         loop = asyncio.get_running_loop()
-        if self.limits.tpm:
-            # A call bigger than a whole window's tokens (an absurd max_completion_tokens) reserves the
-            # window: it goes alone once the window is empty, instead of waiting for room that never comes.
-            cost_tokens = min(cost_tokens, self.limits.tpm)
+        # A call bigger than a whole window's tokens (an absurd max_completion_tokens) reserves the
+        # window: it goes alone once the window is empty, instead of waiting for room that never comes.
+        caps = [lim.tpm for lim in self._scopes_limits(tenant) if lim.tpm]
+        if caps:
+            cost_tokens = min(cost_tokens, min(caps))
         order = rank(priority, enqueued_at_s, self.priority_aging_s)
         waiter = _Waiter(order, next(self._seq), cost_tokens, loop.create_future(), loop.time())
-        heapq.heappush(self._heap, waiter)
+        heapq.heappush(self._heaps.setdefault(tenant, []), waiter)
         self._wake.set()
         try:
             async with asyncio.timeout(self.max_wait_s):
@@ -202,80 +295,195 @@ class Limiter:
 
     async def release(self, lease: Lease, used_tokens: int | None) -> None:
         """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
-        self._leases.discard(lease.id)
+        self._leases.pop(lease.id, None)
         refund = 0 if used_tokens is None else lease.reserved_tokens - used_tokens
-        keys = [self.keys.inflight] + ([self.keys.tpm.units] if self.limits.tpm else [])
-        await self._release(keys=keys, args=[lease.id, refund, self.wake_channel])
+        await self._release(
+            keys=[self.keys.parked, *lease.slots, *lease.units],
+            args=[lease.id, refund, self.wake_channel, len(lease.slots)],
+        )
 
-    async def cooldown(self, delay_s: float) -> None:
-        """Hold every caller in the fleet back for ``delay_s`` (the upstream said 429)."""
-        await self._cooldown(keys=[self.keys.cooldown], args=[max(1, int(delay_s * 1000)), self.wake_channel])
+    async def cooldown(self, delay_s: float, account: str = DEFAULT_ACCOUNT) -> None:
+        """Hold every caller of ``account`` back for ``delay_s`` (the upstream said 429)."""
+        key = self.keys.scope_cooldown(self._account(account).scope)
+        await self._cooldown(keys=[key], args=[max(1, int(delay_s * 1000))])
+
+    async def take_out(self, account: str, delay_s: float) -> None:
+        """Take ``account`` out of rotation for ``delay_s`` fleet-wide (its balance is gone, its key refused)."""
+        key = self.keys.scope_out(self._account(account).scope)
+        await self._cooldown(keys=[key], args=[max(1, int(delay_s * 1000))])
+
+    async def out_of_rotation(self) -> set[str]:
+        """The accounts out of rotation now, fleet-wide."""
+        names = list(self._accounts)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for name in names:
+                pipe.get(self.keys.scope_out(self._accounts[name].scope))
+            (sec, usec), *untils = await pipe.execute()
+        now_ms = sec * 1000 + usec // 1000
+        return {name for name, until in zip(names, untils, strict=True) if until and int(until) > now_ms}
+
+    def _account(self, name: str) -> _Account:
+        try:
+            return self._accounts[name]
+        except KeyError:
+            raise UnknownAccount(name) from None
+
+    def _scopes_limits(self, tenant: str) -> list[Limits]:
+        """The limits a call of ``tenant`` must fit: the fleet's, the tenant's, and its smallest account's."""
+        out = [self.share(tenant).limits]
+        if self._fleet is not None:
+            out.append(self._fleet)
+        accounts = [self._accounts[name].limits for name in self.candidates(tenant)]
+        tpms = [lim.tpm for lim in accounts]
+        if tpms and all(tpms):
+            out.append(Limits(tpm=min(t for t in tpms if t)))
+        return out
+
+    def _member(self, tenant: str) -> str:
+        return f"{self._id}|{tenant}"
 
     async def _pump(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await self._serve_head()
+                await self._serve()
             except asyncio.CancelledError:
                 raise
             except RedisError:
                 log.warning("limiter cannot reach Redis; waiters keep waiting", exc_info=True)
                 await asyncio.sleep(1.0)
 
-    async def _serve_head(self) -> None:
-        while self._heap and self._heap[0].future.done():  # cancelled while waiting
-            heapq.heappop(self._heap)
-        if not self._heap:
-            if self._registered:
-                await self._leave(keys=[self.keys.waiters, self.keys.alive], args=[self._id, self.wake_channel])
-                self._registered = False
+    async def _serve(self) -> None:
+        """Ask once for each tenant's best waiter; sleep as long as the answers say, or until woken."""
+        for tenant, heap in list(self._heaps.items()):
+            while heap and heap[0].future.done():  # cancelled while waiting
+                heapq.heappop(heap)
+            if not heap:
+                del self._heaps[tenant]
+                if tenant in self._registered:
+                    self._registered.discard(tenant)
+                    await self._leave(
+                        keys=[self.keys.waiters, self.keys.alive], args=[self._member(tenant), self.wake_channel]
+                    )
+        if self._stopping:
+            return
+        if not self._heaps:
             self._wake.clear()
             await self._wake.wait()
             return
-        head = self._heap[0]
-        lease_id = uuid.uuid4().hex
-        self._wake.clear()  # before asking: a wake during the call must not be lost
-        granted, wait_ms, reason = await self._ask(head, lease_id)
-        self._registered = not granted
-        if granted:
-            # Not heappop: a better waiter may have arrived during the call and now be on top.
-            self._heap.remove(head)
-            heapq.heapify(self._heap)
-            waited = asyncio.get_running_loop().time() - head.since
-            lease = Lease(lease_id, head.cost, waited, head.held_by)
-            if head.future.done():  # cancelled during the call: give it straight back
-                await self.release(lease, used_tokens=0)
-            else:
-                if self.limits.max_inflight:  # only then did the script put it in the in-flight set
-                    self._leases.add(lease_id)
-                head.future.set_result(lease)
-            return
-        head.held_by = reason.decode() if isinstance(reason, bytes) else str(reason)
-        # Sleep for exactly the time the script named, or until woken (the renewals keep our place in
-        # line meanwhile). Behind another process's waiter nothing is named: ask again well within the
-        # time its registration lives, in case that process died without a word.
-        timeout = self.waiter_ttl_s / 3 if wait_ms < 0 else wait_ms / 1000
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()  # before asking: a wake during the calls must not be lost
+        sleep_s: float | None = None
+        for tenant in sorted(self._heaps, key=lambda name: self._heaps[name][0].rank):
+            heap = self._heaps.get(tenant, [])
+            if not heap or heap[0].future.done():
+                continue
+            head = heap[0]
+            lease_id = uuid.uuid4().hex
+            spec, keys, lease = self._spec(head, tenant, lease_id)
+            granted, wait_ms, reason, account = await self._acquire(keys=keys, args=[spec])
+            reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+            if granted:
+                self._registered.discard(tenant)  # the grant took its place in line
+                await self._granted(tenant, head, lease, account.decode() if isinstance(account, bytes) else account)
+                return  # serve again at once: the next waiter may go too
+            self._registered.add(tenant)
+            if reason != "parked":  # parked: still held back by what parked it
+                head.held_by = reason
+            # Sleep for exactly the time the script named, or until woken (the renewals keep our place in
+            # line meanwhile). Behind another process's waiter nothing is named: ask again well within the
+            # time its registration lives, in case that process died without a word.
+            wait_s = self.waiter_ttl_s / 3 if wait_ms < 0 else wait_ms / 1000
+            sleep_s = wait_s if sleep_s is None else min(sleep_s, wait_s)
+        if sleep_s is not None:
+            # Not asyncio.wait_for: on Python 3.11 it loses a cancel that arrives as the wake does
+            # (python/cpython#86296), and stop() would then wait for the pump forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sleep_s):
+                    await self._wake.wait()
 
-    async def _ask(self, head: _Waiter, lease_id: str) -> list[Any]:
-        """One ``ACQUIRE_LUA`` call for ``head``: the line, the cool-down, the in-flight cap, every rate window."""
-        keys = [self.keys.inflight, self.keys.cooldown, self.keys.waiters, self.keys.alive]
-        args: list[str | int | float] = [
-            self._id,
-            head.rank,
-            int(self.waiter_ttl_s * 1000),
-            lease_id,
-            int(self.lease_ttl_s * 1000),
-            self.limits.max_inflight or 0,
-            self.wake_channel,
-            self.limits.window_ms,
+    async def _granted(self, tenant: str, head: _Waiter, lease: Lease, account: str) -> None:
+        heap = self._heaps[tenant]
+        # Not heappop: a better waiter may have arrived during the call and now be on top.
+        heap.remove(head)
+        heapq.heapify(heap)
+        scope = self._accounts[account].scope
+        acct = self._accounts[account].limits
+        lease.account = account
+        lease.waited_s = asyncio.get_running_loop().time() - head.since
+        lease.limit = head.held_by
+        if acct.max_inflight:
+            lease.slots += (self.keys.scope_inflight(scope),)
+        if acct.tpm:
+            lease.units += (self.keys.window("tpm", scope).units,)
+        if head.future.done():  # cancelled during the call: give it straight back
+            await self.release(lease, used_tokens=0)
+            return
+        if lease.slots:
+            self._leases[lease.id] = lease.slots
+        head.future.set_result(lease)
+
+    def _spec(self, head: _Waiter, tenant: str, lease_id: str) -> tuple[str, list[str], Lease]:
+        """``ACQUIRE_LUA``'s keys and spec for ``head``, and its lease (the account's keys added once granted)."""
+        keys = [
+            self.keys.waiters,
+            self.keys.alive,
+            self.keys.vtime,
+            self.keys.vclock,
+            self.keys.weights,
+            self.keys.parked,
         ]
-        for axis, limit, units in self.limits.windows(head.cost):
-            window = self.keys.window(axis)
-            keys += [window.grants, window.units]
-            args += [axis, limit, units]
-        answer: list[Any] = await self._acquire(keys=keys, args=args)
-        return answer
+        lease = Lease(lease_id, head.cost, tenant=tenant)
+
+        def key(name: str) -> int:
+            keys.append(name)
+            return len(keys)  # Lua counts from 1
+
+        def scope(name: str, limits: Limits, *, held: bool) -> dict[str, Any]:
+            """One scope's part of the spec; ``held``: the lease is in it whatever account is chosen."""
+            out: dict[str, Any] = {}
+            if limits.max_inflight:
+                out["inflight"] = [key(self.keys.scope_inflight(name)), limits.max_inflight]
+                if held:
+                    lease.slots += (self.keys.scope_inflight(name),)
+            windows = []
+            for axis, limit, units in limits.windows(head.cost):
+                window = self.keys.window(axis, name)
+                windows.append([key(window.grants), key(window.units), limit, units, axis])
+                if held and axis == "tpm":
+                    lease.units += (window.units,)
+            if windows:
+                out["windows"] = windows
+            return out
+
+        share = self.share(tenant)
+        candidates = self.candidates(tenant)
+        spec: dict[str, Any] = {
+            "me": self._member(tenant),
+            "tenant": tenant,
+            "weight": share.weight,
+            "rank": repr(int(head.rank)) if head.rank == int(head.rank) else repr(head.rank),
+            "ttl": int(self.waiter_ttl_s * 1000),
+            "lease": lease_id,
+            "lease_ttl": int(self.lease_ttl_s * 1000),
+            "window": self.limits.window_ms,
+            "wake": self.wake_channel,
+            "unit": VTIME_UNIT,
+            "pinned": len(candidates) < len(self._accounts),
+            "accounts": [
+                {
+                    "name": name,
+                    "cooldown": key(self.keys.scope_cooldown(self._accounts[name].scope)),
+                    "out": key(self.keys.scope_out(self._accounts[name].scope)),
+                    **scope(self._accounts[name].scope, self._accounts[name].limits, held=False),
+                }
+                for name in candidates
+            ],
+        }
+        if self._fleet is not None:
+            spec["fleet"] = scope(FLEET, self._fleet, held=True)
+        if share.limits.rpm or share.limits.tpm or share.limits.max_inflight:
+            spec["tenant_scope"] = scope(f"tenant:{tenant}", share.limits, held=True)
+        return json.dumps(spec, separators=(",", ":")), keys, lease
 
     async def _renew_loop(self) -> None:
         while True:
@@ -288,19 +496,22 @@ class Limiter:
                 log.warning("limiter could not renew its leases", exc_info=True)
 
     async def _renew_once(self) -> None:
-        """Renew the leases of calls in flight (adding back any that expired meanwhile) and the waiter."""
-        leases = list(self._leases)
+        """Renew the leases of calls in flight (adding back any that expired meanwhile) and the places in line."""
+        leases = dict(self._leases)
+        members = [self._member(tenant) for tenant in self._registered]
+        keys = [self.keys.waiters, self.keys.alive]
+        pairs: list[str | int] = []
+        for lease_id, slots in leases.items():
+            for slot in slots:
+                if slot not in keys:
+                    keys.append(slot)
+                pairs += [lease_id, keys.index(slot) + 1]
         await self._renew(
-            keys=[self.keys.inflight, self.keys.waiters, self.keys.alive],
-            args=[
-                int(self.lease_ttl_s * 1000),
-                self._id if self._registered else "",
-                int(self.waiter_ttl_s * 1000),
-                *leases,
-            ],
+            keys=keys,
+            args=[int(self.lease_ttl_s * 1000), int(self.waiter_ttl_s * 1000), len(members), *members, *pairs],
         )
         # The renewal adds back what it names, so a lease released while it was on its way (its release
         # may have reached Redis first) is given back once more; a second release is a no-op otherwise.
-        for lease_id in leases:
+        for lease_id, slots in leases.items():
             if lease_id not in self._leases:
-                await self.release(Lease(lease_id, reserved_tokens=0), used_tokens=None)  # refunds nothing
+                await self.release(Lease(lease_id, reserved_tokens=0, slots=slots), used_tokens=None)

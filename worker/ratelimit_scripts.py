@@ -7,85 +7,170 @@ Each script's text is ``limiter_lua``'s: ``$window_functions`` (the Lua function
 
 from worker.limiter_state import limiter_lua
 
-# KEYS: 1 inflight zset, 2 cooldown, 3 waiters zset, 4 alive zset, then two per rate window: its
-#       grants zset and its units hash (5, 6 for the first window, 7, 8 for the second, ...).
-# ARGV: 1 waiter id, 2 rank, 3 waiter ttl ms, 4 lease id, 5 lease ttl ms, 6 max in flight (0 = none),
-#       7 wake channel, 8 window ms, then three per rate window, in the order of its keys: its name
-#       (rpm, tpm: the reason a caller waits), its limit, and the units this call takes from it.
-# A scope's limits (issue 13) are more windows: the grant goes only if every window has room.
-# Returns {granted (1|0), wait ms (-1 = until woken), reason}.
+# KEYS: 1 waiters zset, 2 alive zset, 3 vtime hash, 4 vclock, 5 weights hash, 6 parked zset, then every
+#       key the spec names by its index (all of them under P:limit:, declared, so one slot can hold them).
+# ARGV: 1 the spec, JSON (``Limiter._spec``):
+#   me (``<process>|<tenant>``), tenant, weight, rank (a string), ttl (the waiter's place, ms), lease, lease_ttl (ms),
+#   window (ms), wake (channel), unit (VTIME_UNIT), pinned (true: the tenant may use only some accounts),
+#   fleet and tenant: a scope {inflight = [key, cap] or absent, windows = [[grants key, units key, limit,
+#   units, reason], ...]}, accounts: [{name, cooldown = key, out = key, and a scope's fields}, ...].
+# Returns {granted (1|0), wait ms (-1 = until woken), reason, account granted or the fleet's head}.
 ACQUIRE_LUA = limiter_lua("""
 $window_functions
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me = ARGV[1]
+local spec = cjson.decode(ARGV[1])
+local me, tenant = spec.me, spec.tenant
 
-local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, w in ipairs(stale) do
-  redis.call('ZREM', KEYS[3], w)
-  redis.call('ZREM', KEYS[4], w)
+  redis.call('ZREM', KEYS[1], w)
+  redis.call('ZREM', KEYS[2], w)
 end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[2]), me)
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), me)
-if redis.call('ZRANGE', KEYS[3], 0, 0)[1] ~= me then
-  return {0, -1, 'queued'}
-end
+redis.call('ZADD', KEYS[1], spec.rank, me)  -- a string: a Lua number would lose digits
+redis.call('ZADD', KEYS[2], now + spec.ttl, me)
+redis.call('HSET', KEYS[5], tenant, spec.weight)
+redis.call('PEXPIRE', KEYS[5], $vtime_ttl_ms)
 
-local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cool > now then
-  return {0, cool - now, 'cooldown'}
+-- Fair share (start-time fair queueing): the line's head is the waiting tenant whose next grant starts
+-- earliest in virtual time, max(its last finish, the clock), then the best rank within it. A parked
+-- tenant (held back by its own limits or its pinned accounts) is out of the line until its time.
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+local parked, next_unpark = {}, nil
+local p = redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')
+for i = 1, #p, 2 do
+  parked[p[i]] = tonumber(p[i + 1])
+  if next_unpark == nil or parked[p[i]] < next_unpark then next_unpark = parked[p[i]] end
 end
-
-local max_inflight = tonumber(ARGV[6])
-if max_inflight > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZCARD', KEYS[1]) >= max_inflight then
-    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    return {0, math.max(1, tonumber(first[2]) - now), 'inflight'}
+if parked[tenant] then
+  return {0, parked[tenant] - now, 'parked', ''}
+end
+local vclock = tonumber(redis.call('GET', KEYS[4]) or '0')
+local line = redis.call('ZRANGE', KEYS[1], 0, -1)
+local seen, head, head_start = {}, nil, nil
+for _, m in ipairs(line) do
+  local tm = string.match(m, '^[^|]*|(.*)')  -- process ids hold no '|'
+  if tm and not seen[tm] and not parked[tm] then
+    seen[tm] = true
+    local start = math.max(tonumber(redis.call('HGET', KEYS[3], tm) or '0'), vclock)
+    if head == nil or start < head_start then head, head_start = m, start end
   end
 end
-
--- Every window is trimmed and asked; the call waits for the one that frees up last.
-local window_ms = tonumber(ARGV[8])
-local windows = (#KEYS - 4) / 2
-local wait, reason = 0, 'ok'
-for i = 1, windows do
-  local a = 6 + 3 * i
-  local limit, need = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local _, w = window_check(KEYS[3 + 2 * i], KEYS[4 + 2 * i], now, window_ms, limit, need)
-  if w > wait then wait, reason = w, ARGV[a] end
-end
-if wait > 0 then
-  return {0, wait, reason}
+if head ~= me then
+  -- Ask again when the next parked tenant comes back (it may be the head then), or when woken.
+  return {0, next_unpark and (next_unpark - now) or -1, 'queued', head or ''}
 end
 
-for i = 1, windows do
-  window_add(KEYS[3 + 2 * i], KEYS[4 + 2 * i], now, window_ms, ARGV[4], tonumber(ARGV[8 + 3 * i]))
+-- A scope's room: {wait ms (0: room now), reason, headroom (the least fraction left on any axis)}.
+local function scope_room(sc, prefix)
+  local wait, reason, room = 0, 'ok', 1
+  if sc.inflight then
+    local key, cap = KEYS[sc.inflight[1]], sc.inflight[2]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local n = redis.call('ZCARD', key)
+    if n >= cap then
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      wait, reason = math.max(1, tonumber(first[2]) - now), prefix .. 'inflight'
+    else
+      room = math.min(room, (cap - n - 1) / cap)
+    end
+  end
+  for _, w in ipairs(sc.windows or {}) do
+    local used, ww = window_check(KEYS[w[1]], KEYS[w[2]], now, spec.window, w[3], w[4])
+    if ww > wait then
+      wait, reason = ww, prefix .. w[5]
+    elseif ww == 0 then
+      room = math.min(room, (w[3] - used - w[4]) / w[3])
+    end
+  end
+  return wait, reason, room
 end
-if max_inflight > 0 then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[4])
+
+local function park(wait, reason)
+  redis.call('ZADD', KEYS[6], now + wait, tenant)
+  redis.call('PEXPIRE', KEYS[6], wait + 1000)
+  redis.call('PUBLISH', spec.wake, 'park')  -- the next tenant in line may go now
+  return {0, wait, reason, ''}
 end
-redis.call('ZREM', KEYS[3], me)
-redis.call('ZREM', KEYS[4], me)
-if redis.call('ZCARD', KEYS[3]) > 0 then
-  redis.call('PUBLISH', ARGV[7], 'grant')  -- the next in line may go now
+
+-- The fleet's cap holds everyone back: the head waits at the front.
+if spec.fleet then
+  local wait, reason = scope_room(spec.fleet, '')
+  if wait > 0 then return {0, wait, reason, ''} end
 end
-return {1, 0, 'ok'}
+-- A tenant held back by its own limits leaves the line until it has room.
+if spec.tenant_scope then
+  local wait, reason = scope_room(spec.tenant_scope, 'tenant_')
+  if wait > 0 then return park(wait, reason) end
+end
+-- The account with the most headroom among those free now (ties: the file's order).
+local chosen, best_room, min_wait, min_reason = nil, -1, nil, 'ok'
+for _, a in ipairs(spec.accounts) do
+  local wait, reason, room = 0, 'ok', 1
+  local out = tonumber(redis.call('GET', KEYS[a.out]) or '0')
+  local cool = tonumber(redis.call('GET', KEYS[a.cooldown]) or '0')
+  if out > now then
+    wait, reason = out - now, 'out_of_rotation'
+  elseif cool > now then
+    wait, reason = cool - now, 'cooldown'
+  else
+    wait, reason, room = scope_room(a, '')
+  end
+  if wait == 0 then
+    if room > best_room then chosen, best_room = a, room end
+  elseif min_wait == nil or wait < min_wait then
+    min_wait, min_reason = wait, reason
+  end
+end
+if chosen == nil then
+  -- Every account this tenant may use is busy: if those are all the fleet's, the head waits at the
+  -- front (nobody else could go either, and the head is not starved by smaller calls); if it is
+  -- pinned to some, it leaves the line so tenants that may use the others go meanwhile.
+  if spec.pinned then return park(min_wait, min_reason) end
+  return {0, min_wait, min_reason, ''}
+end
+
+local function take(sc)
+  for _, w in ipairs(sc.windows or {}) do
+    window_add(KEYS[w[1]], KEYS[w[2]], now, spec.window, spec.lease, w[4])
+  end
+  if sc.inflight then
+    redis.call('ZADD', KEYS[sc.inflight[1]], now + spec.lease_ttl, spec.lease)
+  end
+end
+if spec.fleet then take(spec.fleet) end
+if spec.tenant_scope then take(spec.tenant_scope) end
+take(chosen)
+redis.call('SET', KEYS[4], string.format('%d', head_start), 'PX', $vtime_ttl_ms)
+redis.call('HSET', KEYS[3], tenant, string.format('%d', head_start + math.floor(spec.unit / spec.weight)))
+redis.call('PEXPIRE', KEYS[3], $vtime_ttl_ms)
+redis.call('ZREM', KEYS[1], me)
+redis.call('ZREM', KEYS[2], me)
+if redis.call('ZCARD', KEYS[1]) > 0 then
+  redis.call('PUBLISH', spec.wake, 'grant')  -- the next in line may go now
+end
+return {1, 0, 'ok', chosen.name}
 """)
 
-# KEYS: 1 inflight zset, 2.. the units hashes of the token windows the grant was entered in.
-# ARGV: 1 lease id, 2 refund tokens, 3 wake channel. Gives the lease back and lowers the grant's units
-# in each window by the refund (a negative refund, usage above the estimate, raises them), so the
-# window holds what the call used; a grant that has already left a window gets nothing there.
+# KEYS: 1 parked zset, 2.. the in-flight zsets and then the token units hashes the grant was entered in.
+# ARGV: 1 lease id, 2 refund tokens, 3 wake channel, 4 how many of the keys after the first are in-flight
+# zsets. Gives the lease back and lowers the grant's units in each token window by the refund (a
+# negative refund, usage above the estimate, raises them), so the window holds what the call used; a
+# grant that has already left a window gets nothing there. Parked tenants come back to the line: a
+# freed slot may be the one they wait for (those still held back park again at their next ask).
 RELEASE_LUA = limiter_lua("""
 $window_functions
-redis.call('ZREM', KEYS[1], ARGV[1])
+local slots = tonumber(ARGV[4])
+for i = 2, 1 + slots do
+  redis.call('ZREM', KEYS[i], ARGV[1])
+end
 local refund = tonumber(ARGV[2])
 if refund ~= 0 then
-  for i = 2, #KEYS do
+  for i = 2 + slots, #KEYS do
     window_refund(KEYS[i], ARGV[1], refund)
   end
 end
+redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[3], 'release')
 return 1
 """)
@@ -102,25 +187,29 @@ end
 return untilms
 """)
 
-# KEYS: 1 inflight zset, 2 waiters zset, 3 alive zset. ARGV: 1 lease ttl ms, 2 waiter id ('' = none),
-# 3 waiter ttl ms, 4.. lease ids. Renews this process's leases and its waiter. The caller sends only
-# leases whose calls are still in flight, and a lease is added back if it is gone: one whose renewals
-# were late by more than its TTL (Redis paused, the loop stalled) was swept by the next acquire while
-# its call went on, and must count against the cap again.
+# KEYS: 1 waiters zset, 2 alive zset, 3.. in-flight zsets. ARGV: 1 lease ttl ms, 2 waiter ttl ms, 3 how
+# many line members follow, then the members (``<process>|<tenant>``), then pairs (lease id, index of
+# its in-flight zset in KEYS). Renews this process's places in line and its leases. The caller sends
+# only leases whose calls are still in flight, and a lease is added back if it is gone: one whose
+# renewals were late by more than its TTL (Redis paused, the loop stalled) was swept by the next
+# acquire while its call went on, and must count against the cap again.
 RENEW_LUA = limiter_lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 4, #ARGV do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+local members = tonumber(ARGV[3])
+for i = 4, 3 + members do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[i])
+  end
 end
-if ARGV[2] ~= '' and redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+for i = 4 + members, #ARGV, 2 do
+  redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], now + tonumber(ARGV[1]), ARGV[i])
 end
 return 1
 """)
 
-# KEYS: 1 waiters zset, 2 alive zset. ARGV: 1 waiter id, 2 wake channel. A process with no more waiters
-# leaves the line, so it cannot block the fleet's head position.
+# KEYS: 1 waiters zset, 2 alive zset. ARGV: 1 member (``<process>|<tenant>``), 2 wake channel. A process
+# with no more waiters of a tenant leaves the line, so it cannot block the fleet's head position.
 LEAVE_LUA = limiter_lua("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('ZREM', KEYS[2], ARGV[1])

@@ -50,6 +50,11 @@ class Settings(ClientSettings):
     # and a job that found no capacity within capacity_wait_s fails (capacity_wait_timeout_error; 0 = no limit).
     priority_aging_s: float = Field(default=60.0, ge=0)
     capacity_wait_s: float = Field(default=900.0, ge=0)
+    # A pool of upstream accounts (worker/accounts.py); empty: one account of MOONSHOT_API_KEY and the
+    # limits above. An account whose balance is gone (exceeded_current_quota_error) or whose key is
+    # refused (401) is out of rotation, fleet-wide, for account_out_s.
+    accounts_file: str = ""
+    account_out_s: float = Field(default=300.0, gt=0)
     # Each node serves /metrics here (0 = off). metrics_host is the bind address; the node also
     # announces its URL in Redis for `moonq top`, using this host or, for 0.0.0.0, its hostname.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

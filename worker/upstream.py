@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from worker.accounts import Account
 
 from worker.errors import (
     MAX_TYPE_CHARS,
@@ -27,6 +30,7 @@ from worker.errors import (
     error_from_response,
     error_text,
 )
+from worker.ratelimit import DEFAULT_ACCOUNT
 from worker.retry import parse_retry_after
 from worker.settings import Settings
 from worker.sse import SSEDecoder
@@ -39,10 +43,14 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 
 
 class UpstreamClient:
-    """The API's chat-completions endpoint and the connection pool a node's jobs share."""
+    """One account's chat-completions endpoint and the connection pool a node's jobs on it share."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.url = settings.moonshot_base_url.rstrip("/") + "/chat/completions"
+    def __init__(self, settings: Settings, account: Account | None = None) -> None:
+        """``account``: whose key and base URL (None: the node's ``MOONSHOT_API_KEY`` and ``MOONSHOT_BASE_URL``)."""
+        base_url = (account.base_url if account else None) or settings.moonshot_base_url
+        api_key = account.api_key if account else settings.moonshot_api_key
+        self.account = account.name if account else DEFAULT_ACCOUNT
+        self.url = base_url.rstrip("/") + "/chat/completions"
         # sock_read: the longest silence between two reads (a thinking model pauses); a whole
         # attempt is bounded by the runner's own timeout, so no total here.
         timeout = aiohttp.ClientTimeout(
@@ -51,8 +59,8 @@ class UpstreamClient:
         # No pool cap below the node's concurrency (limit=0): every in-flight job holds one connection.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         headers = {"Content-Type": "application/json"}
-        if settings.moonshot_api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.moonshot_api_key.get_secret_value()}"
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
         # Made inside the node's loop (Runtime._open), as aiohttp requires.
         self.session = aiohttp.ClientSession(
             timeout=timeout, connector=connector, headers=headers, auto_decompress=True, trust_env=False
