@@ -12,12 +12,14 @@ import time
 
 from moonq.fleet import (
     CUMULATIVE_SUFFIXES,
+    AccountLimits,
     Labels,
     SampleKey,
     Samples,
     Scrape,
     TenantUsage,
     View,
+    account_text,
     add,
     buckets,
     budget_text,
@@ -39,12 +41,14 @@ from moonq.fleet import (
 __all__ = [
     "CUMULATIVE_SUFFIXES",
     "LABEL_WIDTH",
+    "AccountLimits",
     "Labels",
     "SampleKey",
     "Samples",
     "Scrape",
     "TenantUsage",
     "View",
+    "account_text",
     "add",
     "against",
     "buckets",
@@ -104,7 +108,9 @@ def screen_rows(view: View) -> list[tuple[str, str]]:
         ("errors", f"{human(view.failed)} failed | retries: {retries}"),
         ("cost", f"${view.cost_per_hour:.4f}/h | {spent} since the nodes started"),
     ]
-    if view.cooldown_s:
+    if view.accounts:  # several upstream accounts: each one's limits, cool-down and rotation, in one row
+        rows.append(("limits", " | ".join(account_text(row) for row in view.accounts)))
+    elif view.cooldown_s:
         rows.append(("cool-down", f"{max(view.cooldown_s, 0.1):.1f} s left (upstream 429)"))
     rows.extend(tenant_row(row) for row in view.tenants)
     if not view.nodes_known:

@@ -12,6 +12,11 @@ Prometheus' ``histogram_quantile`` over the interval's bucket increases. Gauges 
 reports fleet-wide (queue depth, limits, cool-down) are taken as the max over nodes, per-node
 ones (jobs in progress) and totals since start (cost) as the sum.
 
+The limiter's gauges carry an ``account`` label (``all``: the optional cap over every account). The
+fleet's limit on an axis is the sum over the accounts, within the cap; with more than one account the
+view also has a row per account: each limit's room now, its cool-down and how long it is still out of
+rotation.
+
 Per tenant (the ``tenant`` label, bounded by the tenants file: worker/metrics.py), the interval's
 jobs by outcome, tokens and cost, and what is left of each daily budget today (the exporter's
 fleet-wide ``moonq_tenant_budget`` less ``moonq_tenant_spend``, max over nodes). Without a tenants
@@ -192,6 +197,20 @@ class TenantUsage:
 
 
 @dataclass(frozen=True)
+class AccountLimits:
+    """One upstream account's limiter now, max over the nodes (each reads the same keys); ``all``: the cap.
+
+    ``headroom`` is keyed by limit (``rpm``, ``tpm``, ``inflight``) as ``headroom`` gives it; ``cooldown_s``
+    is None for the cap, which has none.
+    """
+
+    name: str
+    headroom: dict[str, tuple[float | None, float]]
+    cooldown_s: float | None = None
+    out_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class View:
     """What one screen shows: state now, and rates over the interval between two scrapes."""
 
@@ -218,6 +237,7 @@ class View:
     cost_total: float | None = None
     cooldown_s: float | None = None
     tenants: tuple[TenantUsage, ...] = ()  # empty with one tenant and no budget (no tenants file)
+    accounts: tuple[AccountLimits, ...] = ()  # empty with one upstream account (no accounts file)
 
 
 def fleet_delta(prev: Scrape, cur: Scrape) -> Samples:
@@ -250,21 +270,22 @@ def build_view(prev: Scrape, cur: Scrape) -> View:
         new=sum(1 for url, s in cur.nodes.items() if s is not None and prev.nodes.get(url) is None),
         queue_depth=fleet(up, "moonq_queue_depth", "max"),
         in_flight=fleet(up, "moonq_jobs_in_progress"),
-        inflight_cap=fleet(up, "moonq_ratelimit_limit", "max", limit="inflight"),
+        inflight_cap=pooled(up, "moonq_ratelimit_limit", "inflight"),
         jobs_per_s=sum(outcomes.values()) / dt,
         outcomes_per_s={k: v / dt for k, v in _largest_first(outcomes).items()},
         tokens_per_min=tokens / dt * 60,
-        tpm_limit=fleet(up, "moonq_ratelimit_limit", "max", limit="tpm"),
+        tpm_limit=pooled(up, "moonq_ratelimit_limit", "tpm"),
         requests_per_min=total(d, "moonq_upstream_request_duration_seconds_count") / dt * 60,
-        rpm_limit=fleet(up, "moonq_ratelimit_limit", "max", limit="rpm"),
+        rpm_limit=pooled(up, "moonq_ratelimit_limit", "rpm"),
         latency_s=_p50_p95(d, "moonq_job_duration_seconds"),
         ttft_s=_p50_p95(d, "moonq_time_to_first_token_seconds"),
         failed=outcomes.get("failed", 0.0),
         retries=_largest_first(by_label(d, "moonq_retries_total", "reason")),
         cost_per_hour=total(d, "moonq_cost_usd_total") / dt * 3600,
         cost_total=fleet(up, "moonq_cost_usd_total"),
-        cooldown_s=fleet(up, "moonq_ratelimit_cooldown_seconds", "max"),
+        cooldown_s=_longest(up, "moonq_ratelimit_cooldown_seconds"),
         tenants=tenant_usage(up, d, dt),
+        accounts=account_limits(up),
     )
 
 
@@ -343,16 +364,94 @@ def budget_text(row: TenantUsage) -> str:
 LIMITS = ("rpm", "tpm", "inflight")
 
 
-def headroom(up: Iterable[Samples]) -> dict[str, tuple[float | None, float]]:
+def headroom(up: Iterable[Samples], **labels: str) -> dict[str, tuple[float | None, float]]:
     """Per configured limit: ``(available now, limit)``; a limit no node reports is left out.
 
     Every node reports the fleet's shared limiter, so each is the max over the nodes
-    (``moonq_ratelimit_available`` and ``moonq_ratelimit_limit``, worker/exporter.py).
+    (``moonq_ratelimit_available`` and ``moonq_ratelimit_limit``, worker/exporter.py): of the fleet as
+    ``pooled`` adds its accounts up, or of one account with ``account=name``.
     """
     nodes = list(up)
     out: dict[str, tuple[float | None, float]] = {}
     for name in LIMITS:
-        limit = fleet(nodes, "moonq_ratelimit_limit", "max", limit=name)
+        if labels:
+            limit = fleet(nodes, "moonq_ratelimit_limit", "max", limit=name, **labels)
+            available = fleet(nodes, "moonq_ratelimit_available", "max", limit=name, **labels)
+        else:
+            limit = pooled(nodes, "moonq_ratelimit_limit", name)
+            available = pooled(nodes, "moonq_ratelimit_available", name)
         if limit is not None:
-            out[name] = (fleet(nodes, "moonq_ratelimit_available", "max", limit=name), limit)
+            out[name] = (available, limit)
     return out
+
+
+CAP = "all"  # the account label of the cap over all accounts
+
+
+def _per_account(samples: Samples, name: str, **labels: str) -> dict[str, float]:
+    """``name``'s series by account; a node from before accounts (no label) is one account, ``""``."""
+    return {dict(lab).get("account", ""): v for (n, lab), v in samples.items() if n == name and _matches(lab, labels)}
+
+
+def pooled(nodes: Iterable[Samples], name: str, limit: str) -> float | None:
+    """The fleet's ``moonq_ratelimit_limit`` or ``_available`` on ``limit``: the sum over its accounts, at most the
+    cap's; max over nodes. None where no node reports it; an account without that limit leaves the sum unlimited.
+    """
+    values = []
+    for samples in nodes:
+        per = _per_account(samples, name, limit=limit)
+        cap = per.pop(CAP, None)
+        every = set(_per_account(samples, "moonq_ratelimit_cooldown_seconds")) <= set(per)
+        bounds = [v for v in (sum(per.values()) if per and every else None, cap) if v is not None]
+        if bounds:
+            values.append(min(bounds))
+    return max(values) if values else None
+
+
+def _longest(nodes: Iterable[Samples], name: str, **labels: str) -> float | None:
+    """The largest series of ``name`` over nodes and accounts (None: no node reports it)."""
+    values = [v for samples in nodes for v in _per_account(samples, name, **labels).values()]
+    return max(values) if values else None
+
+
+def account_limits(up: list[Samples]) -> tuple[AccountLimits, ...]:
+    """Each account's limiter now, the cap (``all``) last; empty with one account (the fleet's rows say it all)."""
+    names = {a for s in up for a in _per_account(s, "moonq_ratelimit_cooldown_seconds")}
+    names |= {a for s in up for a in _per_account(s, "moonq_ratelimit_limit")}
+    names.discard(CAP)
+    if len(names) <= 1:
+        return ()
+    rows = [
+        AccountLimits(
+            name=name,
+            headroom=headroom(up, account=name),
+            cooldown_s=_longest(up, "moonq_ratelimit_cooldown_seconds", account=name),
+            out_s=_longest(up, "moonq_account_out_of_rotation_seconds", account=name) or 0.0,
+        )
+        for name in sorted(names)
+    ]
+    cap = headroom(up, account=CAP)
+    return (*rows, AccountLimits(CAP, cap)) if cap else tuple(rows)
+
+
+def short_duration(x: float) -> str:
+    """A wait for the screen, whole seconds up: 0s, 42s, 4m12s, 2h05m."""
+    s = math.ceil(x)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def account_text(row: AccountLimits) -> str:
+    """One account as text: each limit's room now of its limit, its cool-down, and ``OUT`` with the time left."""
+    parts = [
+        f"{name} {'-' if available is None else human(round(available, 1))}/{human(limit)} free"
+        for name, (available, limit) in row.headroom.items()
+    ]
+    if row.cooldown_s is not None:
+        parts.append(f"cooldown {short_duration(row.cooldown_s)}")
+    return (
+        f"{row.name}: " + (", ".join(parts) or "no limits") + (f" OUT {short_duration(row.out_s)}" if row.out_s else "")
+    )

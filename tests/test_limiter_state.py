@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from moonq.tenants import cached_tenants
 from tests.helpers import make_settings
 from worker.exporter import RedisCollector
 from worker.limiter_state import (
@@ -22,7 +26,7 @@ from worker.limiter_state import (
     limiter_lua,
     window_used,
 )
-from worker.ratelimit import Limiter, Limits
+from worker.ratelimit import Limiter, Limits, shares
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
 
 # window_check on its own, at a `now` of the caller's choosing: KEYS grants, units; ARGV now, window
@@ -248,3 +252,71 @@ def test_the_exporter_reads_the_windows_through_the_formula(redis_url: str) -> N
 
     exported = run(redis_url, body)
     assert exported == {"rpm": 600 - 3, "tpm": 60_000 - 500 - 100 - 66}
+
+
+def test_the_exporter_shows_each_account_the_cap_and_each_tenant_with_limits(redis_url: str, tmp_path: Path) -> None:
+    """With an accounts file: one series set per account (its windows, in-flight leases, cool-down and time
+    out of rotation), the cap over all of them as ``account="all"``, and each tenant's own limits, from the
+    state real grants left in Redis."""
+    accounts = {"main": {"rpm": 500, "max_inflight": 10}, "spare": {"rpm": 200, "max_inflight": 10}}
+    files = {
+        "accounts.json": {"accounts": {name: {"api_key": f"sk-{name}", **caps} for name, caps in accounts.items()}},
+        "tenants.json": {"tenants": {"capped": {"tokens_sha256": [], "rpm": 50, "max_inflight": 5}}},
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    prefix = f"ls{uuid.uuid4().hex[:8]}"
+    settings = make_settings(
+        redis_url,
+        prefix=prefix,
+        rpm=600,
+        accounts_file=str(tmp_path / "accounts.json"),
+        tenants_file=str(tmp_path / "tenants.json"),
+    )
+
+    async def body(redis: Redis) -> tuple[Counter[str], Counter[str], dict[str, dict[tuple[str, ...], float]]]:
+        """Three grants of ``capped`` held, two of the default tenant given back; then a 429 and a refused key."""
+        lim = Limiter(
+            redis,
+            prefix,
+            settings.limits,
+            accounts={name: Limits(caps["rpm"], None, caps["max_inflight"]) for name, caps in accounts.items()},
+            tenants=shares(cached_tenants(settings.tenants_file)),
+        )
+        lim.start()
+        try:
+            held = [await lim.acquire(1, priority=5, enqueued_at_s=time.time(), tenant="capped") for _ in range(3)]
+            released = [await lim.acquire(1, priority=5, enqueued_at_s=time.time()) for _ in range(2)]
+            for lease in released:
+                await lim.release(lease, None)
+            await lim.cooldown(3.0, "main")
+            await lim.take_out("spare", 250.0)
+        finally:
+            await lim.stop()
+        collector = RedisCollector(settings)
+        try:
+            families = {f.name: {tuple(s.labels.values()): s.value for s in f.samples} for f in collector.collect()}
+        finally:
+            collector.redis.close()
+        return Counter(lease.account for lease in held), Counter(lease.account for lease in held + released), families
+
+    in_flight, granted, families = run(redis_url, body)
+    assert families["moonq_ratelimit_limit"] == {
+        ("main", "rpm"): 500,
+        ("main", "inflight"): 10,
+        ("spare", "rpm"): 200,
+        ("spare", "inflight"): 10,
+        ("all", "rpm"): 600,
+    }
+    available = families["moonq_ratelimit_available"]
+    # Five grants in all, each in its account's window and the cap's; the three held are in flight still.
+    assert sum(granted.values()) == 5 and set(granted) == {"main", "spare"}, granted  # the most headroom first
+    for name, caps in accounts.items():
+        assert available[name, "rpm"] == caps["rpm"] - granted[name], name
+        assert available[name, "inflight"] == caps["max_inflight"] - in_flight[name], name
+    assert available["all", "rpm"] == 600 - 5
+    assert families["moonq_tenant_limit"] == {("capped", "rpm"): 50, ("capped", "inflight"): 5}
+    assert families["moonq_tenant_available"] == {("capped", "rpm"): 50 - 3, ("capped", "inflight"): 5 - 3}
+    cooldown, out = families["moonq_ratelimit_cooldown_seconds"], families["moonq_account_out_of_rotation_seconds"]
+    assert 2.0 < cooldown["main",] <= 3.0 and cooldown["spare",] == 0
+    assert out["main",] == 0 and 249.0 < out["spare",] <= 250.0

@@ -167,7 +167,7 @@ def test_queue_depth_and_limiter_headroom(node_run: dict[str, Any]) -> None:
     assert total(m, "moonq_ratelimit_limit", limit="tpm") == 5_000_000
     assert total(m, "moonq_ratelimit_available", limit="inflight") == 50
     assert 6000 - len(REQUESTS) - 2 <= total(m, "moonq_ratelimit_available", limit="rpm") < 6000  # the window's grants
-    assert ("moonq_ratelimit_cooldown_seconds", ()) in m
+    assert ("moonq_ratelimit_cooldown_seconds", (("account", "default"),)) in m
 
 
 def test_queue_depth_reads_the_broker_at_scrape_time(fresh_prefix: Settings) -> None:

@@ -52,10 +52,13 @@ GAUGES = {
     "moonq_ratelimit_limit",
     "moonq_ratelimit_available",
     "moonq_ratelimit_cooldown_seconds",
+    "moonq_account_out_of_rotation_seconds",
     "moonq_redis_memory_bytes",
     "moonq_webhook_backlog",
     "moonq_tenant_spend",
     "moonq_tenant_budget",
+    "moonq_tenant_limit",
+    "moonq_tenant_available",
     "moonq_jobs_waiting",
 }
 SERIES = COUNTERS | GAUGES | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "count", "sum")} | {"up"}

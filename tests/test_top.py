@@ -326,6 +326,54 @@ def test_no_tenant_rows_for_the_default_tenant_alone_but_one_with_a_budget_shows
     ]
 
 
+# Two nodes' limiter gauges with two accounts and a cap over both (account="all"): what each node's exporter
+# reads from the same Redis keys, a moment apart (b scraped later: its windows hold one grant more).
+POOL = """
+# TYPE moonq_ratelimit_limit gauge
+moonq_ratelimit_limit{account="main",limit="rpm"} 500
+moonq_ratelimit_limit{account="main",limit="inflight"} 100
+moonq_ratelimit_limit{account="spare",limit="rpm"} 200
+moonq_ratelimit_limit{account="spare",limit="inflight"} 10
+moonq_ratelimit_limit{account="all",limit="rpm"} 600
+# TYPE moonq_ratelimit_available gauge
+moonq_ratelimit_available{account="main",limit="rpm"} %(main_rpm)s
+moonq_ratelimit_available{account="main",limit="inflight"} 97
+moonq_ratelimit_available{account="spare",limit="rpm"} 200
+moonq_ratelimit_available{account="spare",limit="inflight"} 10
+moonq_ratelimit_available{account="all",limit="rpm"} %(all_rpm)s
+# TYPE moonq_ratelimit_cooldown_seconds gauge
+moonq_ratelimit_cooldown_seconds{account="main"} 2.4
+moonq_ratelimit_cooldown_seconds{account="spare"} 0
+# TYPE moonq_account_out_of_rotation_seconds gauge
+moonq_account_out_of_rotation_seconds{account="main"} 0
+moonq_account_out_of_rotation_seconds{account="spare"} 251.3
+"""
+
+
+def test_two_accounts_one_out_of_rotation_show_one_limits_row() -> None:
+    a = parse_exposition(POOL % {"main_rpm": 120, "all_rpm": 220})
+    b = parse_exposition(POOL % {"main_rpm": 119, "all_rpm": 219})
+    urls = ("http://a:9464/metrics", "http://b:9464/metrics")
+    nodes: dict[str, Samples | None] = dict(zip(urls, (a, b), strict=True))
+    view = build_view(Scrape(0.0, nodes), Scrape(2.0, nodes))
+    # The fleet's limits: the accounts added up (500 + 200 RPM) within the cap (600); 110 in-flight slots, no cap.
+    assert (view.rpm_limit, view.inflight_cap, view.tpm_limit) == (600, 110, None)
+    assert view.cooldown_s == 2.4  # the longest of any account's
+    assert [line for line in format_screen(view) if line.startswith(("limits", "cool-down"))] == [
+        # Max over nodes: every node reads the same keys, the later read is no truer than the earlier.
+        "limits      main: rpm 120/500 free, inflight 97/100 free, cooldown 3s"
+        " | spare: rpm 200/200 free, inflight 10/10 free, cooldown 0s OUT 4m12s"
+        " | all: rpm 220/600 free",
+    ]
+    # The web console's limit cells take the fleet's: room now summed over the accounts, within the cap's.
+    assert {
+        row["name"]: row["available"] for row in describe(view, Scrape(2.0, {urls[0]: a}), True, None)["limits"]
+    } == {
+        "rpm": "220",
+        "inflight": "107",
+    }
+
+
 # --- discovery and scraping, for real ---------------------------------------------------------
 
 

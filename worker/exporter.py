@@ -4,9 +4,13 @@
 nodes there are: all ten priority lists on a Redis broker, the ready messages of a passive
 ``queue.declare`` on RabbitMQ (``moonq.broker.QueueDepth``); on any other broker it is absent.
 The delivery backlog (webhooks and callbacks owed, retrying, dead) is read the same way.
-The limiter gauges show the fleet's headroom: the configured limit, what is available now (room in
-the sliding window; free in-flight slots) and any shared cool-down. With a tenants file, each configured
-tenant's spend today (UTC) and its daily budgets are read the same way (moonq/budgets.py).
+The limiter gauges show the fleet's headroom per upstream account (worker/accounts.py; without an
+accounts file the one account ``default``, in the ``fleet`` scope): the configured limit, what is
+available now (room in the sliding window; free in-flight slots), any cool-down after a 429 and how long
+the account is still out of rotation; with an accounts file, an optional cap over all accounts as
+``account="all"``. With a tenants file, each configured tenant's own limits are read the same way, and
+its spend today (UTC) and its daily budgets (moonq/budgets.py). A scrape's round trips to Redis do not
+grow with the number of accounts and tenants (each family is read in one pipeline), only its reads do.
 Scrape-time reads use their own short-timeout clients; if Redis or the broker does not answer, its
 gauges are left out of that scrape rather than failing it.
 """
@@ -17,6 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 from prometheus_client import start_http_server
@@ -26,11 +31,37 @@ from prometheus_client.registry import Collector
 from moonq import budgets
 from moonq.broker import QueueDepth
 from moonq.tenants import cached_tenants
-from worker.limiter_state import SUM_FIELD, LimiterKeys, window_used
+from worker.accounts import load_accounts
+from worker.limiter_state import FLEET, SUM_FIELD, LimiterKeys, window_used
 from worker.metrics import REGISTRY
+from worker.ratelimit import Limits, shares
 from worker.settings import Settings
 
 log = logging.getLogger("moonq.worker")
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """One limiter scope the gauges show: its label value (account or tenant name), its scope, its limits."""
+
+    label: str
+    scope: str
+    limits: Limits
+
+    @property
+    def caps(self) -> list[tuple[str, int]]:
+        """(limit label, value) of each configured limit: ``rpm``, ``tpm``, ``inflight``."""
+        inflight = [("inflight", self.limits.max_inflight)] if self.limits.max_inflight else []
+        return [*self.limits.rates, *inflight]
+
+
+def _limited(limits: Limits) -> bool:
+    return bool(limits.rpm or limits.tpm or limits.max_inflight)
+
+
+def _left_s(until_ms: bytes | None, now_ms: float) -> float:
+    """Seconds from ``now_ms`` to a stored until-when (Redis ms); 0 when absent or past."""
+    return max(0.0, (float(until_ms or 0) - now_ms) / 1000)
 
 
 class RedisCollector(Collector):
@@ -41,6 +72,19 @@ class RedisCollector(Collector):
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.depth = QueueDepth(settings, timeout_s=1.0)
         self.tenants = cached_tenants(settings.tenants_file) if settings.tenants_file else None
+        # The same scopes as the node's Limiter (worker/loop.py): without an accounts file the one account's
+        # state is the fleet scope's; with one, each account has its own and the settings' limits cap them all.
+        pooled = bool(settings.accounts_file)
+        self.accounts = [
+            _Scope(account.name, f"account:{account.name}" if pooled else FLEET, account.limits)
+            for account in load_accounts(settings)
+        ]
+        self.cap = _Scope("all", FLEET, settings.limits) if pooled and _limited(settings.limits) else None
+        self.tenant_scopes = [
+            _Scope(name, f"tenant:{name}", share.limits)
+            for name, share in (shares(self.tenants) if self.tenants else {}).items()
+            if _limited(share.limits)
+        ]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         waiting = self.depth.read()
@@ -55,39 +99,55 @@ class RedisCollector(Collector):
             log.warning("scrape: Redis did not answer; limiter gauges skipped")
 
     def _collect(self) -> Iterator[GaugeMetricFamily]:
-        s, keys = self.settings, LimiterKeys.for_prefix(self.settings.prefix)
+        keys = LimiterKeys.for_prefix(self.settings.prefix)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
-        pipe.get(keys.cooldown)
-        pipe.zrangebyscore(keys.inflight, "-inf", "+inf", withscores=True)
+        for account in self.accounts:
+            pipe.get(keys.scope_cooldown(account.scope))
+            pipe.get(keys.scope_out(account.scope))
         pipe.info("memory")
         pipe.xlen(self.settings.keys.deliveries)
         pipe.zcard(self.settings.keys.deliveries_due)
         pipe.zcard(self.settings.keys.deliveries_dead)
-        (sec, usec), cooldown, leases, memory, *backlog = pipe.execute()
+        (sec, usec), *replies = pipe.execute()
+        untils, (memory, *backlog) = replies[: 2 * len(self.accounts)], replies[2 * len(self.accounts) :]
         now_ms = sec * 1000 + usec / 1000
-        limits = s.limits
-        limit = GaugeMetricFamily("moonq_ratelimit_limit", "Configured fleet limit.", labels=["limit"])
+        capped = [*self.accounts, *([self.cap] if self.cap else [])]
+        used = self._used(keys, [*capped, *self.tenant_scopes], now_ms)
+        limit = GaugeMetricFamily(
+            "moonq_ratelimit_limit",
+            'Configured limit of each upstream account (account="all": the optional cap over all of them).',
+            labels=["account", "limit"],
+        )
         available = GaugeMetricFamily(
             "moonq_ratelimit_available",
             "Capacity available now: room in the sliding window (rpm, tpm; negative while usage exceeded"
             " its estimates) or free in-flight slots.",
-            labels=["limit"],
+            labels=["account", "limit"],
         )
-        for axis, cap in limits.rates:
-            limit.add_metric([axis], cap)
-            available.add_metric([axis], cap - self._window_used(keys, axis, now_ms - limits.window_ms))
-        if limits.max_inflight:
-            live = sum(1 for _, expiry in leases if expiry > now_ms)
-            limit.add_metric(["inflight"], limits.max_inflight)
-            available.add_metric(["inflight"], limits.max_inflight - live)
+        for scope in capped:
+            for axis, cap in scope.caps:
+                limit.add_metric([scope.label, axis], cap)
+                available.add_metric([scope.label, axis], cap - used[scope.scope, axis])
         yield limit
         yield available
         cool = GaugeMetricFamily(
-            "moonq_ratelimit_cooldown_seconds", "Remaining shared cool-down after an upstream 429."
+            "moonq_ratelimit_cooldown_seconds",
+            "Remaining cool-down of each account after an upstream 429.",
+            labels=["account"],
         )
-        cool.add_metric([], max(0.0, (float(cooldown or 0) - now_ms) / 1000))
+        out = GaugeMetricFamily(
+            "moonq_account_out_of_rotation_seconds",
+            "Remaining time each account is out of rotation (balance gone, key refused); 0 in rotation.",
+            labels=["account"],
+        )
+        for i, account in enumerate(self.accounts):
+            cool.add_metric([account.label], _left_s(untils[2 * i], now_ms))
+            out.add_metric([account.label], _left_s(untils[2 * i + 1], now_ms))
         yield cool
+        yield out
+        if self.tenants is not None:
+            yield from self._tenant_limits(used)
         # moonq's keys are not a cache (noeviction, ops/README.md): a full Redis refuses new jobs.
         mem = GaugeMetricFamily(
             "moonq_redis_memory_bytes",
@@ -99,14 +159,57 @@ class RedisCollector(Collector):
         yield mem
         yield delivery_backlog(backlog)
 
-    def _window_used(self, keys: LimiterKeys, axis: str, cutoff_ms: float) -> int:
-        """Units the fleet's window on ``axis`` holds, its grants at or before ``cutoff_ms`` left out."""
-        window = keys.window(axis)
-        pipe = self.redis.pipeline()  # one snapshot: no trim between the two reads
-        pipe.hget(window.units, SUM_FIELD)
-        pipe.zrangebyscore(window.grants, "-inf", cutoff_ms)
-        stored_sum, expired = pipe.execute()
-        return window_used(stored_sum, self.redis.hmget(window.units, expired) if expired else [])
+    def _tenant_limits(self, used: dict[tuple[str, str], int]) -> Iterator[GaugeMetricFamily]:
+        """``moonq_tenant_limit`` and ``moonq_tenant_available`` of each tenant with limits of its own."""
+        limit = GaugeMetricFamily(
+            "moonq_tenant_limit",
+            "Each tenant's own fleet-wide limits (rpm, tpm, inflight).",
+            labels=["tenant", "limit"],
+        )
+        available = GaugeMetricFamily(
+            "moonq_tenant_available",
+            "Capacity available now within each tenant's own limits, as moonq_ratelimit_available.",
+            labels=["tenant", "limit"],
+        )
+        for scope in self.tenant_scopes:
+            for axis, cap in scope.caps:
+                limit.add_metric([scope.label, axis], cap)
+                available.add_metric([scope.label, axis], cap - used[scope.scope, axis])
+        yield limit
+        yield available
+
+    def _used(self, keys: LimiterKeys, scopes: list[_Scope], now_ms: float) -> dict[tuple[str, str], int]:
+        """``(scope, axis) -> units`` each scope holds on each of its limits at ``now_ms``: a window's units
+        with its grants at or before ``now_ms - window`` left out, or the leases in flight.
+
+        Two round trips whatever the number of scopes: one snapshot of every window (no trim between a
+        window's two reads) and the in-flight counts, then the units of the grants that have left.
+        """
+        cutoff_ms = now_ms - self.settings.limits.window_ms  # the Limiter's window, in every scope
+        pipe = self.redis.pipeline()
+        for scope in scopes:
+            for axis, _ in scope.limits.rates:
+                window = keys.window(axis, scope.scope)
+                pipe.hget(window.units, SUM_FIELD)
+                pipe.zrangebyscore(window.grants, "-inf", cutoff_ms)
+            if scope.limits.max_inflight:
+                pipe.zcount(keys.scope_inflight(scope.scope), f"({now_ms}", "+inf")  # leases not expired
+        replies = iter(pipe.execute())
+        used: dict[tuple[str, str], int] = {}
+        left: list[tuple[tuple[str, str], bytes | None, list[bytes]]] = []
+        expired = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            for axis, _ in scope.limits.rates:
+                stored_sum, gone = next(replies), next(replies)
+                left.append(((scope.scope, axis), stored_sum, gone))
+                if gone:
+                    expired.hmget(keys.window(axis, scope.scope).units, gone)
+            if scope.limits.max_inflight:
+                used[scope.scope, "inflight"] = int(next(replies))
+        units = iter(expired.execute() if any(gone for _, _, gone in left) else [])
+        for key, stored_sum, gone in left:
+            used[key] = window_used(stored_sum, next(units) if gone else [])
+        return used
 
     def _budgets(self) -> Iterator[GaugeMetricFamily]:
         """``moonq_tenant_spend`` and ``moonq_tenant_budget`` of each configured tenant (none without a file)."""

@@ -62,6 +62,7 @@ KNOWN_REASONS = frozenset(
         "invalid_chunk",
         "worker_lost",
         "worker_shutdown",
+        "account_switch",
     }
 )
 OTHER = "other"

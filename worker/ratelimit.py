@@ -29,11 +29,24 @@ within ``lease_ttl_s``; a live node whose renewals came too late (Redis paused, 
 adds the leases of its running calls back at the next renewal, so a long stream is counted again.
 A 429 from the upstream sets a shared cool-down that every caller honours.
 
-Waiting is ordered and does not spin: each process queues its waiters by (priority,
-enqueue time) and only its best waiter asks Redis, registered in a fleet-wide waiting list
-that the script serves head first. A waiter sleeps for exactly the time the script reports
-(until enough of the oldest grants have left the window, the cool-down ends or a lease expires),
-or until a release or grant is announced on the wake channel.
+Waiting is ordered and does not spin: each process queues its waiters per tenant by (aged
+priority, enqueue time) and only each tenant's best waiter asks Redis, registered in a fleet-wide
+waiting line (one member per process and tenant) that the script serves head first. Between
+tenants the head is chosen by start-time fair queueing: each grant advances its tenant's virtual
+time by 1/weight (``VTIME_UNIT`` / weight, integers), the waiting tenant whose next grant starts
+earliest (its last finish, or the fleet's clock if that is later: an idle tenant banks nothing)
+goes first, so shares follow the weights and an idle tenant's share goes to the others. A tenant
+held back by its own limits, or by the accounts it is pinned to, is parked out of the line until
+its time (a release brings every parked tenant back to ask again), so it blocks no one; a head held
+back by the fleet's own limits waits at the front, so small calls cannot starve a large one.
+A waiter sleeps for exactly the time the script reports (until enough of the oldest grants have
+left the window, the cool-down ends, a lease expires or a parked tenant comes back), or until a
+release, grant or park is announced on the wake channel.
+
+Accounts (``worker/accounts.py``) are scopes of their own: windows, in-flight set, cool-down and an
+out-of-rotation time each. A grant takes the account, among those the tenant may use, with room now
+and the largest fraction left on its tightest limit, and enters the call in the fleet cap's, the
+tenant's and that account's windows in the same script, so one grant checks all three atomically.
 
 The state lives under ``P:limit:*`` (``P`` = prefix): ``worker/limiter_state.py`` owns those key
 names and the windows' arithmetic, shared by these scripts and the exporter. Times are Redis'
@@ -114,6 +127,11 @@ class Share:
     limits: Limits = field(default_factory=Limits)
     # The accounts its calls may use (None: any), in the order they are preferred on a tie.
     accounts: tuple[str, ...] | None = None
+
+
+def _score(rank: float) -> str:
+    """A rank as the waiting line's score, every digit kept (a Lua number would round it)."""
+    return repr(int(rank)) if rank == int(rank) else repr(rank)
 
 
 def shares(tenants: Tenants) -> dict[str, Share]:
@@ -373,33 +391,45 @@ class Limiter:
             return
         self._wake.clear()  # before asking: a wake during the calls must not be lost
         sleep_s: float | None = None
+        granted_any = False
+        # Every tenant asks in each pass, also after a grant: an ask is what puts a tenant in the fleet's
+        # line, and one that never asked would not be weighed against the others.
         for tenant in sorted(self._heaps, key=lambda name: self._heaps[name][0].rank):
-            heap = self._heaps.get(tenant, [])
-            if not heap or heap[0].future.done():
-                continue
-            head = heap[0]
-            lease_id = uuid.uuid4().hex
-            spec, keys, lease = self._spec(head, tenant, lease_id)
-            granted, wait_ms, reason, account = await self._acquire(keys=keys, args=[spec])
-            reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-            if granted:
-                self._registered.discard(tenant)  # the grant took its place in line
-                await self._granted(tenant, head, lease, account.decode() if isinstance(account, bytes) else account)
-                return  # serve again at once: the next waiter may go too
-            self._registered.add(tenant)
-            if reason != "parked":  # parked: still held back by what parked it
-                head.held_by = reason
-            # Sleep for exactly the time the script named, or until woken (the renewals keep our place in
-            # line meanwhile). Behind another process's waiter nothing is named: ask again well within the
-            # time its registration lives, in case that process died without a word.
-            wait_s = self.waiter_ttl_s / 3 if wait_ms < 0 else wait_ms / 1000
-            sleep_s = wait_s if sleep_s is None else min(sleep_s, wait_s)
+            wait_s = await self._ask(tenant)
+            if wait_s == 0:
+                granted_any = True
+            elif wait_s is not None:
+                sleep_s = wait_s if sleep_s is None else min(sleep_s, wait_s)
+        if granted_any:
+            return  # serve again at once: the next waiters may go too
         if sleep_s is not None:
             # Not asyncio.wait_for: on Python 3.11 it loses a cancel that arrives as the wake does
             # (python/cpython#86296), and stop() would then wait for the pump forever.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(sleep_s):
                     await self._wake.wait()
+
+    async def _ask(self, tenant: str) -> float | None:
+        """One ask for ``tenant``'s best waiter: 0 when granted, else how long to sleep (None: nothing to ask)."""
+        heap = self._heaps.get(tenant, [])
+        if not heap or heap[0].future.done():
+            return None
+        head = heap[0]
+        spec, keys, lease = self._spec(head, tenant, uuid.uuid4().hex)
+        granted, wait_ms, reason, account = await self._acquire(keys=keys, args=[spec])
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if granted:
+            if len(heap) <= 1:
+                self._registered.discard(tenant)  # its last waiter: the grant took its place in line
+            await self._granted(tenant, head, lease, account.decode() if isinstance(account, bytes) else account)
+            return 0.0
+        self._registered.add(tenant)
+        if reason != "parked":  # parked: still held back by what parked it
+            head.held_by = reason
+        # Sleep for exactly the time the script named, or until woken (the renewals keep our place in line
+        # meanwhile). Behind another process's waiter nothing is named: ask again well within the time its
+        # registration lives, in case that process died without a word.
+        return self.waiter_ttl_s / 3 if wait_ms < 0 else max(wait_ms, 1) / 1000
 
     async def _granted(self, tenant: str, head: _Waiter, lease: Lease, account: str) -> None:
         heap = self._heaps[tenant]
@@ -457,11 +487,13 @@ class Limiter:
 
         share = self.share(tenant)
         candidates = self.candidates(tenant)
+        nxt = [w for w in self._heaps.get(tenant, []) if w is not head and not w.future.done()]
         spec: dict[str, Any] = {
             "me": self._member(tenant),
             "tenant": tenant,
             "weight": share.weight,
-            "rank": repr(int(head.rank)) if head.rank == int(head.rank) else repr(head.rank),
+            "rank": _score(head.rank),
+            "next": _score(min(w.rank for w in nxt)) if nxt else "",
             "ttl": int(self.waiter_ttl_s * 1000),
             "lease": lease_id,
             "lease_ttl": int(self.lease_ttl_s * 1000),

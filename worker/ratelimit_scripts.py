@@ -10,7 +10,8 @@ from worker.limiter_state import limiter_lua
 # KEYS: 1 waiters zset, 2 alive zset, 3 vtime hash, 4 vclock, 5 weights hash, 6 parked zset, then every
 #       key the spec names by its index (all of them under P:limit:, declared, so one slot can hold them).
 # ARGV: 1 the spec, JSON (``Limiter._spec``):
-#   me (``<process>|<tenant>``), tenant, weight, rank (a string), ttl (the waiter's place, ms), lease, lease_ttl (ms),
+#   me (``<process>|<tenant>``), tenant, weight, rank and next (the rank of the process's next waiter of
+#   the tenant, '' for none; strings), ttl (the waiter's place, ms), lease, lease_ttl (ms),
 #   window (ms), wake (channel), unit (VTIME_UNIT), pinned (true: the tenant may use only some accounts),
 #   fleet and tenant: a scope {inflight = [key, cap] or absent, windows = [[grants key, units key, limit,
 #   units, reason], ...]}, accounts: [{name, cooldown = key, out = key, and a scope's fields}, ...].
@@ -144,8 +145,14 @@ take(chosen)
 redis.call('SET', KEYS[4], string.format('%d', head_start), 'PX', $vtime_ttl_ms)
 redis.call('HSET', KEYS[3], tenant, string.format('%d', head_start + math.floor(spec.unit / spec.weight)))
 redis.call('PEXPIRE', KEYS[3], $vtime_ttl_ms)
-redis.call('ZREM', KEYS[1], me)
-redis.call('ZREM', KEYS[2], me)
+-- The process's next waiter of this tenant keeps its place (a tenant out of the line between two
+-- grants would not be weighed against the others); with none, it leaves.
+if spec.next ~= '' then
+  redis.call('ZADD', KEYS[1], spec.next, me)
+else
+  redis.call('ZREM', KEYS[1], me)
+  redis.call('ZREM', KEYS[2], me)
+end
 if redis.call('ZCARD', KEYS[1]) > 0 then
   redis.call('PUBLISH', spec.wake, 'grant')  -- the next in line may go now
 end
