@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
+bench: bench-limiter bench-fairshare bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -63,6 +63,10 @@ bench-limiter: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.limiter
 
 # submit one by one vs submit_many (~30 s).
+# Fair share between tenants and two accounts, in the limiter itself (~8 minutes, time scaled by 1/10).
+bench-fairshare: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.fairshare
+
 bench-enqueue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.enqueue
 
