@@ -8,6 +8,13 @@ Two brokers are supported, chosen by the scheme of ``CELERY_BROKER_URL`` (defaul
 - Redis (``redis://``, ``rediss://``, ``unix://``): every broker key carries ``MOONQ_PREFIX``; ten
   priority lists, 0 the most urgent. A ``rediss://`` broker verifies the server's certificate unless
   the URL says otherwise (kombu alone would not verify it).
+Each tenant of the tenants file has a queue of its own (``<queue>.<tenant>``; the default tenant
+keeps ``<queue>``), so one tenant's flood is not ahead of another tenant's jobs in one line. A node
+consumes all of them; on Redis it takes them in smooth weighted round robin by the tenants'
+weights (``TenantCycle``), so what the nodes hold, and then what the limiter shares out between
+waiting tenants (worker/ratelimit.py), follows the weights even when the backlogs are deeper than
+the fleet's concurrency. A message priority still goes first across queues.
+
 - RabbitMQ (``amqp://``): the queue is declared with ``x-max-priority`` (by producers and workers
   alike, or RabbitMQ refuses the second declaration) and AMQP's priorities run the other way (9 the
   most urgent), so ``message_priority`` turns moonq's 0 into 9. Publishes wait for the broker's
@@ -26,8 +33,11 @@ import redis
 from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
+from kombu.utils.scheduling import round_robin_cycle
 
+from moonq.record import DEFAULT_TENANT
 from moonq.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
+from moonq.tenants import cached_tenants
 from moonq.wire import TASK_NAME, JobEnvelope
 
 log = logging.getLogger("moonq")
@@ -46,8 +56,57 @@ AMQP_CONSUMER_TIMEOUT_MS = 24 * 3600 * 1000
 PRIORITY_SEP = "\x06\x16"
 
 
+# Each tenant queue's weight, as the node's tenants file gives it (``broker_config`` fills it in); kombu
+# builds ``TenantCycle`` without arguments, so it reads them here.
+QUEUE_WEIGHTS: dict[str, int] = {}
+
+
+def queue_for(settings: ClientSettings, tenant: str) -> str:
+    """The broker queue of ``tenant``'s jobs (the default tenant's is ``MOONQ_QUEUE`` itself)."""
+    return settings.queue if tenant == DEFAULT_TENANT else f"{settings.queue}.{tenant}"
+
+
+def queues(settings: ClientSettings) -> list[str]:
+    """Every job queue a node consumes: the default tenant's, then each tenant's of the file."""
+    names = cached_tenants(settings.tenants_file).names if settings.tenants_file else ()
+    return [settings.queue] + [queue_for(settings, name) for name in names if name != DEFAULT_TENANT]
+
+
+class TenantCycle(round_robin_cycle):
+    """kombu's queue order for a Redis consumer: smooth weighted round robin over the tenants' queues.
+
+    kombu asks ``consume`` for the order in which one BRPOP lists the queues (each message priority
+    in turn, the queues in this order within it) and calls ``rotate`` with the queue a message came
+    from. Every queue earns its weight in credit per message taken, the one that gave it pays the
+    total, and the next BRPOP lists the richest first: with weights 1 and 3 and both queues full,
+    three of every four messages come from the second, interleaved. An empty queue's credit is
+    capped at twice the total, so a tenant back from idling gets at most a round or two ahead.
+    """
+
+    def __init__(self, it: list[str] | None = None) -> None:
+        super().__init__(it)  # type: ignore[no-untyped-call]
+        self.credit: dict[str, int] = {}
+
+    def consume(self, n: int) -> list[str]:
+        return sorted(self.items[:n], key=lambda queue: -self.credit.get(queue, 0))
+
+    def rotate(self, last_used: str) -> str:
+        if last_used not in self.items:
+            return last_used
+        weights = {queue: QUEUE_WEIGHTS.get(queue, 1) for queue in self.items}
+        total = sum(weights.values())
+        for queue, weight in weights.items():
+            self.credit[queue] = min(self.credit.get(queue, 0) + weight, 2 * total)
+        self.credit[last_used] -= total
+        return last_used
+
+
 def broker_config(settings: ClientSettings) -> dict[str, Any]:
     url = settings.broker_url
+    names = queues(settings)
+    if settings.tenants_file:
+        tenants = cached_tenants(settings.tenants_file)
+        QUEUE_WEIGHTS.update({queue_for(settings, t): tenants.get(t).weight for t in tenants.names})
     config: dict[str, Any] = {
         "broker_url": url,
         # JSON only: a crafted message cannot carry a pickle that runs code.
@@ -62,27 +121,32 @@ def broker_config(settings: ClientSettings) -> dict[str, Any]:
             # Every Redis key moonq writes starts with the prefix, the broker's too.
             "global_keyprefix": settings.keys.broker_prefix,
             # Ten priority lists, 0 the most urgent (Celery's default folds 10 levels into 4).
-            "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
+            # The tenants' queues in weighted turns (kombu resolves the dotted name).
+            "queue_order_strategy": "moonq.broker:TenantCycle",
         }
+        if len(names) > 1:
+            config["task_queues"] = [Queue(name) for name in names]  # type: ignore[no-untyped-call]
         if url_scheme(url) == "rediss":
             # Verify the server like redis-py does for REDIS_URL. ssl_* parameters in the URL replace
             # this whole dict (kombu reads them there), e.g. ?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem.
             config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     elif is_amqp_url(url):
         # One explicit queue, the same in producers and workers (its arguments must match everywhere).
-        config["task_queues"] = [amqp_queue(settings)]
+        config["task_queues"] = [amqp_queue(settings, name) for name in names]
         config["broker_transport_options"] = {"confirm_publish": True}
     return config
 
 
-def amqp_queue(settings: ClientSettings) -> Queue:
-    """The job queue on RabbitMQ: Celery's default layout (a direct exchange named like the queue)
-    with ten priority levels, consumed with a long acknowledgement timeout."""
+def amqp_queue(settings: ClientSettings, name: str | None = None) -> Queue:
+    """A job queue on RabbitMQ (``MOONQ_QUEUE``, or a tenant's ``name``): Celery's default layout (a
+    direct exchange named like the queue) with ten priority levels, consumed with a long
+    acknowledgement timeout."""
+    name = name or settings.queue
     return Queue(  # type: ignore[no-untyped-call]
-        settings.queue,
-        Exchange(settings.queue, type="direct"),  # type: ignore[no-untyped-call]
-        routing_key=settings.queue,
+        name,
+        Exchange(name, type="direct"),  # type: ignore[no-untyped-call]
+        routing_key=name,
         queue_arguments={"x-max-priority": AMQP_MAX_PRIORITY},
         consumer_arguments={"x-consumer-timeout": AMQP_CONSUMER_TIMEOUT_MS},
     )
@@ -99,8 +163,11 @@ def producer_app(settings: ClientSettings) -> Celery:
     return app
 
 
-def send_envelope(app: Celery, settings: ClientSettings, envelope: JobEnvelope, producer: Any = None) -> None:
-    """Send one job's message: by task name (no worker code needed), with the job id as the task id.
+def send_envelope(
+    app: Celery, settings: ClientSettings, envelope: JobEnvelope, producer: Any = None, tenant: str = DEFAULT_TENANT
+) -> None:
+    """Send one job's message, to its tenant's queue: by task name (no worker code needed), with the job
+    id as the task id.
 
     Used by producers at submit and by the nodes' sweeper when it re-sends an orphaned job; a
     duplicate message is harmless (the claim runs a job once). ``producer``: a kombu producer to
@@ -110,7 +177,7 @@ def send_envelope(app: Celery, settings: ClientSettings, envelope: JobEnvelope, 
         TASK_NAME,
         args=[envelope.model_dump(mode="json")],
         task_id=envelope.job_id,
-        queue=settings.queue,
+        queue=queue_for(settings, tenant),
         priority=message_priority(settings, envelope.priority),
         producer=producer,
         # Celery copies a repr of the arguments into the message headers for its logs and monitors.
@@ -121,9 +188,12 @@ def send_envelope(app: Celery, settings: ClientSettings, envelope: JobEnvelope, 
 
 
 def queue_lists(settings: ClientSettings) -> list[str]:
-    """The Redis lists that hold the job queue, one per priority."""
-    base = f"{settings.keys.broker_prefix}{settings.queue}"
-    return [base] + [f"{base}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+    """The Redis lists that hold the job queues (every tenant's), one per queue and priority."""
+    out = []
+    for name in queues(settings):
+        base = f"{settings.keys.broker_prefix}{name}"
+        out += [base] + [f"{base}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+    return out
 
 
 class QueueDepth:
@@ -166,6 +236,9 @@ class QueueDepth:
         return sum(pipe.execute())
 
     def _amqp_depth(self) -> int:
+        return sum(self._amqp_ready(name) for name in queues(self.settings))
+
+    def _amqp_ready(self, name: str) -> int:
         if self._amqp is None:
             self._amqp = Connection(  # type: ignore[no-untyped-call]
                 self.settings.broker_url,
@@ -175,7 +248,7 @@ class QueueDepth:
             )
         channel = self._amqp.default_channel
         try:
-            _, ready, _ = channel.queue_declare(queue=self.settings.queue, passive=True)  # type: ignore[no-untyped-call]
+            _, ready, _ = channel.queue_declare(queue=name, passive=True)  # type: ignore[no-untyped-call]
         except Exception as err:
             if getattr(err, "code", None) != 404:
                 raise

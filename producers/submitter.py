@@ -301,7 +301,7 @@ class Submitter:
             with self.redis.pipeline(transaction=False) as pipe:
                 self._remember(pipe, {envelope.job_id: envelope.enqueued_at}, record[JobField.TENANT])
                 pipe.execute()
-        self._send(envelope, idem)
+        self._send(envelope, idem, record[JobField.TENANT])
         # Sent: from now on the sweeper looks for its message before re-sending it (worker/sweeper.py).
         self.mark(envelope.job_id, JobField.SENT, "1")
         return envelope.job_id
@@ -318,9 +318,10 @@ class Submitter:
             pipe.execute()
         try:
             # kombu's producer batch buffers the queue pushes into one Redis pipeline (other brokers: one by one).
+            tenant = extra.get(JobField.TENANT, DEFAULT_TENANT)
             with self._celery.producer_or_acquire() as producer, producer.batch(max_size=BULK_CHUNK):
                 for envelope in envelopes:
-                    send_envelope(self._celery, self.settings, envelope, producer=producer)
+                    send_envelope(self._celery, self.settings, envelope, producer=producer, tenant=tenant)
         except Exception:
             with self.redis.pipeline(transaction=False) as pipe:
                 for envelope in envelopes:
@@ -348,9 +349,9 @@ class Submitter:
             pipe.zremrangebyscore(index, "-inf", time.time() - ttl_s)
             pipe.expire(index, ttl_s)
 
-    def _send(self, envelope: JobEnvelope, idem: str = "") -> None:
+    def _send(self, envelope: JobEnvelope, idem: str, tenant: str) -> None:
         try:
-            send_envelope(self._celery, self.settings, envelope)
+            send_envelope(self._celery, self.settings, envelope, tenant=tenant)
         except Exception:
             keys = [self.keys.job(envelope.job_id), self.keys.active, *([idem] if idem else [])]
             self._forget(keys=keys, args=[envelope.job_id])
@@ -377,7 +378,8 @@ class Submitter:
             if rec is None or rec.status is not JobStatus.QUEUED or rec.sent:
                 return job_id
             if time.time() - (rec.enqueued_at or 0.0) > RESEND_AFTER_S:
-                send_envelope(self._celery, self.settings, JobEnvelope.model_validate_json(rec.envelope or ""))
+                envelope = JobEnvelope.model_validate_json(rec.envelope or "")
+                send_envelope(self._celery, self.settings, envelope, tenant=rec.tenant)
                 self.mark(job_id, JobField.SENT, "1")
                 return job_id
             time.sleep(0.1)

@@ -166,7 +166,7 @@ class Sweeper:
         envelope = JobEnvelope.model_validate_json(rec.envelope)
         if self._app is None:
             self._app = producer_app(self.settings)
-        await asyncio.to_thread(send_envelope, self._app, self.settings, envelope)
+        await asyncio.to_thread(send_envelope, self._app, self.settings, envelope, None, rec.tenant)
         await self.redis.zadd(self.keys.active, {job_id: now_s}, xx=True)  # not again before orphan_after_s
         if rec.status is JobStatus.QUEUED:
             await self._set_if_exists(keys=[self.keys.job(job_id)], args=[JobField.SENT, "1"])
