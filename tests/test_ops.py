@@ -70,6 +70,7 @@ ALERTS = {
     "MoonqP95LatencyHigh",
     "MoonqQuotaSaturation",
     "MoonqUpstreamCooldown",
+    "MoonqAccountOutOfRotation",
     "MoonqCostBurn",
     "MoonqRedisMemoryHigh",
     "MoonqWebhooksFailing",

@@ -518,7 +518,7 @@ class Limiter:
         return json.dumps(spec, separators=(",", ":")), keys, lease
 
     async def _renew_loop(self) -> None:
-        while True:
+        while not self._stopping:  # the flag too: see stop()
             await asyncio.sleep(min(self.lease_ttl_s, self.waiter_ttl_s) / 3)
             if not self._leases and not self._registered:
                 continue
