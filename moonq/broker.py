@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -59,6 +60,15 @@ PRIORITY_SEP = "\x06\x16"
 # Each tenant queue's weight, as the node's tenants file gives it (``broker_config`` fills it in); kombu
 # builds ``TenantCycle`` without arguments, so it reads them here.
 QUEUE_WEIGHTS: dict[str, int] = {}
+# What the node holds of each queue's jobs now (waiting for capacity), when the node says
+# (``set_queue_load``); called from kombu's consumer thread.
+_queue_load: Callable[[], Mapping[str, int]] | None = None
+
+
+def set_queue_load(load: Callable[[], Mapping[str, int]] | None) -> None:
+    """Let ``TenantCycle`` take first from the queue whose tenant the node holds least of, per weight."""
+    global _queue_load
+    _queue_load = load
 
 
 def queue_for(settings: ClientSettings, tenant: str) -> str:
@@ -73,13 +83,17 @@ def queues(settings: ClientSettings) -> list[str]:
 
 
 class TenantCycle(round_robin_cycle):
-    """kombu's queue order for a Redis consumer: smooth weighted round robin over the tenants' queues.
+    """kombu's queue order for a Redis consumer: the tenants' queues in weighted turns.
 
     kombu asks ``consume`` for the order in which one BRPOP lists the queues (each message priority
     in turn, the queues in this order within it) and calls ``rotate`` with the queue a message came
-    from. Every queue earns its weight in credit per message taken, the one that gave it pays the
-    total, and the next BRPOP lists the richest first: with weights 1 and 3 and both queues full,
-    three of every four messages come from the second, interleaved. An empty queue's credit is
+    from. On a node (``set_queue_load``), the queue whose tenant has the fewest jobs waiting in the
+    node for capacity, per unit of weight, is listed first: the node holds each tenant's jobs in
+    proportion to its weight, so the limiter always has every tenant's next job to weigh, and a
+    tenant whose jobs go fast is refilled fast. Ties, and a consumer without a load, fall back to
+    smooth weighted round robin: every queue earns its weight in credit per message taken, the one
+    that gave it pays the total, the richest is listed first (with weights 1 and 3 and both queues
+    full, three of every four messages come from the second, interleaved). An empty queue's credit is
     capped at twice the total, so a tenant back from idling gets at most a round or two ahead.
     """
 
@@ -88,7 +102,11 @@ class TenantCycle(round_robin_cycle):
         self.credit: dict[str, int] = {}
 
     def consume(self, n: int) -> list[str]:
-        return sorted(self.items[:n], key=lambda queue: -self.credit.get(queue, 0))
+        load = _queue_load() if _queue_load is not None else {}
+        return sorted(
+            self.items[:n],
+            key=lambda queue: (load.get(queue, 0) / QUEUE_WEIGHTS.get(queue, 1), -self.credit.get(queue, 0)),
+        )
 
     def rotate(self, last_used: str) -> str:
         if last_used not in self.items:

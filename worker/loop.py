@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moonq.broker import queue_for, set_queue_load
 from moonq.connect import resilient_redis
 from moonq.eventlog import APPEND_LUA
 from moonq.tenants import cached_tenants
@@ -97,6 +98,8 @@ class Runtime:
             prices=load_prices(self.settings.prices_file),
         )
         limiter.start()
+        # The broker consumer takes first from the tenant this node holds least of (moonq/broker.py).
+        set_queue_load(lambda: {queue_for(s, tenant): n for tenant, n in limiter.waiting().items()})
         self._background = [
             asyncio.create_task(self._listen(ctx)),
             asyncio.create_task(keepalive(ctx, lambda: self.metrics_url)),

@@ -230,6 +230,7 @@ class Limiter:
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._leases: dict[str, tuple[str, ...]] = {}  # lease id -> its in-flight sets
+        self._waiting: dict[str, int] = {}  # tenant -> calls waiting in acquire()
         self._registered: set[str] = set()  # tenants with a place in the fleet's line
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -270,8 +271,8 @@ class Limiter:
         self._wake.set()
 
     def waiting(self) -> dict[str, int]:
-        """How many calls of each tenant this process has waiting for capacity now."""
-        return {tenant: sum(1 for w in heap if not w.future.done()) for tenant, heap in self._heaps.items()}
+        """How many calls of each tenant this process has waiting for capacity now (safe from any thread)."""
+        return self._waiting.copy()  # one C-level copy: atomic under the GIL
 
     async def acquire(
         self, cost_tokens: int, *, priority: int, enqueued_at_s: float, tenant: str = DEFAULT_TENANT
@@ -294,6 +295,7 @@ class Limiter:
         waiter = _Waiter(order, next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heaps.setdefault(tenant, []), waiter)
         self._wake.set()
+        self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
         try:
             async with asyncio.timeout(self.max_wait_s):
                 return await asyncio.shield(waiter.future)
@@ -310,6 +312,12 @@ class Limiter:
             if waiter.future.done() and not waiter.future.cancelled():
                 await self.release(waiter.future.result(), used_tokens=0)
             raise
+        finally:
+            left = self._waiting[tenant] - 1
+            if left:
+                self._waiting[tenant] = left
+            else:
+                del self._waiting[tenant]
 
     async def release(self, lease: Lease, used_tokens: int | None) -> None:
         """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
