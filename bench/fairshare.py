@@ -225,7 +225,8 @@ def main() -> None:
             rows.append(row)
     table = "\n".join(
         [
-            "| case | share of grants, median (weight's share) | worst deviation from weight | quota used (through the queue: throughput) |"
+            "| case | share of grants, median (weight's share) | worst deviation from weight"
+            " | quota used (through the queue: throughput) |"
         ]
         + ["|---|---|---|---|"]
         + ["| " + " | ".join(row) + " |" for row in rows]
