@@ -37,10 +37,12 @@ from prometheus_client.registry import Collector
 from gateway.app import GatewaySettings
 from gateway.console.session import COOKIE, KEY_BYTES, Sessions
 from gateway.console.web import CSP
+from harness import WorkerProcess
 from moonq.keys import Keys
 from moonq.tenants import Principal, Tenants, hash_token
 from producers import Client
-from tests.helpers import serve_gateway, wait_until
+from simulator import SimServer
+from tests.helpers import node_env, serve_gateway, wait_until
 from worker.exporter import RedisCollector
 from worker.metrics import REGISTRY
 from worker.settings import Settings
@@ -479,7 +481,14 @@ def tenants_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def tenants_gateway(tenants_settings: GatewaySettings, worker: Any) -> Iterator[str]:
+def tenants_worker(settings: Settings, tenants_settings: GatewaySettings, sim: SimServer) -> Iterator[WorkerProcess]:
+    """A node of the tenants file's deployment (``celery -A worker worker``): it consumes the tenants' queues."""
+    with WorkerProcess(node_env(settings, sim.base_url, MOONQ_TENANTS_FILE=tenants_settings.tenants_file)) as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def tenants_gateway(tenants_settings: GatewaySettings, tenants_worker: WorkerProcess) -> Iterator[str]:
     with serve_gateway(tenants_settings) as url:
         yield url
 

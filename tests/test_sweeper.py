@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
@@ -170,3 +172,26 @@ def test_a_job_recorded_but_never_sent_is_sent(swept: Settings, r: redis.Redis) 
     assert record is not None and record.sent and record.status is JobStatus.QUEUED
     [raw] = [r.lindex(name, -1) for name in queue_lists(swept) if r.llen(name)]
     assert raw is not None and json.loads(raw)["headers"]["id"] == job.id
+
+
+def test_a_job_of_a_tenant_this_node_does_not_consume_is_not_piled_up_but_named(
+    swept: Settings, r: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer with a tenants file, a node without: the job waits in its tenant's queue, which this node
+    does not read. The sweeper leaves it there (a copy per sweep would pile up) and says what is wrong."""
+    (tmp_path / "tenants.json").write_text(json.dumps({"tenants": {"ghost": {"tokens_sha256": []}}}))
+    producer = swept.model_copy(update={"tenants_file": str(tmp_path / "tenants.json")})
+    with Client(settings=producer, tenant="ghost") as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    ghost = [name for name in queue_lists(producer) if name not in queue_lists(swept)]  # its ten priority lists
+
+    def waiting() -> int:
+        return sum(int(r.llen(name)) for name in ghost)
+
+    assert waiting() == 1
+    _age(r, swept, job.id)
+    sweep = Sweeps(swept)  # the node's settings: no tenants file
+    with caplog.at_level(logging.ERROR, logger="moonq.worker"):
+        assert sweep() == 0 and sweep() == 0 and sweep() == 0
+    assert waiting() == 1
+    assert "event=tenant_not_consumed tenant=ghost" in caplog.text

@@ -34,7 +34,7 @@ from celery import Celery
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from moonq.broker import producer_app, queue_lists, send_envelope
+from moonq.broker import producer_app, queue_for, queue_lists, queues, send_envelope
 from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus
 from moonq.settings import is_redis_url
 from moonq.wire import JobEnvelope
@@ -101,6 +101,10 @@ class Sweeper:
         # A node that has just popped a message claims the job within milliseconds, so a second look
         # one sweep later tells a lost message from one in a node's hands.
         self.suspects: set[str] = set()
+        # The queues this node consumes (its tenants file's). A job of a tenant this node does not know
+        # sits in a queue no node of this configuration reads: re-sending it would only pile up copies.
+        self._queues = set(queues(settings))
+        self._warned: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -140,6 +144,9 @@ class Sweeper:
             if what == "forget":
                 await self.redis.zrem(self.keys.active, job_id)
             elif what == "send" and rec is not None and rec.envelope:
+                if queue_for(self.settings, rec.tenant) not in self._queues:
+                    self._not_consumed(rec.tenant)
+                    continue
                 if rec.status is JobStatus.QUEUED and rec.sent and job_id not in self.suspects:
                     suspects.add(job_id)  # look again next sweep
                     continue
@@ -147,6 +154,17 @@ class Sweeper:
                 sent += 1
         self.suspects = suspects
         return sent
+
+    def _not_consumed(self, tenant: str) -> None:
+        if tenant in self._warned:
+            return
+        self._warned.add(tenant)
+        log.error(
+            "event=tenant_not_consumed tenant=%s queue=%s: jobs of this tenant wait in a queue this node does not"
+            " consume; give every node the producers' MOONQ_TENANTS_FILE (docs/tenants.md) and restart it",
+            tenant[:64],
+            queue_for(self.settings, tenant)[:200],
+        )
 
     async def _oldest_queued(self) -> float | None:
         """``enqueued_at`` of the oldest message in any priority list (inf: all empty; None: can't tell)."""
