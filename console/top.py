@@ -30,6 +30,7 @@ from rich.text import Text
 from console.fleetview import deliveries_row, screen_line, screen_rows
 from moonq.fleet import NODE_STALE_S, Samples, Scrape, build_view, parse_exposition
 from moonq.keys import Keys
+from moonq.redisurl import sync_redis
 from moonq.settings import ClientSettings
 
 
@@ -81,7 +82,7 @@ class Top:
     def __init__(self, settings: ClientSettings, explicit: Sequence[str], interval_s: float) -> None:
         self.keys, self.explicit = settings.keys, list(explicit)
         # One try per round, no backoff: a Redis that does not answer must not stall the screen.
-        self.redis = redis.Redis.from_url(
+        self.redis = sync_redis(
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
         )
         # Metrics endpoints are inside the fleet's network: no proxies from the environment.

@@ -1,6 +1,7 @@
-"""Local processes for the demo, the tests and the benchmarks: a private redis-server, a RabbitMQ
-node, moonq worker nodes started as users start them (``celery -A worker worker``), TLS files, and a
-TCP proxy that cuts or black-holes one process's links (``TcpProxy``).
+"""Local processes for the demo, the tests and the benchmarks: a private redis-server, a
+Sentinel-managed Redis (a primary, a replica, three sentinels), a RabbitMQ node, moonq worker nodes
+started as users start them (``celery -A worker worker``), TLS files, and a TCP proxy that cuts or
+black-holes one process's links (``TcpProxy``).
 
 Not part of the SDK a producing service imports, nor of a worker node: it exists so that
 ``moonq demo``, ``tests/`` and ``bench/`` start real servers the same way.
@@ -11,6 +12,7 @@ from harness.processes import (
     REDIS_MISSING,
     RabbitMQServer,
     RedisServer,
+    SentinelSet,
     TlsFiles,
     WorkerProcess,
     free_port,
@@ -26,6 +28,7 @@ __all__ = [
     "REDIS_MISSING",
     "RabbitMQServer",
     "RedisServer",
+    "SentinelSet",
     "TcpProxy",
     "TlsFiles",
     "WorkerProcess",

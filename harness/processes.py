@@ -14,8 +14,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
+import redis
+
+from harness.proxy import TcpProxy
 from moonq.broker import producer_app
 from moonq.settings import ClientSettings
 
@@ -403,6 +407,185 @@ class WorkerProcess:
         return int(self.proc.returncode)
 
     def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SentinelSet:
+    """A Sentinel-managed Redis: a primary, one replica (``--replicaof``) and three sentinels
+    (``redis-server <conf> --sentinel``, quorum 2), all on free ports of 127.0.0.1, each sentinel
+    with its own config file (Sentinel rewrites it) in a temporary directory; all removed on stop.
+
+    ``kill_primary()`` SIGKILLs whichever server the sentinels name as primary;
+    ``wait_for_new_primary()`` blocks until they name another. Failure is declared after
+    ``down_after_ms`` without an answer (1 s here, 30 s in Redis' sample config).
+
+    Args:
+        master: the name the sentinels monitor the primary under.
+        password: the data nodes' ``default`` password (``requirepass``, and ``masterauth`` so the
+            replica, and the primary once demoted, can sync).
+        sentinel_password: the sentinels' own ``requirepass``.
+        replication_proxy: the replica syncs through a ``TcpProxy`` (``replication_link``), so a
+            test can hold replication back (``blackhole``) while the primary acknowledges writes.
+    """
+
+    def __init__(
+        self,
+        master: str = "moonq",
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        replication_proxy: bool = False,
+    ) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(REDIS_MISSING)
+        self.binary = binary
+        self.master = master
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
+        # A replica's first full sync starts at once instead of after Redis' default 5 s wait for more replicas.
+        sync = ("--repl-diskless-sync-delay", "0")
+        self.primary = RedisServer(extra_args=(*auth, *sync))
+        self.replication_link = TcpProxy(self.primary.port, port=free_port()) if replication_proxy else None
+        upstream = self.replication_link.port if self.replication_link else self.primary.port
+        self.replica = RedisServer(extra_args=(*auth, *sync, "--replicaof", "127.0.0.1", str(upstream)))
+        self.servers = [self.primary, self.replica]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._dir = Path(tempfile.mkdtemp(prefix="moonq-sentinel-"))
+        for port in self.sentinel_ports:
+            conf = [
+                f"port {port}",
+                "bind 127.0.0.1",
+                f"dir {self._dir}",
+                f"logfile {self._dir / f'sentinel-{port}.log'}",
+                f"sentinel monitor {master} 127.0.0.1 {self.primary.port} 2",
+                f"sentinel down-after-milliseconds {master} {down_after_ms}",
+                f"sentinel failover-timeout {master} {failover_timeout_ms}",
+            ]
+            if password:
+                conf.append(f"sentinel auth-pass {master} {password}")
+            if sentinel_password:
+                conf.append(f"requirepass {sentinel_password}")
+            (self._dir / f"sentinel-{port}.conf").write_text("\n".join(conf) + "\n")
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    def url(self, db: int = 0) -> str:
+        """moonq's Sentinel URL for this set (docs/contract.md): every sentinel, the master's name, ``db``."""
+        userinfo = f":{quote(self.password, safe='')}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        query = "?" + urlencode({"sentinel_password": self.sentinel_password}) if self.sentinel_password else ""
+        return f"redis+sentinel://{userinfo}{hosts}/{self.master}/{db}{query}"
+
+    def log(self) -> str:
+        return "".join(f.read_text(errors="replace") for f in sorted(self._dir.glob("*.log")))
+
+    def _ask(self, port: int, *command: str) -> Any:
+        """One command to the sentinel on ``port``; None when it does not answer."""
+        client = redis.Redis(port=port, password=self.sentinel_password, socket_timeout=1.0, decode_responses=True)
+        try:
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError):
+            return None
+        finally:
+            client.close()
+
+    def primary_port(self) -> int | None:
+        """The primary's port as a majority of the sentinels name it; None while they disagree or cannot say."""
+        named = []
+        for port in self.sentinel_ports:
+            answer = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+            if isinstance(answer, list | tuple) and len(answer) == 2:
+                named.append(int(answer[1]))
+        best = max(set(named), key=named.count, default=None)
+        return best if best is not None and named.count(best) >= 2 else None
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def _ready(self) -> bool:
+        # The replica holds the primary's data, and each sentinel knows it and the two other
+        # sentinels: a failover can get its quorum and has a replica to promote.
+        replica = redis.Redis(port=self.replica.port, password=self.password, socket_timeout=1.0, decode_responses=True)
+        try:
+            if replica.info("replication").get("master_link_status") != "up":
+                return False
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            replica.close()
+        for port in self.sentinel_ports:
+            fields = self._ask(port, "SENTINEL", "MASTER", self.master)
+            if not isinstance(fields, dict):
+                return False
+            if int(fields.get("num-slaves", 0)) == 0 or int(fields.get("num-other-sentinels", 0)) != 2:
+                return False
+        return True
+
+    def start(self, timeout_s: float = 30.0) -> SentinelSet:
+        try:
+            if self.replication_link is not None:
+                self.replication_link.start()
+            for server in self.servers:
+                server.start()
+            for port in self.sentinel_ports:
+                conf = self._dir / f"sentinel-{port}.conf"
+                with (self._dir / f"sentinel-{port}.out").open("ab") as out:
+                    self.sentinels.append(
+                        subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=out, stderr=subprocess.STDOUT)
+                    )
+            for proc, port in zip(self.sentinels, self.sentinel_ports, strict=True):
+                wait_listening(proc, port, 10.0, self.log, "redis-server --sentinel")
+            deadline = time.monotonic() + timeout_s
+            # Sentinels find each other through hello messages on the primary, every 2 s.
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the sentinels did not discover each other; their logs:\n{self.log()[-3000:]}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the server the sentinels name as primary (no shutdown, no last write); returns it."""
+        port = self.primary_port()
+        if port is None:
+            raise RuntimeError("the sentinels name no primary")
+        server = self.server_on(port)
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        return server
+
+    def wait_for_new_primary(self, old_port: int, timeout_s: float = 30.0) -> RedisServer:
+        """Block until a majority of the sentinels name a primary other than ``old_port``; returns it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            port = self.primary_port()
+            if port is not None and port != old_port:
+                return self.server_on(port)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover after {timeout_s}s; the sentinels' logs:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for server in self.servers:
+            server.stop()
+        if self.replication_link is not None:
+            self.replication_link.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> SentinelSet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

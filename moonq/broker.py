@@ -7,7 +7,9 @@ Two brokers are supported, chosen by the scheme of ``CELERY_BROKER_URL`` (defaul
 
 - Redis (``redis://``, ``rediss://``, ``unix://``): every broker key carries ``MOONQ_PREFIX``; ten
   priority lists, 0 the most urgent. A ``rediss://`` broker verifies the server's certificate unless
-  the URL says otherwise (kombu alone would not verify it).
+  the URL says otherwise (kombu alone would not verify it). A Sentinel-managed Redis
+  (``redis+sentinel://``, moonq/redisurl.py) is the same broker reached through kombu's Sentinel
+  transport, whose URL and ``master_name``/``sentinel_kwargs`` options are derived from moonq's URL.
 Each tenant of the tenants file has a queue of its own (``<queue>.<tenant>``; the default tenant
 keeps ``<queue>``), so one tenant's flood is not ahead of another tenant's jobs in one line. A node
 consumes all of them; on Redis it takes them in smooth weighted round robin by the tenants'
@@ -37,6 +39,7 @@ from kombu.entity import Exchange, Queue
 from kombu.utils.scheduling import round_robin_cycle
 
 from moonq.record import DEFAULT_TENANT
+from moonq.redisurl import is_sentinel_url, kombu_sentinel, sync_redis
 from moonq.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
 from moonq.tenants import cached_tenants
 from moonq.wire import TASK_NAME, JobEnvelope
@@ -145,7 +148,13 @@ def broker_config(settings: ClientSettings) -> dict[str, Any]:
         }
         if len(names) > 1:
             config["task_queues"] = [Queue(name) for name in names]  # type: ignore[no-untyped-call]
-        if url_scheme(url) == "rediss":
+        if is_sentinel_url(url):
+            sentinel = kombu_sentinel(url)
+            config["broker_url"] = sentinel.broker_url
+            config["broker_transport_options"].update(sentinel.transport_options)
+            if sentinel.use_ssl is not None:
+                config["broker_use_ssl"] = sentinel.use_ssl
+        elif url_scheme(url) == "rediss":
             # Verify the server like redis-py does for REDIS_URL. ssl_* parameters in the URL replace
             # this whole dict (kombu reads them there), e.g. ?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem.
             config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
@@ -245,7 +254,7 @@ class QueueDepth:
 
     def _redis_depth(self) -> int:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
+            self._redis = sync_redis(
                 self.settings.broker_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
             )
         pipe = self._redis.pipeline(transaction=False)

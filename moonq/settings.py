@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moonq.keys import Keys
+from moonq.redisurl import is_sentinel_url, parse_sentinel_url
 from moonq.wire import DEFAULT_QUEUE
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -23,7 +24,7 @@ AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
 # Settings holding a URL that may carry a password (the worker's callback broker too): redacted in repr().
 URL_SETTINGS = ("redis_url", "broker_url", "callback_broker_url")
 # Query parameters that carry a secret (redis-py passes unknown ones to the connection).
-_SECRET_PARAMS = ("password", "pass", "secret", "token")
+_SECRET_PARAMS = ("password", "pass", "secret", "token", "sentinel_password")
 
 
 def url_scheme(url: str) -> str:
@@ -33,7 +34,8 @@ def url_scheme(url: str) -> str:
 
 
 def is_redis_url(url: str) -> bool:
-    return url_scheme(url) in REDIS_SCHEMES
+    """A Redis server, or a Sentinel-managed one (``redis+sentinel://``, moonq/redisurl.py)."""
+    return url_scheme(url) in REDIS_SCHEMES or is_sentinel_url(url)
 
 
 def is_amqp_url(url: str) -> bool:
@@ -65,7 +67,8 @@ def redact_url(url: str) -> str:
 class ClientSettings(BaseSettings):
     """Where the queue lives and how long job records are kept."""
 
-    model_config = SettingsConfigDict(env_prefix="MOONQ_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused URL (say, a malformed Sentinel URL) must not print its password.
+    model_config = SettingsConfigDict(env_prefix="MOONQ_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"))
     # Empty means "the same as redis_url" (filled in below).
@@ -81,6 +84,14 @@ class ClientSettings(BaseSettings):
     def _default_broker(self) -> ClientSettings:
         if not self.broker_url:
             object.__setattr__(self, "broker_url", self.redis_url)
+        for url in (self.redis_url, self.broker_url):
+            if is_sentinel_url(url):
+                parse_sentinel_url(url)  # a ValueError names the part that is wrong, at startup
+            elif url_scheme(url) == "sentinel":
+                # kombu's own form lacks the master's name, which moonq derives from its URL form.
+                raise ValueError(
+                    f"{redact_url(url)}: write a Sentinel URL as redis+sentinel://host1:26379,host2:26379/<master>/<db>"
+                )
         return self
 
     @property

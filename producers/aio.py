@@ -15,13 +15,12 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Unpack
 
-import redis
-
 from moonq.connect import resilient_redis
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
 from moonq.keys import Keys
 from moonq.record import JobField, JobRecord, decode_hash, fields_to_read, picked, visible
+from moonq.redisurl import sync_redis
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
@@ -50,7 +49,7 @@ class AsyncClient:
         self.redis = resilient_redis(settings.redis_url, max_connections=max_connections)
         self.fanout = Fanout(self.redis)
         # The writes' own synchronous connection, used from worker threads only.
-        self._sync_redis = redis.Redis.from_url(settings.redis_url)
+        self._sync_redis = sync_redis(settings.redis_url)
         self._submitter = Submitter(settings, self._sync_redis)
 
     async def submit(

@@ -19,6 +19,7 @@ from redis.retry import Retry
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
 from moonq.record import JobField, JobRecord, decode_hash, fields_to_read, picked, visible
+from moonq.redisurl import sync_redis
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.follow import Follower, ResultWait
@@ -66,7 +67,7 @@ class Client:
         self.settings = settings
         self.tenant = tenant
         self.keys = settings.keys
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = sync_redis(settings.redis_url)
         # Every follower and waiter of this client, in any thread, shares one pub/sub connection.
         self.fanout = ThreadFanout(self.redis)
         self._submitter = Submitter(settings, self.redis)

@@ -11,6 +11,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from moonq.broker import broker_config
+from moonq.redisurl import is_sentinel_url, parse_sentinel_url
 from moonq.settings import is_redis_url
 from moonq.wire import TASK_NAME
 from worker.exporter import start_exporter
@@ -40,10 +41,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A node killed while holding the restore mutex must not block redelivery for 5 minutes.
         "unacked_mutex_expire": 30,
     }
+    # moonq's Redis transport (worker/transport.py), on Sentinel's pool for a redis+sentinel:// broker:
+    # there, one broker URL (a failover list would make kombu switch to its own transport on an error)
+    # and every sentinel in the transport options.
+    transport, sentinel = "worker.transport:Transport", {}
+    if is_sentinel_url(settings.broker_url):
+        transport = "worker.transport:SentinelTransport"
+        base["broker_url"] = base["broker_url"].split(";")[0]
+        sentinel = {"sentinels": [list(address) for address in parse_sentinel_url(settings.broker_url).sentinels]}
     return {
         **base,
-        **({"broker_transport": "worker.transport:Transport"} if redis_broker else {}),
-        "broker_transport_options": {**base["broker_transport_options"], **(redelivery if redis_broker else {})},
+        **({"broker_transport": transport} if redis_broker else {}),
+        "broker_transport_options": {
+            **base["broker_transport_options"],
+            **(redelivery if redis_broker else {}),
+            **sentinel,
+        },
         # The job record in Redis is the result store; Celery's would only duplicate it.
         "task_ignore_result": True,
         # Ack after the job ends, so a node that dies mid-job leaves its message to be redelivered.

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 
+from moonq.redisurl import is_sentinel_url, kombu_sentinel
 from moonq.settings import is_amqp_url, url_scheme
 
 # kombu's own retries of one publish are kept short: the delivery worker retries with backoff.
@@ -31,7 +32,14 @@ def callback_app(broker_url: str) -> Celery:
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 5.0,
     }
-    if url_scheme(broker_url) == "rediss":
+    if is_sentinel_url(broker_url):
+        # kombu reads redis+sentinel:// as plain Redis: give it its own Sentinel form (moonq/redisurl.py).
+        sentinel = kombu_sentinel(broker_url)
+        conf["broker_url"] = sentinel.broker_url
+        conf["broker_transport_options"] = sentinel.transport_options
+        if sentinel.use_ssl is not None:
+            conf["broker_use_ssl"] = sentinel.use_ssl
+    elif url_scheme(broker_url) == "rediss":
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     if is_amqp_url(broker_url):
         conf["broker_transport_options"] = {"confirm_publish": True}

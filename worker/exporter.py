@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from moonq import budgets
 from moonq.broker import QueueDepth
+from moonq.redisurl import sync_redis
 from moonq.tenants import cached_tenants
 from worker.accounts import load_accounts
 from worker.limiter_state import FLEET, SUM_FIELD, LimiterKeys, window_used
@@ -69,7 +70,7 @@ class RedisCollector(Collector):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.redis = sync_redis(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.depth = QueueDepth(settings, timeout_s=1.0)
         self.tenants = cached_tenants(settings.tenants_file) if settings.tenants_file else None
         # The same scopes as the node's Limiter (worker/loop.py): without an accounts file the one account's

@@ -20,10 +20,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from moonq.record import record_lua
+from moonq.redisurl import async_redis
 from moonq.settings import is_redis_url
 from worker.job import JobContext
 
@@ -72,7 +72,7 @@ async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> N
     broker_url, redis_url = ctx.settings.broker_url, ctx.settings.redis_url
     redis_broker = is_redis_url(broker_url)
     # Tags go into the script when the broker is the same Redis; a separate broker Redis gets its own client.
-    broker = Redis.from_url(broker_url) if redis_broker and broker_url != redis_url else None
+    broker = async_redis(broker_url) if redis_broker and broker_url != redis_url else None
     try:
         while True:
             await asyncio.sleep(ctx.settings.heartbeat_interval_s)

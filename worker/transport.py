@@ -21,6 +21,14 @@ Two more changes make redelivery exact:
   Redis' ``TIME``. A node whose clock runs 15 s ahead would restore every live message on each
   sweep. Here both the score and the sweep use Redis' clock (the local clock plus an offset
   measured against ``TIME`` every ``CLOCK_REFRESH_S``).
+
+On a Sentinel-managed broker (``redis+sentinel://``, moonq/redisurl.py) the node uses
+``SentinelTransport``: the same channel on a Sentinel pool, which asks the sentinels for the primary
+at every connect, so the reconnect after a failover finds the new one. kombu's own Sentinel channel
+reads the sentinels from the broker URL's failover list (``sentinel://a;sentinel://b``), but on a
+connection error kombu switches to the next entry of that list *and* to the transport its scheme
+names, kombu's plain Sentinel transport, without any of the above. So the node is given one broker
+URL and the whole list in the transport option ``sentinels`` (worker/app.py).
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ import time
 import uuid
 from typing import Any
 
+import redis.sentinel
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 from redis.exceptions import RedisError
+
+from moonq.redisurl import SentinelConnection, SentinelSSLConnection
 
 log = logging.getLogger("moonq.worker")
 
@@ -149,3 +160,44 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """moonq's channel (above) on a Sentinel pool: ``master_name``, ``sentinel_kwargs`` and
+    ``sentinels`` ([host, port] pairs) come from the transport options moonq/broker.py and
+    worker/app.py derive from the Sentinel URL."""
+
+    # kombu sets each option named here as an attribute of the channel (mypy: one name longer than the base's).
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "sentinels")  # type: ignore[assignment]
+    # Reconnects go through the sentinels on every path (moonq/redisurl.py says why).
+    connection_class = SentinelConnection
+    connection_class_ssl = SentinelSSLConnection  # type: ignore[assignment]  # kombu's is the same mix, unfixed
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # As kombu's, with the sentinels from the transport option rather than the URL's failover list.
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
+        params = self._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            [(host, int(port)) for host, port in self.sentinels],
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        # kombu closes these managers' connections to the sentinels with the channel's pools.
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        if self.master_name is None:
+            raise ValueError("the 'master_name' transport option must be set")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(self.master_name, redis.Redis, **credentials).connection_pool  # type: ignore[no-untyped-call]
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
