@@ -238,10 +238,16 @@ def run_limiters(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaita
             made.append(lim)
             return lim
 
-        listener = asyncio.create_task(_wake_limiters(redis, LimiterKeys.for_prefix(prefix).wake, made))
+        channel, done = LimiterKeys.for_prefix(prefix).wake, asyncio.Event()
+        listener = asyncio.create_task(_wake_limiters(redis, channel, made, done))
         try:
             return await asyncio.wait_for(body(limiter), timeout=30)
         finally:
+            # Ended by a flag and a message, and awaited, so its pub/sub connection is closed here (a
+            # cancel alone can be lost inside redis-py, and an unclosed socket fails a later test).
+            done.set()
+            await redis.publish(channel, "done")
+            await asyncio.wait([listener], timeout=5)
             listener.cancel()
             for lim in made:
                 await lim.stop()
@@ -250,10 +256,12 @@ def run_limiters(redis_url: str, body: Callable[[Callable[..., Limiter]], Awaita
     return asyncio.run(main())
 
 
-async def _wake_limiters(redis: Redis, channel: str, limiters: list[Limiter]) -> None:
+async def _wake_limiters(redis: Redis, channel: str, limiters: list[Limiter], done: asyncio.Event) -> None:
     # What the runtime's listener does for its process's limiter.
     async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
         await pubsub.subscribe(channel)
         async for _ in pubsub.listen():
+            if done.is_set():
+                return
             for lim in limiters:
                 lim.wake()
