@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-failover bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
+bench: bench-limiter bench-fairshare bench-redis-cost bench-failover bench-enqueue bench-perf bench-batch bench-soak bench-webhooks bench-resume
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -70,6 +70,10 @@ bench-fairshare: $(BENCH_STAMP) check-redis
 # Redis commands and CPU per job and per relayed fragment (~2 minutes; docs/scaling.md uses them).
 bench-redis-cost: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.redis_cost --followers
+
+# Sentinel failover under streaming jobs: 10 primary kills (~2 minutes).
+bench-failover: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.failover
 
 bench-enqueue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.enqueue
