@@ -495,7 +495,9 @@ class Limiter:
 
         share = self.share(tenant)
         candidates = self.candidates(tenant)
-        nxt = [w for w in self._heaps.get(tenant, []) if w is not head and not w.future.done()]
+        # The next waiter's rank: in a binary heap the second best is one of the head's two children (a
+        # cancelled one still there only makes the place look better until the next ask recomputes it).
+        nxt = self._heaps.get(tenant, [])[1:3]
         spec: dict[str, Any] = {
             "me": self._member(tenant),
             "tenant": tenant,
