@@ -590,3 +590,97 @@ class SentinelSet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ClusterSet:
+    """A Redis Cluster of three primaries and no replicas (``--cluster-enabled``), on free ports of
+    127.0.0.1, joined by ``redis-cli --cluster create`` (each primary serves a third of the 16384
+    slots); the nodes' cluster config files in a temporary directory; all removed on stop.
+
+    A primary that stops leaves its slots without a server (nothing to fail over to): enough for the
+    clients' tests, not for failover ones.
+    """
+
+    def __init__(self, size: int = 3, *, node_timeout_ms: int = 2000) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError(REDIS_MISSING.replace("redis-server", "redis-cli", 1))
+        self.cli = cli
+        self._dir = Path(tempfile.mkdtemp(prefix="moonq-cluster-"))
+        self.servers: list[RedisServer] = []
+        for _ in range(size):
+            # Redis refuses a port above 55535 in cluster mode (its default bus port is port + 10000),
+            # even with the bus on a port of its own, which it gets here (free, like the client port).
+            port = free_port()
+            while port > 55535:
+                port = free_port()
+            cluster = (
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-config-file",
+                str(self._dir / f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+            )
+            self.servers.append(RedisServer(port, extra_args=cluster))
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in self.servers]
+
+    @property
+    def url(self) -> str:
+        """moonq's Cluster URL for this set: two of its nodes (a client learns the third from them)."""
+        return f"redis+cluster://{','.join(f'127.0.0.1:{port}' for port in self.ports[:2])}/"
+
+    def log(self) -> str:
+        return "".join(server.log() for server in self.servers)
+
+    def _state_ok(self, port: int) -> bool:
+        client = redis.Redis(port=port, socket_timeout=1.0, decode_responses=True)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        return "cluster_state:ok" in str(info)  # the server's own text: redis-py leaves CLUSTER INFO raw
+
+    def start(self, timeout_s: float = 30.0) -> ClusterSet:
+        try:
+            for server in self.servers:
+                server.start()
+            nodes = [f"127.0.0.1:{port}" for port in self.ports]
+            created = subprocess.run(
+                [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed:\n{created.stdout[-2000:]}{created.stderr[-2000:]}"
+                )
+            deadline = time.monotonic() + timeout_s
+            # Every node must see every slot served (the nodes agree through the cluster bus, ~1 s).
+            while not all(self._state_ok(port) for port in self.ports):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster did not reach cluster_state:ok; its logs:\n{self.log()[-3000:]}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ClusterSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

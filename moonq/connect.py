@@ -8,19 +8,32 @@ retry with backoff for about a minute, so a Redis restart is ridden out, not rai
 On a Sentinel URL (moonq/redisurl.py) the pool is the same, plus Sentinel's: every connect asks the
 sentinels for the primary, so the retries of a command that failed with the old primary reach the
 new one once the sentinels have promoted it.
+
+On a Cluster URL the client is redis-py's asyncio ``RedisCluster``: it follows MOVED/ASK
+redirects and, after a connection error, reloads the slot map and tries again (a failover is
+found that way), up to the Retry's count of times. It is not the pool above: the bound is per
+node (``max_connections`` connections to each primary, a sharded pub/sub subscription holding
+one of them) and redis-py does not block there: a command past it fails at once with
+``MaxConnectionsError``. So the client here is ``GatedRedisCluster``: its commands and pipelines
+wait at a gate of ``max_connections - PUBSUB_RESERVE`` at a time, which keeps every node within the
+bound (a command or a pipeline holds at most one connection per node) and makes a burst queue, as
+the blocking pool does. redis-py 8.1 takes only the count from the Retry, not its backoff, so the
+retries come back to back and a node that stays down fails a command within seconds, not a minute.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from moonq.redisurl import AsyncSentinelPool, async_redis, is_sentinel_url
+from moonq.redisurl import AsyncSentinelPool, async_redis, is_cluster_url, is_sentinel_url
 
 # Longest wait for a free connection of the pool before a command fails (and is retried).
 POOL_WAIT_S = 30.0
@@ -33,8 +46,49 @@ class BlockingSentinelConnectionPool(AsyncSentinelPool, BlockingConnectionPool):
     blocking pool's bound (a burst waits for a connection instead of failing)."""
 
 
+# Connections per node left to pub/sub (a gateway's shard subscriptions, a node's cancel listener).
+PUBSUB_RESERVE = 2
+
+
+class GatedRedisCluster(RedisCluster):
+    """redis-py's asyncio cluster client whose commands and pipelines wait their turn (module docstring)."""
+
+    gate: asyncio.Semaphore | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate is None:
+            return await super().execute_command(*args, **kwargs)
+        async with self.gate:
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        return _GatedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+
+class _GatedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        gate = cast(GatedRedisCluster, self.cluster_client).gate
+        if gate is None:
+            return await super().execute(raise_on_error, allow_redirections)
+        async with gate:
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 def resilient_redis(url: str, *, max_connections: int, **connection_kwargs: Any) -> Redis:
-    """A client on ``url`` with at most ``max_connections`` connections; extra kwargs go to each connection."""
+    """A client on ``url`` with at most ``max_connections`` connections (on a Cluster URL: to each
+    node, see above); extra kwargs go to each connection."""
+    if is_cluster_url(url):
+        # No retry_on_error: RedisCluster retries its own list of errors (connection, timeout, cluster
+        # down, slot not covered), reloading the slot map before each try; the Retry gives the count.
+        client = async_redis(
+            url,
+            cluster_class=GatedRedisCluster,
+            max_connections=max_connections,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=60),
+            **connection_kwargs,
+        )
+        cast(GatedRedisCluster, client).gate = asyncio.Semaphore(max(1, max_connections - PUBSUB_RESERVE))
+        return client
     if is_sentinel_url(url):
         return async_redis(
             url,

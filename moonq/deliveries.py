@@ -1,13 +1,14 @@
 """The deliveries' state in Redis: what the nodes, the console and the exporter share about it.
 
 A job that ends with a webhook or a Celery callback in its record owes a delivery. The write that
-ends it adds one entry per delivery to the stream ``P:deliveries`` (moonq/eventlog.py); from there:
+ends it adds one entry per delivery to its group's stream ``P:deliveries:{g}`` (moonq/eventlog.py,
+moonq/keys.py); from there (every key below in the job's group):
 
-    P:deliveries (stream)  --the nodes' consumer group "nodes" reads it (worker/deliveries.py)-->
+    P:deliveries:{g} (stream)  --the nodes' consumer group "nodes" reads it (worker/deliveries.py)-->
         delivered                      -> entry acknowledged and deleted
-        failed, may be retried         -> state in P:delivery:<id>, id in P:deliveries:due; when due,
-                                          ``PROMOTE_LUA`` moves it back into the stream
-        failed for good                -> id in P:deliveries:dead (``moonq webhooks failed``);
+        failed, may be retried         -> state in P:delivery:{g}:<id>, id in P:deliveries:due:{g}; when
+                                          due, ``PROMOTE_LUA`` moves it back into the stream
+        failed for good                -> id in P:deliveries:dead:{g} (``moonq webhooks failed``);
                                           ``REDELIVER_LUA`` puts it back into the stream by hand
 
 An entry is acknowledged only in the same MULTI that records its outcome, so a node that dies
@@ -22,7 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from moonq.keys import Keys
+from moonq.indexes import newest_first
+from moonq.keys import GROUPS, Keys, group_of
 from moonq.record import DEFAULT_TENANT, JobField, decode_hash
 from moonq.webhooks import delivery_id, parse_delivery_id
 
@@ -84,17 +86,17 @@ def failed_deliveries(r: redis.Redis, keys: Keys, limit: int, tenant: str | None
     """The newest dead deliveries first: ``[{id, kind, job_id, tenant, target, attempts, gave_up_at, error}]``;
     ``tenant``: that tenant's only (the state names it; else its job's record, while it lasts)."""
     window = limit if tenant is None else max(limit, 1000)  # a tenant's among everyone's: look further
-    entries: list[tuple[bytes, float]] = r.zrevrange(keys.deliveries_dead, 0, window - 1, withscores=True)  # type: ignore[assignment]
+    entries = newest_first(r, [keys.deliveries_dead_in(g) for g in GROUPS], window)
     if not entries:
         return []
     with r.pipeline(transaction=False) as pipe:
-        for raw_id, _ in entries:
-            pipe.hgetall(keys.delivery(raw_id.decode()))
-            pipe.hget(keys.job(parse_delivery_id(raw_id.decode())[1]), JobField.TENANT)
+        for delivery, _ in entries:
+            job_id = parse_delivery_id(delivery)[1]
+            pipe.hgetall(keys.delivery(delivery, job_id))
+            pipe.hget(keys.job(job_id), JobField.TENANT)
         replies = pipe.execute()
     rows: list[dict[str, Any]] = []
-    for (raw_id, gave_up_at), raw, job_tenant in zip(entries, replies[::2], replies[1::2], strict=True):
-        delivery = raw_id.decode()
+    for (delivery, gave_up_at), raw, job_tenant in zip(entries, replies[::2], replies[1::2], strict=True):
         state = decode_hash(raw)
         owner = state.get(TENANT) or (job_tenant.decode() if job_tenant else DEFAULT_TENANT)
         if tenant is not None and owner != tenant:
@@ -125,7 +127,7 @@ def delivery_tenant(r: redis.Redis, keys: Keys, delivery: str) -> str:
     """
     _, job_id = parse_delivery_id(delivery)
     with r.pipeline(transaction=False) as pipe:
-        pipe.hget(keys.delivery(delivery), TENANT)
+        pipe.hget(keys.delivery(delivery, job_id), TENANT)
         pipe.hget(keys.job(job_id), JobField.TENANT)
         named, recorded = pipe.execute()
     found = named or recorded
@@ -141,15 +143,21 @@ def redeliver(r: redis.Redis, keys: Keys, delivery: str, *, ttl_s: int) -> bool:
         ValueError: ``delivery`` is not a delivery id.
     """
     kind, job_id = parse_delivery_id(delivery)
-    keys_ = [keys.deliveries_dead, keys.deliveries, keys.delivery(delivery)]
+    group = group_of(job_id)
+    keys_ = [keys.deliveries_dead_in(group), keys.deliveries_in(group), keys.delivery(delivery, job_id)]
     return bool(r.eval(REDELIVER_LUA, len(keys_), *keys_, delivery, kind, job_id, ttl_s))
 
 
 def backlog(r: redis.Redis, keys: Keys) -> dict[str, int]:
     """Deliveries by state: ``queued`` (in the stream, waiting or being attempted), ``retrying``, ``dead``."""
     with r.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.deliveries)
-        pipe.zcard(keys.deliveries_due)
-        pipe.zcard(keys.deliveries_dead)
-        queued, retrying, dead = pipe.execute()
-    return {"queued": int(queued), "retrying": int(retrying), "dead": int(dead)}
+        for group in GROUPS:
+            pipe.xlen(keys.deliveries_in(group))
+            pipe.zcard(keys.deliveries_due_in(group))
+            pipe.zcard(keys.deliveries_dead_in(group))
+        replies = pipe.execute()
+    return {
+        "queued": sum(int(n) for n in replies[0::3]),
+        "retrying": sum(int(n) for n in replies[1::3]),
+        "dead": sum(int(n) for n in replies[2::3]),
+    }

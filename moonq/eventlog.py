@@ -19,6 +19,7 @@ import redis
 
 from moonq.keys import Keys
 from moonq.record import record_lua
+from moonq.redisurl import is_cluster_client
 from moonq.wire import Event
 
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
@@ -94,6 +95,18 @@ return math.max(seq, 1)
 """)
 
 
+# On a Redis Cluster the channel is a shard channel: a fragment goes to the one shard that holds its job
+# (and its subscribers), not to every node as a plain PUBLISH would. Readers subscribe with SSUBSCRIBE there
+# (producers/fanout.py).
+SHARDED_APPEND_LUA = APPEND_LUA.replace("redis.call('PUBLISH', ARGV[1], msg)", "redis.call('SPUBLISH', ARGV[1], msg)")
+assert SHARDED_APPEND_LUA != APPEND_LUA
+
+
+def append_lua(client: object) -> str:
+    """The event-append script for ``client``: ``SHARDED_APPEND_LUA`` on a Redis Cluster, else ``APPEND_LUA``."""
+    return SHARDED_APPEND_LUA if is_cluster_client(client) else APPEND_LUA
+
+
 def event_body(job_id: str, type: str, **fields: Any) -> str:
     """An event as JSON without ``seq`` (``APPEND_LUA`` adds it); None-valued fields are left out.
 
@@ -155,7 +168,7 @@ def append_args(
     ]
     for name, value in (fields or {}).items():
         argv += [name, value]
-    job_keys = [keys.job(job_id), keys.log(job_id), keys.active, keys.deliveries]
+    job_keys = [keys.job(job_id), keys.log(job_id), keys.active_for(job_id), keys.deliveries_for(job_id)]
     return [*job_keys, idempotency_key] if idempotency_key else job_keys, argv
 
 

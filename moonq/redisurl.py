@@ -1,4 +1,4 @@
-"""``REDIS_URL`` in its two forms, and the one place that turns it into clients.
+"""``REDIS_URL`` in its three forms, and the one place that turns it into clients.
 
 A plain ``redis://``, ``rediss://`` or ``unix://`` URL names one server. A Sentinel URL names the
 sentinels that watch a replicated primary, and the primary by its Sentinel name::
@@ -17,23 +17,38 @@ after a failover the next retry of a failed command reaches the new primary (red
 on one reconnect path). ``sync_redis`` and ``async_redis`` build either kind; the bounded,
 retrying client of long-lived processes is ``moonq.connect.resilient_redis``. The Celery broker
 gets kombu's own form of the same URL from ``kombu_sentinel``.
+
+A Cluster URL names some of a Redis Cluster's primaries, from which a client learns the rest and the
+slots each one serves::
+
+    redis+cluster://[user:pass@]host1:7000,host2:7001/[?ssl=true&...]
+
+``user:pass`` log in to every node; ``ssl=true`` and the other query parameters mean what they mean
+in the Sentinel form. A port left out is 6379; there is no db (a Cluster has only db 0). Such a URL
+serves the data plane only: ``sync_redis`` and ``async_redis`` build redis-py's ``RedisCluster``
+(sync or asyncio) on it, which follows the cluster's redirects and failovers itself, but the Celery
+broker cannot be one (kombu has no Cluster transport; moonq/settings.py refuses it).
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 from redis.connection import parse_url
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_PORT = 6379
 # Query parameters that are the sentinels' (the rest go to the data nodes, as in a rediss:// URL).
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
 # TLS options that apply to the sentinels' connections too: one deployment, one CA.
@@ -138,20 +153,117 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
 
 
 def _sentinel_address(part: str) -> tuple[str, int]:
+    return _address(part, "Sentinel URL", "sentinel", SENTINEL_PORT)
+
+
+def _address(part: str, what: str, role: str, default_port: int) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` of a sentinel or a cluster node; errors start with ``what``."""
     if not part:
-        raise ValueError("Sentinel URL: a sentinel address is empty (expected host:port,host:port)")
+        raise ValueError(f"{what}: a {role} address is empty (expected host:port,host:port)")
     if part.startswith("["):  # [IPv6]:port
         host, bracket, port_text = part[1:].partition("]")
         if not bracket or (port_text and not port_text.startswith(":")):
-            raise ValueError(f"Sentinel URL: sentinel address {part!r} is not [ipv6]:port")
+            raise ValueError(f"{what}: {role} address {part!r} is not [ipv6]:port")
         port_text = port_text[1:]
     else:
         host, _, port_text = part.partition(":")
     if not host:
-        raise ValueError(f"Sentinel URL: sentinel address {part!r} has no host")
+        raise ValueError(f"{what}: {role} address {part!r} has no host")
     if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
-        raise ValueError(f"Sentinel URL: sentinel {host!r} has port {port_text!r}, not a number from 1 to 65535")
-    return unquote(host), int(port_text or SENTINEL_PORT)
+        raise ValueError(f"{what}: {role} {host!r} has port {port_text!r}, not a number from 1 to 65535")
+    return unquote(host), int(port_text or default_port)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() == CLUSTER_SCHEME if "://" in url else False
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A parsed ``redis+cluster://`` URL (module docstring)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    # The nodes' other query parameters, as given (redis-py parses them as for a plain URL).
+    params: tuple[tuple[str, str], ...] = ()
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a ``RedisCluster``: credentials, TLS and the URL's options, for every node."""
+        scheme = "rediss" if self.ssl else "redis"
+        kwargs: dict[str, Any] = parse_url(f"{scheme}://localhost?{urlencode(self.params)}")  # type: ignore[no-untyped-call]
+        # RedisCluster refuses a db argument, even 0; TLS is its ssl flag, not a connection class.
+        for name in ("host", "port", "db", "connection_class"):
+            kwargs.pop(name, None)
+        if self.username:
+            kwargs["username"] = self.username
+        if self.password:
+            kwargs["password"] = self.password
+        if self.ssl:
+            kwargs["ssl"] = True
+            kwargs.setdefault("ssl_cert_reqs", "required")
+        return kwargs
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """Parse a ``redis+cluster://`` URL.
+
+    Raises:
+        ValueError: naming the part that is wrong (scheme, a node's host or port, a db other than
+            0, the ``ssl`` flag, an option redis-py cannot read).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != CLUSTER_SCHEME:
+        raise ValueError(f"Cluster URL: the scheme must be {CLUSTER_SCHEME}://, not {scheme or 'missing'}")
+    rest, _, query = rest.partition("?")
+    rest = rest.partition("#")[0]
+    # The last '@' ends the user info, even when a password holds an unescaped '@'.
+    userinfo, at, location = rest.rpartition("@")
+    hosts, _, path = location.partition("/")
+    username, password = None, None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+    nodes = tuple(_address(part, "Cluster URL", "node", CLUSTER_PORT) for part in hosts.split(","))
+    if path.rstrip("/") not in ("", "0"):
+        raise ValueError(f"Cluster URL: Redis Cluster has only db 0, not /{path}")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    options = dict(pairs)
+    if options.get("db", "0") not in ("", "0"):
+        raise ValueError(f"Cluster URL: Redis Cluster has only db 0, not db={options['db']}")
+    flag = options.get("ssl", "false").lower()
+    if flag not in _TRUE + _FALSE:
+        raise ValueError(f"Cluster URL: ssl must be true or false, not {options['ssl']!r}")
+    parsed = ClusterUrl(
+        nodes=nodes,
+        username=username,
+        password=password,
+        ssl=flag in _TRUE,
+        params=tuple((k, v) for k, v in pairs if k not in ("ssl", "db")),
+    )
+    try:
+        parsed.connection_kwargs()  # an option redis-py cannot read is refused now, not at the first connect
+    except ValueError as err:  # redis-py names the option, never its value
+        raise ValueError(f"Cluster URL: {err}") from None
+    return parsed
+
+
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (sync or asyncio), as ``sync_redis``/``async_redis`` build one."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+# Keyword arguments of a plain client's connection pool that RedisCluster does not take: the sync one
+# would hand them to each node's own pool (where a Sentinel or blocking pool class means nothing) and
+# the asyncio one refuses them (its nodes keep their connections without a pool object). Dropped.
+_POOL_ONLY = ("connection_pool", "connection_pool_class", "timeout", "queue_class")
+
+
+def _cluster_kwargs(parsed: ClusterUrl, kwargs: dict[str, Any]) -> dict[str, Any]:
+    # A caller's kwargs win over the URL's options, as they do in redis-py's own from_url.
+    return {**parsed.connection_kwargs(), **{k: v for k, v in kwargs.items() if k not in _POOL_ONLY}}
 
 
 # redis-py (8.1) asks the sentinels for the primary only in a Sentinel-managed connection's
@@ -236,7 +348,16 @@ def _sentinel_kwargs(parsed: SentinelUrl, kwargs: dict[str, Any]) -> dict[str, A
 
 
 def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
-    """A redis-py client on ``url`` (either form); ``kwargs`` go to each data-node connection."""
+    """A redis-py client on ``url`` (any form); ``kwargs`` go to each data-node connection.
+
+    On a Cluster URL a ``redis.cluster.RedisCluster`` (typed as ``redis.Redis``: it answers the
+    commands moonq sends; ``is_cluster_client`` tells them apart).
+    """
+    if is_cluster_url(url):
+        parsed_cluster = parse_cluster_url(url)
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in parsed_cluster.nodes]  # type: ignore[no-untyped-call]
+        cluster = redis.cluster.RedisCluster(startup_nodes=nodes, **_cluster_kwargs(parsed_cluster, kwargs))
+        return cast(redis.Redis, cluster)
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **kwargs)
     parsed = parse_sentinel_url(url)
@@ -250,8 +371,19 @@ def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
 
 
 def async_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
-    """A redis.asyncio client on ``url`` (either form); ``kwargs`` go to each data-node connection
-    (``connection_pool_class`` too, for a Sentinel URL: an ``AsyncSentinelPool``, see moonq/connect.py)."""
+    """A redis.asyncio client on ``url`` (any form); ``kwargs`` go to each data-node connection
+    (``connection_pool_class`` too, for a Sentinel URL: an ``AsyncSentinelPool``, see moonq/connect.py).
+
+    On a Cluster URL a ``redis.asyncio.cluster.RedisCluster`` (typed as ``redis.asyncio.Redis``, as in
+    ``sync_redis``); ``max_connections`` is then a bound per node.
+    """
+    if is_cluster_url(url):
+        parsed_cluster = parse_cluster_url(url)
+        nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in parsed_cluster.nodes]
+        # ``cluster_class``: a subclass of redis-py's (moonq/connect.py's bounded one).
+        cluster_class = kwargs.pop("cluster_class", redis.asyncio.cluster.RedisCluster)
+        aio_cluster = cluster_class(startup_nodes=nodes, **_cluster_kwargs(parsed_cluster, kwargs))
+        return cast(redis.asyncio.Redis, aio_cluster)
     if not is_sentinel_url(url):
         return redis.asyncio.Redis.from_url(url, **kwargs)
     parsed = parse_sentinel_url(url)

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moonq.keys import Keys
-from moonq.redisurl import is_sentinel_url, parse_sentinel_url
+from moonq.redisurl import is_cluster_url, is_sentinel_url, parse_cluster_url, parse_sentinel_url
 from moonq.wire import DEFAULT_QUEUE
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -34,7 +34,9 @@ def url_scheme(url: str) -> str:
 
 
 def is_redis_url(url: str) -> bool:
-    """A Redis server, or a Sentinel-managed one (``redis+sentinel://``, moonq/redisurl.py)."""
+    """A Redis server, or a Sentinel-managed one (``redis+sentinel://``, moonq/redisurl.py), that can be
+    the Celery broker: every caller asks it of a broker URL. A Redis Cluster (``redis+cluster://``) is
+    not one (kombu has no Cluster transport, and ``ClientSettings`` refuses it as the broker)."""
     return url_scheme(url) in REDIS_SCHEMES or is_sentinel_url(url)
 
 
@@ -87,10 +89,23 @@ class ClientSettings(BaseSettings):
         for url in (self.redis_url, self.broker_url):
             if is_sentinel_url(url):
                 parse_sentinel_url(url)  # a ValueError names the part that is wrong, at startup
+            elif is_cluster_url(url):
+                parse_cluster_url(url)
             elif url_scheme(url) == "sentinel":
                 # kombu's own form lacks the master's name, which moonq derives from its URL form.
                 raise ValueError(
                     f"{redact_url(url)}: write a Sentinel URL as redis+sentinel://host1:26379,host2:26379/<master>/<db>"
+                )
+        # The broker defaults to REDIS_URL, and a worker's callback broker to the broker: a Cluster URL
+        # there is refused whichever way it arrived (the worker's Settings adds callback_broker_url).
+        for name, variable in (
+            ("broker_url", "CELERY_BROKER_URL"),
+            ("callback_broker_url", "MOONQ_CALLBACK_BROKER_URL"),
+        ):
+            if is_cluster_url(getattr(self, name, "")):
+                raise ValueError(
+                    f"{variable}: the Celery broker cannot be a Redis Cluster (kombu has no cluster transport);"
+                    " set it to a plain or redis+sentinel:// Redis, or amqp://"
                 )
         return self
 

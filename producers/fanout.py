@@ -7,6 +7,11 @@ first one, and the ones redis-py's resubscription brings after a reconnect - put
 in the channel's inboxes: what was published before it may be missing, and the reader refills
 from the replay log (``producers/follow.py``), so nothing is lost or repeated when the
 connection drops and comes back. ``producers/thread_fanout.py`` is the same for threads.
+
+On a Redis Cluster a job's channel is a shard channel (``SSUBSCRIBE``; moonq/keys.py), held on one
+connection per primary by redis-py's ``ClusterPubSub``, which also moves a subscription when its
+slot moves. That reader polls the primaries in turn, ``CLUSTER_READ_SLICE_S`` each, so an event
+may wait up to that long per primary before it is handed over.
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from moonq.redisurl import is_cluster_client
 from producers.follow import RESYNC, Delivery, deliver
 
 log = logging.getLogger("moonq.producers")
 
 # Pause after the shared connection failed, before reading (and so reconnecting) again.
 RECONNECT_PAUSE_S = 0.5
+# On a Redis Cluster: the longest a read waits on one primary's connection before trying the next.
+CLUSTER_READ_SLICE_S = 0.005
 
 
 class Inbox:
@@ -72,6 +81,7 @@ class Fanout:
         self._reader: asyncio.Task[None] | None = None
         self._inboxes: dict[str, set[Inbox]] = {}
         self._commands = asyncio.Lock()
+        self._sharded = is_cluster_client(redis)
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Inbox]:
@@ -87,7 +97,12 @@ class Fanout:
                 # first command, and first commands racing each other each took one (120 waiting
                 # callers held 50 connections, the whole pool; tests/test_gateway_load.py).
                 async with self._commands:
-                    await self._ensure_pubsub().subscribe(channel)
+                    pubsub = self._ensure_pubsub()
+                    if self._sharded:
+                        await self._redis.initialize()  # the slot map, before a shard subscribe (RedisCluster)
+                        await pubsub.ssubscribe(channel)
+                    else:
+                        await pubsub.subscribe(channel)
                 self._ensure_reader()
             yield inbox
         finally:
@@ -97,7 +112,10 @@ class Fanout:
                 if self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         async with self._commands:
-                            await self._pubsub.unsubscribe(channel)
+                            if self._sharded:
+                                await self._pubsub.sunsubscribe(channel)
+                            else:
+                                await self._pubsub.unsubscribe(channel)
 
     @property
     def channels(self) -> int:
@@ -119,7 +137,7 @@ class Fanout:
             try:
                 # Blocking read (no per-message timeout to arm): subscribe/unsubscribe from other
                 # tasks still go out on the same connection meanwhile.
-                msg = await pubsub.get_message(timeout=None)
+                msg = await self._next(pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):
@@ -134,13 +152,22 @@ class Fanout:
             if msg is not None:
                 self._dispatch(msg)
 
+    async def _next(self, pubsub: PubSub) -> dict[str, Any] | None:
+        if not self._sharded:
+            msg: dict[str, Any] | None = await pubsub.get_message(timeout=None)
+            return msg
+        if not self._inboxes:
+            await asyncio.sleep(CLUSTER_READ_SLICE_S)  # nothing subscribed: the poll would return at once
+        msg = await pubsub.get_sharded_message(timeout=CLUSTER_READ_SLICE_S)  # type: ignore[attr-defined]
+        return msg
+
     def _dispatch(self, msg: dict[str, object]) -> None:
         raw = msg["channel"]
         channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if msg["type"] == "subscribe":
+        if msg["type"] in ("subscribe", "ssubscribe"):
             for inbox in self._inboxes.get(channel, ()):
                 inbox.put(RESYNC)
-        elif msg["type"] == "message" and isinstance(msg["data"], bytes):
+        elif msg["type"] in ("message", "smessage") and isinstance(msg["data"], bytes):
             for inbox in self._inboxes.get(channel, ()):
                 inbox.put(msg["data"])
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from moonq import budgets
 from moonq.broker import producer_app, send_envelope
 from moonq.errors import InvalidRequest, JobNotFound, TenantBudgetExceeded, TenantModelNotAllowed
-from moonq.eventlog import APPEND_LUA, append_args, event_body
+from moonq.eventlog import append_args, append_lua, event_body
+from moonq.indexes import newest_first
+from moonq.keys import GROUPS, Keys, group_of, new_job_id
 from moonq.models import check_builtin_tools
 from moonq.record import DEFAULT_TENANT, SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
 from moonq.settings import ClientSettings
@@ -86,7 +89,7 @@ class Submitter:
         self.settings = settings
         self.keys = settings.keys
         self.redis = client
-        self._append = client.register_script(APPEND_LUA)
+        self._append = client.register_script(append_lua(client))
         self._claim_key = client.register_script(IDEMPOTENCY_LUA)
         self._set_field = client.register_script(SET_IF_EXISTS_LUA)
         self._forget = client.register_script(FORGET_LUA)
@@ -157,7 +160,9 @@ class Submitter:
         self._admit(name, config, valid.model, priority)
         self._within_budget(name, config, idempotency_key)
         payload = valid.to_payload()
-        envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority)
+        # A job with an idempotency key gets an id in the key's group: the key and the record share a slot.
+        group = None if idempotency_key is None else Keys.idempotency_group(idempotency_key, name)
+        envelope = JobEnvelope(job_id=new_job_id(group), request=payload, priority=priority)
         extra = {**owed, **_options(options.get("builtin_tools"), valid.n), JobField.TENANT: name}
         return self._enqueue(envelope, extra, idempotency_key, name)
 
@@ -182,7 +187,7 @@ class Submitter:
                 payload = valid.to_payload()
             except InvalidRequest as err:
                 raise InvalidRequest([(f"requests.{i}.{field}", rule) for field, rule in err.errors]) from None
-            envelopes.append(JobEnvelope(job_id=str(uuid.uuid4()), request=payload, priority=priority))
+            envelopes.append(JobEnvelope(job_id=new_job_id(), request=payload, priority=priority))
         self._within_budget(name, config)
         for start in range(0, len(envelopes), BULK_CHUNK):
             self._enqueue_bulk(envelopes[start : start + BULK_CHUNK], owed)
@@ -200,28 +205,26 @@ class Submitter:
         if rec.tenant in self.tenants:  # a re-run spends like a new job
             self._within_budget(rec.tenant, self.tenants.get(rec.tenant))
         old = JobEnvelope.model_validate_json(rec.envelope or "")
-        envelope = JobEnvelope(job_id=str(uuid.uuid4()), request=old.request, priority=old.priority)
+        envelope = JobEnvelope(job_id=new_job_id(), request=old.request, priority=old.priority)
         # The re-run owes what the first run owed: its webhook and callback go with it.
         carried = (JobField.WEBHOOK, JobField.WEBHOOK_EVENTS, JobField.ON_DONE, JobField.ON_DONE_QUEUE)
         owed = {f: getattr(rec, f.value) for f in carried}
         owed[JobField.BUILTIN_TOOLS] = rec.builtin_tools  # and so does its builtin_tools option
         owed[JobField.TENANT] = rec.tenant
         new_id = self._enqueue(envelope, {JobField.RETRY_OF: job_id, **{f: v for f, v in owed.items() if v}})
-        self.redis.zrem(self.keys.failed, job_id)
+        self.redis.zrem(self.keys.failed_for(job_id), job_id)
         return new_id
 
     def failed(self, limit: int, tenant: str | None = None) -> list[dict[str, Any]]:
         """As ``Client.failed``: ``tenant``'s dead letters only, when it is set."""
         out: list[dict[str, Any]] = []
         start = 0
+        indexes = [self.keys.failed_in(g) for g in GROUPS]
         while len(out) < limit:
             # Pages of the fleet-wide list, until ``limit`` of this tenant's are found or the list ends.
-            page: list[tuple[bytes, float]] = self.redis.zrevrange(  # type: ignore[assignment]
-                self.keys.failed, start, start + max(limit, 100) - 1, withscores=True
-            )
+            page = newest_first(self.redis, indexes, max(limit, 100), offset=start)
             start += len(page)
-            for raw_id, finished_at in page:
-                job_id = raw_id.decode()
+            for job_id, finished_at in page:
                 rec = self.record(job_id, tenant)
                 if rec is not None and rec.status is JobStatus.FAILED and len(out) < limit:  # not expired or re-run
                     out.append(
@@ -287,14 +290,14 @@ class Submitter:
         if not idem:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(job_key, mapping=record)  # type: ignore[arg-type]
-                pipe.zadd(self.keys.active, {envelope.job_id: envelope.enqueued_at})
+                pipe.zadd(self.keys.active_for(envelope.job_id), {envelope.job_id: envelope.enqueued_at})
                 self._remember(pipe, {envelope.job_id: envelope.enqueued_at}, record[JobField.TENANT])
                 pipe.execute()
         else:
             assert idempotency_key is not None
             digest = _request_digest(envelope)
             flat = [x for kv in record.items() for x in kv]
-            keys = [idem, job_key, self.keys.active]
+            keys = [idem, job_key, self.keys.active_for(envelope.job_id)]
             first = self._claim_key(keys=keys, args=[envelope.job_id, digest, envelope.enqueued_at, *flat])
             if first:
                 return self._existing(first.decode(), digest, idempotency_key, envelope, extra, tenant)
@@ -311,7 +314,8 @@ class Submitter:
             for envelope in envelopes:
                 record = {**_record(envelope), **extra}
                 pipe.hset(self.keys.job(envelope.job_id), mapping=record)  # type: ignore[arg-type]
-            pipe.zadd(self.keys.active, {e.job_id: e.enqueued_at for e in envelopes})
+            for active, enqueued in _by_group(envelopes, self.keys.active_in).items():
+                pipe.zadd(active, enqueued)
             self._remember(
                 pipe, {e.job_id: e.enqueued_at for e in envelopes}, extra.get(JobField.TENANT, DEFAULT_TENANT)
             )
@@ -323,37 +327,53 @@ class Submitter:
                 for envelope in envelopes:
                     send_envelope(self._celery, self.settings, envelope, producer=producer, tenant=tenant)
         except Exception:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for envelope in envelopes:
-                    self._forget(
-                        keys=[self.keys.job(envelope.job_id), self.keys.active], args=[envelope.job_id], client=pipe
-                    )
-                pipe.execute()
+            forget = [([self.keys.job(e.job_id), self.keys.active_for(e.job_id)], [e.job_id]) for e in envelopes]
+            self._pipelined(self._forget, forget)
             raise
-        with self.redis.pipeline(transaction=False) as pipe:
-            for envelope in envelopes:
-                self._set_field(keys=[self.keys.job(envelope.job_id)], args=[JobField.SENT, "1"], client=pipe)
-            pipe.execute()
+        self._pipelined(self._set_field, [([self.keys.job(e.job_id)], [JobField.SENT, "1"]) for e in envelopes])
+
+    def _pipelined(self, script: Script, calls: Sequence[tuple[list[str], list[str]]]) -> None:
+        """``script`` once per ``(keys, args)``, in one pipeline (on a Redis Cluster, one per shard).
+
+        EVALSHA by hand: redis-py's cluster pipelines refuse Script objects. A NOSCRIPT (a Redis
+        restarted since, or a shard that never saw the script) loads it everywhere and runs them again:
+        a call answered NOSCRIPT ran nothing, and these scripts are idempotent besides.
+        """
+        for attempt in (1, 2):
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                    pipe.execute()
+                return
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                self.redis.script_load(script.script)
 
     def _remember(self, pipe: redis.client.Pipeline, enqueued: Mapping[str, float], tenant: str) -> None:
-        """Queue on ``pipe`` the jobs' entries in the recent-jobs indexes (``P:recent``, and
-        ``P:recent:<tenant>`` for the tenant's own list; moonq/keys.py).
+        """Queue on ``pipe`` the jobs' entries in their groups' recent-jobs indexes (``P:recent:{g}``, and
+        ``P:recent:<tenant>:{g}`` for the tenant's own list; moonq/keys.py).
 
         Bounded by age: entries older than a record's lifetime are trimmed, and each key expires that
         long after its newest entry. A job whose send then fails keeps its entry; readers skip ids
         whose record is gone.
         """
         ttl_s = self.settings.result_ttl_s
-        for index in (self.keys.recent, self.keys.recent_of(tenant)):
-            pipe.zadd(index, dict(enqueued))
-            pipe.zremrangebyscore(index, "-inf", time.time() - ttl_s)
-            pipe.expire(index, ttl_s)
+        by_group: dict[int, dict[str, float]] = {}
+        for job_id, at in enqueued.items():
+            by_group.setdefault(group_of(job_id), {})[job_id] = at
+        for group, entries in by_group.items():
+            for index in (self.keys.recent_in(group), self.keys.recent_in(group, tenant)):
+                pipe.zadd(index, entries)
+                pipe.zremrangebyscore(index, "-inf", time.time() - ttl_s)
+                pipe.expire(index, ttl_s)
 
     def _send(self, envelope: JobEnvelope, idem: str, tenant: str) -> None:
         try:
             send_envelope(self._celery, self.settings, envelope, tenant=tenant)
         except Exception:
-            keys = [self.keys.job(envelope.job_id), self.keys.active, *([idem] if idem else [])]
+            keys = [self.keys.job(envelope.job_id), self.keys.active_for(envelope.job_id), *([idem] if idem else [])]
             self._forget(keys=keys, args=[envelope.job_id])
             raise
 
@@ -367,7 +387,7 @@ class Submitter:
             # The key outlived its job (a key written before keys were tied to their record's life):
             # release it and submit afresh, rather than hand back an id that answers "not found".
             idem = self.keys.idempotency(key, tenant)
-            self._forget(keys=[self.keys.job(job_id), self.keys.active, idem], args=[job_id])
+            self._forget(keys=[self.keys.job(job_id), self.keys.active_for(job_id), idem], args=[job_id])
             return self._enqueue(envelope, extra, key, tenant)
         # Recorded but not (yet) sent: the first submitter is sending it now, or died before it could.
         # Wait until it is sent or RESEND_AFTER_S old, then send it ourselves; returning without
@@ -383,6 +403,14 @@ class Submitter:
                 self.mark(job_id, JobField.SENT, "1")
                 return job_id
             time.sleep(0.1)
+
+
+def _by_group(envelopes: Sequence[JobEnvelope], index: Any) -> dict[str, dict[str, float]]:
+    """``{index(group): {job id: enqueued_at}}`` for the envelopes' groups."""
+    out: dict[str, dict[str, float]] = {}
+    for e in envelopes:
+        out.setdefault(index(group_of(e.job_id)), {})[e.job_id] = e.enqueued_at
+    return out
 
 
 def _record(envelope: JobEnvelope) -> dict[str, str]:

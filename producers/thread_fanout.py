@@ -10,6 +10,9 @@ catches up with that between two reads, at most ``READ_SLICE_S`` apart.
 Every ``subscribe`` confirmation - the first, and the ones redis-py's resubscription brings after
 a reconnect - puts a ``RESYNC`` in the channel's inboxes, so followers refill from the replay log
 (``producers/follow.py``) what the connection may have missed.
+
+On a Redis Cluster the channels are shard channels (``SSUBSCRIBE``), held by redis-py's
+``ClusterPubSub`` on one connection per primary, read in turn (moonq/keys.py, producers/fanout.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import redis
 from redis.client import PubSub
 from redis.exceptions import RedisError
 
+from moonq.redisurl import is_cluster_client
 from producers.follow import RESYNC, Delivery, deliver
 
 log = logging.getLogger("moonq.producers")
@@ -75,6 +79,7 @@ class ThreadFanout:
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self._sharded = is_cluster_client(client)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a watcher came or went, or close
         self._inboxes: dict[str, set[ThreadInbox]] = {}
@@ -128,8 +133,11 @@ class ThreadFanout:
                 with self._lock:
                     wanted = set(self._inboxes)
                 try:
-                    _reconcile(pubsub, wanted, subscribed)
-                    msg = pubsub.get_message(timeout=READ_SLICE_S)
+                    _reconcile(pubsub, wanted, subscribed, self._sharded)
+                    if self._sharded:
+                        msg = pubsub.get_sharded_message(timeout=READ_SLICE_S / 4)
+                    else:
+                        msg = pubsub.get_message(timeout=READ_SLICE_S)
                 except (RedisError, OSError):
                     # The next read reconnects, and redis-py resubscribes; its confirmations resync
                     # the followers, who poll the log meanwhile.
@@ -152,12 +160,12 @@ class ThreadFanout:
     def _dispatch(self, msg: dict[str, Any], subscribed: set[str]) -> None:
         raw = msg["channel"]
         channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if msg["type"] == "subscribe":
+        if msg["type"] in ("subscribe", "ssubscribe"):
             # A resubscription after a reconnect can bring back a channel given up meanwhile:
             # count it as subscribed, so that the next turn gives it up again.
             subscribed.add(channel)
             item: Delivery = RESYNC
-        elif msg["type"] == "message" and isinstance(msg["data"], bytes):
+        elif msg["type"] in ("message", "smessage") and isinstance(msg["data"], bytes):
             item = msg["data"]
         else:
             return
@@ -166,12 +174,18 @@ class ThreadFanout:
                 inbox.put(item)
 
 
-def _reconcile(pubsub: PubSub, wanted: set[str], subscribed: set[str]) -> None:
+def _reconcile(pubsub: PubSub, wanted: set[str], subscribed: set[str], sharded: bool) -> None:
     """Subscribe what is wanted and not subscribed, unsubscribe the reverse; ``subscribed`` follows
     only what Redis was actually sent (a failed call is tried again on the next turn)."""
     if start := wanted - subscribed:
-        pubsub.subscribe(*start)
+        if sharded:
+            pubsub.ssubscribe(*start)
+        else:
+            pubsub.subscribe(*start)
         subscribed |= start
     if end := subscribed - wanted:
-        pubsub.unsubscribe(*end)  # type: ignore[no-untyped-call]
+        if sharded:
+            pubsub.sunsubscribe(*end)  # type: ignore[no-untyped-call]
+        else:
+            pubsub.unsubscribe(*end)  # type: ignore[no-untyped-call]
         subscribed -= end

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from gateway.app import GatewaySettings, create_app
 from harness import WorkerProcess
+from moonq.keys import GROUPS, Keys
 from moonq.wire import Event
 from producers import Client
 from simulator import SimConfig, SimServer
@@ -185,17 +186,17 @@ OWNED = {
     "_kombu.binding_permanent.*": "the bindings of queues declared without x-expires: one member per queue",
     "_kombu.binding_deadlines": "exchange -> deadline of expiring binding tables; kombu sweeps overdue ones",
     # The fleet limiter (worker/ratelimit.py): members carry their own expiry as the score.
-    "limit:inflight": "leased in-flight slots: released when the call ends; a dead holder's lease is"
+    "{limit}:inflight": "leased in-flight slots: released when the call ends; a dead holder's lease is"
     " dropped by the next acquire once its score (expiry) passes",
-    "limit:waiters": "jobs waiting for capacity, by rank: removed when granted; a dead process's by the next acquire",
-    "limit:alive": "the waiters' liveness deadlines: removed with them",
+    "{limit}:waiters": "jobs waiting for capacity, by rank: removed when granted; a dead process's by the next acquire",
+    "{limit}:alive": "the waiters' liveness deadlines: removed with them",
     # Jobs that have not ended (moonq/keys.py): the index owns their records, logs and idempotency keys.
-    "active": "job id -> last sign of life of every active job: removed by the write that ends it; the"
+    "active:{*}": "job id -> last sign of life of every active job: removed by the write that ends it; the"
     " sweeper re-sends or forgets what stays silent",
     # Webhooks and Celery callbacks owed by ended jobs (moonq/deliveries.py, worker/deliveries.py).
-    "deliveries": "the hand-off stream: each entry is deleted when a node settles it (delivered, retry"
+    "deliveries:{*}": "the hand-off stream: each entry is deleted when a node settles it (delivered, retry"
     " scheduled, or dead letter); consumers of dead nodes are removed from its group by the live ones",
-    "deliveries:due": "delivery id -> when its retry is due: each leaves as it goes back into the stream",
+    "deliveries:due:{*}": "delivery id -> when its retry is due: each leaves as it goes back into the stream",
     # The web console (gateway/console/session.py): one key for the deployment's life.
     "console:session_key": "the console's session-signing key: 32 bytes, made once (SET NX), never more than one",
 }
@@ -265,3 +266,8 @@ async def _wake_limiters(redis: Redis, channel: str, limiters: list[Limiter], do
                 return
             for lim in limiters:
                 lim.wake()
+
+
+def active_count(r: redis.Redis, keys: Keys) -> int:
+    """Jobs in the active indexes of every group (moonq/keys.py)."""
+    return sum(int(r.zcard(keys.active_in(g))) for g in GROUPS)

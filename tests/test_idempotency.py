@@ -11,6 +11,7 @@ from harness import free_port
 from moonq.wire import JobEnvelope
 from producers import Client, InvalidRequest
 from producers.client import RESEND_AFTER_S
+from tests.helpers import active_count
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Once only."}]}
@@ -75,8 +76,8 @@ def test_a_refused_send_forgets_the_key_so_a_retry_with_it_runs(fresh_prefix: Se
         refused.submit(REQ, idempotency_key="refused")
     assert not isinstance(caught.value, InvalidRequest)
     keys = fresh_prefix.keys
-    assert not r.exists(keys.idempotency("refused")) and not r.zcard(keys.active)
-    assert not r.keys(keys.job("*"))
+    assert not r.exists(keys.idempotency("refused")) and not active_count(r, keys)
+    assert not r.keys(f"{keys.prefix}:job:*")
     with Client(settings=fresh_prefix) as client:
         job = client.submit(REQ, idempotency_key="refused")
         assert client.submit(REQ, idempotency_key="refused").id == job.id and queued(r, fresh_prefix) == 1

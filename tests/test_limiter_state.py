@@ -42,25 +42,25 @@ return {used, wait}
 def test_the_key_names_are_the_documented_ones() -> None:
     keys = LimiterKeys.for_prefix("p")
     assert keys == LimiterKeys(
-        root="p:limit",
-        inflight="p:limit:inflight",
-        cooldown="p:limit:cooldown",
-        waiters="p:limit:waiters",
-        alive="p:limit:alive",
-        wake="p:limit:wake",
-        vtime="p:limit:vtime",
-        vclock="p:limit:vclock",
-        weights="p:limit:weights",
-        parked="p:limit:parked",
+        root="p:{limit}",
+        inflight="p:{limit}:inflight",
+        cooldown="p:{limit}:cooldown",
+        waiters="p:{limit}:waiters",
+        alive="p:{limit}:alive",
+        wake="p:{limit}:wake",
+        vtime="p:{limit}:vtime",
+        vclock="p:{limit}:vclock",
+        weights="p:{limit}:weights",
+        parked="p:{limit}:parked",
     )
-    assert keys.scope_inflight("fleet") == "p:limit:inflight"  # the names they had before accounts
-    assert keys.scope_cooldown("fleet") == "p:limit:cooldown"
-    assert keys.scope_inflight("account:main") == "p:limit:account:main:inflight"
-    assert keys.scope_cooldown("account:main") == "p:limit:account:main:cooldown"
-    assert keys.scope_out("account:main") == "p:limit:account:main:out"
-    assert keys.rpm == WindowKeys(grants="p:limit:fleet:rpm", units="p:limit:fleet:rpm:units")
-    assert keys.tpm == keys.window("tpm", "fleet") == WindowKeys("p:limit:fleet:tpm", "p:limit:fleet:tpm:units")
-    assert keys.window("tpm", "tenant:acme").grants == "p:limit:tenant:acme:tpm"  # issue 13's scopes
+    assert keys.scope_inflight("fleet") == "p:{limit}:inflight"  # the names they had before accounts
+    assert keys.scope_cooldown("fleet") == "p:{limit}:cooldown"
+    assert keys.scope_inflight("account:main") == "p:{limit}:account:main:inflight"
+    assert keys.scope_cooldown("account:main") == "p:{limit}:account:main:cooldown"
+    assert keys.scope_out("account:main") == "p:{limit}:account:main:out"
+    assert keys.rpm == WindowKeys(grants="p:{limit}:fleet:rpm", units="p:{limit}:fleet:rpm:units")
+    assert keys.tpm == keys.window("tpm", "fleet") == WindowKeys("p:{limit}:fleet:tpm", "p:{limit}:fleet:tpm:units")
+    assert keys.window("tpm", "tenant:acme").grants == "p:{limit}:tenant:acme:tpm"  # issue 13's scopes
 
 
 @pytest.mark.parametrize(

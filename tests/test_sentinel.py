@@ -25,6 +25,7 @@ from harness import SentinelSet, WorkerProcess
 from moonq.broker import broker_config
 from moonq.connect import resilient_redis
 from moonq.errors import JobNotFound
+from moonq.keys import Keys
 from moonq.redisurl import SentinelUrl, kombu_sentinel, parse_sentinel_url
 from moonq.settings import ClientSettings, is_redis_url, redact_url
 from producers import Client
@@ -199,7 +200,7 @@ class FirstWrite:
 
     def __init__(self, port: int, password: str, job_ids: list[str], prefix: str) -> None:
         self.client = redis.Redis(port=port, password=password, socket_timeout=1.0)
-        self.keys = [f"{prefix}:job:{job_id}" for job_id in job_ids]
+        self.keys = [Keys(prefix).job(job_id) for job_id in job_ids]
         self.at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -295,7 +296,7 @@ def test_jobs_streaming_through_a_primary_kill_complete_on_the_new_primary(
             assert not [e for e in events if e.type == "retry"], events
     # Everything above was read through the new primary, the only server left.
     direct = redis.Redis(port=new.port, password="data-pw")
-    assert all(direct.hget(f"{settings.prefix}:job:{i}", "status") == b"succeeded" for i in ids)
+    assert all(direct.hget(settings.keys.job(i), "status") == b"succeeded" for i in ids)
     direct.close()
     assert first_event_s < 15
 
@@ -310,7 +311,7 @@ def test_a_failover_rewinds_to_what_the_replica_had() -> None:
         replica = redis.Redis(port=sentinels.replica.port, password="data-pw")
         with Client(settings=settings) as client:
             kept = client.submit(REQUEST)
-            wait_until(lambda: replica.exists(f"{settings.prefix}:job:{kept.id}") == 1, 5, "the replica has the job")
+            wait_until(lambda: replica.exists(settings.keys.job(kept.id)) == 1, 5, "the replica has the job")
             sentinels.replication_link.blackhole(60)  # the primary goes on acknowledging; the replica hears nothing
             lost = client.submit(REQUEST)
             assert lost.status() == "queued"  # acknowledged, and readable on the old primary
@@ -342,6 +343,6 @@ def test_the_gateway_serves_a_job_on_a_sentinel_url(sentinels: SentinelSet, sim:
     port = sentinels.primary_port()
     assert port is not None
     direct = redis.Redis(port=port, password="data-pw", db=1)
-    assert direct.hget(f"{settings.prefix}:job:{job_id}", "status") == b"succeeded"
+    assert direct.hget(settings.keys.job(job_id), "status") == b"succeeded"
     direct.close()
     assert API_KEY not in answer.text

@@ -96,7 +96,7 @@ class Sweeps:
 
 def _age(r: redis.Redis, settings: Settings, job_id: str) -> None:
     """The job showed no sign of life for longer than ``orphan_after_s``."""
-    r.zadd(settings.keys.active, {job_id: 0})
+    r.zadd(settings.keys.active_for(job_id), {job_id: 0})
 
 
 @contextmanager
@@ -130,7 +130,7 @@ def test_a_message_popped_and_lost_before_any_claim_is_sent_again(
         assert sweep() == 0  # its place in the index was refreshed: not sent twice in a row
         with node(swept, sim.base_url):
             assert job.result(timeout=20).choices[0].message.content
-        assert not r.zscore(swept.keys.active, job.id)
+        assert not r.zscore(swept.keys.active_for(job.id), job.id)
 
 
 def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(

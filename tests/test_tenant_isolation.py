@@ -29,13 +29,15 @@ from standardwebhooks import Webhook
 from gateway.app import GatewaySettings, create_app
 from harness import RedisServer, WorkerProcess
 from moonq.configfile import ConfigFileError
-from moonq.deliveries import failed_deliveries
+from moonq.deliveries import backlog, failed_deliveries
+from moonq.indexes import newest_first
+from moonq.keys import GROUPS, group_of
 from moonq.settings import ClientSettings
 from moonq.tenants import hash_token
 from moonq.webhooks import delivery_id
 from producers import Client, InvalidRequest, JobNotFound, TenantModelNotAllowed
 from simulator import SimServer
-from tests.helpers import make_settings, node_env, serve_gateway, wait_until
+from tests.helpers import active_count, make_settings, node_env, serve_gateway, wait_until
 from tests.webhook_receiver import serve_receiver
 
 HELLO = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "Hello, tenant."}]}
@@ -112,7 +114,7 @@ def test_a_tenants_rules_refuse_before_anything_is_enqueued(clients: dict[str, C
         with pytest.raises(InvalidRequest) as caught:
             clients["operator"].submit(HELLO, tenant=tenant)
         assert caught.value.errors[0][0] == "tenant" and rule in caught.value.errors[0][1]
-    assert not clients["operator"].redis.zcard(scoped.keys.active)
+    assert not active_count(clients["operator"].redis, scoped.keys)
 
 
 def test_the_gateway_scopes_every_route_to_the_tokens_tenant(scoped: ClientSettings) -> None:
@@ -212,11 +214,11 @@ def test_each_tenant_has_its_own_recent_jobs_index(clients: dict[str, Client], s
     r = clients["operator"].redis
 
     def listed(tenant: str) -> set[str]:
-        members: list[bytes] = r.zrange(scoped.keys.recent_of(tenant), 0, -1)  # type: ignore[assignment]
-        return {m.decode() for m in members}
+        return {job_id for job_id, _ in newest_first(r, [scoped.keys.recent_in(g, tenant) for g in GROUPS], 1000)}
 
     assert listed("search") == set(ours) and listed("reports") == set(theirs)
-    assert r.zcard(scoped.keys.recent) == 5 and 0 < r.ttl(scoped.keys.recent_of("search")) <= scoped.result_ttl_s
+    everyone = newest_first(r, [scoped.keys.recent_in(g) for g in GROUPS], 1000)
+    assert len(everyone) == 5 and 0 < r.ttl(scoped.keys.recent_in(group_of(ours[0]), "search")) <= scoped.result_ttl_s
 
 
 def test_dead_deliveries_are_listed_and_redelivered_per_tenant(
@@ -227,8 +229,10 @@ def test_dead_deliveries_are_listed_and_redelivered_per_tenant(
     ours, theirs = clients["search"].submit(HELLO), clients["reports"].submit({**HELLO, "model": "moonshot-v1-8k"})
     for job, tenant in ((ours, "search"), (theirs, "reports")):  # as a node leaves a delivery that gave up
         did = delivery_id("webhook", job.id)
-        r.hset(keys.delivery(did), mapping={"kind": "webhook", "job": job.id, "tenant": tenant, "attempts": "3"})
-        r.zadd(keys.deliveries_dead, {did: time.time()})
+        r.hset(
+            keys.delivery(did, job.id), mapping={"kind": "webhook", "job": job.id, "tenant": tenant, "attempts": "3"}
+        )
+        r.zadd(keys.deliveries_dead_in(group_of(job.id)), {did: time.time()})
     assert [row["job_id"] for row in failed_deliveries(r, keys, 10, "search")] == [ours.id]
     assert {row["tenant"] for row in failed_deliveries(r, keys, 10)} == {"search", "reports"}
     env = {**os.environ, "REDIS_URL": scoped.redis_url, "MOONQ_PREFIX": scoped.prefix}
@@ -237,4 +241,4 @@ def test_dead_deliveries_are_listed_and_redelivered_per_tenant(
     listed = subprocess.run([*cli, "failed", "--json"], env=env, capture_output=True, text=True, timeout=30)
     assert [row["id"] for row in json.loads(listed.stdout)] == [delivery_id("webhook", ours.id)]
     refused = subprocess.run([*cli, "redeliver", delivery_id("webhook", theirs.id)], env=env, timeout=30)
-    assert refused.returncode == 3 and r.zcard(keys.deliveries_dead) == 2
+    assert refused.returncode == 3 and backlog(r, keys)["dead"] == 2

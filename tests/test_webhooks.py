@@ -37,7 +37,7 @@ from moonq.settings import ClientSettings
 from moonq.webhooks import delivery_id, parse_delivery_id, parse_secrets, signed_headers
 from producers import Client
 from simulator import SimServer
-from tests.helpers import make_settings, node_env, serve_gateway, unbounded_keys, wait_until
+from tests.helpers import active_count, make_settings, node_env, serve_gateway, unbounded_keys, wait_until
 from tests.webhook_receiver import Receiver, serve_receiver
 from worker.exporter import RedisCollector
 from worker.webhook_http import AllowList, WebhookSender
@@ -149,7 +149,7 @@ def test_bad_options_are_refused_before_anything_is_enqueued(
         with pytest.raises(InvalidRequest) as caught:
             c.submit(HELLO, **options)
         assert caught.value.errors[0][0] == field
-        assert not c.redis.zcard(c.keys.active)
+        assert not active_count(c.redis, c.keys)
 
 
 def test_the_options_go_in_the_record_never_in_the_task_message(fresh_prefix: Any) -> None:
@@ -286,7 +286,7 @@ def test_a_4xx_is_not_retried_and_is_redelivered_by_hand(
     assert moonq([*redis_url, "webhooks", "redeliver", did]) == 0
     [_, again] = receiver.wait_for("refused", 2)
     assert again.headers["webhook-id"] == did and verified(again)["data"]["id"] == job.id
-    wait_until(lambda: not client.redis.exists(client.keys.delivery(did)), 5, "the delivery's state gone")
+    wait_until(lambda: not client.redis.exists(client.keys.delivery(did, job.id)), 5, "the delivery's state gone")
     assert moonq([*redis_url, "webhooks", "redeliver", did]) == 3  # delivered: no dead letter any more
     assert moonq([*redis_url, "webhooks", "redeliver", "not-an-id"]) == 2
 
@@ -374,7 +374,7 @@ def test_a_node_killed_mid_delivery_is_taken_over_and_the_receiver_deduplicates(
                 doomed.proc.wait()
             finally:
                 doomed.stop()
-            pending = client.redis.xpending(client.keys.deliveries, GROUP)
+            pending = client.redis.xpending(client.keys.deliveries_for(job.id), GROUP)
             assert pending["pending"] == 1  # handed off, taken, never settled
             with WorkerProcess(env):
                 tries = rx.wait_for("killed", 2, timeout_s=30)
@@ -382,7 +382,7 @@ def test_a_node_killed_mid_delivery_is_taken_over_and_the_receiver_deduplicates(
             # What a receiver does: process each webhook-id once.
             processed = {t.headers["webhook-id"]: verified(t) for t in tries}
             assert list(processed) == [delivery_id("webhook", job.id)]
-            assert client.redis.xpending(client.keys.deliveries, GROUP)["pending"] == 0
+            assert client.redis.xpending(client.keys.deliveries_for(job.id), GROUP)["pending"] == 0
             # Every key left behind has a TTL or an owner (tests/helpers.py OWNED).
             r = redis.Redis.from_url(server.url)
             assert unbounded_keys(r, settings.prefix) == []

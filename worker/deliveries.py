@@ -2,9 +2,11 @@
 
 Runs on the node's asyncio loop beside the sweeper (started by worker/loop.py), never on a job's
 path: its own Redis pool, its own HTTP client, at most ``webhook_concurrency`` deliveries at once.
-The hand-off is the stream ``P:deliveries`` (moonq/deliveries.py has the whole picture):
+The hand-off is a stream per group of jobs, ``P:deliveries:{g}`` (moonq/deliveries.py has the whole
+picture):
 
-- ``_read`` takes new entries through the consumer group ``nodes`` (XREADGROUP, blocking).
+- ``_read`` takes new entries through the consumer group ``nodes`` (XREADGROUP over every group's
+  stream, blocking; on a Redis Cluster, where one command reads one slot, a poll every 0.2 s).
 - ``_maintain`` moves due retries back into the stream, takes over the entries a dead node left
   pending for ``webhook_claim_idle_s`` (XAUTOCLAIM), and forgets consumers long gone.
 - ``_handle`` makes one attempt and settles the entry with ``SETTLE_LUA``: acknowledged and deleted
@@ -12,7 +14,7 @@ The hand-off is the stream ``P:deliveries`` (moonq/deliveries.py has the whole p
   pending, so a node killed mid-attempt only delays it; a receiver may get the same ``webhook-id``
   twice and de-duplicates on it.
 
-The first attempt builds the body from the job's record and keeps it in ``P:delivery:<id>`` if it
+The first attempt builds the body from the job's record and keeps it in ``P:delivery:{g}:<id>`` if it
 fails, so every retry sends the same body under the same id. Retries back off x4 from
 ``webhook_backoff_base_s`` (+-20%) up to ``webhook_backoff_max_s`` (or the receiver's Retry-After),
 for ``webhook_retry_for_s`` after the first attempt.
@@ -57,7 +59,9 @@ from moonq.deliveries import (
     entry_delivery_id,
     shown_target,
 )
+from moonq.keys import GROUPS, group_of
 from moonq.record import JobField, JobRecord, decode_hash
+from moonq.redisurl import is_cluster_client
 from moonq.tenants import cached_tenants
 from moonq.webhooks import (
     CALLBACK,
@@ -103,6 +107,8 @@ return 1
 """
 
 READ_BLOCK_MS = 1000
+# On a Redis Cluster the streams are polled (module docstring): the pause after a poll found nothing.
+CLUSTER_POLL_S = 0.2
 # After a read smaller than the room left, wait this long before the next: later entries gather into one batch.
 READ_LINGER_S = 0.02
 RECORD_FIELDS = [f.value for f in JobField if f not in (JobField.ENVELOPE, JobField.OWNER, JobField.HEARTBEAT_AT)]
@@ -214,7 +220,9 @@ class DeliveryWorker:
         self._settle = EventSink(self.redis, SETTLE_LUA)  # concurrent settles go out in shared pipelines
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
-        self._claim_cursor = "0-0"
+        self._streams = [self.keys.deliveries_in(g) for g in GROUPS]
+        self._claim_cursors: dict[str, str] = {}
+        self._cluster = is_cluster_client(self.redis)
 
     # ---- the loops ---------------------------------------------------------------------------
 
@@ -227,12 +235,31 @@ class DeliveryWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _ensure_group(self) -> None:
-        try:
-            # From the stream's start: entries handed off before any node had the group are owed too.
-            await self.redis.xgroup_create(self.keys.deliveries, GROUP, id="0", mkstream=True)
-        except ResponseError as err:
-            if "BUSYGROUP" not in str(err):
-                raise
+        for stream in self._streams:
+            try:
+                # From the stream's start: entries handed off before any node had the group are owed too.
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as err:
+                if "BUSYGROUP" not in str(err):
+                    raise
+
+    async def _read_new(self, room: int) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+        """New entries of every group's stream: one blocking XREADGROUP over all of them on one Redis;
+        on a Redis Cluster (where one command reads one slot) a pipelined non-blocking read of each,
+        and a pause of ``CLUSTER_POLL_S`` when all were empty."""
+        if not self._cluster:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, dict.fromkeys(self._streams, ">"), count=room, block=READ_BLOCK_MS
+            )
+            return reply or []  # type: ignore[return-value]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=room)
+            replies = await pipe.execute()
+        found = [item for reply in replies for item in reply or []]
+        if not found:
+            await asyncio.sleep(CLUSTER_POLL_S)
+        return found
 
     async def _read(self) -> None:
         group_ready = False
@@ -242,11 +269,8 @@ class DeliveryWorker:
                     await self._ensure_group()
                     group_ready = True
                 room = await self._wait_for_room()
-                reply: list[tuple[Any, list[tuple[Any, Any]]]] | None = await self.redis.xreadgroup(  # type: ignore[assignment]
-                    GROUP, self.consumer, {self.keys.deliveries: ">"}, count=room, block=READ_BLOCK_MS
-                )
                 started = 0
-                for _, entries in reply or []:
+                for _, entries in await self._read_new(room):
                     started += await self._start(entries)
                 if 0 < started < room:
                     await asyncio.sleep(READ_LINGER_S)  # let a few more gather: one pipeline for them all
@@ -268,9 +292,11 @@ class DeliveryWorker:
         while True:
             await asyncio.sleep(tick_s)
             try:
-                await self._promote(
-                    keys=[self.keys.deliveries_due, self.keys.deliveries], args=[time.time(), PROMOTE_BATCH]
-                )
+                for group in GROUPS:
+                    await self._promote(
+                        keys=[self.keys.deliveries_due_in(group), self.keys.deliveries_in(group)],
+                        args=[time.time(), PROMOTE_BATCH],
+                    )
                 now = time.monotonic()
                 if now >= next_claim:
                     next_claim = now + s.webhook_claim_idle_s / 2
@@ -289,19 +315,23 @@ class DeliveryWorker:
         if room <= 0:
             return
         idle_ms = int(self.settings.webhook_claim_idle_s * 1000)
-        reply = await self.redis.xautoclaim(
-            self.keys.deliveries, GROUP, self.consumer, idle_ms, start_id=self._claim_cursor, count=room
-        )
-        self._claim_cursor = _text(reply[0])
-        if reply[1]:
-            log.warning("event=deliveries_taken_over count=%s", len(reply[1]))
-            await self._start(reply[1])
+        for stream in self._streams:
+            reply = await self.redis.xautoclaim(
+                stream, GROUP, self.consumer, idle_ms, start_id=self._claim_cursors.get(stream, "0-0"), count=room
+            )
+            self._claim_cursors[stream] = _text(reply[0])
+            if reply[1]:
+                log.warning("event=deliveries_taken_over count=%s", len(reply[1]))
+                room -= await self._start(reply[1])
+                if room <= 0:
+                    return
 
     async def _forget_consumers(self) -> None:
-        for info in await self.redis.xinfo_consumers(self.keys.deliveries, GROUP):
-            name = _text(info["name"])
-            if name != self.consumer and not info["pending"] and info["idle"] > FORGET_CONSUMER_AFTER_MS:
-                await self.redis.xgroup_delconsumer(self.keys.deliveries, GROUP, name)
+        for stream in self._streams:
+            for info in await self.redis.xinfo_consumers(stream, GROUP):
+                name = _text(info["name"])
+                if name != self.consumer and not info["pending"] and info["idle"] > FORGET_CONSUMER_AFTER_MS:
+                    await self.redis.xgroup_delconsumer(stream, GROUP, name)
 
     async def _wait_for_room(self) -> int:
         while len(self._tasks) >= self.settings.webhook_concurrency:
@@ -336,9 +366,9 @@ class DeliveryWorker:
         async with self.redis.pipeline(transaction=False) as pipe:
             for _, entry in found:
                 if entry.get(AGAIN):
-                    pipe.hgetall(self.keys.delivery(entry_delivery_id(entry)))
+                    pipe.hgetall(self.keys.delivery(entry_delivery_id(entry), entry.get(JOB, "")))
                 # EVALSHA itself: redis-py's Script in a pipeline asks SCRIPT EXISTS before every batch.
-                pipe.evalsha(self._record.sha, 1, self.keys.job(entry.get(JOB, "")))
+                pipe.execute_command("EVALSHA", self._record.sha, 1, self.keys.job(entry.get(JOB, "")))
             return await pipe.execute()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -475,7 +505,15 @@ class DeliveryWorker:
         pairs = [x for kv in state.items() for x in kv]
         args: list[str | float] = [entry_id, GROUP, outcome, did, score, ttl_s, time.time() - s.result_ttl_s]
         args += [s.result_ttl_s, *pairs]
-        keys = [k.deliveries, k.delivery(did), k.deliveries_due, k.deliveries_dead]
+        # The entry's stream is its job's group's (every writer adds it there), and a delivery id names the job.
+        job_id = did.split(":")[1] if ":" in did else ""
+        group = group_of(job_id)
+        keys = [
+            k.deliveries_in(group),
+            k.delivery(did, job_id),
+            k.deliveries_due_in(group),
+            k.deliveries_dead_in(group),
+        ]
         return bool(await self._settle(keys=keys, args=args))
 
     async def aclose(self) -> None:

@@ -127,7 +127,9 @@ async def claim(
     args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id]
     while True:
         verdict, attempt, seq, idem, *tenant = await script(
-            keys=[keys.job(delivery.job_id), keys.active, keys.deliveries], args=args, client=redis
+            keys=[keys.job(delivery.job_id), keys.active_for(delivery.job_id), keys.deliveries_for(delivery.job_id)],
+            args=args,
+            client=redis,
         )
         if _text(verdict) != "busy":
             named = _text(tenant[0]) if tenant else ""

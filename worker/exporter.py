@@ -27,10 +27,13 @@ import redis
 from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from moonq import budgets
 from moonq.broker import QueueDepth
-from moonq.redisurl import sync_redis
+from moonq.keys import GROUPS
+from moonq.redisurl import is_cluster_client, sync_redis
 from moonq.tenants import cached_tenants
 from worker.accounts import load_accounts
 from worker.limiter_state import FLEET, SUM_FIELD, LimiterKeys, window_used
@@ -96,22 +99,25 @@ class RedisCollector(Collector):
         try:
             yield from self._collect()
             yield from self._budgets()
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, RedisClusterException, OSError):
             log.warning("scrape: Redis did not answer; limiter gauges skipped")
 
     def _collect(self) -> Iterator[GaugeMetricFamily]:
         keys = LimiterKeys.for_prefix(self.settings.prefix)
+        # TIME and INFO apart from the pipeline: a cluster pipeline carries only commands on keys.
+        sec, usec = self.redis.time()
+        memory = redis_memory(self.redis)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
         for account in self.accounts:
             pipe.get(keys.scope_cooldown(account.scope))
             pipe.get(keys.scope_out(account.scope))
-        pipe.info("memory")
-        pipe.xlen(self.settings.keys.deliveries)
-        pipe.zcard(self.settings.keys.deliveries_due)
-        pipe.zcard(self.settings.keys.deliveries_dead)
-        (sec, usec), *replies = pipe.execute()
-        untils, (memory, *backlog) = replies[: 2 * len(self.accounts)], replies[2 * len(self.accounts) :]
+        for group in GROUPS:
+            pipe.xlen(self.settings.keys.deliveries_in(group))
+            pipe.zcard(self.settings.keys.deliveries_due_in(group))
+            pipe.zcard(self.settings.keys.deliveries_dead_in(group))
+        replies = pipe.execute()
+        untils, counts = replies[: 2 * len(self.accounts)], replies[2 * len(self.accounts) :]
+        backlog = [sum(int(n) for n in counts[i::3]) for i in range(3)]
         now_ms = sec * 1000 + usec / 1000
         capped = [*self.accounts, *([self.cap] if self.cap else [])]
         used = self._used(keys, [*capped, *self.tenant_scopes], now_ms)
@@ -236,6 +242,15 @@ class RedisCollector(Collector):
                 budget.add_metric([name, unit], cap)
         yield spent
         yield budget
+
+
+def redis_memory(client: redis.Redis) -> dict[str, float]:
+    """``used_memory`` and ``maxmemory`` of the Redis holding jobs: on a Redis Cluster, summed over its primaries."""
+    if not is_cluster_client(client):
+        info = client.info("memory")
+        return {name: float(info.get(name, 0)) for name in ("used_memory", "maxmemory")}
+    per_node = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    return {name: sum(float(i.get(name, 0)) for i in per_node.values()) for name in ("used_memory", "maxmemory")}
 
 
 def delivery_backlog(counts: list[int]) -> GaugeMetricFamily:

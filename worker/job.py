@@ -457,10 +457,11 @@ async def _index_dead_letter(ctx: JobContext, job_id: str, now: float) -> None:
     ``failed()`` lists an entry only once its record says failed, so an entry whose terminal write
     is then fenced stays hidden.
     """
+    failed = ctx.keys.failed_for(job_id)
     async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(ctx.keys.failed, {job_id: now})
-        pipe.zremrangebyscore(ctx.keys.failed, "-inf", now - ctx.settings.result_ttl_s)
-        pipe.expire(ctx.keys.failed, ctx.settings.result_ttl_s)
+        pipe.zadd(failed, {job_id: now})
+        pipe.zremrangebyscore(failed, "-inf", now - ctx.settings.result_ttl_s)
+        pipe.expire(failed, ctx.settings.result_ttl_s)
         await pipe.execute()
 
 

@@ -88,7 +88,7 @@ class LimiterKeys:
 
     @classmethod
     def for_prefix(cls, prefix: str) -> LimiterKeys:
-        p = f"{prefix}:limit"
+        p = f"{prefix}:{{limit}}"  # one hash tag: every grant checks all scopes in one script, one slot
         return cls(
             root=p,
             inflight=f"{p}:inflight",

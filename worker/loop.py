@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from moonq.broker import queue_for, set_queue_load
 from moonq.connect import resilient_redis
-from moonq.eventlog import APPEND_LUA
+from moonq.eventlog import append_lua
 from moonq.tenants import cached_tenants
 from moonq.wire import JobEnvelope
 from worker.accounts import load_accounts
@@ -91,7 +91,7 @@ class Runtime:
             keys=self.settings.keys,
             redis=redis,
             upstreams={account.name: UpstreamClient(s, account) for account in accounts},
-            append=EventSink(redis, APPEND_LUA),
+            append=EventSink(redis, append_lua(redis)),
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
             policy=self.settings.retry_policy,

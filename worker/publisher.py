@@ -115,7 +115,9 @@ class EventSink:
     async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
+                pipe.execute_command(
+                    "EVALSHA", self._sha, len(keys), *keys, *args
+                )  # cluster pipelines refuse evalsha()
             return await pipe.execute(raise_on_error=False)
 
 

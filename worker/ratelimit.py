@@ -341,11 +341,11 @@ class Limiter:
     async def out_of_rotation(self) -> set[str]:
         """The accounts out of rotation now, fleet-wide."""
         names = list(self._accounts)
+        sec, usec = await self._redis.time()  # apart: a cluster pipeline carries only commands on keys
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
             for name in names:
                 pipe.get(self.keys.scope_out(self._accounts[name].scope))
-            (sec, usec), *untils = await pipe.execute()
+            untils = await pipe.execute()
         now_ms = sec * 1000 + usec // 1000
         return {name for name, until in zip(names, untils, strict=True) if until and int(until) > now_ms}
 

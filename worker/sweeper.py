@@ -5,7 +5,7 @@ kombu pops a message from the queue before it records it as unacknowledged (a no
 between takes it along), a producer dies between recording a job and sending it, and with a
 broker apart from the data Redis an acknowledgement can survive while the job's last write is
 lost. The job's record then says ``queued`` or ``running`` forever. Every node runs this loop;
-one at a time (a lock in Redis) it reads the active-jobs index (``P:active``, moonq/keys.py) for
+one at a time (a lock in Redis) it reads the active-jobs indexes (``P:active:{g}``, moonq/keys.py) for
 jobs with no sign of life for ``orphan_after_s`` and decides, per job:
 
 - ended or gone: drop it from the index (nothing to do);
@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from moonq.broker import producer_app, queue_for, queue_lists, queues, send_envelope
+from moonq.keys import GROUPS
 from moonq.record import SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus
 from moonq.settings import is_redis_url
 from moonq.wire import JobEnvelope
@@ -43,7 +44,7 @@ from worker.settings import Settings
 log = logging.getLogger("moonq.worker")
 
 # Jobs looked at per sweep: a larger backlog of orphans is worked off over several sweeps.
-BATCH = 200
+BATCH = 200  # jobs per group per sweep
 
 Verdict = Literal["forget", "send", "wait"]
 
@@ -123,12 +124,13 @@ class Sweeper:
         """One pass over the jobs silent for ``orphan_after_s``; returns how many were re-sent."""
         seconds, micros = await self.redis.time()
         now_s = seconds + micros / 1e6
-        ids = [
-            x.decode() if isinstance(x, bytes) else str(x)
-            for x in await self.redis.zrangebyscore(
-                self.keys.active, "-inf", now_s - self.settings.orphan_after_s, start=0, num=BATCH
-            )
-        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for group in GROUPS:
+                pipe.zrangebyscore(
+                    self.keys.active_in(group), "-inf", now_s - self.settings.orphan_after_s, start=0, num=BATCH
+                )
+            silent: list[list[Any]] = await pipe.execute()
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for batch in silent for x in batch]
         if not ids:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -142,7 +144,7 @@ class Sweeper:
             rec = JobRecord.from_redis(raw)
             what = verdict(rec, now_s=now_s, orphan_after_s=self.settings.orphan_after_s, oldest_queued_s=oldest)
             if what == "forget":
-                await self.redis.zrem(self.keys.active, job_id)
+                await self.redis.zrem(self.keys.active_for(job_id), job_id)
             elif what == "send" and rec is not None and rec.envelope:
                 if queue_for(self.settings, rec.tenant) not in self._queues:
                     self._not_consumed(rec.tenant)
@@ -185,7 +187,7 @@ class Sweeper:
         if self._app is None:
             self._app = producer_app(self.settings)
         await asyncio.to_thread(send_envelope, self._app, self.settings, envelope, None, rec.tenant)
-        await self.redis.zadd(self.keys.active, {job_id: now_s}, xx=True)  # not again before orphan_after_s
+        await self.redis.zadd(self.keys.active_for(job_id), {job_id: now_s}, xx=True)  # not again before orphan_after_s
         if rec.status is JobStatus.QUEUED:
             await self._set_if_exists(keys=[self.keys.job(job_id)], args=[JobField.SENT, "1"])
         log.warning("event=orphan_resent job_id=%s status=%s", job_id, rec.status.value)

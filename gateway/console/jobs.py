@@ -22,7 +22,8 @@ from typing import Any
 
 import redis.asyncio
 
-from moonq.keys import Keys
+from moonq.indexes import newest_first_async, total_async
+from moonq.keys import GROUPS, Keys
 from moonq.record import DEFAULT_TENANT, JobField, JobRecord, JobStatus
 from moonq.tenants import Principal
 from moonq.usage import Price, cost_usd, token_counts
@@ -191,13 +192,10 @@ class JobReader:
         """Up to ``limit`` jobs from rank ``offset`` of the index (newest first) that pass ``filters``."""
         offset = max(0, offset)
         # A tenant's list reads its own index: a tenant with a few jobs among many finds them on page one.
-        index = self.keys.recent_of(filters.tenant) if filters.tenant else self.keys.recent
+        indexes = [self.keys.recent_in(g, filters.tenant or None) for g in GROUPS]
         window = FILTER_WINDOW_JOBS if filters.active else limit
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(index)
-            pipe.zrevrange(index, offset, offset + window - 1)
-            indexed, raw_ids = await pipe.execute()
-        ids = [text(raw) for raw in raw_ids]
+        indexed = await total_async(self.redis, indexes)
+        ids = [job_id for job_id, _ in await newest_first_async(self.redis, indexes, window, offset=offset)]
         chosen, consumed = ids[:limit], len(ids[:limit])
         if filters.active:
             chosen, consumed = await self._filter(ids, filters, limit)
@@ -249,10 +247,11 @@ class JobReader:
 
     async def models(self, tenant: str | None, limit: int = FILTER_WINDOW_JOBS) -> list[str]:
         """The models of the newest ``limit`` jobs (``tenant``'s only, when set), for the filter's choices."""
-        ids = await self.redis.zrevrange(self.keys.recent_of(tenant) if tenant else self.keys.recent, 0, limit - 1)
+        indexes = [self.keys.recent_in(g, tenant) for g in GROUPS]
+        ids = [job_id for job_id, _ in await newest_first_async(self.redis, indexes, limit)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for raw in ids:
-                pipe.hmget(self.keys.job(text(raw)), [JobField.MODEL, JobField.TENANT])
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), [JobField.MODEL, JobField.TENANT])
             replies = await pipe.execute()
         return sorted({text(m) for m, t in replies if m and (tenant is None or text(t or DEFAULT_TENANT) == tenant)})
 

@@ -176,14 +176,13 @@ class Observer:
 
     async def _listen_raw(self) -> None:
         pattern = f"{self.settings.prefix}:events:*"
-        cut = len(self.settings.prefix) + len(":events:")
         while True:
             redis = Redis.from_url(self.settings.redis_url)
             try:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.psubscribe(pattern)
                     async for msg in pubsub.listen():
-                        self._record_raw(msg["channel"].decode()[cut:], msg["data"])
+                        self._record_raw(msg["channel"].decode().partition("}:")[2], msg["data"])  # after the group tag
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError):

@@ -153,7 +153,7 @@ def collect(cluster: Cluster, history: History) -> Final:
     keys = settings.keys
     r = redis.Redis.from_url(cluster.redis.url)
     try:
-        ids = {k.decode().removeprefix(keys.job("")) for k in r.scan_iter(match=keys.job("*"), count=1000)}
+        ids = {k.decode().partition("}:")[2] for k in r.scan_iter(match=f"{keys.prefix}:job:*", count=1000)}
         ids |= set(history.job_ids())
         records = {job_id: decode_hash(r.hgetall(keys.job(job_id))) for job_id in ids}
         records = {job_id: rec for job_id, rec in records.items() if rec}
