@@ -41,15 +41,21 @@ TENANT = "tenant"  # whose webhook_secrets sign it (the secrets themselves are n
 ATTEMPTS, FIRST_AT, LAST_ERROR, NEXT_AT, GAVE_UP_AT = "attempts", "first_at", "last_error", "next_at", "gave_up_at"
 
 # Retries that are due go back into the stream, atomically (a delivery is in exactly one of the two).
-# KEYS[1] due zset, KEYS[2] stream. ARGV[1] now (unix s), ARGV[2] most to move. Returns how many moved.
+# KEYS: pairs of a group's due zset and its stream (every group in one call on one Redis; one group per
+# call on a Redis Cluster, where a script works in one slot). ARGV[1] now (unix s), ARGV[2] most to move
+# per group. Returns how many moved.
 PROMOTE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[1], id)
-  local kind, job = string.match(id, '^(%a+):([^:]+)')
-  if kind then redis.call('XADD', KEYS[2], '*', 'kind', kind, 'job', job, 'again', '1', 'id', id) end
+local moved = 0
+for k = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+  for _, id in ipairs(due) do
+    redis.call('ZREM', KEYS[k], id)
+    local kind, job = string.match(id, '^(%a+):([^:]+)')
+    if kind then redis.call('XADD', KEYS[k + 1], '*', 'kind', kind, 'job', job, 'again', '1', 'id', id) end
+  end
+  moved = moved + #due
 end
-return #due
+return moved
 """
 
 # A dead delivery back into the stream, its attempts and retry horizon started afresh.

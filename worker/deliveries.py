@@ -292,11 +292,9 @@ class DeliveryWorker:
         while True:
             await asyncio.sleep(tick_s)
             try:
-                for group in GROUPS:
-                    await self._promote(
-                        keys=[self.keys.deliveries_due_in(group), self.keys.deliveries_in(group)],
-                        args=[time.time(), PROMOTE_BATCH],
-                    )
+                pairs = [[self.keys.deliveries_due_in(g), self.keys.deliveries_in(g)] for g in GROUPS]
+                for keys in pairs if self._cluster else [[k for pair in pairs for k in pair]]:
+                    await self._promote(keys=keys, args=[time.time(), PROMOTE_BATCH])
                 now = time.monotonic()
                 if now >= next_claim:
                     next_claim = now + s.webhook_claim_idle_s / 2

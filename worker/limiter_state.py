@@ -1,33 +1,34 @@
 """The fleet limiter's state in Redis: its key names and its windows' arithmetic, in one place.
 
-Everything that reads or writes ``P:limit:*`` (``P`` = prefix) takes its names from
-``LimiterKeys`` and its window arithmetic from here: the limiter's Lua scripts
+Everything that reads or writes ``P:{limit}:*`` (``P`` = prefix; one hash tag, so every key of the
+limiter is in one slot of a Redis Cluster and a grant checks all its scopes in one script) takes its
+names from ``LimiterKeys`` and its window arithmetic from here: the limiter's Lua scripts
 (``worker/ratelimit_scripts.py``, through ``limiter_lua``) and the exporter's gauges
 (``worker/exporter.py``, through ``window_used``), so the two cannot drift apart.
 
 Key families:
 
-    P:limit:<scope>:<axis>        zset lease id -> grant time (Redis ms): the grants of the last
+    P:{limit}:<scope>:<axis>        zset lease id -> grant time (Redis ms): the grants of the last
                                   window on a rate axis (``rpm``, ``tpm``) of a scope. Every acquire
                                   that checks it first trims what has left the window.
-    P:limit:<scope>:<axis>:units  hash lease id -> the units that grant holds (1 request; its tokens,
+    P:{limit}:<scope>:<axis>:units  hash lease id -> the units that grant holds (1 request; its tokens,
                                   lowered by the refund at release), and ``sum`` -> their total.
-    P:limit:<scope>:inflight      zset lease id -> expiry ms: the calls in flight in a scope.
-    P:limit:<scope>:cooldown      string: until when (ms) an account's callers hold back after a 429.
-    P:limit:<scope>:out           string: until when (ms) an account is out of rotation (balance
+    P:{limit}:<scope>:inflight      zset lease id -> expiry ms: the calls in flight in a scope.
+    P:{limit}:<scope>:cooldown      string: until when (ms) an account's callers hold back after a 429.
+    P:{limit}:<scope>:out           string: until when (ms) an account is out of rotation (balance
                                   gone, key refused).
-    P:limit:waiters               zset ``<process>|<tenant>`` -> rank of that process's best waiter
+    P:{limit}:waiters               zset ``<process>|<tenant>`` -> rank of that process's best waiter
                                   of that tenant (the fleet-wide waiting line).
-    P:limit:alive                 zset ``<process>|<tenant>`` -> expiry ms of its place in that line.
-    P:limit:vtime                 hash tenant -> the virtual time its last grant finished (fair share).
-    P:limit:vclock                string: the virtual time of the fleet's last grant.
-    P:limit:weights               hash tenant -> its weight, as its waiters last said.
-    P:limit:parked                zset tenant -> until when (ms) it is out of the line: held back by
+    P:{limit}:alive                 zset ``<process>|<tenant>`` -> expiry ms of its place in that line.
+    P:{limit}:vtime                 hash tenant -> the virtual time its last grant finished (fair share).
+    P:{limit}:vclock                string: the virtual time of the fleet's last grant.
+    P:{limit}:weights               hash tenant -> its weight, as its waiters last said.
+    P:{limit}:parked                zset tenant -> until when (ms) it is out of the line: held back by
                                   its own limits or its pinned accounts, it blocks no one.
-    P:limit:wake                  pub/sub channel: capacity may have changed.
+    P:{limit}:wake                  pub/sub channel: capacity may have changed.
 
 Scopes: ``fleet`` is the single account of a node without an accounts file (its keys keep the
-names they had before accounts: ``P:limit:inflight``, ``P:limit:cooldown``, ``P:limit:fleet:rpm``),
+names they had before accounts: ``P:{limit}:inflight``, ``P:{limit}:cooldown``, ``P:{limit}:fleet:rpm``),
 and with an accounts file the optional cap over all accounts; ``account:<name>`` is one upstream
 account; ``tenant:<name>`` a tenant's own limits. A window's two keys expire ``IDLE_GRACE_MS`` after
 their grants have all left the window, so an idle fleet keeps nothing, and a busy one keeps at most

@@ -48,7 +48,7 @@ out-of-rotation time each. A grant takes the account, among those the tenant may
 and the largest fraction left on its tightest limit, and enters the call in the fleet cap's, the
 tenant's and that account's windows in the same script, so one grant checks all three atomically.
 
-The state lives under ``P:limit:*`` (``P`` = prefix): ``worker/limiter_state.py`` owns those key
+The state lives under ``P:{limit}:*`` (``P`` = prefix): ``worker/limiter_state.py`` owns those key
 names and the windows' arithmetic, shared by these scripts and the exporter. Times are Redis'
 own clock (``TIME``), so node clocks may differ.
 """

@@ -8,7 +8,7 @@ Each script's text is ``limiter_lua``'s: ``$window_functions`` (the Lua function
 from worker.limiter_state import limiter_lua
 
 # KEYS: 1 waiters zset, 2 alive zset, 3 vtime hash, 4 vclock, 5 weights hash, 6 parked zset, then every
-#       key the spec names by its index (all of them under P:limit:, declared, so one slot can hold them).
+#       key the spec names by its index (all of them under P:{limit}:, declared: one slot holds them).
 # ARGV: 1 the spec, JSON (``Limiter._spec``):
 #   me (``<process>|<tenant>``), tenant, weight, rank and next (the rank of the process's next waiter of
 #   the tenant, '' for none; strings), ttl (the waiter's place, ms), lease, lease_ttl (ms),
