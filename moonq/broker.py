@@ -42,7 +42,7 @@ from moonq.record import DEFAULT_TENANT
 from moonq.redisurl import is_sentinel_url, kombu_sentinel, sync_redis
 from moonq.settings import ClientSettings, is_amqp_url, is_redis_url, url_scheme
 from moonq.tenants import cached_tenants
-from moonq.wire import TASK_NAME, JobEnvelope
+from moonq.wire import TASK_NAME, JobEnvelope, JobTicket
 
 log = logging.getLogger("moonq")
 
@@ -194,7 +194,8 @@ def send_envelope(
     app: Celery, settings: ClientSettings, envelope: JobEnvelope, producer: Any = None, tenant: str = DEFAULT_TENANT
 ) -> None:
     """Send one job's message, to its tenant's queue: by task name (no worker code needed), with the job
-    id as the task id.
+    id as the task id. The message is a ``JobTicket``: the request stays in the job's record alone (one
+    copy of it in Redis, not three: the record's, the message's, and that one base64-encoded again).
 
     Used by producers at submit and by the nodes' sweeper when it re-sends an orphaned job; a
     duplicate message is harmless (the claim runs a job once). ``producer``: a kombu producer to
@@ -202,7 +203,7 @@ def send_envelope(
     """
     app.send_task(
         TASK_NAME,
-        args=[envelope.model_dump(mode="json")],
+        args=[JobTicket.of(envelope).model_dump(mode="json")],
         task_id=envelope.job_id,
         queue=queue_for(settings, tenant),
         priority=message_priority(settings, envelope.priority),

@@ -73,6 +73,24 @@ class JobEnvelope(_Strict):
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
 
 
+class JobTicket(_Strict):
+    """The task message moonq's own producers send: the job's id and what routing needs, not its request.
+
+    The request lives once, in the job's record (its ``envelope`` field); the node reads it there when
+    it claims the job. A ``JobEnvelope`` (the request in the message) is still accepted from producers
+    that build messages by hand (docs/contract.md).
+    """
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    enqueued_at: float
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
+
+    @classmethod
+    def of(cls, envelope: JobEnvelope) -> JobTicket:
+        return cls(v=envelope.v, job_id=envelope.job_id, enqueued_at=envelope.enqueued_at, priority=envelope.priority)
+
+
 class _Reader(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -29,9 +29,11 @@ from moonq.record import DEFAULT_TENANT, record_lua
 # KEYS[1] job hash, KEYS[2] the active-jobs index (zset job id -> last sign of life, unix s), KEYS[3]
 # the deliveries stream (the job's first start hands off a ``started`` webhook if its record asks).
 # ARGV[1] owner token, ARGV[2] stale_ms: an owner whose heartbeat is older than this is presumed
-# dead, ARGV[3] job id.
-# Returns {verdict, attempt, seq, idempotency key name or ''}, and for 'run' and 'takeover' also the
-# job's tenant ('' = the default; its budget, worker/budgets.py). Verdicts: 'run' (now owned by ARGV[1]),
+# dead, ARGV[3] job id, ARGV[4] '1' when the message carried no request (a ``JobTicket``): the claim then
+# returns the record's envelope too.
+# Returns {verdict, attempt, seq, idempotency key name or ''}, and for 'run', 'takeover' and 'cancel' also
+# the job's tenant ('' = the default; its budget, worker/budgets.py) and the envelope ('' unless asked for).
+# Verdicts: 'run' (now owned by ARGV[1]),
 # 'takeover' (the same, but the last owner died mid-attempt), 'cancel' (cancel requested before it
 # started), 'busy' (a live owner is running it: this copy must not run it twice), 'gone' (no record:
 # the job ended and its record expired, or was never recorded; a message is never a reason to
@@ -56,8 +58,10 @@ end
 local attempt = redis.call('HINCRBY', KEYS[1], $attempt, 1)
 redis.call('HSET', KEYS[1], $owner, ARGV[1], $heartbeat_at, now)
 redis.call('ZADD', KEYS[2], tonumber(t[1]), ARGV[3])
+local envelope = ''
+if ARGV[4] == '1' then envelope = redis.call('HGET', KEYS[1], $envelope) or '' end
 if redis.call('HGET', KEYS[1], $cancel_requested) == '1' then
-  return {'cancel', attempt, seq, idem}
+  return {'cancel', attempt, seq, idem, redis.call('HGET', KEYS[1], $tenant) or '', envelope}
 end
 redis.call('HSET', KEYS[1], $status, $running)
 if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
@@ -69,8 +73,8 @@ if redis.call('HEXISTS', KEYS[1], $started_at) == 0 then
 end
 local tenant = redis.call('HGET', KEYS[1], $tenant) or ''
 -- Its last owner died mid-attempt (running, or retrying, with a stale heartbeat): a takeover.
-if status ~= $queued then return {'takeover', attempt, seq, idem, tenant} end
-return {'run', attempt, seq, idem, tenant}
+if status ~= $queued then return {'takeover', attempt, seq, idem, tenant, envelope} end
+return {'run', attempt, seq, idem, tenant, envelope}
 """)
 
 
@@ -114,6 +118,7 @@ class Claim:
     seq: int
     idempotency_key: str  # the Redis key of the job's idempotency key ('' when it has none)
     tenant: str = DEFAULT_TENANT  # the job's tenant (read for the verdicts that run it)
+    envelope: str = ""  # the record's envelope JSON, when the claim was asked for it
 
 
 def _text(x: Any) -> str:
@@ -121,17 +126,28 @@ def _text(x: Any) -> str:
 
 
 async def claim(
-    script: AsyncScript, redis: Redis, keys: Keys, delivery: Delivery, *, stale_s: float, wait_s: float
+    script: AsyncScript,
+    redis: Redis,
+    keys: Keys,
+    delivery: Delivery,
+    *,
+    stale_s: float,
+    wait_s: float,
+    envelope: bool = False,
 ) -> Claim:
-    """Claim the job for ``delivery``; while another live node runs it, wait parked (it may die, or finish)."""
-    args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id]
+    """Claim the job for ``delivery``; while another live node runs it, wait parked (it may die, or finish).
+
+    ``envelope``: also read the record's envelope (the message was a ``JobTicket``, without the request).
+    """
+    args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id, "1" if envelope else ""]
     while True:
-        verdict, attempt, seq, idem, *tenant = await script(
+        verdict, attempt, seq, idem, *rest = await script(
             keys=[keys.job(delivery.job_id), keys.active_for(delivery.job_id), keys.deliveries_for(delivery.job_id)],
             args=args,
             client=redis,
         )
         if _text(verdict) != "busy":
-            named = _text(tenant[0]) if tenant else ""
-            return Claim(_text(verdict), int(attempt), int(seq), _text(idem), named or DEFAULT_TENANT)
+            named = _text(rest[0]) if rest else ""
+            stored = _text(rest[1]) if len(rest) > 1 else ""
+            return Claim(_text(verdict), int(attempt), int(seq), _text(idem), named or DEFAULT_TENANT, stored)
         await asyncio.sleep(wait_s)

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -23,7 +24,7 @@ from moonq.eventlog import append_args, event_body
 from moonq.keys import Keys
 from moonq.record import JobField, JobStatus
 from moonq.tenants import cached_tenants
-from moonq.wire import JobEnvelope
+from moonq.wire import JobEnvelope, JobTicket
 from worker import metrics
 from worker.answer import Answer
 from worker.assemble import StreamAssembler
@@ -100,23 +101,24 @@ async def reject_envelope(ctx: JobContext, raw: Any, problem: str) -> Outcome:
     return "failed"
 
 
-async def run_job(ctx: JobContext, envelope: JobEnvelope, delivery_tag: str | None = None) -> Outcome:
-    """Run one delivery of a job to its outcome.
+async def run_job(ctx: JobContext, message: JobEnvelope | JobTicket, delivery_tag: str | None = None) -> Outcome:
+    """Run one delivery of a job to its outcome. ``message``: the request itself (a ``JobEnvelope``), or
+    a ``JobTicket`` whose request is read from the job's record by the claim.
 
     Returns ``skipped`` when this delivery must not run the job (it ended, is gone, or another
     delivery took it over), and ``requeued`` when the node is shutting down and the message goes back.
     """
     task = asyncio.current_task()
     assert task is not None
-    delivery = Delivery(envelope.job_id, uuid.uuid4().hex, task, delivery_tag)
+    delivery = Delivery(message.job_id, uuid.uuid4().hex, task, delivery_tag)
     ctx.deliveries.add(delivery)
     try:
-        return await _deliver(ctx, envelope, delivery)
+        return await _deliver(ctx, message, delivery)
     finally:
         ctx.deliveries.remove(delivery)
 
 
-async def _claim(ctx: JobContext, delivery: Delivery) -> Claim | None:
+async def _claim(ctx: JobContext, delivery: Delivery, envelope: bool) -> Claim | None:
     """The delivery's claim; None if the node began shutting down while it waited parked."""
     try:
         return await claim(
@@ -126,6 +128,7 @@ async def _claim(ctx: JobContext, delivery: Delivery) -> Claim | None:
             delivery,
             stale_s=ctx.settings.heartbeat_stale_s,
             wait_s=ctx.settings.heartbeat_interval_s,
+            envelope=envelope,
         )
     except asyncio.CancelledError:
         if ctx.shutting_down:  # a parked delivery owns nothing: its message just goes back
@@ -133,11 +136,24 @@ async def _claim(ctx: JobContext, delivery: Delivery) -> Claim | None:
         raise
 
 
-async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -> Outcome:
-    job_id = envelope.job_id
-    got = await _claim(ctx, delivery)
+async def _deliver(ctx: JobContext, message: JobEnvelope | JobTicket, delivery: Delivery) -> Outcome:
+    job_id = message.job_id
+    got = await _claim(ctx, delivery, envelope=isinstance(message, JobTicket))
     if got is None:
         return "requeued"
+    if got.verdict not in ("run", "takeover", "cancel"):
+        _log_skipped(job_id, got.verdict)
+        return "skipped"
+    envelope = _envelope_of(message, got)
+    if isinstance(envelope, str):  # a record written by hand, or by another version
+        delivery.owns = True
+        return await reject_envelope(ctx, {"job_id": job_id}, envelope)
+    return await _run_claimed(ctx, envelope, got, delivery)
+
+
+async def _run_claimed(ctx: JobContext, envelope: JobEnvelope, got: Claim, delivery: Delivery) -> Outcome:
+    """A claimed delivery (verdict run, takeover or cancel) to its outcome."""
+    job_id = envelope.job_id
     attempt = got.attempt
     writer = EventWriter(
         ctx.append,
@@ -152,11 +168,6 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
     model = metrics.model_label(str(envelope.request.get("model", "")))
     if got.verdict == "cancel":
         return await _end_cancelled(writer, envelope, got.tenant)
-    if got.verdict not in ("run", "takeover"):
-        # 'gone' is worth a warning: a message whose job has no record (it ended long ago, or was never recorded).
-        level = logging.WARNING if got.verdict == "gone" else logging.INFO
-        log.log(level, "event=delivery_skipped job_id=%s status=%s", job_id, got.verdict)
-        return "skipped"
     delivery.owns = True
     if attempt == 1:
         waited = max(0.0, time.time() - envelope.enqueued_at)
@@ -189,6 +200,23 @@ async def _deliver(ctx: JobContext, envelope: JobEnvelope, delivery: Delivery) -
         return "skipped"
     finally:
         metrics.IN_PROGRESS.labels(model).dec()
+
+
+def _log_skipped(job_id: str, verdict: str) -> None:
+    # 'gone' is worth a warning: a message whose job has no record (it ended long ago, or was never recorded).
+    level = logging.WARNING if verdict == "gone" else logging.INFO
+    log.log(level, "event=delivery_skipped job_id=%s status=%s", job_id, verdict)
+
+
+def _envelope_of(message: JobEnvelope | JobTicket, got: Claim) -> JobEnvelope | str:
+    """The job's envelope: the message itself, or (a ticket) the record's as the claim read it; else
+    what is wrong with the record's."""
+    if isinstance(message, JobEnvelope):
+        return message
+    try:
+        return JobEnvelope.model_validate_json(got.envelope)
+    except ValidationError as err:
+        return f"the record's envelope: {err.errors()[0]['msg']}"
 
 
 async def _refused(ctx: JobContext, got: Claim) -> dict[str, Any] | None:

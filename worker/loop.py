@@ -25,7 +25,7 @@ from moonq.broker import queue_for, set_queue_load
 from moonq.connect import resilient_redis
 from moonq.eventlog import append_lua
 from moonq.tenants import cached_tenants
-from moonq.wire import JobEnvelope
+from moonq.wire import JobEnvelope, JobTicket
 from worker.accounts import load_accounts
 from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
@@ -135,7 +135,10 @@ class Runtime:
     def submit(self, envelope: Any, delivery_tag: str | None = None) -> Future[Outcome]:
         assert self.ctx is not None, "Runtime.start() first"
         try:
-            job = JobEnvelope.model_validate(envelope)
+            # moonq's producers send a ticket (the request stays in the record); a hand-made message may
+            # carry the request itself (docs/contract.md).
+            ticket = isinstance(envelope, dict) and "request" not in envelope
+            job = JobTicket.model_validate(envelope) if ticket else JobEnvelope.model_validate(envelope)
         except ValidationError as err:
             # A poison message (another version's envelope, a hand-made one): ended, not redelivered.
             problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'envelope'}: {e['msg']}" for e in err.errors())
