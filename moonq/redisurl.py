@@ -46,6 +46,9 @@ import redis.sentinel
 from redis.connection import parse_url
 
 SENTINEL_SCHEME = "redis+sentinel"
+# The sync client's bound, and the longest a command waits for a free connection (``sync_redis``).
+SYNC_MAX_CONNECTIONS = 100
+POOL_WAIT_S = 30.0
 SENTINEL_PORT = 26379
 CLUSTER_SCHEME = "redis+cluster"
 CLUSTER_PORT = 6379
@@ -297,6 +300,10 @@ class SentinelPool(redis.sentinel.SentinelConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
 
 
+class BlockingSentinelPool(SentinelPool, redis.BlockingConnectionPool):
+    """The Sentinel pool (the primary's address at each connect) with the blocking pool's bound."""
+
+
 class AsyncSentinelConnection(redis.asyncio.sentinel.SentinelManagedConnection):
     async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
         if self.is_connected:
@@ -350,21 +357,26 @@ def _sentinel_kwargs(parsed: SentinelUrl, kwargs: dict[str, Any]) -> dict[str, A
 def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
     """A redis-py client on ``url`` (any form); ``kwargs`` go to each data-node connection.
 
-    On a Cluster URL a ``redis.cluster.RedisCluster`` (typed as ``redis.Redis``: it answers the
-    commands moonq sends; ``is_cluster_client`` tells them apart).
+    On one Redis or Sentinel the pool is a *blocking* one of ``max_connections`` (default
+    ``SYNC_MAX_CONNECTIONS``): past it a command waits up to ``POOL_WAIT_S`` for a free connection,
+    where redis-py's default pool fails at once (300 threads replaying their jobs' logs together went
+    past its 100). On a Cluster URL a ``redis.cluster.RedisCluster`` (typed as ``redis.Redis``: it
+    answers the commands moonq sends; ``is_cluster_client`` tells them apart).
     """
     if is_cluster_url(url):
         parsed_cluster = parse_cluster_url(url)
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in parsed_cluster.nodes]  # type: ignore[no-untyped-call]
         cluster = redis.cluster.RedisCluster(startup_nodes=nodes, **_cluster_kwargs(parsed_cluster, kwargs))
         return cast(redis.Redis, cluster)
+    kwargs.setdefault("max_connections", SYNC_MAX_CONNECTIONS)
+    kwargs.setdefault("timeout", POOL_WAIT_S)
     if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **kwargs)
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **kwargs))
     parsed = parse_sentinel_url(url)
     manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         list(parsed.sentinels), sentinel_kwargs=_sentinel_kwargs(parsed, kwargs), **parsed.connection_kwargs()
     )
-    kwargs.setdefault("connection_pool_class", SentinelPool)
+    kwargs.setdefault("connection_pool_class", BlockingSentinelPool)
     client: _SyncSentinelRedis = manager.master_for(parsed.master, redis_class=_SyncSentinelRedis, **kwargs)  # type: ignore[no-untyped-call]
     client.sentinels = tuple(manager.sentinels)
     return client

@@ -203,3 +203,27 @@ def test_sync_followers_ride_out_a_redis_restart(slow_sim: SimServer) -> None:
                 logged = list(job.events())
                 assert [e.seq for e in events] == [e.seq for e in logged] == list(range(1, len(logged) + 1))
                 assert [e.type for e in events if e.terminal] == ["completed"]
+
+
+def test_more_threads_than_connections_wait_for_one_instead_of_failing(settings: Settings, worker: Any) -> None:
+    """300 threads replay finished jobs' logs at once through one client: its pool holds 100 connections
+    (``SYNC_MAX_CONNECTIONS``); redis-py's default pool fails past its bound, the client's waits."""
+    with Client(settings=settings) as client:
+        jobs = client.submit_many([{"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}] * 6)
+        for job in jobs:
+            job.result(timeout=20)
+        errors: list[BaseException] = []
+        done: list[int] = []
+
+        def replay(job: Any) -> None:
+            try:
+                done.append(len(list(client.job(job.id).events())))
+            except BaseException as err:  # every failure is the finding
+                errors.append(err)
+
+        threads = [threading.Thread(target=replay, args=(jobs[i % 6],)) for i in range(300)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == [] and len(done) == 300 and min(done) >= 2
