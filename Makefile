@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-perf bench-batch bench-soak bench-webhooks bench-resume
+bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -78,6 +78,10 @@ bench-cluster: $(BENCH_STAMP) check-redis
 # Redis bytes per queued job vs the request's bytes, 1 KB to 10 MB; the old full-envelope message as baseline (~1 minute).
 bench-request-bytes: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.request_bytes
+
+# The node's CPU per relayed fragment on paced streams (20 ms apart), beside direct httpx and aiohttp readers (~2 minutes).
+bench-fragment-cpu: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.fragment_cpu
 
 # Sentinel failover under streaming jobs: 10 primary kills (~2 minutes).
 bench-failover: $(BENCH_STAMP) check-redis

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
@@ -44,6 +45,31 @@ RETRY_ON = [RedisConnectionError, RedisTimeoutError, OSError]
 class BlockingSentinelConnectionPool(AsyncSentinelPool, BlockingConnectionPool):
     """redis-py's Sentinel pool (the primary's address from the sentinels at each connect) with the
     blocking pool's bound (a burst waits for a connection instead of failing)."""
+
+
+class HiredisPacking:
+    """A connection whose commands are packed by hiredis (C) rather than redis-py's Python loop: the same
+    bytes, 1.8 us instead of 13 us for an event append of 14 arguments (the node packs one per relayed
+    fragment). A command hiredis does not take as is (a multi-word name such as ``CONFIG GET``, or an
+    argument of another type) goes through redis-py's own."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0]
+        if not (isinstance(head, str) and " " in head) and not (isinstance(head, bytes) and b" " in head):
+            try:
+                return [hiredis.pack_command(args)]
+            except (TypeError, ValueError):
+                pass
+        packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+        return packed
+
+
+def with_hiredis_packing(pool: Any) -> Any:
+    """``pool``, its connections (made from now on) packing with hiredis (``HiredisPacking``)."""
+    base = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+    return pool
 
 
 # Connections per node left to pub/sub (a gateway's shard subscriptions, a node's cancel listener).
@@ -90,7 +116,7 @@ def resilient_redis(url: str, *, max_connections: int, **connection_kwargs: Any)
         cast(GatedRedisCluster, client).gate = asyncio.Semaphore(max(1, max_connections - PUBSUB_RESERVE))
         return client
     if is_sentinel_url(url):
-        return async_redis(
+        sentinel = async_redis(
             url,
             connection_pool_class=BlockingSentinelConnectionPool,
             max_connections=max_connections,
@@ -101,6 +127,8 @@ def resilient_redis(url: str, *, max_connections: int, **connection_kwargs: Any)
             retry_on_error=RETRY_ON,
             **connection_kwargs,
         )
+        with_hiredis_packing(sentinel.connection_pool)
+        return sentinel
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -109,4 +137,4 @@ def resilient_redis(url: str, *, max_connections: int, **connection_kwargs: Any)
         retry_on_error=RETRY_ON,
         **connection_kwargs,
     )
-    return Redis.from_pool(pool)
+    return Redis.from_pool(with_hiredis_packing(pool))

@@ -171,6 +171,7 @@ class EventWriter:
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self.seq = seq  # the last seq in the log, as this writer knows it
+        self._job_keys = append_args(keys, job_id, [], ttl_s=ttl_s)[0]  # made once: every append names them
 
     @property
     def owner(self) -> str:
@@ -218,6 +219,7 @@ class EventWriter:
             max_events=self._max_events,
             fields=fields,
             idempotency_key=self._idempotency_key,
+            job_keys=self._job_keys,
         )
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)

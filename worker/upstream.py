@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import orjson
 
 if TYPE_CHECKING:
     from worker.accounts import Account
@@ -144,9 +145,14 @@ def _no_constant(name: str) -> None:
 def _decode(data: str) -> dict[str, Any]:
     """One event's data as a chunk: JSON, no NaN or Infinity, no lone surrogate (made U+FFFD)."""
     try:
-        chunk = json.loads(data, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as err:
-        raise StreamInterrupted(f"undecodable chunk: {data[:200]!r}", type="invalid_chunk") from err
+        # orjson refuses what json reads differently (NaN, Infinity, a lone surrogate, too deep a
+        # nesting): those go through json, which reads them as this function says.
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            chunk = json.loads(data, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as err:
+            raise StreamInterrupted(f"undecodable chunk: {data[:200]!r}", type="invalid_chunk") from err
     if may_hold_lone_surrogate(data):
         # Valid JSON, but such a str cannot be encoded as UTF-8 for Redis: one bad string must not fail
         # the pipeline the whole process shares (worker/surrogates.py).
