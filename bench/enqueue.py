@@ -1,85 +1,162 @@
-"""Enqueue throughput: ``Client.submit`` one by one vs ``Client.submit_many``, same run, same Redis.
+"""Enqueue throughput: ``submit`` one by one and ``submit_many``, with and without idempotency keys.
 
-    python -m bench.enqueue [--jobs N] [--rounds R]
+    python -m bench.enqueue [--jobs N] [--rounds R] [--baseline REV]
 
-Each round enqueues N jobs both ways into a private redis-server (nothing consumes them) and
-times it; the report gives the median jobs/s of each and the median ratio.
+Each round enqueues N jobs each way into a private redis-server (nothing consumes them) and times
+it, for each producer measured: today's with the broker the data Redis itself (the message is pushed
+in the same round trip as the record), today's with the broker a second redis-server (through
+Celery and kombu), and, with ``--baseline REV``, ``producers/submitter.py`` as it was at git
+revision REV (same broker as the first; no keyed ``submit_many`` before REV had one). The report
+gives the median jobs/s of each over the rounds, the producers taking turns within a round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
+import types
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.report import write_section
 from harness import RedisServer
 from moonq.settings import ClientSettings
 from producers import Client
+from producers.client import SubmitItem
 
+REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Enqueue throughput: `submit` one by one vs `submit_many`"
 REQUEST = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "Summarise this paragraph, please."}]}
+METHODS = ("submit", "submit_keyed", "submit_many", "submit_many_keyed")
+LABELS = {
+    "submit": "`submit`, one by one",
+    "submit_keyed": "`submit` with `idempotency_key`, one by one",
+    "submit_many": "`submit_many`",
+    "submit_many_keyed": "`submit_many`, each job its own `idempotency_key`",
+}
 
 
-def measure(jobs: int, rounds: int) -> dict[str, float]:
-    one_by_one, bulk = [], []
-    with RedisServer() as server:
+def baseline_submitter(rev: str) -> type:
+    """The ``Submitter`` class of ``producers/submitter.py`` at git revision ``rev``."""
+    source = subprocess.check_output(["git", "show", f"{rev}:producers/submitter.py"], cwd=REPO, text=True)
+    module = types.ModuleType("bench_baseline_submitter")
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{rev}:producers/submitter.py", "exec"), module.__dict__)
+    return module.Submitter  # type: ignore[no-any-return]
+
+
+def one_round(client: Client, jobs: int, keyed_many: bool) -> dict[str, float]:
+    """jobs/s of each method on ``client`` (each keyed job a fresh key: the cost of a new keyed job)."""
+    tag = uuid.uuid4().hex[:8]
+    out: dict[str, float] = {}
+
+    def timed(name: str, run: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        run()
+        out[name] = jobs / (time.perf_counter() - t0)
+
+    timed("submit", lambda: [client.submit(REQUEST) for _ in range(jobs)])
+    timed("submit_keyed", lambda: [client.submit(REQUEST, idempotency_key=f"{tag}-s-{i}") for i in range(jobs)])
+    timed("submit_many", lambda: client.submit_many([REQUEST] * jobs))
+    if keyed_many:
+        items = [SubmitItem(REQUEST, idempotency_key=f"{tag}-m-{i}") for i in range(jobs)]
+        timed("submit_many_keyed", lambda: client.submit_many(items))
+    return out
+
+
+@contextlib.contextmanager
+def producer(settings: ClientSettings, submitter: type | None) -> Iterator[Client]:
+    with Client(settings=settings) as client:
+        if submitter is not None:
+            client._submitter.close()
+            client._submitter = submitter(settings, client.redis)
+        client.submit(REQUEST)  # connections and scripts warmed up outside the timing
+        client.submit(REQUEST, idempotency_key=uuid.uuid4().hex)
+        yield client
+
+
+def measure(jobs: int, rounds: int, baseline: str | None) -> dict[str, dict[str, float]]:
+    """``{producer: {method: median jobs/s}}``."""
+    old = baseline_submitter(baseline) if baseline else None
+    runs: dict[str, list[dict[str, float]]] = {"now": [], "now_broker_apart": []}
+    if old is not None:
+        runs["baseline"] = []
+    with RedisServer() as server, RedisServer() as broker:
         for _ in range(rounds):
-            with Client(settings=ClientSettings(redis_url=server.url, prefix=f"b{uuid.uuid4().hex[:6]}")) as client:
-                client.submit(REQUEST)  # connections and scripts warmed up outside the timing
-                t0 = time.perf_counter()
-                for _ in range(jobs):
-                    client.submit(REQUEST)
-                one_by_one.append(jobs / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                client.submit_many([REQUEST] * jobs)
-                bulk.append(jobs / (time.perf_counter() - t0))
-    ratios = [b / o for b, o in zip(bulk, one_by_one, strict=True)]
-    return {
-        "submit_jobs_per_s": statistics.median(one_by_one),
-        "submit_many_jobs_per_s": statistics.median(bulk),
-        "ratio": statistics.median(ratios),
+            prefix = f"b{uuid.uuid4().hex[:6]}"
+            same = ClientSettings(redis_url=server.url, prefix=prefix)
+            apart = ClientSettings(redis_url=server.url, broker_url=broker.url, prefix=prefix)
+            if old is not None:
+                with producer(same, old) as client:
+                    runs["baseline"].append(one_round(client, jobs, keyed_many=False))
+            with producer(same, None) as client:
+                assert client._submitter._direct is not None
+                runs["now"].append(one_round(client, jobs, keyed_many=True))
+            with producer(apart, None) as client:
+                assert client._submitter._direct is None
+                runs["now_broker_apart"].append(one_round(client, jobs, keyed_many=True))
+    return {name: {m: statistics.median(r[m] for r in rs) for m in METHODS if m in rs[0]} for name, rs in runs.items()}
+
+
+def section(result: dict[str, dict[str, float]], jobs: int, rounds: int, baseline: str | None) -> str:
+    cmd = f".venv/bin/python -m bench.enqueue --jobs {jobs} --rounds {rounds}" + (
+        f" --baseline {baseline}" if baseline else ""
+    )
+    names = [n for n in ("baseline", "now", "now_broker_apart") if n in result]
+    heads = {
+        "baseline": f"before (`{baseline}`)",
+        "now": "now, broker = data Redis",
+        "now_broker_apart": "now, broker apart",
     }
 
+    def cell(name: str, method: str) -> str:
+        value = result[name].get(method)
+        return "n/a" if value is None else f"{value:,.0f}"
 
-def section(result: dict[str, float], jobs: int, rounds: int) -> str:
+    rows = [f"| {LABELS[m]} | " + " | ".join(cell(n, m) for n in names) + " |" for m in METHODS]
     return "\n".join(
         [
             SECTION,
             "",
-            f"`make bench` (step `.venv/bin/python -m bench.enqueue --jobs {jobs} --rounds {rounds}`),"
-            f" {time.strftime('%Y-%m-%d')}, machine as above. Each round enqueues {jobs:,} jobs both ways into a"
-            " private redis-server (no consumer), the same request.",
+            f"`{cmd}`, {time.strftime('%Y-%m-%d')}, machine as above (shared with other work during the run:"
+            f" medians of {rounds} rounds). Each round enqueues {jobs:,} jobs each way into a private"
+            " redis-server (no consumer), the same request, each keyed job with a fresh key; the producers"
+            " take turns within a round. jobs/s, median of the rounds:",
             "",
-            f"| method | jobs/s (median of {rounds}) |",
-            "|---|---|",
-            f"| `Client.submit`, one by one | {result['submit_jobs_per_s']:,.0f} |",
-            f"| `Client.submit_many` | {result['submit_many_jobs_per_s']:,.0f} |",
-            f"| ratio (median of per-round ratios) | {result['ratio']:.1f}x |",
+            "| method | " + " | ".join(heads[n] for n in names) + " |",
+            "|---|" + "---|" * len(names),
+            *rows,
             "",
-            "`submit_many` validates everything first, writes the job records in one pipeline and publishes through"
-            " kombu's producer batch (one Redis pipeline per 1,000 messages); it also passes a short `argsrepr`,"
-            " which skips Celery's repr of the whole prompt (the largest single cost in a profile of the"
-            " one-by-one path).",
+            "When the broker is the data Redis (the default: `CELERY_BROKER_URL` unset), a job's message is built"
+            " by the producer (what Celery would send, tests/test_bulk.py compares them) and pushed on the"
+            " broker's list in one MULTI with the record, its index entries and the `sent` mark after it: one"
+            " round trip per `submit` (two with a key: the key's claim first), one per 1,000 jobs for"
+            " `submit_many`. A broker apart still publishes through Celery and kombu (a profile of the old path:"
+            " half the time in `send_task`/kombu's publish, the rest in four to six Redis round trips). Keyed"
+            " `submit_many` claims its keys with one pipelined script per job, then sends only the new jobs.",
             "",
         ]
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--baseline", help="a git revision whose producers/submitter.py to measure beside today's")
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
-    result = measure(args.jobs, args.rounds)
-    print(f"enqueue {args.jobs} jobs x {args.rounds} rounds (medians):")
-    print(f"  submit one by one : {result['submit_jobs_per_s']:8.0f} jobs/s")
-    print(f"  submit_many       : {result['submit_many_jobs_per_s']:8.0f} jobs/s")
-    print(f"  ratio             : {result['ratio']:8.1f}x")
-    write_section(args.out, SECTION, section(result, args.jobs, args.rounds))
+    result = measure(args.jobs, args.rounds, args.baseline)
+    print(f"enqueue {args.jobs} jobs x {args.rounds} rounds (median jobs/s):")
+    for name, figures in result.items():
+        print(f"  {name}: " + ", ".join(f"{m} {v:,.0f}" for m, v in figures.items()))
+    write_section(args.out, SECTION, section(result, args.jobs, args.rounds, args.baseline))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Input lines are ``{"custom_id", "method": "POST", "url": "/v1/chat/completions",
 output lines are ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
 "error": {"code", "message"} | null}``, one per custom_id, in completion order.
 
-Both files are streamed and at most ``window`` jobs are in flight, so memory is bounded by the
-window (plus the set of custom ids) whatever the file's length. Resuming is by output: a run
-skips every custom_id the output already holds, and each line is submitted with an
-idempotency key derived from its custom_id and body, so a line that was in flight when a run
-was interrupted is picked up again as the same job, not sent upstream twice.
+Both files are streamed, lines are enqueued with ``submit_many`` in chunks, and at most ``window``
+jobs are in flight, so the process's memory is bounded by the window whatever the file's length:
+the custom_ids answered or taken (to skip a duplicate line) are kept in a Redis set of the run's,
+not here. Resuming is by output: a run first loads every custom_id the output already holds into
+that set and skips them, and each line is submitted with an idempotency key derived from its
+custom_id and body, so a line that was in flight when a run was interrupted is picked up again as
+the same job, not sent upstream twice.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,9 +32,13 @@ from rich.text import Text
 from console.records import find_record
 from moonq.errors import InvalidRequest
 from moonq.record import TERMINAL_STATUSES, JobField, JobRecord, JobStatus
-from producers.client import Client
+from producers.client import Client, SubmitItem
 
 CHAT_URLS = ("/v1/chat/completions", "/chat/completions")
+# Lines per submit_many (fewer when the window has less room).
+SUBMIT_CHUNK = 100
+# How long a dead run's set of custom_ids outlives it (a run deletes its own when it ends).
+SEEN_TTL_S = 24 * 3600
 
 
 class Progress:
@@ -103,18 +110,46 @@ class _RateColumn(ProgressColumn):
         return Text("-/s" if task.speed is None else f"{task.speed:.1f}/s")
 
 
-def answered_ids(path: Path) -> set[str]:
-    """custom_ids already in an output file (a torn last line from a crash is ignored)."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    with path.open() as f:
-        for line in f:
-            try:
-                done.add(json.loads(line)["custom_id"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
+class SeenIds:
+    """The custom_ids a run has answered or taken, in a Redis set of the run's own (``P:batch:<run>``).
+
+    Kept in Redis, not in the process, so a batch's memory stays flat in its number of lines. A fresh
+    set per run, loaded from the output file first (the output stays the record of what is answered);
+    deleted when the run ends, and expires a day after its last write if the run dies.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.redis = client.redis
+        self.key = f"{client.keys.prefix}:batch:{uuid.uuid4().hex}"
+
+    def add(self, custom_ids: Sequence[str]) -> list[bool]:
+        """Add ``custom_ids`` in order; True for each one not there before (the first of duplicates)."""
+        if not custom_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for custom_id in custom_ids:
+                pipe.sadd(self.key, custom_id)
+            pipe.expire(self.key, SEEN_TTL_S)
+            return [bool(n) for n in pipe.execute()[:-1]]
+
+    def load(self, path: Path, chunk: int = 1000) -> int:
+        """Add the custom_ids already in an output file (a torn last line from a crash is ignored);
+        returns how many distinct ones it holds."""
+        if not path.exists():
+            return 0
+        count, batch = 0, []
+        with path.open() as f:
+            for line in f:
+                try:
+                    batch.append(json.loads(line)["custom_id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if len(batch) >= chunk:
+                    count, batch = count + sum(self.add(batch)), []
+        return count + sum(self.add(batch))
+
+    def close(self) -> None:
+        self.redis.delete(self.key)
 
 
 def parse_line(line: str, number: int) -> tuple[str, dict[str, Any]]:
@@ -172,36 +207,68 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def run_batch(client: Client, src: Path, dst: Path, *, window: int = 500, poll_s: float = 0.2) -> tuple[int, int]:
     """Run every unanswered line of ``src`` and append answers to ``dst``; returns (answered, failed)."""
-    done = answered_ids(dst)
-    todo = sum(1 for _, line in _lines(src)) - len(done)
-    pending: dict[str, str] = {}  # job id -> custom_id
-    seen: set[str] = set(done)
-    with Progress(max(todo, 0)) as progress, dst.open("a") as out:
+    seen = SeenIds(client)
+    try:
+        todo = sum(1 for _ in _lines(src)) - seen.load(dst)
+        pending: dict[str, str] = {}  # job id -> custom_id
+        with Progress(max(todo, 0)) as progress, dst.open("a") as out:
 
-        def write(line: str, ok: bool) -> None:
-            out.write(line + "\n")
-            out.flush()
-            progress.add(ok)
+            def write(line: str, ok: bool) -> None:
+                out.write(line + "\n")
+                out.flush()
+                progress.add(ok)
 
-        for number, line in _lines(src):
-            try:
-                custom_id, body = parse_line(line, number)
-                if custom_id in seen:
+            chunk: list[tuple[int, str]] = []
+            for number, line in _lines(src):
+                chunk.append((number, line))
+                if len(chunk) < max(1, min(window - len(pending), SUBMIT_CHUNK)):
                     continue
-                seen.add(custom_id)
-                job = client.submit(body, idempotency_key=idempotency_key(custom_id, body))
+                _submit(client, seen, chunk, pending, write)
+                chunk = []
+                if len(pending) >= window:
+                    # Drain a tenth of the window before sending more: each scan of the pending jobs
+                    # then answers many lines, not one (a scan costs one HGET per pending job).
+                    _drain(client, pending, write, poll_s, down_to=window - max(1, window // 10))
+            _submit(client, seen, chunk, pending, write)
+            _drain(client, pending, write, poll_s, down_to=0)
+        return progress.done, progress.failed
+    finally:
+        seen.close()
+
+
+def _submit(client: Client, seen: SeenIds, chunk: list[tuple[int, str]], pending: dict[str, str], write: Any) -> None:
+    """Enqueue a chunk of input lines with one ``submit_many``: each custom_id not seen before, once;
+    then answer the chunk's invalid lines, in input order."""
+    parsed: list[tuple[str, dict[str, Any] | None, str]] = []  # (custom_id, body, why it is invalid)
+    for number, line in chunk:
+        try:
+            custom_id, request = parse_line(line, number)
+            parsed.append((custom_id, request, ""))
+        except InvalidRequest as err:
+            parsed.append((_custom_id_of(line) or f"line-{number}", None, str(err)))
+    invalid: dict[int, tuple[str, str]] = {}  # position in the chunk -> (custom_id, why)
+    items: list[tuple[int, str, SubmitItem]] = []
+    for i, ((custom_id, body, why), fresh) in enumerate(zip(parsed, seen.add([p[0] for p in parsed]), strict=True)):
+        if not fresh:
+            continue
+        if body is None:
+            invalid[i] = (custom_id, why)
+        else:
+            items.append((i, custom_id, SubmitItem(body, idempotency_key=idempotency_key(custom_id, body))))
+    if items:
+        try:
+            jobs = client.submit_many([item for _, _, item in items])
+            for (_, custom_id, _), job in zip(items, jobs, strict=True):
                 pending[job.id] = custom_id
-            except InvalidRequest as err:
-                cid = _custom_id_of(line) or f"line-{number}"
-                if cid not in done:
-                    write(output_line(cid, None, None, ("invalid_request", str(err))), False)
-                continue
-            if len(pending) >= window:
-                # Drain a tenth of the window before sending more: each scan of the pending jobs
-                # then answers many lines, not one (a scan costs one HGET per pending job).
-                _drain(client, pending, write, poll_s, down_to=window - max(1, window // 10))
-        _drain(client, pending, write, poll_s, down_to=0)
-    return progress.done, progress.failed
+        except InvalidRequest:
+            # One bad body refuses the whole chunk: submit it line by line, so each bad line gets its answer.
+            for i, custom_id, item in items:
+                try:
+                    pending[client.submit(item.request, idempotency_key=item.idempotency_key).id] = custom_id
+                except InvalidRequest as err:
+                    invalid[i] = (custom_id, str(err))
+    for i in sorted(invalid):
+        write(output_line(invalid[i][0], None, None, ("invalid_request", invalid[i][1])), False)
 
 
 def _drain(client: Client, pending: dict[str, str], write: Any, poll_s: float, *, down_to: int) -> None:

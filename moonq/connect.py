@@ -80,12 +80,27 @@ class GatedRedisCluster(RedisCluster):
     """redis-py's asyncio cluster client whose commands and pipelines wait their turn (module docstring)."""
 
     gate: asyncio.Semaphore | None = None
+    _first: asyncio.Lock | None = None
+    _ready = False
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._ready:
+            await self._initialize_once()
         if self.gate is None:
             return await super().execute_command(*args, **kwargs)
         async with self.gate:
             return await super().execute_command(*args, **kwargs)
+
+    async def _initialize_once(self) -> None:
+        # redis-py 8.1 initializes a fresh cluster client inside the first commands; many first commands
+        # at once each began it and dropped connections another was writing on (AttributeError on a
+        # None writer, seen in tests/test_cluster_url.py under load). One initialize, before any command.
+        if self._first is None:
+            self._first = asyncio.Lock()
+        async with self._first:
+            if not self._ready:
+                await self.initialize()
+                self._ready = True
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         return _GatedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own

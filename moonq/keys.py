@@ -47,6 +47,8 @@ Sentinel and Redis Cluster. Whatever lists jobs across the fleet reads the 16 gr
     P:budget:<tenant>:<YYYY-MM-DD>
                         hash   a tenant's spend on a UTC day, ``{tokens, usd}``; expires two days after
                                its last write (moonq/budgets.py).
+    P:batch:<run>       set    the custom ids one ``moonq batch`` run has enqueued or found answered (console/batch.py):
+                               its memory, outside the process; deleted when the run ends, expires a day after.
     P:nodes             zset metrics URL -> last heartbeat (unix s) of each live node, for ``moonq top``.
     P:console:session_key
                         string the web console's session-signing key: 32 random bytes, made once (SET NX)

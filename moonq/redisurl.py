@@ -107,16 +107,11 @@ class SentinelUrl:
         return kwargs
 
 
-def parse_sentinel_url(url: str) -> SentinelUrl:
-    """Parse a ``redis+sentinel://`` URL.
-
-    Raises:
-        ValueError: naming the part that is wrong (scheme, a sentinel's host or port, the master
-            name, the db, the ``ssl`` flag).
-    """
+def _split_url(url: str, scheme_wanted: str, what: str) -> tuple[str | None, str | None, str, str, str]:
+    """``(username, password, hosts, path, query)`` of a multi-host URL; ValueError for another scheme."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != SENTINEL_SCHEME:
-        raise ValueError(f"Sentinel URL: the scheme must be {SENTINEL_SCHEME}://, not {scheme or 'missing'}")
+    if not sep or scheme.lower() != scheme_wanted:
+        raise ValueError(f"{what}: the scheme must be {scheme_wanted}://, not {scheme or 'missing'}")
     rest, _, query = rest.partition("?")
     rest = rest.partition("#")[0]
     # The last '@' ends the user info, even when a password holds an unescaped '@'.
@@ -127,6 +122,17 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon and secret else None
+    return username, password, hosts, path, query
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse a ``redis+sentinel://`` URL.
+
+    Raises:
+        ValueError: naming the part that is wrong (scheme, a sentinel's host or port, the master
+            name, the db, the ``ssl`` flag).
+    """
+    username, password, hosts, path, query = _split_url(url, SENTINEL_SCHEME, "Sentinel URL")
     sentinels = tuple(_sentinel_address(part) for part in hosts.split(","))
     segments = path.split("/")
     master = unquote(segments[0])
@@ -216,19 +222,7 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         ValueError: naming the part that is wrong (scheme, a node's host or port, a db other than
             0, the ``ssl`` flag, an option redis-py cannot read).
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != CLUSTER_SCHEME:
-        raise ValueError(f"Cluster URL: the scheme must be {CLUSTER_SCHEME}://, not {scheme or 'missing'}")
-    rest, _, query = rest.partition("?")
-    rest = rest.partition("#")[0]
-    # The last '@' ends the user info, even when a password holds an unescaped '@'.
-    userinfo, at, location = rest.rpartition("@")
-    hosts, _, path = location.partition("/")
-    username, password = None, None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon and secret else None
+    username, password, hosts, path, query = _split_url(url, CLUSTER_SCHEME, "Cluster URL")
     nodes = tuple(_address(part, "Cluster URL", "node", CLUSTER_PORT) for part in hosts.split(","))
     if path.rstrip("/") not in ("", "0"):
         raise ValueError(f"Cluster URL: Redis Cluster has only db 0, not /{path}")
@@ -371,7 +365,7 @@ def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
     kwargs.setdefault("max_connections", SYNC_MAX_CONNECTIONS)
     kwargs.setdefault("timeout", POOL_WAIT_S)
     if not is_sentinel_url(url):
-        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **kwargs))
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, **kwargs))  # closed with the client
     parsed = parse_sentinel_url(url)
     manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         list(parsed.sentinels), sentinel_kwargs=_sentinel_kwargs(parsed, kwargs), **parsed.connection_kwargs()

@@ -19,7 +19,7 @@ from moonq.errors import (
 from moonq.wire import ChatCompletion, ChatRequest, Event
 from producers.aio import AsyncClient, AsyncJob
 from producers.client import Client, Job
-from producers.submitter import JobOptions
+from producers.submitter import JobOptions, SubmitItem
 
 __all__ = [
     "AsyncClient",
@@ -36,6 +36,7 @@ __all__ = [
     "JobOptions",
     "JobTimeout",
     "MoonqError",
+    "SubmitItem",
     "TenantBudgetExceeded",
     "TenantModelNotAllowed",
 ]

@@ -25,7 +25,7 @@ from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
 from producers.follow import Follower, ResultWait
-from producers.submitter import JobOptions, Submitter
+from producers.submitter import JobOptions, SubmitItem, Submitter
 
 
 class AsyncClient:
@@ -69,7 +69,7 @@ class AsyncClient:
 
     async def submit_many(
         self,
-        requests: Iterable[dict[str, Any] | ChatRequest],
+        requests: Iterable[dict[str, Any] | ChatRequest | SubmitItem],
         *,
         priority: int = DEFAULT_PRIORITY,
         **options: Unpack[JobOptions],

@@ -23,10 +23,10 @@ from moonq.redisurl import sync_redis
 from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.follow import Follower, ResultWait
-from producers.submitter import RESEND_AFTER_S, JobOptions, Submitter
+from producers.submitter import RESEND_AFTER_S, JobOptions, SubmitItem, Submitter
 from producers.thread_fanout import ThreadFanout
 
-__all__ = ["RESEND_AFTER_S", "Client", "Job"]
+__all__ = ["RESEND_AFTER_S", "Client", "Job", "SubmitItem"]
 
 T = TypeVar("T")
 
@@ -113,17 +113,24 @@ class Client:
 
     def submit_many(
         self,
-        requests: Iterable[dict[str, Any] | ChatRequest],
+        requests: Iterable[dict[str, Any] | ChatRequest | SubmitItem],
         *,
         priority: int = DEFAULT_PRIORITY,
         **options: Unpack[JobOptions],
     ) -> list[Job]:
-        """Validate every request, then enqueue them all with pipelined Redis writes.
+        """Validate every request, then enqueue them all with pipelined Redis writes; the jobs in request order.
 
-        All or nothing for validation: one bad request raises ``InvalidRequest`` naming it
-        (``requests.3.messages.0.content: …``) and nothing is enqueued. ``webhook``, ``webhook_events``, ``on_done`` and
-        ``on_done_queue`` (as in ``submit``) apply to every job: each job's end is delivered on its own.
-        ``builtin_tools`` (as in ``submit``) applies to every job.
+        A request may be a ``SubmitItem``: a request with options of its own (an ``idempotency_key``,
+        a ``priority``, ``webhook``…); what it leaves None takes the call's. ``webhook``, ``webhook_events``,
+        ``on_done``, ``on_done_queue`` and ``builtin_tools`` (as in ``submit``) apply to every job: each
+        job's end is delivered on its own. An idempotency key used before (or twice in the call) gives
+        the first job back, as ``submit`` does.
+
+        All or nothing for validation: one bad request, or a key used before with another request,
+        raises ``InvalidRequest`` naming it (``requests.3.messages.0.content: …``,
+        ``requests.7.idempotency_key: …``) and nothing is enqueued. (A concurrent submit that takes one
+        of the keys for another request meanwhile is found later: the jobs of earlier chunks of 1,000
+        are enqueued by then.)
         """
         options["tenant"] = tenant = options.get("tenant") or self.tenant
         job_ids = self._submitter.submit_many(requests, priority=priority, **options)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -271,3 +274,17 @@ async def _wake_limiters(redis: Redis, channel: str, limiters: list[Limiter], do
 def active_count(r: redis.Redis, keys: Keys) -> int:
     """Jobs in the active indexes of every group (moonq/keys.py)."""
     return sum(int(r.zcard(keys.active_in(g))) for g in GROUPS)
+
+
+def cli_submit_completes(settings: Settings) -> None:
+    """``moonq submit`` (the CLI, configured by the environment alone: its broker too) runs a job to ``completed``."""
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "MOONQ_PREFIX": settings.prefix}
+    done = subprocess.run(
+        [sys.executable, "-m", "console.cli", "submit", "Say hi", "--model", "moonshot-v1-8k", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["type"] == "completed"

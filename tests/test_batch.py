@@ -10,10 +10,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
+from console.batch import run_batch
 from harness import WorkerProcess
+from producers import Client
 from simulator import SimConfig, SimServer
 from tests.helpers import node_env
 from worker.settings import Settings
@@ -95,3 +99,18 @@ def test_bounded_window_and_no_worker_needed_for_invalid_lines(tmp_path: Path, f
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [r["custom_id"] for r in rows] == ["a", "line-2"]
     assert all(r["error"]["code"] == "invalid_request" for r in rows)
+
+
+def test_duplicates_answered_once_and_a_finished_run_resumes_to_nothing(
+    tmp_path: Path, client: Client, worker: Any, r: redis.Redis
+) -> None:
+    """Duplicate custom_ids are found in the run's Redis set (not a set in the process), deleted at the end."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [line(0), line(1), line(0), line(1, temperature=0.5), "not json", line(2)]
+    src.write_text("\n".join(lines) + "\n")
+    assert run_batch(client, src, dst, window=2, poll_s=0.05) == (4, 1)
+    rows = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["line-5", "req-0", "req-1", "req-2"]
+    assert not r.keys(f"{client.keys.prefix}:batch:*")
+    assert run_batch(client, src, dst, poll_s=0.05) == (0, 0)
+    assert len(dst.read_text().splitlines()) == 4

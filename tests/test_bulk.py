@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
 import redis
 
+from moonq.broker import send_envelope
+from moonq.wire import JobEnvelope, JobTicket
 from producers import Client, InvalidRequest
+from producers.client import SubmitItem
+from tests.helpers import active_count
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "In bulk."}]}
@@ -44,3 +49,54 @@ def test_prompts_stay_out_of_celery_headers(fresh_prefix: Settings, r: redis.Red
     headers = json.loads(raw)["headers"]
     assert job.id in headers["argsrepr"]
     assert secret not in json.dumps(headers)
+
+
+def test_a_pushed_message_is_the_one_celery_would_send(fresh_prefix: Settings, r: redis.Redis) -> None:
+    """The broker is the data Redis: the message is pushed with the record; it reads as Celery's own."""
+    with Client(settings=fresh_prefix) as client:
+        assert client._submitter._direct is not None
+        job = client.submit(REQ, priority=3)
+        pushed_list = f"{fresh_prefix.prefix}:{fresh_prefix.queue}\x06\x163"
+        (pushed,) = r.lrange(pushed_list, 0, -1)
+        r.delete(pushed_list)
+        envelope = JobEnvelope.model_validate_json(job.record()["envelope"])
+        send_envelope(client._submitter._celery, fresh_prefix, envelope)
+        (sent,) = r.lrange(pushed_list, 0, -1)
+        assert job.record()["sent"] == "1"
+    ours, celery = json.loads(pushed), json.loads(sent)
+    assert ours.keys() == celery.keys() and ours["headers"] == celery["headers"]
+    unique = {"delivery_tag"}  # one per message
+    assert {k: v for k, v in ours["properties"].items() if k not in unique} == {
+        k: v for k, v in celery["properties"].items() if k not in unique
+    }
+    assert ours["properties"]["delivery_tag"] != celery["properties"]["delivery_tag"]
+    body = lambda m: json.loads(base64.b64decode(m["body"]))  # noqa: E731
+    assert body(ours) == body(celery) == [[JobTicket.of(envelope).model_dump(mode="json")], {}, body(celery)[2]]
+
+
+def test_submit_items_carry_their_own_options(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        jobs = client.submit_many(
+            [REQ, SubmitItem(REQ, priority=1, webhook="https://example.com/hook"), SubmitItem(REQ)], priority=4
+        )
+        records = [j.record() for j in jobs]
+    assert [rec["priority"] for rec in records] == ["4", "1", "4"]
+    assert "webhook" in records[1] and "webhook" not in records[0]
+    assert all(rec["sent"] == "1" for rec in records)
+    base = f"{fresh_prefix.prefix}:{fresh_prefix.queue}\x06\x16"
+    assert (r.llen(f"{base}4"), r.llen(f"{base}1")) == (2, 1)
+    with Client(settings=fresh_prefix) as client, pytest.raises(InvalidRequest, match=r"requests\.1\.priority"):
+        client.submit_many([REQ, SubmitItem(REQ, priority=12)])
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_a_refused_push_forgets_the_jobs(fresh_prefix: Settings, r: redis.Redis, bulk: bool) -> None:
+    """A push the broker list refuses (here: the list's name holds a string) leaves no record or index entry."""
+    r.set(f"{fresh_prefix.prefix}:{fresh_prefix.queue}\x06\x165", "not a list")
+    with Client(settings=fresh_prefix) as client, pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        if bulk:
+            client.submit_many([REQ, SubmitItem(REQ, idempotency_key="refused")])
+        else:
+            client.submit(REQ)
+    assert not r.keys(f"{fresh_prefix.prefix}:job:*") and not active_count(r, fresh_prefix.keys)
+    assert not r.exists(fresh_prefix.keys.idempotency("refused"))

@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +34,7 @@ from simulator import SimServer
 from tests.helpers import (
     API_KEY,
     assert_one_clean_ending,
+    cli_submit_completes,
     make_settings,
     node_env,
     real_celery_worker_process_runs_jobs,
@@ -117,17 +115,7 @@ def test_end_to_end_on_a_cluster(node: WorkerProcess, fresh_prefix: Settings, cl
             return [(await asyncio.wait_for(_types(j), 20))[-1] for j in ajobs]
 
     assert asyncio.run(follow()) == ["completed"] * 6
-    # The CLI, configured by the environment alone.
-    env = {**os.environ, "REDIS_URL": fresh_prefix.redis_url, "MOONQ_PREFIX": fresh_prefix.prefix}
-    done = subprocess.run(
-        [sys.executable, "-m", "console.cli", "submit", "Say hi", "--model", "moonshot-v1-8k", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["type"] == "completed"
+    cli_submit_completes(fresh_prefix)
     log = node.log()
     assert "heartbeat failed" not in log and "Traceback" not in log and API_KEY not in log
     r = sync_redis(fresh_prefix.redis_url)
@@ -279,3 +267,19 @@ def test_a_burst_past_the_connection_bound_waits_its_turn(cluster: ClusterSet) -
 
     replies = asyncio.run(burst())
     assert replies[:40] == [None] * 40 and replies[40] == [True] * 16
+
+
+def test_many_first_commands_at_once_on_a_fresh_client(cluster: ClusterSet) -> None:
+    """redis-py's cluster client initialized itself inside each of many concurrent first commands and
+    dropped connections the others were writing on; the nodes' client initializes once, first."""
+
+    async def first_contact() -> list[Any]:
+        client = resilient_redis(cluster.url, max_connections=50)
+        try:
+            key = f"first{uuid.uuid4().hex[:6]}"
+            return await asyncio.gather(*(client.set(f"{key}:{i}", i) for i in range(200)))
+        finally:
+            await client.aclose()
+
+    for _ in range(3):
+        assert asyncio.run(first_contact()) == [True] * 200

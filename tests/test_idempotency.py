@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 import redis
 
 from harness import free_port
+from moonq.keys import Keys, group_of
 from moonq.wire import JobEnvelope
 from producers import Client, InvalidRequest
-from producers.client import RESEND_AFTER_S
+from producers.client import RESEND_AFTER_S, SubmitItem
 from tests.helpers import active_count
 from worker.settings import Settings
 
@@ -111,3 +113,66 @@ def test_cli_idempotency_key(fresh_prefix: Settings) -> None:
     cmd = [sys.executable, "-m", "console.cli", "submit", "hi", "--no-wait", "--idempotency-key", "cli-1"]
     ids = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30).stdout.strip() for _ in range(2)]
     assert ids[0] and ids[0] == ids[1]
+
+
+def test_submit_many_with_keys_returns_the_first_jobs(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        before = client.submit(REQ, idempotency_key="b-0")
+        items = [SubmitItem(REQ, idempotency_key=f"b-{i}") for i in range(3)]
+        jobs = client.submit_many([*items, REQ, SubmitItem(REQ, idempotency_key="b-1")])
+        ids = [j.id for j in jobs]
+        assert ids[0] == before.id and ids[4] == ids[1] and len(set(ids)) == 4
+        assert queued(r, fresh_prefix) == 4  # b-0's message once, b-1's once, b-2 and the keyless one
+        again = client.submit_many(items)
+        assert [j.id for j in again] == ids[:3] and queued(r, fresh_prefix) == 4
+        assert client.submit(REQ, idempotency_key="b-2").id == ids[2]
+        # Each keyed job is in its key's group: the key and the record share a slot.
+        for i in range(3):
+            assert group_of(ids[i]) == Keys.idempotency_group(f"b-{i}")
+        assert all(j.record()["sent"] == "1" for j in jobs)
+
+
+def test_submit_many_refuses_a_key_used_for_another_request(fresh_prefix: Settings, r: redis.Redis) -> None:
+    other = {**REQ, "temperature": 0.1}
+    with Client(settings=fresh_prefix) as client:
+        first = client.submit(REQ, idempotency_key="held")
+        with pytest.raises(InvalidRequest, match=f"requests.1.idempotency_key: 'held' was used .* .job {first.id}"):
+            client.submit_many([REQ, SubmitItem(other, idempotency_key="held")])
+        with pytest.raises(InvalidRequest, match=r"requests\.2\.idempotency_key: 'twice' was used .* \(requests\.0\)"):
+            client.submit_many(
+                [SubmitItem(REQ, idempotency_key="twice"), REQ, SubmitItem(other, idempotency_key="twice")]
+            )
+    assert queued(r, fresh_prefix) == 1 and not r.exists(fresh_prefix.keys.idempotency("twice"))
+
+
+def test_submit_many_covers_a_first_submitter_that_died(fresh_prefix: Settings, r: redis.Redis) -> None:
+    with Client(settings=fresh_prefix) as client:
+        first = client.submit(REQ, idempotency_key="died")
+        r.delete(*r.keys(f"{fresh_prefix.prefix}:{fresh_prefix.queue}*"))
+        record = fresh_prefix.keys.job(first.id)
+        r.hdel(record, "sent")
+        r.hset(record, "enqueued_at", float(r.hget(record, "enqueued_at") or 0) - 10)
+        again, _ = client.submit_many([SubmitItem(REQ, idempotency_key="died"), REQ])
+    assert again.id == first.id and queued(r, fresh_prefix) == 2
+
+
+def test_keyed_bulk_jobs_run_once_end_to_end(client: Client, worker: Any) -> None:
+    tag = uuid.uuid4().hex
+    items = [SubmitItem(REQ, idempotency_key=f"{tag}-{i}") for i in range(5)]
+    jobs = client.submit_many(items + items)
+    assert [j.id for j in jobs[:5]] == [j.id for j in jobs[5:]]
+    assert all(j.result(timeout=30).choices[0].message.content for j in jobs[:5])
+
+
+def test_submit_many_with_keys_through_a_broker_apart(fresh_prefix: Settings, r: redis.Redis) -> None:
+    """The broker named by another URL (the same server here, so its lists can be counted): published
+    through Celery and kombu, the same answers."""
+    apart = fresh_prefix.model_copy(update={"broker_url": fresh_prefix.redis_url.replace("127.0.0.1", "localhost")})
+    assert apart.broker_url != apart.redis_url
+    with Client(settings=apart) as client:
+        assert client._submitter._direct is None
+        first = client.submit(REQ, idempotency_key="apart-0")
+        jobs = client.submit_many([SubmitItem(REQ, idempotency_key=f"apart-{i}") for i in (0, 1, 1)] + [REQ])
+        assert [j.id for j in jobs][:3] == [first.id, jobs[1].id, jobs[1].id] and len({j.id for j in jobs}) == 3
+        assert all(j.record()["sent"] == "1" for j in jobs)
+    assert queued(r, fresh_prefix) == 3

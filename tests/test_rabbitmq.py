@@ -11,10 +11,6 @@ and the worker processes (which inherit it) read them.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +24,7 @@ from producers import AsyncClient, Client
 from simulator import SimServer
 from tests.helpers import (
     a_job_longer_than_the_visibility_timeout_is_not_run_twice,
+    cli_submit_completes,
     make_settings,
     node_env,
     real_celery_worker_process_runs_jobs,
@@ -74,17 +71,7 @@ def test_end_to_end_on_rabbitmq(node: WorkerProcess, fresh_prefix: Settings) -> 
             return [e.type async for e in ajob.events()]
 
     assert asyncio.run(follow())[-1] == "completed"
-    # The CLI, configured by the environment alone.
-    env = {**os.environ, "REDIS_URL": fresh_prefix.redis_url, "MOONQ_PREFIX": fresh_prefix.prefix}
-    done = subprocess.run(
-        [sys.executable, "-m", "console.cli", "submit", "Say hi", "--model", "moonshot-v1-8k", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["type"] == "completed"
+    cli_submit_completes(fresh_prefix)
     log = node.log()
     assert "transport:   amqp://guest:**@127.0.0.1" in log  # Celery's banner: the broker, password masked
     assert "heartbeat failed" not in log and "Traceback" not in log

@@ -261,6 +261,7 @@ def test_public_surface() -> None:
         "JobOptions",
         "JobTimeout",
         "MoonqError",
+        "SubmitItem",
         "TenantBudgetExceeded",
         "TenantModelNotAllowed",
     }
