@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume
+bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -112,6 +112,11 @@ bench-webhooks: $(BENCH_STAMP) check-redis
 # stream-fault rate (drop, truncate, stall), the same fault scripts for both, medians of 3 rounds (~2 minutes).
 bench-resume: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.resume
+
+# Deep queues: Redis memory per waiting job, enqueue and drain rates, /metrics scrape and `moonq top` refresh
+# times with 1,000, 10,000 and 100,000 jobs waiting, each beside the 1,000 baseline (~6 minutes).
+bench-deep-queue: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.deep_queue
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked
