@@ -114,7 +114,7 @@ bench-resume: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.resume
 
 # Deep queues: Redis memory per waiting job, enqueue and drain rates, /metrics scrape and `moonq top` refresh
-# times with 1,000, 10,000 and 100,000 jobs waiting, each beside the 1,000 baseline (~6 minutes).
+# times with 1,000, 10,000 and 100,000 jobs waiting, each beside the 1,000 baseline (~5 minutes).
 bench-deep-queue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.deep_queue
 
