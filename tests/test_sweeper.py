@@ -22,7 +22,7 @@ from simulator import SimServer
 from tests.helpers import make_settings, node_env
 from worker.loop import connect
 from worker.settings import Settings
-from worker.sweeper import Sweeper, message_enqueued_at, verdict
+from worker.sweeper import BATCH, Sweeper, message_enqueued_at, verdict
 
 USER = {"role": "user", "content": "Hello there."}
 
@@ -195,3 +195,28 @@ def test_a_job_of_a_tenant_this_node_does_not_consume_is_not_piled_up_but_named(
         assert sweep() == 0 and sweep() == 0 and sweep() == 0
     assert waiting() == 1
     assert "event=tenant_not_consumed tenant=ghost" in caplog.text
+
+
+def test_an_orphan_behind_a_deep_queue_of_old_waiting_jobs_is_still_found(swept: Settings, r: redis.Redis) -> None:
+    """A sweep reads the oldest ``BATCH`` silent jobs per group; 3,400 queued jobs older than an orphan
+    (about 212 per group) used to fill every sweep, so the orphan was never reached while they waited."""
+    with Client(settings=swept) as client:
+        blockers = client.submit_many([{"model": "moonshot-v1-8k", "messages": [USER]}] * 3400)
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    keys = swept.keys
+    with r.pipeline(transaction=False) as pipe:
+        for blocker in blockers:
+            pipe.zadd(keys.active_for(blocker.id), {blocker.id: 0})  # all silent, and older than the orphan
+        pipe.execute()
+    for name in queue_lists(swept):  # the orphan's message is gone; the blockers' stay queued
+        for raw in r.lrange(name, 0, -1):
+            if json.loads(raw)["headers"]["id"] == job.id:
+                r.lrem(name, 1, raw)  # type: ignore[arg-type]  # redis-py types the value as str; bytes are sent as is
+    # Its owner claimed it and died.
+    r.hset(keys.job(job.id), mapping={"status": "running", "owner": "dead", "attempt": 1, "heartbeat_at": 1})
+    r.zadd(keys.active_for(job.id), {job.id: 1})
+    group = sum(1 for b in blockers if keys.active_for(b.id) == keys.active_for(job.id))
+    assert group > BATCH  # the orphan's group holds more old waiting jobs than one sweep reads
+    sweep = Sweeps(swept)
+    assert sweep() + sweep() == 1  # the first sweep reads the blockers and sets them aside; the next finds it
+    assert sum(r.llen(name) for name in queue_lists(swept)) == 3401  # the blockers untouched, the orphan re-sent

@@ -140,10 +140,13 @@ class Sweeper:
         oldest = await self._oldest_queued()
         sent = 0
         suspects = set()
+        waiting: list[str] = []
         for job_id, raw in zip(ids, raws, strict=True):
             rec = JobRecord.from_redis(raw)
             what = verdict(rec, now_s=now_s, orphan_after_s=self.settings.orphan_after_s, oldest_queued_s=oldest)
-            if what == "forget":
+            if what == "wait":
+                waiting.append(job_id)
+            elif what == "forget":
                 await self.redis.zrem(self.keys.active_for(job_id), job_id)
             elif what == "send" and rec is not None and rec.envelope:
                 if queue_for(self.settings, rec.tenant) not in self._queues:
@@ -154,8 +157,20 @@ class Sweeper:
                     continue
                 await self._resend(job_id, rec, now_s)
                 sent += 1
+        await self._looked_at(waiting, now_s)
         self.suspects = suspects
         return sent
+
+    async def _looked_at(self, job_ids: list[str], now_s: float) -> None:
+        """Jobs found waiting (queued behind others, or running with a live owner) are not read again
+        before ``orphan_after_s``: a sweep reads the oldest ``BATCH`` per group, and a deep queue's
+        oldest waiting jobs would otherwise fill every sweep, hiding the orphans behind them."""
+        if not job_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zadd(self.keys.active_for(job_id), {job_id: now_s}, xx=True)
+            await pipe.execute()
 
     def _not_consumed(self, tenant: str) -> None:
         if tenant in self._warned:
