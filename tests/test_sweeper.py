@@ -198,10 +198,10 @@ def test_a_job_of_a_tenant_this_node_does_not_consume_is_not_piled_up_but_named(
 
 
 def test_an_orphan_behind_a_deep_queue_of_old_waiting_jobs_is_still_found(swept: Settings, r: redis.Redis) -> None:
-    """A sweep reads the oldest ``BATCH`` silent jobs per group; 3,400 queued jobs older than an orphan
-    (about 212 per group) used to fill every sweep, so the orphan was never reached while they waited."""
+    """A sweep reads the oldest ``BATCH`` silent jobs per group; 4,800 queued jobs older than an orphan
+    (about 300 per group) used to fill every sweep, so the orphan was never reached while they waited."""
     with Client(settings=swept) as client:
-        blockers = client.submit_many([{"model": "moonshot-v1-8k", "messages": [USER]}] * 3400)
+        blockers = client.submit_many([{"model": "moonshot-v1-8k", "messages": [USER]}] * 4800)
         job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
     keys = swept.keys
     with r.pipeline(transaction=False) as pipe:
@@ -219,4 +219,4 @@ def test_an_orphan_behind_a_deep_queue_of_old_waiting_jobs_is_still_found(swept:
     assert group > BATCH  # the orphan's group holds more old waiting jobs than one sweep reads
     sweep = Sweeps(swept)
     assert sweep() + sweep() == 1  # the first sweep reads the blockers and sets them aside; the next finds it
-    assert sum(r.llen(name) for name in queue_lists(swept)) == 3401  # the blockers untouched, the orphan re-sent
+    assert sum(r.llen(name) for name in queue_lists(swept)) == 4801  # the blockers untouched, the orphan re-sent
