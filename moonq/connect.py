@@ -34,7 +34,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from moonq.redisurl import AsyncSentinelPool, async_redis, is_cluster_url, is_sentinel_url
+from moonq.redisurl import AsyncSentinelPool, async_redis, is_cluster_url, is_sentinel_url, with_driver_info
 
 # Longest wait for a free connection of the pool before a command fails (and is retried).
 POOL_WAIT_S = 30.0
@@ -150,6 +150,6 @@ def resilient_redis(url: str, *, max_connections: int, **connection_kwargs: Any)
         timeout=POOL_WAIT_S,
         retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=5.0), retries=20),
         retry_on_error=RETRY_ON,
-        **connection_kwargs,
+        **with_driver_info(connection_kwargs),
     )
     return Redis.from_pool(with_hiredis_packing(pool))
