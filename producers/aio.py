@@ -130,7 +130,7 @@ class AsyncJob:
 
     async def events(self, *, after_seq: int = 0, poll_s: float = 1.0) -> AsyncIterator[Event]:
         """As ``Job.events``: every event from the first (replayed), then live; ends after the terminal one."""
-        await self.record()
+        await self.record((JobField.STATUS,))  # JobNotFound rather than nothing; not the request (up to 100 MB)
         keys, r = self.client.keys, self.client.redis
         follower = Follower(after_seq)
         async with self.client.fanout.watch(keys.events(self.id)) as inbox:

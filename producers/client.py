@@ -199,7 +199,7 @@ class Job:
         Each event once, in ``seq`` order (see ``producers/follow.py``); ``poll_s`` bounds how long
         a lost live message can delay the next event.
         """
-        self.record()  # JobNotFound rather than an empty iterator
+        self.record((JobField.STATUS,))  # JobNotFound rather than an empty iterator; not the request (up to 100 MB)
         return self._follow(Follower(after_seq), poll_s)
 
     def _follow(self, follower: Follower, poll_s: float) -> Iterator[Event]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -10,7 +11,7 @@ import redis
 
 from harness import WorkerProcess
 from moonq.broker import queue_lists
-from producers import Client
+from producers import AsyncClient, Client
 from simulator import SimServer
 from tests.helpers import node_env
 from worker.settings import Settings
@@ -63,3 +64,27 @@ def test_a_record_whose_envelope_is_unreadable_fails_the_job(fresh_prefix: Setti
             events = list(job.events())
         assert events[-1].type == "failed" and events[-1].error is not None
         assert events[-1].error.type == "invalid_envelope" and "envelope" in events[-1].error.message
+
+
+def test_following_a_job_does_not_read_its_request(r: redis.Redis, fresh_prefix: Settings, sim: SimServer) -> None:
+    # A follower checks that the job exists (and is its tenant's) before it subscribes: two fields, not the
+    # record's 1.4 MB copy of the request, for each of the many followers a gateway serves.
+    def sent_bytes() -> int:
+        return int(r.info("stats")["total_net_output_bytes"])
+
+    with Client(settings=fresh_prefix) as client, WorkerProcess(node_env(fresh_prefix, sim.base_url)):
+        job = client.submit(big_request())
+        job.result(timeout=30)
+        before = sent_bytes()
+        events = list(job.events())
+        sync_read = sent_bytes() - before
+
+        async def follow() -> list[Any]:
+            async with AsyncClient(settings=fresh_prefix) as aio:
+                return [event async for event in aio.job(job.id).events()]
+
+        before = sent_bytes()
+        aio_events = asyncio.run(follow())
+        async_read = sent_bytes() - before
+    assert events[-1].type == aio_events[-1].type == "completed"
+    assert sync_read < 100_000 and async_read < 100_000, (sync_read, async_read)

@@ -117,6 +117,38 @@ def test_after_an_idle_window_the_whole_limit_goes_at_once(redis_url: str) -> No
     assert calls < 20  # 6 grants and the waits they named (plus wake-ups), no polling through 2 s
 
 
+def test_a_burst_of_waiters_is_granted_in_a_few_calls_in_order(redis_url: str) -> None:
+    # 200 job starts at once in one process, 150 of them fit the minute: one script call grants up to
+    # ASK_BATCH of them, in (priority, arrival) order, each checked as if it had asked alone; the 151st
+    # learns how long to wait. Asked one by one they waited for 150 round trips in a row.
+    async def body(limiter: Callable[..., Limiter]) -> tuple[list[int], int, list[Lease]]:
+        lim = limiter(Limits(rpm=150, tpm=150 * 40))
+        t = time.time()
+        order: list[int] = []
+
+        async def one(i: int) -> Lease:
+            lease = await lim.acquire(40, priority=i % 3, enqueued_at_s=t + i / 1000)
+            order.append(i)
+            return lease
+
+        calls_before = await evalsha_calls(lim._redis)
+        tasks = [asyncio.create_task(one(i)) for i in range(200)]
+        await asyncio.sleep(1.0)
+        calls = await evalsha_calls(lim._redis) - calls_before
+        granted = [task.result() for task in tasks if task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return order, calls, granted
+
+    order, calls, granted = run(redis_url, body)
+    assert len(order) == 150
+    assert order == sorted(order, key=lambda i: (i % 3, i))  # priority, then arrival
+    assert calls <= 10  # three batches (64, 64, 22) and the refusal's ask, plus wake-ups
+    assert {lease.limit for lease in granted} == {"none"}
+    assert len({lease.id for lease in granted}) == 150
+
+
 def test_never_more_than_the_limit_in_any_window(redis_url: str) -> None:
     # Random costs (some above the whole TPM), random holds and random usage over three processes; in no
     # window of W may the grants (their units after refunds, which only lower them) exceed either limit.

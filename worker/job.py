@@ -181,10 +181,8 @@ async def _run_claimed(ctx: JobContext, envelope: JobEnvelope, got: Claim, deliv
             log.info(
                 "event=job_retry job_id=%s model=%s attempt=%s reason=worker_lost delay_s=0", job_id, model, attempt
             )
-        # A cancel announced between the claim and now is caught here (the keepalive catches later
-        # ones whose announcement was missed).
-        if await _cancel_requested(ctx, job_id):
-            raise asyncio.CancelledError
+        # The claim found no cancel; one asked for since is caught by its announcement (the listener
+        # cancels this task) or, if that was missed, by _still_ours before the upstream call.
         refused = await _refused(ctx, got)
         if refused is not None:
             return await _end_failed(ctx, writer, envelope, refused, attempt, got.tenant)

@@ -30,7 +30,9 @@ adds the leases of its running calls back at the next renewal, so a long stream 
 A 429 from the upstream sets a shared cool-down that every caller honours.
 
 Waiting is ordered and does not spin: each process queues its waiters per tenant by (aged
-priority, enqueue time) and only each tenant's best waiter asks Redis, registered in a fleet-wide
+priority, enqueue time) and only each tenant's best waiters ask Redis (up to ``ASK_BATCH`` in one
+call, granted in order, each as if it had asked alone, until one cannot go: a burst of job starts
+costs a few calls, not one round trip per job), registered in a fleet-wide
 waiting line (one member per process and tenant) that the script serves head first. Between
 tenants the head is chosen by start-time fair queueing: each grant advances its tenant's virtual
 time by 1/weight (``VTIME_UNIT`` / weight, integers), the waiting tenant whose next grant starts
@@ -82,6 +84,10 @@ log = logging.getLogger("moonq.limiter")
 
 # The one account of a node without an accounts file (worker/accounts.py).
 DEFAULT_ACCOUNT = "default"
+# A tenant's waiters one ask may grant. Asked one at a time, a burst of 200 job starts on a busy node
+# waited for 200 round trips in a row (a mean of 130-170 ms each before its call); one script call grants
+# a batch in the same order, and holds Redis no longer than the 64 calls it saves would have, in all.
+ASK_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -418,50 +424,58 @@ class Limiter:
                     await self._wake.wait()
 
     async def _ask(self, tenant: str) -> float | None:
-        """One ask for ``tenant``'s best waiter: 0 when granted, else how long to sleep (None: nothing to ask)."""
+        """One ask for ``tenant``'s best waiters (up to ``ASK_BATCH``, granted in order until one cannot go):
+        0 when any was granted, else how long to sleep (None: nothing to ask)."""
         heap = self._heaps.get(tenant, [])
-        if not heap or heap[0].future.done():
+        live = heapq.nsmallest(ASK_BATCH + 1, (w for w in heap if not w.future.done()))
+        if not live:
             return None
-        head = heap[0]
-        spec, keys, lease = self._spec(head, tenant, uuid.uuid4().hex)
-        granted, wait_ms, reason, account = await self._acquire(keys=keys, args=[spec])
+        batch, after = live[:ASK_BATCH], live[ASK_BATCH:]
+        spec, keys, leases = self._spec(batch, after[0] if after else None, tenant)
+        count, wait_ms, reason, _head, *accounts = await self._acquire(keys=keys, args=[spec])
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        granted = list(zip(batch, leases, accounts, strict=False))
         if granted:
-            if len(heap) <= 1:
-                self._registered.discard(tenant)  # its last waiter: the grant took its place in line
-            await self._granted(tenant, head, lease, account.decode() if isinstance(account, bytes) else account)
+            # Not heappop: better waiters may have arrived during the call and now be on top.
+            gone = {id(waiter) for waiter in batch[:count]}
+            heap[:] = [w for w in heap if id(w) not in gone]
+            heapq.heapify(heap)
+            for waiter, lease, account in granted:
+                await self._granted(waiter, lease, account.decode() if isinstance(account, bytes) else account)
+        if count == len(batch) and not after:
+            self._registered.discard(tenant)  # its last waiter went: the grant took its place in line
             return 0.0
         self._registered.add(tenant)
-        if reason != "parked":  # parked: still held back by what parked it
-            head.held_by = reason
+        if count < len(batch) and reason != "parked":  # parked: still held back by what parked it
+            for waiter in batch[count:]:
+                waiter.held_by = reason
+        if count:
+            return 0.0  # serve again at once: the rest may go too, or learn how long to wait
         # Sleep for exactly the time the script named, or until woken (the renewals keep our place in line
         # meanwhile). Behind another process's waiter nothing is named: ask again well within the time its
         # registration lives, in case that process died without a word.
         return self.waiter_ttl_s / 3 if wait_ms < 0 else max(wait_ms, 1) / 1000
 
-    async def _granted(self, tenant: str, head: _Waiter, lease: Lease, account: str) -> None:
-        heap = self._heaps[tenant]
-        # Not heappop: a better waiter may have arrived during the call and now be on top.
-        heap.remove(head)
-        heapq.heapify(heap)
+    async def _granted(self, waiter: _Waiter, lease: Lease, account: str) -> None:
         scope = self._accounts[account].scope
         acct = self._accounts[account].limits
         lease.account = account
-        lease.waited_s = asyncio.get_running_loop().time() - head.since
-        lease.limit = head.held_by
+        lease.waited_s = asyncio.get_running_loop().time() - waiter.since
+        lease.limit = waiter.held_by
         if acct.max_inflight:
             lease.slots += (self.keys.scope_inflight(scope),)
         if acct.tpm:
             lease.units += (self.keys.window("tpm", scope).units,)
-        if head.future.done():  # cancelled during the call: give it straight back
+        if waiter.future.done():  # cancelled during the call: give it straight back
             await self.release(lease, used_tokens=0)
             return
         if lease.slots:
             self._leases[lease.id] = lease.slots
-        head.future.set_result(lease)
+        waiter.future.set_result(lease)
 
-    def _spec(self, head: _Waiter, tenant: str, lease_id: str) -> tuple[str, list[str], Lease]:
-        """``ACQUIRE_LUA``'s keys and spec for ``head``, and its lease (the account's keys added once granted)."""
+    def _spec(self, batch: list[_Waiter], after: _Waiter | None, tenant: str) -> tuple[str, list[str], list[Lease]]:
+        """``ACQUIRE_LUA``'s keys and spec for ``batch`` (the tenant's best waiters, best first; ``after``: the
+        one that follows them), and their leases (the account's keys added once granted)."""
         keys = [
             self.keys.waiters,
             self.keys.alive,
@@ -470,42 +484,44 @@ class Limiter:
             self.keys.weights,
             self.keys.parked,
         ]
-        lease = Lease(lease_id, head.cost, tenant=tenant)
+        held_slots: tuple[str, ...] = ()  # what every lease holds whatever account is chosen
+        held_units: tuple[str, ...] = ()
 
         def key(name: str) -> int:
             keys.append(name)
             return len(keys)  # Lua counts from 1
 
         def scope(name: str, limits: Limits, *, held: bool) -> dict[str, Any]:
-            """One scope's part of the spec; ``held``: the lease is in it whatever account is chosen."""
+            """One scope's part of the spec; ``held``: the leases are in it whatever account is chosen."""
+            nonlocal held_slots, held_units
             out: dict[str, Any] = {}
             if limits.max_inflight:
                 out["inflight"] = [key(self.keys.scope_inflight(name)), limits.max_inflight]
                 if held:
-                    lease.slots += (self.keys.scope_inflight(name),)
+                    held_slots += (self.keys.scope_inflight(name),)
             windows = []
-            for axis, limit, units in limits.windows(head.cost):
+            # A tpm window's units are each waiter's tokens: the script puts them in (ACQUIRE_LUA).
+            for axis, limit, units in limits.windows(1):
                 window = self.keys.window(axis, name)
                 windows.append([key(window.grants), key(window.units), limit, units, axis])
                 if held and axis == "tpm":
-                    lease.units += (window.units,)
+                    held_units += (window.units,)
             if windows:
                 out["windows"] = windows
             return out
 
         share = self.share(tenant)
         candidates = self.candidates(tenant)
-        # The next waiter's rank: in a binary heap the second best is one of the head's two children (a
-        # cancelled one still there only makes the place look better until the next ask recomputes it).
-        nxt = self._heaps.get(tenant, [])[1:3]
+        ranks = [_score(w.rank) for w in batch] + [_score(after.rank) if after else ""]
+        lease_ids = [uuid.uuid4().hex for _ in batch]
         spec: dict[str, Any] = {
             "me": self._member(tenant),
             "tenant": tenant,
             "weight": share.weight,
-            "rank": _score(head.rank),
-            "next": _score(min(w.rank for w in nxt)) if nxt else "",
+            "batch": [
+                [lid, w.cost, ranks[i], ranks[i + 1]] for i, (lid, w) in enumerate(zip(lease_ids, batch, strict=True))
+            ],
             "ttl": int(self.waiter_ttl_s * 1000),
-            "lease": lease_id,
             "lease_ttl": int(self.lease_ttl_s * 1000),
             "window": self.limits.window_ms,
             "wake": self.wake_channel,
@@ -525,7 +541,11 @@ class Limiter:
             spec["fleet"] = scope(FLEET, self._fleet, held=True)
         if share.limits.rpm or share.limits.tpm or share.limits.max_inflight:
             spec["tenant_scope"] = scope(f"tenant:{tenant}", share.limits, held=True)
-        return json.dumps(spec, separators=(",", ":")), keys, lease
+        leases = [
+            Lease(lid, w.cost, tenant=tenant, slots=held_slots, units=held_units)
+            for lid, w in zip(lease_ids, batch, strict=True)
+        ]
+        return json.dumps(spec, separators=(",", ":")), keys, leases
 
     async def _renew_loop(self) -> None:
         while not self._stopping:  # the flag too: see stop()
