@@ -300,16 +300,52 @@ class Submitter:
         **options: Unpack[JobOptions],
     ) -> str:
         """As ``Client.submit``; returns the job id."""
+        job, config = self.prepare(request, priority, idempotency_key, options)
+        idem = [job.idem] if job.idem else None
+        self._within_budget(job.record[JobField.TENANT], config, idem)
+        return self._enqueue(job)
+
+    def prepare(
+        self, request: dict[str, Any] | ChatRequest, priority: int, idempotency_key: str | None, options: JobOptions
+    ) -> tuple[_Job, TenantConfig]:
+        """A submit's checks that need no Redis, and its job (id, envelope, record); its tenant's config.
+
+        Raises:
+            InvalidRequest: naming the field and the rule (``TenantModelNotAllowed`` for a model).
+        """
         priority = check_priority(priority)
         name, config = self.tenant(options.get("tenant"))
         owed = _owed(options, config)
         _check_key(idempotency_key, "idempotency_key")
         valid = validate_request(request)
         self._admit(name, config, valid.model, priority)
-        idem = "" if idempotency_key is None else self.keys.idempotency(idempotency_key, name)
-        self._within_budget(name, config, [idem] if idem else None)
         extra = {**owed, **_options(options.get("builtin_tools"), valid.n), JobField.TENANT: name}
-        return self._enqueue(self._job(valid, priority, extra, idempotency_key, name))
+        return self._job(valid, priority, extra, idempotency_key, name), config
+
+    def pushes_directly(self, job: _Job, config: TenantConfig) -> bool:
+        """Whether ``job`` is enqueued by ``queue_push`` alone: one MULTI on the data Redis, which is its
+        broker, with no idempotency key to claim and no budget to read first."""
+        return self._direct is not None and not job.idem and not budgets.limits(config)
+
+    def queue_push(self, pipe: Any, jobs: Sequence[_Job]) -> None:
+        """Queue on ``pipe`` (a MULTI pipeline, redis-py's sync or asyncio one) a direct enqueue of
+        ``jobs`` (one tenant's, ``pushes_directly``): the records and index entries, the messages, then
+        the ``sent`` marks."""
+        assert self._direct is not None
+        tenant = jobs[0].record[JobField.TENANT]
+        self._write(pipe, jobs, tenant)
+        by_list: dict[str, list[str]] = {}
+        for job in jobs:
+            name = self._direct.list_for(tenant, job.envelope.priority)
+            by_list.setdefault(name, []).append(self._direct.message(job.envelope, tenant))
+        for name, messages in by_list.items():
+            pipe.lpush(name, *messages)  # in order: kombu pops a list from its other end
+        for job in jobs:
+            pipe.hset(self.keys.job(job.id), JobField.SENT, "1")
+
+    def forget(self, jobs: Sequence[_Job]) -> None:
+        """Undo jobs whose enqueue failed (their records, index entries and idempotency keys)."""
+        self._forget_jobs(jobs)
 
     def submit_many(
         self,
@@ -570,15 +606,7 @@ class Submitter:
             return
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                self._write(pipe, jobs, tenant)
-                by_list: dict[str, list[str]] = {}
-                for job in jobs:
-                    name = self._direct.list_for(tenant, job.envelope.priority)
-                    by_list.setdefault(name, []).append(self._direct.message(job.envelope, tenant))
-                for name, messages in by_list.items():
-                    pipe.lpush(name, *messages)  # in order: kombu pops a list from its other end
-                for job in jobs:
-                    pipe.hset(self.keys.job(job.id), JobField.SENT, "1")
+                self.queue_push(pipe, jobs)
                 pipe.execute()
         except Exception:
             self._forget_jobs(jobs)

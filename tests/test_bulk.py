@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -11,7 +12,7 @@ import redis
 
 from moonq.broker import send_envelope
 from moonq.wire import JobEnvelope, JobTicket
-from producers import Client, InvalidRequest
+from producers import AsyncClient, Client, InvalidRequest
 from producers.client import SubmitItem
 from tests.helpers import active_count
 from worker.settings import Settings
@@ -89,13 +90,20 @@ def test_submit_items_carry_their_own_options(fresh_prefix: Settings, r: redis.R
         client.submit_many([REQ, SubmitItem(REQ, priority=12)])
 
 
-@pytest.mark.parametrize("bulk", [False, True])
-def test_a_refused_push_forgets_the_jobs(fresh_prefix: Settings, r: redis.Redis, bulk: bool) -> None:
+@pytest.mark.parametrize("how", ["one", "bulk", "async"])
+def test_a_refused_push_forgets_the_jobs(fresh_prefix: Settings, r: redis.Redis, how: str) -> None:
     """A push the broker list refuses (here: the list's name holds a string) leaves no record or index entry."""
     r.set(f"{fresh_prefix.prefix}:{fresh_prefix.queue}\x06\x165", "not a list")
+
+    async def submit_async() -> None:
+        async with AsyncClient(settings=fresh_prefix) as aio:  # its submit pushes from its own loop
+            await aio.submit(REQ)
+
     with Client(settings=fresh_prefix) as client, pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        if bulk:
+        if how == "bulk":
             client.submit_many([REQ, SubmitItem(REQ, idempotency_key="refused")])
+        elif how == "async":
+            asyncio.run(submit_async())
         else:
             client.submit(REQ)
     assert not r.keys(f"{fresh_prefix.prefix}:job:*") and not active_count(r, fresh_prefix.keys)

@@ -17,11 +17,11 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from harness import RedisServer
+from harness import RedisServer, WorkerProcess
 from moonq.keys import Keys
 from producers import Client
 from simulator import SimConfig, SimServer
-from tests.helpers import make_settings, wait_until
+from tests.helpers import LONG, make_settings, node_env, wait_until
 from worker import transport
 from worker.loop import Runtime
 from worker.settings import Settings
@@ -229,3 +229,24 @@ def test_a_delivery_taken_over_while_it_waited_for_capacity_makes_no_upstream_ca
                 assert sim.stats()["requests"] == 1
         finally:
             rt.stop()
+
+
+def test_a_burst_is_received_a_few_messages_per_brpop_each_recorded_unacked(slow_sim: SimServer) -> None:
+    # 60 jobs queued at once before a node starts: its receives take up to DRAIN_MAX + 1 each (one round
+    # trip, one GIL hand-over per batch, where kombu takes one per BRPOP), and every message it takes is
+    # recorded unacked, as a BRPOP's is, so a node killed now would hand all 60 back.
+    with RedisServer() as server:
+        settings = make_settings(server.url)
+        r = redis.Redis.from_url(server.url)
+        with Client(settings=settings) as client:
+            jobs = client.submit_many([LONG] * 60)
+            with WorkerProcess(node_env(settings, slow_sim.base_url)) as node:
+                assert node.proc is not None
+                unacked = f"{settings.keys.broker_prefix}unacked"
+                wait_until(lambda: r.hlen(unacked) == 60, 20, "all 60 messages taken and recorded unacked")
+                assert r.zcard(f"{settings.keys.broker_prefix}unacked_index") == 60
+                brpops = int(r.info("commandstats").get("cmdstat_brpop", {}).get("calls", 0))
+                assert brpops < 25, brpops  # 66 when each BRPOP takes one (idle ones included)
+                for job in jobs:
+                    assert job.result(timeout=60).choices[0].message.content
+                wait_until(lambda: r.hlen(unacked) == 0, 10, "every message acked")
