@@ -108,10 +108,30 @@ class QoS(kombu_redis.QoS):
             self._write([entry])
 
     def flush(self) -> None:
-        """Write the unacked entries held during a receive, in one round trip."""
-        held, self.held = self.held or [], None
-        if held:
-            self._write(held)
+        """Write the unacked entries held during a receive, in one round trip; the receive is over."""
+        self._write_held()
+        self.held = None
+
+    def _write_held(self) -> None:
+        if self.held:
+            entries, self.held = self.held, []
+            self._write(entries)
+
+    # A message refused while it is being received (Celery acks an unreadable one at once) is acked, or
+    # rejected back to its queue, inside the receive: its entry must be written first, or the ack would
+    # leave the entry behind it (to come back after the visibility timeout) and a requeue would find
+    # nothing to put back.
+    def ack(self, delivery_tag: str) -> None:
+        self._write_held()
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self._write_held()
+        super().reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        self._write_held()
+        super().restore_by_tag(tag, client, leftmost)  # type: ignore[no-untyped-call]
 
     def _write(self, entries: list[tuple[str, str]]) -> None:
         with self.channel.conn_or_acquire() as client:
@@ -141,7 +161,7 @@ class QoS(kombu_redis.QoS):
                         withscores=True,
                     )
                     for tag, _score in visible or []:
-                        self.restore_by_tag(tag, client)  # type: ignore[no-untyped-call]
+                        self.restore_by_tag(tag, client)
             except kombu_redis.MutexHeld:
                 pass
 
