@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue
+bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -79,9 +79,10 @@ bench-cluster: $(BENCH_STAMP) check-redis
 bench-request-bytes: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.request_bytes
 
-# The node's CPU per relayed fragment on paced streams (20 ms apart), beside direct httpx and aiohttp readers (~2 minutes).
+# The node's CPU per relayed fragment on paced streams (20 ms apart), beside 5454059's node (before issue 15's
+# uvloop and job-start work) and direct httpx and aiohttp readers (~3 minutes).
 bench-fragment-cpu: $(BENCH_STAMP) check-redis
-	$(BIN)/python -m bench.fragment_cpu
+	$(BIN)/python -m bench.fragment_cpu --baseline 5454059
 
 # Sentinel failover under streaming jobs: 10 primary kills (~2 minutes).
 bench-failover: $(BENCH_STAMP) check-redis
@@ -117,6 +118,11 @@ bench-resume: $(BENCH_STAMP) check-redis
 # times with 1,000, 10,000 and 100,000 jobs waiting, each beside the 1,000 baseline (~5 minutes).
 bench-deep-queue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.deep_queue
+
+# Time to first token: 200 streams at once through the gateway and one node vs direct, beside the
+# gateway and node of 5454059 (before the job-start work of issue 15) in the same rounds (~3 minutes).
+bench-ttft: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.ttft --baseline 5454059
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked

@@ -7,10 +7,15 @@ fleet limits in the environment; jobs go in with ``Client.submit_many``.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +36,25 @@ _OWN_PREFIXES = ("MOONQ_", "MOONSHOT_", "REDIS_URL", "CELERY_", "BENCH_")
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}, **extra}
+
+
+@contextmanager
+def source_tree(rev: str | None) -> Iterator[Path]:
+    """Where a node or gateway of git revision ``rev`` runs from: this checkout (None), or that revision's
+    files (``git archive``) in a temporary directory, for a baseline measured in the same run."""
+    if rev is None:
+        yield REPO
+        return
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="moonq-baseline-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that makes a process started in ``tree`` import moonq from there."""
+    return {} if tree == REPO else {"PYTHONPATH": str(tree)}
 
 
 def wait_for_nodes(app: Celery, names: list[str], procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:

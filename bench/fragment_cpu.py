@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.fleets import API_KEY, REPO, clean_env
+from bench.fleets import API_KEY, REPO, clean_env, source_tree, tree_env
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess
@@ -79,6 +79,7 @@ class Round:
     httpx_us: float
     aiohttp_us: float
     node_wall_s: float
+    before_us: float | None = None  # the baseline revision's node, with --baseline
 
 
 def reader_us(kind: str, base_url: str, streams: int, fragments: int) -> float:
@@ -92,33 +93,43 @@ def reader_us(kind: str, base_url: str, streams: int, fragments: int) -> float:
     return float(done.stdout.split()[-1]) / (streams * fragments) * 1e6
 
 
-def one_round(streams: int, fragments: int) -> Round:
+def node_us(server: RedisServer, sim: Sim, tree: Path, streams: int, fragments: int) -> tuple[float, float]:
+    """CPU per fragment of a node started from ``tree`` (this checkout or a baseline's) over one batch, and
+    the batch's wall time."""
+    prefix = f"fc{uuid.uuid4().hex[:6]}"
+    env = clean_env(
+        {
+            "REDIS_URL": server.url,
+            "MOONQ_PREFIX": prefix,
+            "MOONSHOT_BASE_URL": sim.base_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "MOONQ_METRICS_PORT": "0",
+            **tree_env(tree),
+        }
+    )
+    with (
+        WorkerProcess(env, cwd=tree) as node,
+        Client(settings=ClientSettings(redis_url=server.url, prefix=prefix)) as client,
+    ):
+        assert node.proc is not None
+        client.submit(REQUEST).result(timeout=60)  # warm: connections open, scripts loaded
+        time.sleep(1.0)
+        before, t0 = cpu_s(node.proc.pid), time.monotonic()
+        for job in client.submit_many([REQUEST] * streams):
+            job.result(timeout=600)
+        return (cpu_s(node.proc.pid) - before) / (streams * fragments) * 1e6, time.monotonic() - t0
+
+
+def one_round(streams: int, fragments: int, baseline: Path | None) -> Round:
     with (
         RedisServer() as server,
         Sim(latency_ms=20, chunk_ms=20, answer=(fragments, fragments), per_chunk=1) as sim,
     ):
-        prefix = f"fc{uuid.uuid4().hex[:6]}"
-        env = clean_env(
-            {
-                "REDIS_URL": server.url,
-                "MOONQ_PREFIX": prefix,
-                "MOONSHOT_BASE_URL": sim.base_url,
-                "MOONSHOT_API_KEY": API_KEY,
-                "MOONQ_METRICS_PORT": "0",
-            }
-        )
         httpx_us = reader_us("httpx", sim.base_url, streams, fragments)
-        with WorkerProcess(env) as node, Client(settings=ClientSettings(redis_url=server.url, prefix=prefix)) as client:
-            assert node.proc is not None
-            client.submit(REQUEST).result(timeout=60)  # warm: connections open, scripts loaded
-            time.sleep(1.0)
-            before, t0 = cpu_s(node.proc.pid), time.monotonic()
-            for job in client.submit_many([REQUEST] * streams):
-                job.result(timeout=600)
-            node_us = (cpu_s(node.proc.pid) - before) / (streams * fragments) * 1e6
-            wall = time.monotonic() - t0
+        before = node_us(server, sim, baseline, streams, fragments)[0] if baseline else None
+        now, wall = node_us(server, sim, REPO, streams, fragments)
         aiohttp_us = reader_us("aiohttp", sim.base_url, streams, fragments)
-    return Round(node_us, httpx_us, aiohttp_us, wall)
+    return Round(now, httpx_us, aiohttp_us, wall, before)
 
 
 def section(rounds: list[Round], args: argparse.Namespace) -> str:
@@ -127,30 +138,46 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
 
     node, hx, ah = med("node_us"), med("httpx_us"), med("aiohttp_us")
     met = "met" if node <= GOAL_US else "not met"
+    before = med("before_us") if args.baseline else None
+    command = f"python -m bench.fragment_cpu --streams {args.streams} --fragments {args.fragments}"
+    command += f" --rounds {args.rounds}"
+    if args.baseline:
+        command += f" --baseline {args.baseline}"
+    rows = [f"| moonq node (relays and records every fragment) | {node:.0f} us | {node / ah:.2f}x |"]
+    if before is not None:
+        rows.insert(0, f"| moonq node before (`{args.baseline}`) | {before:.0f} us | {before / ah:.2f}x |")
+    per_round = "; ".join(
+        (f"{r.before_us:.0f} / " if r.before_us is not None else "")
+        + f"{r.node_us:.0f} / {r.httpx_us:.0f} / {r.aiohttp_us:.0f}"
+        for r in rounds
+    )
+    ratio = f" The node now spends {node / before:.2f}x the CPU of `{args.baseline}`'s." if before else ""
     return "\n".join(
         [
             SECTION,
             "",
-            f"`python -m bench.fragment_cpu --streams {args.streams} --fragments {args.fragments}"
-            f" --rounds {args.rounds}` (`make bench-fragment-cpu`). Machine as above. The simulator (its own"
-            " process) answers each request"
-            f" with {args.fragments} one-token fragments 20 ms apart (a 50 tokens/s stream); {args.streams} streams"
-            " at once. **moonq**: one `celery -A worker worker` node with its defaults, jobs by `submit_many`, the"
-            " node's whole CPU over the batch (reading the streams, writing each delta to the replay log and the"
-            " channel, and every job's claim, limiter grant and end) divided by the fragments. **direct**: the same"
-            " streams read by one asyncio client in a process of its own, each chunk's JSON decoded, its CPU"
-            f" divided by the fragments. Medians of {args.rounds} rounds.",
+            f"`{command}` (`make bench-fragment-cpu`). Machine as above. The simulator (its own process) answers"
+            f" each request with {args.fragments} one-token fragments 20 ms apart (a 50 tokens/s stream);"
+            f" {args.streams} streams at once. **moonq**: one `celery -A worker worker` node with its defaults, jobs"
+            " by `submit_many`, the node's whole CPU over the batch (reading the streams, writing each delta to the"
+            " replay log and the channel, and every job's claim, limiter grant and end) divided by the fragments."
+            + (
+                f" **before**: the node of `{args.baseline}` (its files, this environment), in the same rounds."
+                if args.baseline
+                else ""
+            )
+            + " **direct**: the same streams read by one asyncio client in a process of its own, each chunk's JSON"
+            f" decoded, its CPU divided by the fragments. Medians of {args.rounds} rounds.",
             "",
             "| reader | CPU per fragment | vs direct aiohttp |",
             "|---|---|---|",
-            f"| moonq node (relays and records every fragment) | {node:.0f} us | {node / ah:.2f}x |",
+            *rows,
             f"| direct asyncio httpx (reads only) | {hx:.0f} us | {hx / ah:.2f}x |",
             f"| direct asyncio aiohttp (reads only) | {ah:.0f} us | 1.00x |",
             "",
-            "Per round (node / httpx / aiohttp, us): "
-            + "; ".join(f"{r.node_us:.0f} / {r.httpx_us:.0f} / {r.aiohttp_us:.0f}" for r in rounds)
-            + f". Goal: the node at most {GOAL_US:.0f} us per fragment, {met}; one core relays"
-            f" {1e6 / node:,.0f} fragments/s at this figure.",
+            f"Per round ({'before / ' if before else ''}node / httpx / aiohttp, us): {per_round}.{ratio} Goal: the"
+            f" node at most {GOAL_US:.0f} us per fragment, {met}; one core relays {1e6 / node:,.0f} fragments/s at"
+            " this figure.",
             "",
         ]
     )
@@ -161,14 +188,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--fragments", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="a git revision whose node to measure beside this checkout's")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     rounds = []
-    for i in range(args.rounds):
-        rounds.append(one_round(args.streams, args.fragments))
-        r = rounds[-1]
-        print(f"round {i + 1}: node {r.node_us:.0f} us, httpx {r.httpx_us:.0f} us, aiohttp {r.aiohttp_us:.0f} us")
+    with source_tree(args.baseline) as base:
+        for i in range(args.rounds):
+            rounds.append(one_round(args.streams, args.fragments, base if args.baseline else None))
+            r = rounds[-1]
+            print(
+                f"round {i + 1}: "
+                + (f"before {r.before_us:.0f} us, " if r.before_us is not None else "")
+                + f"node {r.node_us:.0f} us, httpx {r.httpx_us:.0f} us, aiohttp {r.aiohttp_us:.0f} us",
+                flush=True,
+            )
     text = section(rounds, args)
     print(text)
     if not args.no_write:

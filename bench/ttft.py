@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fleets import API_KEY, REPO, clean_env
+from bench.fleets import API_KEY, REPO, clean_env, source_tree, tree_env
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
@@ -82,7 +82,7 @@ class Burst:
     cpu_s: dict[str, float] = field(default_factory=dict)
 
     def pct(self, which: str, q: float) -> float:
-        values = sorted(getattr(self, which))
+        values: list[float] = sorted(getattr(self, which))
         return values[min(len(values) - 1, int(q * len(values)))]
 
 
@@ -101,51 +101,53 @@ def burst(url: str, key: str, clients: int, expect_chars: int | None = None) -> 
 @dataclass
 class Round:
     direct: Burst
-    moonq: Burst
+    moonq: dict[str, Burst]  # "now", and "before" with --baseline
 
 
-def one_round(clients: int) -> Round:
+def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int) -> Burst:
+    """A burst through a gateway and a node started from ``tree`` (this checkout, or a baseline's)."""
+    assert sim.proc is not None and server.proc is not None
+    env = clean_env(
+        {
+            "REDIS_URL": server.url,
+            "MOONQ_PREFIX": f"tt{uuid.uuid4().hex[:6]}",
+            "MOONSHOT_BASE_URL": sim.base_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "MOONQ_METRICS_PORT": "0",
+            "MOONQ_GATEWAY_TOKENS": TOKEN,
+            **tree_env(tree),
+        }
+    )
+    port = free_port()
+    gateway = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moonq"), "gateway", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, timeout_s=30)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with WorkerProcess(env, cwd=tree) as node:
+            assert node.proc is not None
+            burst(url, TOKEN, clients)  # warm: the pools hold the connections a burst needs, scripts loaded
+            time.sleep(1.0)
+            pids = {"node": node.proc.pid, "gateway": gateway.pid, "simulator": sim.proc.pid, "redis": server.proc.pid}
+            before = {name: cpu_s(pid) for name, pid in pids.items()}
+            result = burst(url, TOKEN, clients, chars)
+            result.cpu_s = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+            return result
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+
+def one_round(clients: int, trees: dict[str, Path]) -> Round:
     with RedisServer() as server, Sim(latency_ms=20, chunk_ms=20, answer=(FRAGMENTS, FRAGMENTS), per_chunk=1) as sim:
-        assert sim.proc is not None and server.proc is not None
         direct = burst(sim.base_url + "/chat/completions", API_KEY, clients)
-        env = clean_env(
-            {
-                "REDIS_URL": server.url,
-                "MOONQ_PREFIX": f"tt{uuid.uuid4().hex[:6]}",
-                "MOONSHOT_BASE_URL": sim.base_url,
-                "MOONSHOT_API_KEY": API_KEY,
-                "MOONQ_METRICS_PORT": "0",
-                "MOONQ_GATEWAY_TOKENS": TOKEN,
-            }
-        )
-        port = free_port()
-        gateway = subprocess.Popen(
-            [str(Path(sys.executable).parent / "moonq"), "gateway", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_port(port, timeout_s=30)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            with WorkerProcess(env) as node:
-                assert node.proc is not None
-                burst(url, TOKEN, clients)  # warm: the pools hold the connections a burst needs, scripts loaded
-                time.sleep(1.0)
-                pids = {
-                    "node": node.proc.pid,
-                    "gateway": gateway.pid,
-                    "simulator": sim.proc.pid,
-                    "redis": server.proc.pid,
-                }
-                before = {name: cpu_s(pid) for name, pid in pids.items()}
-                moonq = burst(url, TOKEN, clients, direct.chars)
-                moonq.cpu_s = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-        finally:
-            gateway.terminate()
-            gateway.wait(timeout=30)
-    return Round(direct, moonq)
+        moonq = {name: through_moonq(server, sim, tree, clients, direct.chars) for name, tree in trees.items()}
+        return Round(direct, moonq)
 
 
 def med(values: list[float]) -> float:
@@ -153,46 +155,69 @@ def med(values: list[float]) -> float:
 
 
 def section(rounds: list[Round], args: argparse.Namespace) -> str:
-    def fig(path: str, which: str, q: float) -> float:
-        return med([getattr(r, path).pct(which, q) for r in rounds])
+    names = list(rounds[0].moonq)
+    label = {"before": f"moonq before (`{args.baseline}`)", "now": "moonq now"}
+
+    def fig(name: str | None, which: str, q: float) -> float:
+        return med([(r.direct if name is None else r.moonq[name]).pct(which, q) for r in rounds])
 
     rows = []
-    for which, label in (("ttft_ms", "first content byte"), ("end_ms", "end of the stream")):
-        for q, name in ((0.5, "p50"), (0.99, "p99")):
-            d, m = fig("direct", which, q), fig("moonq", which, q)
-            rows.append(f"| {label} {name} | {d:.0f} ms | {m:.0f} ms | +{m - d:.0f} ms |")
-    added50 = fig("moonq", "ttft_ms", 0.5) - fig("direct", "ttft_ms", 0.5)
-    added99 = fig("moonq", "ttft_ms", 0.99) - fig("direct", "ttft_ms", 0.99)
+    for which, what in (("ttft_ms", "first content byte"), ("end_ms", "end of the stream")):
+        for q, pname in ((0.5, "p50"), (0.99, "p99")):
+            d = fig(None, which, q)
+            cells = [f"{fig(n, which, q):.0f} ms (+{fig(n, which, q) - d:.0f})" for n in names]
+            rows.append(f"| {what} {pname} | {d:.0f} ms | " + " | ".join(cells) + " |")
+    added50 = fig("now", "ttft_ms", 0.5) - fig(None, "ttft_ms", 0.5)
+    added99 = fig("now", "ttft_ms", 0.99) - fig(None, "ttft_ms", 0.99)
     met = "met" if added50 <= GOAL_P50_MS and added99 <= GOAL_P99_MS else "not met"
-    cpu = {name: med([r.moonq.cpu_s.get(name, 0.0) for r in rounds]) for name in rounds[0].moonq.cpu_s}
-    per_round = "; ".join(
-        f"+{r.moonq.pct('ttft_ms', 0.5) - r.direct.pct('ttft_ms', 0.5):.0f} / "
-        f"+{r.moonq.pct('ttft_ms', 0.99) - r.direct.pct('ttft_ms', 0.99):.0f}"
-        for r in rounds
+
+    def added(r: Round, name: str) -> str:
+        b, d = r.moonq[name], r.direct
+        p50, p99 = (b.pct("ttft_ms", q) - d.pct("ttft_ms", q) for q in (0.5, 0.99))
+        return f"+{p50:.0f} / +{p99:.0f}"
+
+    cpu_lines = []
+    for n in names:
+        cpu = {proc: med([r.moonq[n].cpu_s.get(proc, 0.0) for r in rounds]) for proc in rounds[0].moonq[n].cpu_s}
+        cpu_lines.append(
+            f"- {label[n]}: "
+            + ", ".join(f"{proc} {seconds:.2f} s" for proc, seconds in cpu.items())
+            + f"; per job, the node {cpu.get('node', 0.0) / args.clients * 1e3:.2f} ms and the gateway"
+            f" {cpu.get('gateway', 0.0) / args.clients * 1e3:.2f} ms."
+        )
+    command = f"python -m bench.ttft --clients {args.clients} --rounds {args.rounds}" + (
+        f" --baseline {args.baseline}" if args.baseline else ""
     )
     return "\n".join(
         [
             SECTION,
             "",
-            f"`python -m bench.ttft --clients {args.clients} --rounds {args.rounds}` (`make bench-ttft`). Machine as"
-            f" above. {args.clients} streaming chat completions sent at once by a load process of its own (aiohttp);"
-            f" the simulator answers each with {FRAGMENTS} one-token fragments 20 ms apart after 20 ms. **direct**:"
-            " straight to the simulator; **moonq**: to `moonq gateway` (its own process) in front of one"
-            " `celery -A worker worker` node with its defaults. Each request is timed from its send to the first"
-            " chunk with content and to `[DONE]`; the figures are the medians over the rounds of each round's"
-            f" percentiles. Medians of {args.rounds} rounds, direct and moonq alternating.",
+            f"`{command}` (`make bench-ttft`). Machine as above. {args.clients} streaming chat completions sent at"
+            " once by a load process of its own (aiohttp); the simulator answers each with"
+            f" {FRAGMENTS} one-token fragments 20 ms apart after 20 ms. **direct**: straight to the simulator;"
+            " **moonq**: to `moonq gateway` (its own process) in front of one `celery -A worker worker` node with"
+            " its defaults, after a first burst of the same size (connection pools grown, scripts loaded)."
+            + (
+                f" **before**: the gateway and node of `{args.baseline}` (its files, this environment), in the same"
+                " rounds."
+                if args.baseline
+                else ""
+            )
+            + " Each request is timed from its send to the first chunk with content and to `[DONE]`; a figure is"
+            f" the median over {args.rounds} rounds of each round's percentile (in brackets: added to direct).",
             "",
-            "| figure | direct | moonq | added |",
-            "|---|---|---|---|",
+            "| figure | direct | " + " | ".join(label[n] for n in names) + " |",
+            "|---|---|" + "---|" * len(names),
             *rows,
             "",
-            f"Added time to first token per round (p50 / p99, ms): {per_round}. Goal: p50 within"
-            f" +{GOAL_P50_MS:.0f} ms and p99 within +{GOAL_P99_MS:.0f} ms of a direct call: {met}.",
+            "Added time to first token per round (p50 / p99, ms): "
+            + "; ".join(", ".join(f"{n} {added(r, n)}" for n in names) for r in rounds)
+            + f". Goal: p50 within +{GOAL_P50_MS:.0f} ms and p99 within +{GOAL_P99_MS:.0f} ms of a direct call:"
+            f" {met}.",
             "",
-            "CPU over the moonq burst (medians): "
-            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in cpu.items())
-            + f"; per job, the node {cpu.get('node', 0.0) / args.clients * 1e3:.1f} ms and the gateway"
-            f" {cpu.get('gateway', 0.0) / args.clients * 1e3:.1f} ms.",
+            "CPU over the burst through moonq (medians; 2 cores shared by all of them and the load process):",
+            "",
+            *cpu_lines,
             "",
         ]
     )
@@ -202,18 +227,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="a git revision whose gateway and node to measure beside this checkout's")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     rounds = []
-    for i in range(args.rounds):
-        rounds.append(one_round(args.clients))
-        r = rounds[-1]
-        print(
-            f"round {i + 1}: ttft p50/p99 direct {r.direct.pct('ttft_ms', 0.5):.0f}/{r.direct.pct('ttft_ms', 0.99):.0f}"
-            f" ms, moonq {r.moonq.pct('ttft_ms', 0.5):.0f}/{r.moonq.pct('ttft_ms', 0.99):.0f} ms; cpu {r.moonq.cpu_s}",
-            flush=True,
-        )
+    with source_tree(args.baseline) as base:
+        trees = {"before": base, "now": REPO} if args.baseline else {"now": REPO}
+        for i in range(args.rounds):
+            rounds.append(one_round(args.clients, trees))
+            r = rounds[-1]
+            print(
+                f"round {i + 1}: ttft p50/p99 direct {r.direct.pct('ttft_ms', 0.5):.0f}/"
+                f"{r.direct.pct('ttft_ms', 0.99):.0f} ms; "
+                + "; ".join(
+                    f"{n} {b.pct('ttft_ms', 0.5):.0f}/{b.pct('ttft_ms', 0.99):.0f} ms (node {b.cpu_s['node']:.2f} s,"
+                    f" gateway {b.cpu_s['gateway']:.2f} s)"
+                    for n, b in r.moonq.items()
+                ),
+                flush=True,
+            )
     text = section(rounds, args)
     print(text)
     if not args.no_write:

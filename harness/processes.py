@@ -358,17 +358,21 @@ class WorkerProcess:
     Args:
         env: overrides on top of this process's environment (REDIS_URL, MOONSHOT_*, MOONQ_*).
         args: extra command-line arguments for the worker.
+        cwd: the directory it starts in (None: this process's).
     """
 
-    def __init__(self, env: dict[str, str], *, args: tuple[str, ...] = (), log_path: Path | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], *, args: tuple[str, ...] = (), log_path: Path | None = None, cwd: Path | None = None
+    ) -> None:
         self.env = {**os.environ, **env}
+        self.cwd = cwd  # where ``-A worker`` is imported from (a benchmark's baseline checkout); None: here
         self.cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", *args]
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="moonq-worker-")) / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True, timeout_s: float = 60.0) -> WorkerProcess:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
         if wait:
             self.wait_ready(timeout_s)
         return self
