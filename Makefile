@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,12 +34,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two test processes, a file at a time each (a file's fixtures stay in one process), then the few tests
+# marked serial (timing another process beside them would upset) alone.
 test: install check-redis
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(BIN)/pytest -m serial --durations=5
 
 # The slow tests too (long streams, process kills).
 test-all: install check-redis
-	MOONQ_SLOW=1 $(BIN)/pytest
+	MOONQ_SLOW=1 $(BIN)/pytest -n 2 --dist loadfile -m "not serial"
+	MOONQ_SLOW=1 $(BIN)/pytest -m serial
 
 all: lint typecheck test
 
@@ -51,7 +55,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft
+bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -123,6 +127,12 @@ bench-deep-queue: $(BENCH_STAMP) check-redis
 # gateway and node of 5454059 (before the job-start work of issue 15) in the same rounds (~3 minutes).
 bench-ttft: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.ttft --baseline 5454059
+
+# The gateway for thousands: 2,000 streams through one `moonq gateway` (Redis connections, memory per
+# client, TTFB/end vs direct) and 200 streams direct vs gateway vs the LiteLLM proxy (pip-installed into
+# .bench/litellm-venv on first use, never a dependency) (~8 minutes).
+bench-gateway: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.gateway_load
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked
