@@ -24,11 +24,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 DONE = b"data: [DONE]\n\n"
 
 
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    """One SSE ``data:`` message. orjson (a dependency of the node already) writes the same compact UTF-8
+    JSON several times faster than json, once per relayed chunk; what it refuses (an integer past 64 bits)
+    goes through json. A NaN or Infinity (not JSON) is written as null, unless that fallback writes it."""
+    try:
+        body = orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"data: " + body + b"\n\n"
 
 
 def error_body(message: str, type_: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from gateway.app import GatewaySettings
 from harness import WorkerProcess, free_port
 from moonq import budgets
 from moonq.errors import TenantBudgetExceeded
+from moonq.record import DEFAULT_TENANT
 from moonq.settings import ClientSettings
 from moonq.tenants import TenantConfig, hash_token
 from producers import Client, JobFailed
@@ -193,7 +194,8 @@ def test_without_a_tenants_file_nothing_is_read_or_counted(run: Any, settings: S
     """The default tenant has no budget: its jobs leave no budget key (and its submits read none)."""
     job = run(KIMI)
     assert job.status() == "succeeded"
-    assert not list(r.scan_iter(f"{settings.prefix}:budget:*"))
+    # Its tenant's key only: tests of other files count other tenants' spend under the same prefix.
+    assert not list(r.scan_iter(budgets.key(settings.prefix, DEFAULT_TENANT, "*")))
 
 
 def test_a_budget_is_spent_once_the_spend_reaches_it() -> None:

@@ -51,7 +51,7 @@ def test_a_burst_of_new_connections_looks_up_no_package_metadata(
         client = resilient_redis(redis_server.url, max_connections=50)
         try:
             await asyncio.gather(*(client.blpop([f"nothing:{i}"], timeout=0.2) for i in range(50)))
-            return [c.driver_info for c in client.connection_pool._available_connections]  # type: ignore[attr-defined]
+            return [c.driver_info for c in client.connection_pool._available_connections]
         finally:
             await client.aclose()
 

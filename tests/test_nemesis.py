@@ -20,6 +20,7 @@ from tests.nemesis.run import RunConfig, run_seed
 SEED = int(os.environ.get("MOONQ_NEMESIS_SEED", "1"))
 
 
+@pytest.mark.serial  # its recovery deadlines assume the machine is its own
 @pytest.mark.timeout(480)
 def test_nemesis_on_the_redis_broker(tmp_path: Path) -> None:
     report = run_seed(RunConfig(seed=SEED, jobs=100, broker="redis", workdir=tmp_path))
