@@ -419,7 +419,9 @@ def create_app(settings: GatewaySettings | None = None) -> ASGIApp:
 def serve(host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", proxy_headers=True)
+    # asyncio's loop even where uvloop is installed: under uvloop a write on a connection the peer reset raises
+    # RuntimeError, which redis-py does not retry, and the gateway's shared subscription could stop on it.
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", proxy_headers=True, loop="asyncio")
 
 
 __all__ = ["GatewaySettings", "create_app", "serve", "sse"]

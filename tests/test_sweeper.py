@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from kombu.connection import Connection
 
 from harness import WorkerProcess
-from moonq.broker import producer_app, queue_lists, send_envelope
-from moonq.record import JobField, JobRecord, JobStatus
+from moonq.broker import broker_config, producer_app, queue_for, queue_lists, send_envelope
+from moonq.record import DEFAULT_TENANT, JobField, JobRecord, JobStatus
 from moonq.wire import JobEnvelope
 from producers import Client
 from simulator import SimServer
 from tests.helpers import make_settings, node_env
+from worker import transport
 from worker.loop import connect
 from worker.settings import Settings
 from worker.sweeper import BATCH, Sweeper, message_enqueued_at, verdict
@@ -131,6 +133,26 @@ def test_a_message_popped_and_lost_before_any_claim_is_sent_again(
         with node(swept, sim.base_url):
             assert job.result(timeout=20).choices[0].message.content
         assert not r.zscore(swept.keys.active_for(job.id), job.id)
+
+
+def test_a_message_a_node_took_but_has_not_claimed_is_not_sent_again(swept: Settings, r: redis.Redis) -> None:
+    # A node's receive took the message (recorded unacknowledged) and the node stopped before claiming the
+    # job (SIGSTOP for a few seconds, or a burst it is still working through): redelivery covers it if the
+    # node dies; the sweeper must not send a second copy meanwhile. A message left in no list and in no
+    # node's hands is still sent again (the test above).
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    options = broker_config(swept)["broker_transport_options"]  # the nodes' list names and priorities
+    with Connection(swept.broker_url, transport=transport.Transport, transport_options=options) as conn:
+        message = conn.default_channel.basic_get(queue_for(swept, DEFAULT_TENANT))
+        assert message is not None and r.hlen(f"{swept.keys.broker_prefix}unacked") == 1
+        _age(r, swept, job.id)
+        sweep = Sweeps(swept)
+        assert [sweep(), sweep(), sweep()] == [0, 0, 0]
+        assert not any(r.llen(n) for n in queue_lists(swept))  # no copy was sent
+        message.ack()
+    _age(r, swept, job.id)  # the sweeps that found it in a node's hands set it aside for orphan_after_s
+    assert [sweep(), sweep()] == [0, 1]  # acknowledged and never claimed: now it is lost, and sent again
 
 
 def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(

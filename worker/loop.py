@@ -52,25 +52,15 @@ def connect(settings: Settings) -> Redis:
     )
 
 
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """A new loop of ``kind`` (``MOONQ_EVENT_LOOP``): uvloop's, or the standard library's where uvloop is
-    not installed (it has no Windows build) or ``asyncio`` is asked for."""
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("MOONQ_EVENT_LOOP=uvloop but uvloop is not installed: using asyncio's loop")
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 class Runtime:
     """Start with ``start()``; ``run(envelope)`` from any thread; ``shutdown()`` then ``stop()``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.loop = new_event_loop(settings.event_loop)
+        # The standard library's loop, not uvloop: under uvloop a write on a connection the peer reset raises
+        # RuntimeError, which redis-py neither retries nor wraps, and the node's heartbeat and limiter
+        # loops (which ride out RedisError and OSError) stopped for good: the nemesis found it.
+        self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="moonq-loop", daemon=True)
         self.ctx: JobContext | None = None
         self._background: list[asyncio.Task[None]] = []

@@ -65,10 +65,6 @@ class Settings(ClientSettings):
     # many in flight on an asyncio loop, each Celery thread only waits for its job's future
     # (~70 KiB per job in flight; see BENCHMARKS.md, "Node performance").
     concurrency: int = Field(default=1000, ge=1)
-    # The node's event loop: uvloop (libuv, C) runs the same asyncio code for about a fifth less CPU per
-    # relayed fragment (BENCHMARKS.md, "CPU per relayed fragment"); "asyncio" is the standard library's,
-    # for a platform without uvloop or to rule it out when chasing a bug.
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # Connections of the node's Redis pool, shared by all its jobs (they queue for one when all are busy).
     redis_max_connections: int = Field(default=50, ge=4)
     connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -11,7 +11,8 @@ jobs with no sign of life for ``orphan_after_s`` and decides, per job:
 - ended or gone: drop it from the index (nothing to do);
 - ``queued`` and never sent: its producer died before sending; send it;
 - ``queued`` and sent, on a Redis broker: if no priority list still holds a message as old as the
-  job, its message is not in the queue any more (it was popped and never claimed): send it again.
+  job, and no node holds its message unacknowledged (taken, not yet claimed: a node paused just after
+  its receive), its message is not in the queue any more (it was popped and never recorded): send it again.
   On RabbitMQ a popped message is never lost (it is acknowledged late), so nothing is done;
 - ``running`` or ``retrying`` with a heartbeat older than ``orphan_after_s``: its owner is dead and
   redelivery (``visibility_timeout_s``) did not bring it back: send it again.
@@ -85,6 +86,17 @@ def message_enqueued_at(raw: bytes | str) -> float | None:
         return None
 
 
+def unacked_job_id(raw: bytes | str) -> str | None:
+    """The job id (its Celery task id) of an entry of kombu's unacked hash, ``[message, exchange,
+    routing_key]`` (None if unreadable)."""
+    try:
+        message = json.loads(raw)[0]
+        job_id = message["headers"]["id"]
+        return job_id if isinstance(job_id, str) else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 class Sweeper:
     """One node's sweeping loop (started by worker/loop.py)."""
 
@@ -141,9 +153,12 @@ class Sweeper:
         sent = 0
         suspects = set()
         waiting: list[str] = []
+        taken: list[set[str] | None] = []  # jobs whose message a node holds unacknowledged (read when needed)
         for job_id, raw in zip(ids, raws, strict=True):
             rec = JobRecord.from_redis(raw)
             what = verdict(rec, now_s=now_s, orphan_after_s=self.settings.orphan_after_s, oldest_queued_s=oldest)
+            if what == "send" and await self._in_a_nodes_hands(job_id, rec, taken):
+                what = "wait"
             if what == "wait":
                 waiting.append(job_id)
             elif what == "forget":
@@ -195,6 +210,26 @@ class Sweeper:
         if any(t is None for t in times):
             return None  # a message we cannot read: do not guess
         return min((t for t in times if t is not None), default=float("inf"))
+
+    async def _in_a_nodes_hands(self, job_id: str, rec: JobRecord | None, taken: list[set[str] | None]) -> bool:
+        """Whether a queued job whose message is in no queue list is in a node's hands: popped, not claimed
+        yet (a node paused right after its receive, or one working through a burst it took). Redelivery
+        brings it back if that node dies; a copy sent now would be a second delivery. ``taken``: this
+        sweep's read of the unacked hash, made on first need."""
+        if rec is None or rec.status is not JobStatus.QUEUED or not rec.sent:
+            return False
+        if not taken:
+            taken.append(await self._unacked_jobs())
+        return taken[0] is None or job_id in taken[0]
+
+    async def _unacked_jobs(self) -> set[str] | None:
+        """The jobs whose message some node has taken and not acknowledged (kombu's unacked hash, on a
+        Redis broker that is this Redis; None: can't tell). Read only when a queued job's message looks gone."""
+        if not self._redis_broker or self._broker is None:
+            return None
+        entries = await self._broker.hvals(f"{self.keys.broker_prefix}unacked")
+        # An entry that cannot be read (a hand-made message) holds no job of ours.
+        return {job_id for job_id in map(unacked_job_id, entries) if job_id is not None}
 
     async def _resend(self, job_id: str, rec: JobRecord, now_s: float) -> None:
         assert rec.envelope is not None
