@@ -18,7 +18,9 @@ from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from harness import RedisServer, WorkerProcess
+from moonq.broker import broker_config, queue_for
 from moonq.keys import Keys
+from moonq.record import DEFAULT_TENANT
 from producers import Client
 from simulator import SimConfig, SimServer
 from tests.helpers import LONG, make_settings, node_env, wait_until
@@ -250,3 +252,29 @@ def test_a_burst_is_received_a_few_messages_per_brpop_each_recorded_unacked(slow
                 for job in jobs:
                     assert job.result(timeout=60).choices[0].message.content
                 wait_until(lambda: r.hlen(unacked) == 0, 10, "every message acked")
+
+
+def test_a_received_message_waiting_for_a_thread_is_kept_alive_until_acked(
+    fresh_prefix: Settings, sim: SimServer
+) -> None:
+    # A task received but not running yet (every pool thread busy: after a broker reconnect the new channel
+    # prefetches again while the old deliveries still run) must not have its message restored to another
+    # node while this one is about to run it: the heartbeat keeps its unacked entry fresh, as a running
+    # delivery's. Once acknowledged, it is no longer this node's to keep.
+    rt = _runtime(fresh_prefix, sim.base_url)
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    index = f"{fresh_prefix.keys.broker_prefix}unacked_index"
+    options = broker_config(fresh_prefix)["broker_transport_options"]
+    try:
+        with Client(settings=fresh_prefix) as client:
+            client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+        with Connection(fresh_prefix.broker_url, transport=transport.Transport, transport_options=options) as conn:
+            message = conn.default_channel.basic_get(queue_for(fresh_prefix, DEFAULT_TENANT))
+            assert message is not None and message.delivery_tag in transport.held_tags()
+            r.zadd(index, {message.delivery_tag: 1.0})  # stale: the restore sweep would take it now
+            wait_until(lambda: (r.zscore(index, message.delivery_tag) or 0) > 1.0, 5, "the entry refreshed")
+            message.ack()
+            assert message.delivery_tag not in transport.held_tags()
+            assert r.zscore(index, message.delivery_tag) is None
+    finally:
+        rt.stop()

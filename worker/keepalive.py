@@ -30,6 +30,7 @@ from moonq.redisurl import async_redis
 from moonq.settings import is_redis_url
 from worker.delivery import Delivery
 from worker.job import JobContext
+from worker.transport import held_tags
 
 log = logging.getLogger("moonq.worker")
 
@@ -86,15 +87,19 @@ async def keepalive(ctx: JobContext, metrics_url: Callable[[], str | None]) -> N
             await asyncio.sleep(ctx.settings.heartbeat_interval_s)
             await _announce(ctx, metrics_url())
             deliveries = list(ctx.deliveries)
-            if not deliveries:
-                continue
             tags = [str(d.tag or "") if redis_broker else "" for d in deliveries]
+            # Received, not running yet (waiting for a pool thread): their entries are kept fresh too.
+            waiting = held_tags() - set(tags) if redis_broker else set()
+            if not deliveries and not waiting:
+                continue
             try:
-                await _beat(ctx, script, deliveries, tags if broker is None else [], unacked_index)
-                if broker is not None and any(tags):
-                    seconds, micros = await broker.time()  # its clock, as kombu's sweep there (transport.py)
-                    now = seconds + micros / 1e6
-                    await broker.zadd(unacked_index, {tag: now for tag in tags if tag}, xx=True)
+                if deliveries:
+                    await _beat(ctx, script, deliveries, tags if broker is None else [], unacked_index)
+                refresh = (waiting | set(tags) if broker is not None else waiting) - {""}
+                if refresh:
+                    target = broker or ctx.redis
+                    seconds, micros = await target.time()  # its clock, as kombu's sweep there (transport.py)
+                    await target.zadd(unacked_index, dict.fromkeys(refresh, seconds + micros / 1e6), xx=True)
             except NoScriptError:  # Redis restarted, or a shard never saw it: load it (everywhere), beat next time
                 await ctx.redis.script_load(script.script)
             except (RedisError, OSError):

@@ -56,6 +56,19 @@ CLOCK_REFRESH_S = 10.0
 # Messages a receive takes from the list its BRPOP answered from, beyond that one (``Channel._drain``).
 DRAIN_MAX = 16
 
+# Delivery tags of the messages this process has received and not yet acknowledged or rejected, running or
+# not: the heartbeat keeps their unacked entries fresh (worker/keepalive.py). A received task can wait for a
+# free pool thread (after a broker reconnect the new channel prefetches again while the old deliveries still
+# run), and a message whose entry went stale meanwhile was restored to another node while this one was
+# about to run it: the nemesis saw such second deliveries. Added and discarded from the consumer thread,
+# copied from the loop's (set operations are atomic under the GIL).
+_held: set[str] = set()
+
+
+def held_tags() -> set[str]:
+    """A copy of the tags this process holds (``_held``)."""
+    return _held.copy()
+
 
 class RedisClock:
     """The local clock corrected to Redis' ``TIME`` (the clock heartbeats and the claim use)."""
@@ -102,6 +115,7 @@ class QoS(kombu_redis.QoS):
         delivery = message.delivery_info
         entry = (delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))  # type: ignore[no-untyped-call]
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        _held.add(delivery_tag)
         if self.held is not None:
             self.held.append(entry)
         else:
@@ -247,12 +261,14 @@ class Channel(kombu_redis.Channel):
     # "Unrecoverable" and stops the node). The ack is not needed for correctness: the message is
     # redelivered after the visibility timeout and the claim skips a job that already ended.
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        _held.discard(delivery_tag)  # also when the ack is lost: its entry then goes stale and comes back
         try:
             super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
         except (AttributeError, RedisError, OSError):
             log.warning("ack of %s lost with its connection; redelivery will find the job ended", delivery_tag)
 
     def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        _held.discard(delivery_tag)
         try:
             super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
         except (AttributeError, RedisError, OSError):
