@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway chaos clean check-redis screenshots
+.PHONY: install format lint typecheck test test-all all demo bench bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway bench-relay-rate chaos clean check-redis screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,7 +55,7 @@ demo: install check-redis
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
 
-bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway
+bench: bench-limiter bench-fairshare bench-redis-cost bench-cluster bench-failover bench-enqueue bench-request-bytes bench-fragment-cpu bench-perf bench-batch bench-soak bench-webhooks bench-resume bench-deep-queue bench-ttft bench-gateway bench-relay-rate
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -133,6 +133,11 @@ bench-ttft: $(BENCH_STAMP) check-redis
 # .bench/litellm-venv on first use, never a dependency) (~8 minutes).
 bench-gateway: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.gateway_load
+
+# Relay at a realistic rate: how many 50 tokens/s streams one node holds at <= 80% of a core, relay p50/p99
+# (~25 minutes on a shared machine: it waits for the load average before each run).
+bench-relay-rate: $(BENCH_STAMP) check-redis
+	$(BIN)/python -m bench.relay_rate
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked
