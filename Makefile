@@ -50,7 +50,7 @@ all: lint typecheck test
 demo: install check-redis
 	$(BIN)/moonq demo
 
-# Every benchmark in turn (~20 minutes on 2 cores); each rewrites its own section of BENCHMARKS.md.
+# Every benchmark in turn (about an hour on 2 cores: the relay-rate run alone takes ~25 minutes); each rewrites its own section of BENCHMARKS.md.
 # The web console's screenshots in docs/console/ (docs/console.md), taken by its browser tests.
 screenshots: install check-redis
 	MOONQ_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_console_web.py
