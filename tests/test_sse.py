@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 
 import pytest
 
@@ -72,3 +74,35 @@ def test_field_rules(raw: bytes, expected: list[SSEEvent]) -> None:
 
 def test_invalid_utf8_is_replaced_not_raised() -> None:
     assert decode_all([b"data: \xff\xfe ok\n\n"]) == [SSEEvent("\ufffd\ufffd ok")]
+
+
+def test_whole_event_chunks_decode_as_byte_by_byte() -> None:
+    # A chat stream's reads are mostly whole events ("data: {...}\n\n", one or several): those skip the line
+    # scanner. Any mix of whole-event reads and other reads must give what byte-by-byte reading gives.
+    rng = random.Random(7)
+    kinds = [
+        b"data: " + json.dumps(CHUNKS[1], ensure_ascii=False).encode() + b"\n\n",
+        b"data: \n\n",  # empty data: an event with ""
+        b"data: a\ndata: b\n\n",  # two data lines: not a whole-event read
+        b"id: 42\ndata: with-id\n\n",
+        b"data: after-id\n\n",  # keeps the last id
+        b": comment\n\n",
+        b"data:no-space\n\n",
+        b"data: \xff bad utf-8\n\n",
+        b"event: ping\ndata: typed\n\n",
+        b"data: crlf\r\n\r\n",
+    ]
+    for _ in range(200):
+        events = [rng.choice(kinds) for _ in range(rng.randint(1, 12))]
+        data = b"".join(events)
+        cuts = sorted(rng.sample(range(1, len(events)), rng.randint(0, len(events) - 1))) if len(events) > 1 else []
+        bounds = [0, *cuts, len(events)]
+        aligned = [b"".join(events[a:b]) for a, b in itertools.pairwise(bounds)]
+        assert decode_all(aligned) == decode_all([data[i : i + 1] for i in range(len(data))])
+    assert SSEDecoder()._whole_events(kinds[0] * 3) is not None  # the fast path is taken for those
+
+
+def test_an_event_after_a_partial_line_is_not_taken_as_whole() -> None:
+    dec = SSEDecoder()
+    assert dec.feed(b"data: par") == []
+    assert dec.feed(b"tial\n\ndata: next\n\n") == [SSEEvent("partial"), SSEEvent("next")]

@@ -47,6 +47,9 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []
+        whole = self._whole_events(chunk)
+        if whole is not None:
+            return whole
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False
@@ -70,6 +73,21 @@ class SSEDecoder:
         del buf[:start]
         if len(buf) > MAX_EVENT_BYTES:
             raise StreamInterrupted(f"an SSE line is longer than {MAX_EVENT_BYTES} bytes", type="invalid_stream")
+        return out
+
+    def _whole_events(self, chunk: bytes) -> list[SSEEvent] | None:
+        """The events of ``chunk`` when it is nothing but whole ``data: <one line>`` events ending in a blank
+        line, with nothing pending from earlier chunks (the usual read of a chat stream: one chunk, one
+        event); else None, and the general path decodes it. The same events the general path gives."""
+        if self._buf or self._skip_lf or self._data or self._event is not None:
+            return None
+        if not chunk.endswith(b"\n\n") or b"\r" in chunk or len(chunk) > MAX_EVENT_BYTES:
+            return None
+        out = []
+        for piece in chunk[:-2].split(b"\n\n"):
+            if not piece.startswith(b"data: ") or b"\n" in piece:
+                return None
+            out.append(SSEEvent(data=piece[6:].decode("utf-8", errors="replace"), id=self._id))
         return out
 
     def _line(self, line: str) -> SSEEvent | None:
