@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Unpack
 
+from pydantic import BaseModel
+
 from moonq.connect import resilient_redis
 from moonq.errors import JobNotFound
 from moonq.eventlog import parse_entries
@@ -27,6 +29,28 @@ from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
 from producers.follow import Follower, ResultWait
 from producers.submitter import JobOptions, SubmitItem, Submitter
+
+# A request whose strings add up to more characters than this is prepared in a worker thread (``submit``).
+INLINE_REQUEST_CHARS = 256 * 1024
+
+
+def text_size(value: Any) -> int:
+    """The characters of the strings in a request (a dict or a model), counted without copying them: a
+    100 MB base64 image is one string, so this costs its structure, not its bytes. Stops counting past
+    ``INLINE_REQUEST_CHARS``."""
+    total, stack = 0, [value]
+    while stack and total <= INLINE_REQUEST_CHARS:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, BaseModel):
+            stack.extend(item.__dict__.values())
+            stack.extend((item.__pydantic_extra__ or {}).values())
+    return total
 
 
 class AsyncClient:
@@ -63,16 +87,22 @@ class AsyncClient:
     ) -> AsyncJob:
         """As ``Client.submit``."""
         options["tenant"] = tenant = options.get("tenant") or self.tenant
-        # The checks and the job are built here (CPU, no I/O); its enqueue, when it is one MULTI on the
-        # data Redis (its broker, no idempotency key, no budget), goes on this loop too. Through a worker
-        # thread it queued behind the loop's other work for the GIL: in a gateway streaming 200 answers, a
-        # submit's push reached Redis ~0.5 s after the call.
-        job, config = self._submitter.prepare(request, priority, idempotency_key, options)
-        if not self._submitter.pushes_directly(job, config):
-            submit = functools.partial(
-                self._submitter.submit, priority=priority, idempotency_key=idempotency_key, **options
-            )
-            return AsyncJob(self, await asyncio.to_thread(submit, request), tenant)
+        # A small request whose enqueue is one MULTI on the data Redis (its broker, no idempotency key, no
+        # budget) is checked, built and pushed on this loop. Through a worker thread it queued behind the
+        # loop's other work for the GIL: in a gateway streaming 200 answers, a submit's push reached Redis
+        # ~0.5 s after the call. A large one (validating and serializing 100 MB takes seconds) and every
+        # other submit run in a worker thread, as before.
+        if self._submitter.direct and idempotency_key is None and text_size(request) <= INLINE_REQUEST_CHARS:
+            job, config = self._submitter.prepare(request, priority, idempotency_key, options)
+            if self._submitter.pushes_directly(job, config):
+                return await self._push(job, tenant)
+        submit = functools.partial(
+            self._submitter.submit, priority=priority, idempotency_key=idempotency_key, **options
+        )
+        return AsyncJob(self, await asyncio.to_thread(submit, request), tenant)
+
+    async def _push(self, job: Any, tenant: str | None) -> AsyncJob:
+        """The one-MULTI enqueue of a prepared job (``Submitter.queue_push``), from this loop."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 self._submitter.queue_push(pipe, [job])

@@ -322,6 +322,11 @@ class Submitter:
         extra = {**owed, **_options(options.get("builtin_tools"), valid.n), JobField.TENANT: name}
         return self._job(valid, priority, extra, idempotency_key, name), config
 
+    @property
+    def direct(self) -> bool:
+        """Whether the broker is the data Redis itself, so an enqueue can be one MULTI there."""
+        return self._direct is not None
+
     def pushes_directly(self, job: _Job, config: TenantConfig) -> bool:
         """Whether ``job`` is enqueued by ``queue_push`` alone: one MULTI on the data Redis, which is its
         broker, with no idempotency key to claim and no budget to read first."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import uuid
 from typing import Any
 
 import pytest
 
+from moonq.request import validate_request
 from producers import AsyncClient, AsyncJob, Client, InvalidRequest, Job, JobFailed, JobNotFound
+from producers.aio import INLINE_REQUEST_CHARS, text_size
+from producers.submitter import Submitter
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Async, please."}]}
@@ -71,3 +75,30 @@ def test_errors_bulk_idempotency_cancel_and_dead_letters(
             assert (await again.result(timeout=10)).choices[0].message.content
 
     asyncio.run(main())
+
+
+def test_a_small_submit_is_pushed_from_the_loop_and_a_large_one_from_a_thread(
+    fresh_prefix: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small plain request is checked, built and pushed on the caller's loop (no worker thread to queue
+    # behind); one whose strings are large is validated and serialized in a worker thread, so a 100 MB
+    # request never stalls a gateway's loop. Both are enqueued the same way.
+    threads: list[str] = []
+    real = Submitter.submit
+
+    def spy(self: Submitter, *args: Any, **kwargs: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Submitter, "submit", spy)
+    small = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}
+    large = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "x" * (INLINE_REQUEST_CHARS + 1)}]}
+    assert text_size(small) < INLINE_REQUEST_CHARS < text_size(validate_request(large))
+
+    async def main() -> list[str]:
+        async with AsyncClient(settings=fresh_prefix) as client:
+            jobs = [await client.submit(small), await client.submit(large)]
+            return [await job.status() for job in jobs]
+
+    assert asyncio.run(main()) == ["queued", "queued"]
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name  # the large one, off the loop
