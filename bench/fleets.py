@@ -52,6 +52,22 @@ def source_tree(rev: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def node_env(redis_url: str, base_url: str, prefix: str, tree: Path = REPO, **extra: str) -> dict[str, str]:
+    """A benchmark node's (or gateway's) environment: its Redis, prefix and upstream (the simulator), no
+    /metrics port, started from ``tree`` (``tree_env``); ``extra``: more variables."""
+    return clean_env(
+        {
+            "REDIS_URL": redis_url,
+            "MOONQ_PREFIX": prefix,
+            "MOONSHOT_BASE_URL": base_url,
+            "MOONSHOT_API_KEY": API_KEY,
+            "MOONQ_METRICS_PORT": "0",
+            **tree_env(tree),
+            **extra,
+        }
+    )
+
+
 def tree_env(tree: Path) -> dict[str, str]:
     """The environment that makes a process started in ``tree`` import moonq from there."""
     return {} if tree == REPO else {"PYTHONPATH": str(tree)}

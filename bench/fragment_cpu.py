@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.fleets import API_KEY, REPO, clean_env, source_tree, tree_env
+from bench.fleets import API_KEY, REPO, node_env, source_tree
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess
@@ -97,16 +97,7 @@ def node_us(server: RedisServer, sim: Sim, tree: Path, streams: int, fragments: 
     """CPU per fragment of a node started from ``tree`` (this checkout or a baseline's) over one batch, and
     the batch's wall time."""
     prefix = f"fc{uuid.uuid4().hex[:6]}"
-    env = clean_env(
-        {
-            "REDIS_URL": server.url,
-            "MOONQ_PREFIX": prefix,
-            "MOONSHOT_BASE_URL": sim.base_url,
-            "MOONSHOT_API_KEY": API_KEY,
-            "MOONQ_METRICS_PORT": "0",
-            **tree_env(tree),
-        }
-    )
+    env = node_env(server.url, sim.base_url, prefix, tree)
     with (
         WorkerProcess(env, cwd=tree) as node,
         Client(settings=ClientSettings(redis_url=server.url, prefix=prefix)) as client,

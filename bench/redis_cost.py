@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from bench.fleets import API_KEY, REPO, clean_env
+from bench.fleets import REPO, node_env
 from bench.perf import Sim
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess
@@ -87,15 +87,7 @@ def one_run(fragments: int, jobs: int, followers: bool) -> Cost:
         Sim(latency_ms=20, chunk_ms=2, answer=(fragments, fragments), per_chunk=1) as sim,
     ):
         prefix = f"rc{uuid.uuid4().hex[:6]}"
-        env = clean_env(
-            {
-                "REDIS_URL": server.url,
-                "MOONQ_PREFIX": prefix,
-                "MOONSHOT_BASE_URL": sim.base_url,
-                "MOONSHOT_API_KEY": API_KEY,
-                "MOONQ_METRICS_PORT": "0",
-            }
-        )
+        env = node_env(server.url, sim.base_url, prefix)
         r = redis.Redis.from_url(server.url)
         with WorkerProcess(env), Client(settings=ClientSettings(redis_url=server.url, prefix=prefix)) as client:
             client.submit(REQUEST).result(timeout=60)  # warm: scripts loaded, connections open

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.fleets import API_KEY, REPO, clean_env, source_tree, tree_env
+from bench.fleets import API_KEY, REPO, node_env, source_tree
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
@@ -107,17 +107,7 @@ class Round:
 def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int) -> Burst:
     """A burst through a gateway and a node started from ``tree`` (this checkout, or a baseline's)."""
     assert sim.proc is not None and server.proc is not None
-    env = clean_env(
-        {
-            "REDIS_URL": server.url,
-            "MOONQ_PREFIX": f"tt{uuid.uuid4().hex[:6]}",
-            "MOONSHOT_BASE_URL": sim.base_url,
-            "MOONSHOT_API_KEY": API_KEY,
-            "MOONQ_METRICS_PORT": "0",
-            "MOONQ_GATEWAY_TOKENS": TOKEN,
-            **tree_env(tree),
-        }
-    )
+    env = node_env(server.url, sim.base_url, f"tt{uuid.uuid4().hex[:6]}", tree, MOONQ_GATEWAY_TOKENS=TOKEN)
     port = free_port()
     gateway = subprocess.Popen(
         [str(Path(sys.executable).parent / "moonq"), "gateway", "--host", "127.0.0.1", "--port", str(port)],
