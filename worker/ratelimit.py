@@ -85,7 +85,7 @@ log = logging.getLogger("moonq.limiter")
 # The one account of a node without an accounts file (worker/accounts.py).
 DEFAULT_ACCOUNT = "default"
 # A tenant's waiters one ask may grant. Asked one at a time, a burst of 200 job starts on a busy node
-# waited for 200 round trips in a row (a mean of 130-170 ms each before its call); one script call grants
+# waited for 200 round trips in a row (a mean limiter wait of 130-170 ms per job); one script call grants
 # a batch in the same order, and holds Redis no longer than the 64 calls it saves would have, in all.
 ASK_BATCH = 64
 
