@@ -1,9 +1,9 @@
 """Publishing a job's events: batched, ordered, and fenced by the job's owner token.
 
-Deltas arrive many per second per stream. ``emit`` only queues; one flusher per job sends
-whatever has queued up in a single ``APPEND_LUA`` call, so a fast stream costs one Redis round
-trip per batch rather than per chunk, while a slow stream still sends each delta at once
-(nothing waits for a timer). ``finish`` writes the terminal event together with the job
+Deltas arrive many per second per stream. ``emit`` only queues; whatever a job has queued goes
+out in a single ``APPEND_LUA`` call once its previous one is back, so a fast stream costs one
+Redis round trip per batch rather than per chunk, while a slow stream still sends each delta at
+once (nothing waits for a timer). ``finish`` writes the terminal event together with the job
 record's final fields, atomically.
 
 Across jobs, ``EventSink`` gathers the calls of every job of the process into one pipeline per
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,9 +24,52 @@ from redis.exceptions import NoScriptError
 
 from moonq.eventlog import append_args, delta_body, event_body
 from moonq.keys import Keys
+from moonq.redisurl import is_cluster_client
 
 # Most script calls in one pipeline; more wait for the next round trip.
 MAX_PIPELINE = 512
+
+
+def many_lua(script_text: str) -> str:
+    """A script that runs ``script_text`` once per call packed in its KEYS and ARGV, each call apart.
+
+    ARGV: the number of calls C, then each call's number of keys and of arguments, then every call's
+    arguments in turn; KEYS: every call's keys in turn. Returns one reply per call: what the script
+    returned, or, where it raised (a Redis error inside it, OOM say), that error as an error reply,
+    so that one failed call fails only its caller, as a pipeline of separate calls would.
+
+    Each call costs Redis what a call of its own would; what it saves is the client's: one command
+    to pack, send and parse per round trip instead of one per call (redis-py reads a pipeline's
+    replies one awaited parse each).
+    """
+    return (
+        "local function call(KEYS, ARGV)\n"
+        + script_text
+        + """
+end
+local count = tonumber(ARGV[1])
+local out, k, a = {}, 0, 1 + 2 * count
+for i = 1, count do
+  local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local keys, argv = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do argv[j] = ARGV[a + j] end
+  k, a = k + nk, a + na
+  local ok, result = pcall(call, keys, argv)
+  if not ok then
+    result = {err = type(result) == 'table' and result.err or tostring(result)}
+  elseif result == nil then
+    result = false
+  end
+  out[i] = result
+end
+return out
+"""
+    )
+
+
+# One script call: its keys, its arguments, and what takes its result (or its error) when it is back.
+_Call = tuple[list[str], list[Any], Callable[[Any], None]]
 
 
 class EventSink:
@@ -34,40 +78,83 @@ class EventSink:
     ``await sink(keys=..., args=...)`` returns what the script returned. One pipeline is in
     flight at a time; calls made meanwhile go out together in the next one. Each call is
     independent: a failed one fails only its caller.
+
+    An ``EventWriter`` with deltas to send does not call: it marks itself (``mark``), and the
+    sink takes its queued bodies as it builds the next pipeline. A relayed fragment then costs
+    no task and no future of its own (a task and a future per fragment were a third of a node's
+    CPU per fragment on paced streams; BENCHMARKS.md, "CPU per relayed fragment").
     """
 
     def __init__(self, redis: Redis, script_text: str) -> None:
         self._redis = redis
         self._text = script_text
         self._sha = redis.register_script(script_text).sha
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        # On one Redis every call of a round trip goes in one script call; a cluster's calls name keys
+        # of several slots, so they go as a pipeline of calls there.
+        many = None if is_cluster_client(redis) else many_lua(script_text)
+        self._many = None if many is None else (many, redis.register_script(many).sha)
+        self._queue: list[_Call] = []
+        self._marked: list[EventWriter] = []  # writers with bodies queued and none in flight, in order
         self._flusher: asyncio.Task[None] | None = None
+        self._sending: list[_Call] = []  # the round trip in flight
         self.pipelines = 0
         self.calls = 0
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+
+        def settle(result: Any) -> None:
+            if future.done():  # the caller was cancelled meanwhile
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self._queue.append((keys, args, settle))
+        self._wake()
         return await future
 
+    def mark(self, writer: EventWriter) -> None:
+        """``writer`` has bodies to send: take them into the next pipeline."""
+        self._marked.append(writer)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+            self._flusher.add_done_callback(self._flusher_done)
+
     async def _flush(self) -> None:
-        while self._queue:
+        while self._queue or self._marked:
             batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+            room = MAX_PIPELINE - len(batch)
+            if room and self._marked:
+                writers, self._marked = self._marked[:room], self._marked[room:]
+                batch += [writer.take() for writer in writers]
+            self._sending = batch
             try:
                 results = await self._send(batch)
             except Exception as err:  # the connection, after redis-py's own retries: every caller hears it
                 results = [err] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if future.done():  # the caller was cancelled meanwhile
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            self._sending = []
+            for (_, _, settle), result in zip(batch, results, strict=True):
+                settle(result)  # a writer with more queued marks itself again: the loop goes on
 
-    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+    def _flusher_done(self, task: asyncio.Task[None]) -> None:
+        """Cancelled (the node's loop closing), even before its first step: no caller or writer may wait
+        for an answer forever."""
+        if not task.cancelled() and task.exception() is None:
+            return
+        stopped = RuntimeError("the event sink stopped")
+        calls, self._sending, self._queue = self._sending + self._queue, [], []
+        writers, self._marked = self._marked, []
+        for _, _, settle in calls:
+            settle(stopped)
+        for writer in writers:
+            writer.landed(stopped)
+
+    async def _send(self, batch: list[_Call]) -> list[Any]:
         self.pipelines += 1
         self.calls += len(batch)
         try:
@@ -88,7 +175,7 @@ class EventSink:
                 results[i] = result
         return results
 
-    def _unencodable(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> dict[int, Exception]:
+    def _unencodable(self, batch: list[_Call]) -> dict[int, Exception]:
         """Index -> error of each call in ``batch`` whose keys or arguments redis-py cannot encode."""
         encoder = self._redis.get_encoder()  # type: ignore[no-untyped-call]  # the pipeline's own encoder
         failed: dict[int, Exception] = {}
@@ -100,8 +187,16 @@ class EventSink:
                 failed[i] = err
         return failed
 
-    async def _run(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        """One pipeline of the batch's calls; those answered NOSCRIPT run again once the script is loaded."""
+    async def _run(self, batch: list[_Call]) -> list[Any]:
+        """The batch's calls in one round trip: one script call running them all (``many_lua``) on one
+        Redis, a pipeline of them on a cluster; those answered NOSCRIPT run again once it is loaded."""
+        if self._many is not None:
+            try:
+                return await self._together(batch, self._many[1])
+            except NoScriptError:
+                # Redis restarted (or its scripts were flushed): nothing of the batch ran.
+                await self._redis.script_load(self._many[0])
+                return await self._together(batch, self._many[1])
         results = await self._pipeline(batch)
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis restarted (or its scripts were flushed): load the script, run those calls again.
@@ -112,7 +207,20 @@ class EventSink:
                 results[i] = result
         return results
 
-    async def _pipeline(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+    async def _together(self, batch: list[_Call], sha: str) -> list[Any]:
+        keys: list[str] = []
+        argv: list[Any] = [len(batch)]
+        for call_keys, call_args, _ in batch:
+            argv += (len(call_keys), len(call_args))
+        for call_keys, call_args, _ in batch:
+            keys += call_keys
+            argv += call_args
+        results = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            "EVALSHA", sha, len(keys), *keys, *argv
+        )
+        return list(results)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
                 pipe.execute_command(
@@ -167,8 +275,10 @@ class EventWriter:
         self._owner = owner
         self._ttl_s = ttl_s
         self._max_events = max_events  # the replay log keeps at most this many entries (0 = no cap)
-        self._pending: list[str] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._pending: list[str] = []  # bodies queued, not yet taken into a pipeline
+        self._marked = False  # on the sink's list of writers to take from
+        self._in_flight = 0  # bodies taken into the pipeline in flight
+        self._idle: asyncio.Future[None] | None = None  # made by a drain that waits
         self._error: BaseException | None = None
         self.seq = seq  # the last seq in the log, as this writer knows it
         self._job_keys = append_args(keys, job_id, [], ttl_s=ttl_s)[0]  # made once: every append names them
@@ -197,19 +307,35 @@ class EventWriter:
         if self._error is not None:
             raise self._error
         self._pending.append(body)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
+        if not self._marked and not self._in_flight:
+            self._marked = True
+            self._sink.mark(self)
 
-    async def _flush_loop(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._append(batch, {})
-        except Exception as err:  # kept for the job's next emit/drain, which raises it in the job's task
-            self._error = err
+    def take(self) -> _Call:
+        """The sink's: every queued body as one ``APPEND_LUA`` call, now in flight."""
+        bodies, self._pending = self._pending, []
+        self._marked, self._in_flight = False, len(bodies)
+        keys, argv = self._args(bodies, {})
+        return keys, argv, self.landed
 
-    async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
-        keys, argv = append_args(
+    def landed(self, result: Any) -> None:
+        """The sink's: the call ``take`` made is back with ``result`` (the script's answer, or an error)."""
+        if isinstance(result, BaseException):
+            self._error = result  # raised by the job's next emit or drain, in the job's own task
+        elif not result:
+            self._error = Fenced(self.job_id)
+        else:
+            self.seq += self._in_flight
+        self._in_flight = 0
+        if self._pending and self._error is None:
+            self._marked = True
+            self._sink.mark(self)
+        elif self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
+
+    def _args(self, bodies: list[str], fields: dict[str, str]) -> tuple[list[str], list[str | int]]:
+        return append_args(
             self._keys,
             self.job_id,
             bodies,
@@ -221,15 +347,20 @@ class EventWriter:
             idempotency_key=self._idempotency_key,
             job_keys=self._job_keys,
         )
+
+    async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
+        keys, argv = self._args(bodies, fields)
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)
         self.seq += len(bodies)
 
     async def drain(self) -> None:
         """Wait until every queued event is written."""
-        if self._flusher is not None:
+        if self._marked or self._in_flight:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
             # Shielded: a job being cancelled still gets its deltas out before its last event.
-            await asyncio.shield(self._flusher)
+            await asyncio.shield(self._idle)
         if self._error is not None:
             raise self._error
 

@@ -1,0 +1,124 @@
+"""EventWriter through the shared EventSink: order, batching, fencing and a stopped sink, on a real Redis.
+
+A writer queues its deltas and the sink takes them as it builds each round trip (no task or future
+per delta), so these check what that must not lose: every job's log in emit order with no gap, the
+terminal write after the last delta, a fenced writer failing alone, and no drain left waiting when
+the sink is cancelled mid-flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from moonq.eventlog import APPEND_LUA
+from moonq.keys import Keys
+from worker.publisher import EventSink, EventWriter, Fenced
+
+
+async def _writers(redis: Redis, keys: Keys, sink: EventSink, n: int) -> list[EventWriter]:
+    writers = []
+    for i in range(n):
+        job_id = f"{uuid.uuid4().hex[:-1]}{i % 16:x}"
+        await redis.hset(keys.job(job_id), mapping={"status": "running", "seq": 0, "owner": f"o{i}"})
+        writers.append(EventWriter(sink, keys, job_id, owner=f"o{i}", ttl_s=60, seq=0))
+    return writers
+
+
+async def _log(redis: Redis, keys: Keys, job_id: str) -> list[dict[str, object]]:
+    entries = await redis.xrange(keys.log(job_id))
+    return [json.loads(fields[b"e"]) for _, fields in entries or [] if fields]
+
+
+def test_many_writers_keep_their_order_and_share_round_trips(redis_url: str) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            sink = EventSink(redis, APPEND_LUA)
+            writers = await _writers(redis, keys, sink, 40)
+
+            async def stream(writer: EventWriter) -> None:
+                for i in range(60):
+                    writer.emit_delta(1, 0, {"content": f"{i} "})
+                    if i % 7 == 0:
+                        await asyncio.sleep(0)  # a read's worth of time: others emit meanwhile
+                await writer.write("succeeded", {"status": "succeeded"})
+
+            await asyncio.gather(*(stream(w) for w in writers))
+            assert sink.pipelines < sink.calls / 4, f"{sink.pipelines} round trips for {sink.calls} appends"
+            for writer in writers:
+                log = await _log(redis, keys, writer.job_id)
+                assert [e["seq"] for e in log] == list(range(1, 62))
+                assert [e["delta"]["content"] for e in log[:-1]] == [f"{i} " for i in range(60)]  # type: ignore[index]
+                assert log[-1]["type"] == "succeeded" and writer.seq == 61
+                assert await redis.hget(keys.job(writer.job_id), "status") == b"succeeded"
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_fenced_writer_fails_alone(redis_url: str) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            sink = EventSink(redis, APPEND_LUA)
+            ours, taken = await _writers(redis, keys, sink, 2)
+            ours.emit_delta(1, 0, {"content": "a"})
+            taken.emit_delta(1, 0, {"content": "a"})
+            await asyncio.gather(ours.drain(), taken.drain())
+            await redis.hset(keys.job(taken.job_id), "owner", "another attempt")  # as a takeover does
+            ours.emit_delta(1, 0, {"content": "b"})
+            taken.emit_delta(1, 0, {"content": "b"})
+            await ours.drain()
+            with pytest.raises(Fenced):
+                await taken.drain()
+            with pytest.raises(Fenced):  # and every later emit, in the job's own task
+                taken.emit_delta(1, 0, {"content": "c"})
+            assert [e["delta"]["content"] for e in await _log(redis, keys, ours.job_id)] == ["a", "b"]  # type: ignore[index]
+            assert [e["delta"]["content"] for e in await _log(redis, keys, taken.job_id)] == ["a"]  # type: ignore[index]
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("when", ["before its first step", "waiting for a connection"])
+def test_a_cancelled_sink_leaves_no_drain_waiting(redis_url: str, when: str) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        # One connection, as the node's pool when all are in use: a second user waits for it.
+        redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=None))
+        try:
+            sink = EventSink(redis, APPEND_LUA)
+            writers = await _writers(redis, keys, sink, 20)
+            held = None
+            if when == "waiting for a connection":
+                held = await redis.connection_pool.get_connection()
+            for writer in writers:
+                writer.emit_delta(1, 0, {"content": "x"})
+            if held is not None:
+                await asyncio.sleep(0.05)  # the sink's round trip waits for the pool
+            assert sink._flusher is not None
+            sink._flusher.cancel()  # as the node's loop closing does
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(w.drain() for w in writers), return_exceptions=True), timeout=5
+            )
+            assert all(isinstance(o, RuntimeError) and "event sink stopped" in str(o) for o in outcomes), outcomes
+            with pytest.raises(RuntimeError, match="event sink stopped"):
+                writers[0].emit_delta(1, 0, {"content": "z"})
+            if held is not None:
+                await redis.connection_pool.release(held)
+        finally:
+            await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
+
+    asyncio.run(main())
