@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import wait
@@ -135,6 +137,32 @@ def test_stalled_stream_hits_the_read_timeout_and_is_retried(fresh_prefix: Setti
             assert retries(list(job.events())) == [(2, "timeout")]
     finally:
         rt.stop()
+
+
+def test_an_upstream_that_never_answers_hits_the_read_timeout(fresh_prefix: Settings) -> None:
+    """No headers at all (a hung proxy): the wait for them is bounded by the read timeout too."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
+        base_url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        settings = make_settings(
+            fresh_prefix.redis_url,
+            prefix=fresh_prefix.prefix,
+            moonshot_base_url=base_url,
+            read_timeout_s=0.3,
+            max_attempts=2,
+            backoff_base_s=0.0,
+        )
+        rt = Runtime(settings).start()
+        try:
+            with Client(settings=fresh_prefix) as client:
+                job = client.submit({"model": "moonshot-v1-8k", "messages": USER})
+                started = time.monotonic()
+                assert rt.run(json.loads(job.record()["envelope"])) == "failed"
+                assert time.monotonic() - started < 5
+                events = list(job.events())
+                assert retries(events) == [(2, "timeout")]
+                assert one_ending(events).error.type == "timeout"  # type: ignore[union-attr]
+        finally:
+            rt.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ thousand streams feels. httpx stays the HTTP client everywhere else (gateway tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -52,11 +53,10 @@ class UpstreamClient:
         api_key = account.api_key if account else settings.moonshot_api_key
         self.account = account.name if account else DEFAULT_ACCOUNT
         self.url = base_url.rstrip("/") + "/chat/completions"
-        # sock_read: the longest silence between two reads (a thinking model pauses); a whole
-        # attempt is bounded by the runner's own timeout, so no total here.
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
-        )
+        # The longest silence between two reads (a thinking model pauses) is stream_chat's own
+        # (_Silence), not aiohttp's sock_read; a whole attempt is bounded by the runner's timeout.
+        self.read_timeout_s = settings.read_timeout_s
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None)
         # No pool cap below the node's concurrency (limit=0): every in-flight job holds one connection.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         headers = {"Content-Type": "application/json"}
@@ -88,14 +88,20 @@ async def stream_chat(client: UpstreamClient, request: dict[str, Any]) -> AsyncI
     never mistaken for a whole one.
     """
     body = json.dumps(upstream_payload(request), ensure_ascii=False).encode()
+    silence: _Silence | None = None
     try:
-        async with await _post(client, body) as response:
+        async with asyncio.timeout(client.read_timeout_s):  # to the answer's headers
+            response = await _post(client, body)
+        async with response:
+            silence = _Silence(response, client.read_timeout_s)
             if response.status != 200:
                 error = error_from_response(response.status, await _error_body(response), response.headers)
                 error.retry_after_s = parse_retry_after(response.headers, error.message)
                 raise error
             decoder = SSEDecoder()
+            time = silence.loop.time
             async for raw in response.content.iter_any():
+                silence.last = time()
                 for event in decoder.feed(raw):
                     if event.data.startswith(DONE):
                         return
@@ -106,16 +112,50 @@ async def stream_chat(client: UpstreamClient, request: dict[str, Any]) -> AsyncI
             raise StreamInterrupted("stream ended without [DONE]", type="incomplete_stream")
     except UpstreamError:
         raise
-    except (TimeoutError, aiohttp.ServerTimeoutError) as err:
-        # ServerTimeoutError: connect or read timeout. A plain TimeoutError here can only come from
-        # aiohttp too: the runner's own attempt timeout cancels this task instead.
-        raise UpstreamUnavailable(f"upstream timed out: {type(err).__name__}", type="timeout") from err
-    except aiohttp.ClientConnectorError as err:
-        raise UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error") from err
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-        raise StreamInterrupted(f"connection dropped: {err}", type="connection_dropped") from err
-    except aiohttp.ClientError as err:
-        raise UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error") from err
+    except (TimeoutError, aiohttp.ClientError) as err:
+        raise _transport_error(err) from err
+    finally:
+        if silence is not None:
+            silence.handle.cancel()
+
+
+def _transport_error(err: TimeoutError | aiohttp.ClientError) -> UpstreamError:
+    """What a transport failure of a call means to the runner."""
+    if isinstance(err, (TimeoutError, aiohttp.ServerTimeoutError)):
+        # ServerTimeoutError: a connect timeout, or a read's (_Silence). A plain TimeoutError is the wait
+        # for the answer's headers: the runner's own attempt timeout cancels the task instead.
+        return UpstreamUnavailable(f"upstream timed out: {type(err).__name__}", type="timeout")
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error")
+    if isinstance(err, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return StreamInterrupted(f"connection dropped: {err}", type="connection_dropped")
+    return UpstreamUnavailable(f"cannot reach upstream: {err}", type="connection_error")
+
+
+class _Silence:
+    """A stream's read timeout: fails the read pending when nothing arrived for ``limit`` seconds.
+
+    aiohttp's ``sock_read`` cancels and re-arms a timer for every read, and a node reads thousands
+    of fragments a second; here the reader only notes the time of each read (``last``), and one
+    timer per ``limit`` of silence checks it: when it finds the stream silent that long, it fails
+    the read with the error ``sock_read`` raises (``ServerTimeoutError``) and drops the connection.
+    """
+
+    __slots__ = ("_response", "handle", "last", "limit", "loop")
+
+    def __init__(self, response: aiohttp.ClientResponse, limit: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.limit = limit
+        self._response = response
+        self.handle = self.loop.call_at(self.last + limit, self._check)
+
+    def _check(self) -> None:
+        if self.loop.time() - self.last < self.limit:
+            self.handle = self.loop.call_at(self.last + self.limit, self._check)
+            return
+        self._response.content.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+        self._response.close()  # not reusable: the rest of the answer may still come
 
 
 async def _post(client: UpstreamClient, body: bytes) -> aiohttp.ClientResponse:
