@@ -683,7 +683,7 @@ def section(
         "3. The node's loop was saturated: httpx's read path took 44% of its CPU, one `EVALSHA` per"
         " fragment 24%. httpx costs 70 us per fragment against aiohttp's 19 us (100 streams, decoding"
         " included): upstream streams moved to aiohttp (p50 30 ms, p99 152 ms). Then every job's log"
-        " appends went into one pipeline per round trip (`EventSink`): p50 3.4 ms, p99 13 ms under load,"
+        " appends went into one pipeline per round trip (`EventSink` then, now `ScriptSink`): p50 3.4 ms, p99 13 ms under load,"
         " and the figures above on a quiet machine.",
         "",
         "### Memory and Redis commands per job",
@@ -699,8 +699,9 @@ def section(
         f"| Redis commands per job, producer (`submit_many`) | {prod_per_job:.1f} ({prod_top}) |",
         "",
         "Commands are `INFO commandstats` calls, which count the commands a Lua script runs: each event is"
-        " one XADD and one PUBLISH inside `APPEND_LUA`, and the node sends every job's appends through one"
-        " pipeline per round trip (`EventSink`), so `evalsha` is the number of script calls, not of round trips.",
+        " one XADD and one PUBLISH inside `APPEND_LUA`, and the node sends every job's appends in one script"
+        " call per round trip (`ScriptSink`: `APPEND_LUA` once per job inside one `many_lua` call), so `evalsha`"
+        " counts round trips, not appends.",
         "",
     ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""EventSink: every job's log appends share pipelines, survive a script flush, and fail one by one."""
+"""ScriptSink: every job's log appends share pipelines, survive a script flush, and fail one by one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from redis.exceptions import ResponseError
 
 from moonq.eventlog import APPEND_LUA, append_args, event_body
 from moonq.keys import Keys
-from worker.publisher import EventSink
+from worker.sink import ScriptSink
 
 
 def _args(keys: Keys, job_id: str, n: int) -> tuple[list[str], list[str | int]]:
@@ -25,7 +25,7 @@ def test_concurrent_appends_share_pipelines_and_survive_a_script_flush(redis_url
     async def main() -> tuple[list[int], int, int, list[int]]:
         redis = Redis.from_url(redis_url)
         try:
-            sink = EventSink(redis, APPEND_LUA)
+            sink = ScriptSink(redis, APPEND_LUA)
             jobs = [f"j{i}" for i in range(200)]
             for job in jobs:  # the script only writes to an existing record
                 await redis.hset(keys.job(job), mapping={"status": "running", "seq": 0})
@@ -49,7 +49,7 @@ def test_a_failing_call_fails_only_its_caller(redis_url: str) -> None:
     async def main() -> list[object]:
         redis = Redis.from_url(redis_url)
         try:
-            sink = EventSink(redis, APPEND_LUA)
+            sink = ScriptSink(redis, APPEND_LUA)
             await redis.hset(keys.job("good"), mapping={"status": "running", "seq": 0})
             await redis.set(keys.job("bad"), "not a hash")  # HGET on it raises inside the script
             results: list[object] = await asyncio.gather(

@@ -1,4 +1,4 @@
-"""EventWriter through the shared EventSink: order, batching, fencing and a stopped sink, on a real Redis.
+"""EventWriter through the shared ScriptSink: order, batching, fencing and a stopped sink, on a real Redis.
 
 A writer queues its deltas and the sink takes them as it builds each round trip (no task or future
 per delta), so these check what that must not lose: every job's log in emit order with no gap, the
@@ -17,10 +17,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from moonq.eventlog import APPEND_LUA
 from moonq.keys import Keys
-from worker.publisher import EventSink, EventWriter, Fenced
+from worker.publisher import EventWriter, Fenced
+from worker.sink import ScriptSink
 
 
-async def _writers(redis: Redis, keys: Keys, sink: EventSink, n: int) -> list[EventWriter]:
+async def _writers(redis: Redis, keys: Keys, sink: ScriptSink, n: int) -> list[EventWriter]:
     writers = []
     for i in range(n):
         job_id = f"{uuid.uuid4().hex[:-1]}{i % 16:x}"
@@ -40,7 +41,7 @@ def test_many_writers_keep_their_order_and_share_round_trips(redis_url: str) -> 
     async def main() -> None:
         redis = Redis.from_url(redis_url)
         try:
-            sink = EventSink(redis, APPEND_LUA)
+            sink = ScriptSink(redis, APPEND_LUA)
             writers = await _writers(redis, keys, sink, 40)
 
             async def stream(writer: EventWriter) -> None:
@@ -70,7 +71,7 @@ def test_a_fenced_writer_fails_alone(redis_url: str) -> None:
     async def main() -> None:
         redis = Redis.from_url(redis_url)
         try:
-            sink = EventSink(redis, APPEND_LUA)
+            sink = ScriptSink(redis, APPEND_LUA)
             ours, taken = await _writers(redis, keys, sink, 2)
             ours.emit_delta(1, 0, {"content": "a"})
             taken.emit_delta(1, 0, {"content": "a"})
@@ -99,7 +100,7 @@ def test_a_cancelled_sink_leaves_no_drain_waiting(redis_url: str, when: str) -> 
         # One connection, as the node's pool when all are in use: a second user waits for it.
         redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=None))
         try:
-            sink = EventSink(redis, APPEND_LUA)
+            sink = ScriptSink(redis, APPEND_LUA)
             writers = await _writers(redis, keys, sink, 20)
             held = None
             if when == "waiting for a connection":

@@ -31,8 +31,8 @@ from simulator.faults import BAD_USAGE_VALUES
 from tests.helpers import make_settings, streaming, wait_until
 from worker.limiter_state import LimiterKeys
 from worker.loop import Runtime
-from worker.publisher import EventSink
 from worker.settings import Settings
+from worker.sink import ScriptSink
 from worker.surrogates import replace_lone_surrogates
 from worker.usage import token_counts, usage_problem
 
@@ -108,7 +108,7 @@ def test_one_call_that_cannot_be_encoded_fails_alone_in_its_pipeline(redis_url: 
     async def main() -> tuple[list[Any], int]:
         client = Redis.from_url(redis_url)
         try:
-            sink = EventSink(client, APPEND_LUA)
+            sink = ScriptSink(client, APPEND_LUA)
             jobs = [f"j{i}" for i in range(20)]
             for job in jobs:
                 await client.hset(keys.job(job), mapping={"status": "running", "seq": 0})

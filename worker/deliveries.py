@@ -74,8 +74,8 @@ from moonq.webhooks import (
 )
 from worker import metrics
 from worker.callbacks import CallbackSender
-from worker.publisher import EventSink
 from worker.settings import Settings
+from worker.sink import ScriptSink
 from worker.usage import cost_usd, load_prices, token_counts
 from worker.webhook_http import Attempt, WebhookSender
 
@@ -217,7 +217,7 @@ class DeliveryWorker:
         self.prices = load_prices(settings.prices_file)
         self._promote = self.redis.register_script(PROMOTE_LUA)
         self._record = self.redis.register_script(RECORD_JSON_LUA)
-        self._settle = EventSink(self.redis, SETTLE_LUA)  # concurrent settles go out in shared pipelines
+        self._settle = ScriptSink(self.redis, SETTLE_LUA)  # concurrent settles go out in shared pipelines
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._streams = [self.keys.deliveries_in(g) for g in GROUPS]
@@ -341,7 +341,7 @@ class DeliveryWorker:
         """Start a task per entry, with what it needs read in one pipeline; returns how many started.
 
         redis-py's asyncio client costs far more per command than Redis does: one pipeline per batch
-        (and settles gathered the same way, ``EventSink``) keeps a delivery's CPU on the node small.
+        (and settles gathered the same way, ``ScriptSink``) keeps a delivery's CPU on the node small.
         """
         found = [(_text(entry_id), decode_hash(fields)) for entry_id, fields in entries if fields is not None]
         if not found:

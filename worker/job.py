@@ -32,11 +32,12 @@ from worker.budgets import Budgets
 from worker.delivery import Claim, Deliveries, Delivery, claim
 from worker.errors import RateLimited, StreamInterrupted, UpstreamError, UpstreamUnavailable
 from worker.estimate import reservation
-from worker.publisher import EventSink, EventWriter, Fenced
+from worker.publisher import EventWriter, Fenced
 from worker.ratelimit import DEFAULT_ACCOUNT, Limiter
 from worker.retry import RetryPolicy, retry_delay, should_retry
 from worker.rounds import TOOL_ROUND, offers_builtin
 from worker.settings import Settings
+from worker.sink import ScriptSink
 from worker.upstream import UpstreamClient, stream_chat
 from worker.usage import Price, cost_usd, token_counts
 
@@ -60,7 +61,7 @@ class JobContext:
     keys: Keys
     redis: Redis
     upstreams: dict[str, UpstreamClient]  # by account name (worker/accounts.py)
-    append: EventSink
+    append: ScriptSink
     claim: AsyncScript
     limiter: Limiter
     policy: RetryPolicy

@@ -32,9 +32,9 @@ from worker.delivery import CLAIM_LUA
 from worker.delivery_process import DeliveryProcess
 from worker.job import JobContext, Outcome, reject_envelope, run_job
 from worker.keepalive import cancel_deliveries, keepalive
-from worker.publisher import EventSink
 from worker.ratelimit import Limiter, shares
 from worker.settings import Settings
+from worker.sink import ScriptSink
 from worker.sweeper import Sweeper
 from worker.upstream import UpstreamClient
 from worker.usage import load_prices
@@ -94,7 +94,7 @@ class Runtime:
             keys=self.settings.keys,
             redis=redis,
             upstreams={account.name: UpstreamClient(s, account) for account in accounts},
-            append=EventSink(redis, append_lua(redis)),
+            append=ScriptSink(redis, append_lua(redis)),
             claim=redis.register_script(CLAIM_LUA),
             limiter=limiter,
             policy=self.settings.retry_policy,

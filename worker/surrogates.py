@@ -3,7 +3,7 @@
 The upstream's bytes are decoded as UTF-8 with errors replaced (``worker/sse.py``), so the text
 itself never holds a surrogate; a JSON escape can still make one: ``"\\ud800"`` decodes to a Python
 str that no UTF-8 encoder accepts. Such a str would fail wherever it is written to Redis, and a
-relayed delta is written in the pipeline every job of the process shares (``EventSink``).
+relayed delta is written in the pipeline every job of the process shares (``ScriptSink``).
 Replaced with U+FFFD, as invalid UTF-8 bytes already are.
 
 Decoding happens per chunk, so the check is cheap first: only text with an escape of an
