@@ -683,8 +683,8 @@ def section(
         "3. The node's loop was saturated: httpx's read path took 44% of its CPU, one `EVALSHA` per"
         " fragment 24%. httpx costs 70 us per fragment against aiohttp's 19 us (100 streams, decoding"
         " included): upstream streams moved to aiohttp (p50 30 ms, p99 152 ms). Then every job's log"
-        " appends went into one pipeline per round trip (`EventSink` then, now `ScriptSink`): p50 3.4 ms, p99 13 ms under load,"
-        " and the figures above on a quiet machine.",
+        " appends went into one pipeline per round trip (`EventSink` then, now `ScriptSink`): p50 3.4 ms,"
+        " p99 13 ms under load, and the figures above on a quiet machine.",
         "",
         "### Memory and Redis commands per job",
         "",
