@@ -353,9 +353,25 @@ def rejected_note(results: Sequence[Result]) -> str:
     return "429s by the limit that refused them, per the simulator: " + " · ".join(bits) + "."
 
 
+# Machines differ between runs (the same kind of machine, not the same CPU): the table is the latest
+# run's, and each section a run writes names its own CPU where its text said "Machine as above".
+MACHINE_NOTE = (
+    "The machine of the latest benchmark run. A section names the CPU it was measured on; one that says"
+    " only *Machine as above* was written before sections named theirs, on the machine this table named"
+    " at the time (at the last such run, 2026-12-01: an AMD EPYC of 2 cores, Linux 6.18.44-fc-v669)."
+    " Ratios within a section come from one run on one machine; figures from different sections may not."
+)
+
+
 def machine_section() -> str:
-    lines = [MACHINE, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in machine().items())]
-    return "\n".join(lines) + "\n"
+    table = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in machine().items())]
+    return "\n".join([MACHINE, "", MACHINE_NOTE, "", *table]) + "\n"
+
+
+def stamped(text: str) -> str:
+    """``text`` with "Machine as above" naming this machine's CPU and cores."""
+    m = machine()
+    return text.replace("Machine as above", f"Machine: {m['CPU']}, {m['Cores']} cores, {m['OS']}")
 
 
 def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -368,7 +384,7 @@ def write_section(path: Path, heading: str, text: str) -> None:
     """Rewrites the Machine section and the section under ``heading``; every other section stays."""
     old = path.read_text() if path.exists() else f"{TITLE}\n\n{PREAMBLE}\n\n"
     preamble, sections = split_sections(old)
-    fresh = {MACHINE: machine_section(), heading: text}
+    fresh = {MACHINE: machine_section(), heading: stamped(text)}
     out = [(h, fresh.pop(h) if h in fresh else s) for h, s in sections]
     if MACHINE in fresh:
         out.insert(0, (MACHINE, fresh.pop(MACHINE)))
