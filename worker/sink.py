@@ -1,15 +1,17 @@
 """One Lua script called by every job of a process, the calls gathered into one round trip.
 
 A node runs some scripts once per fragment or per delivery for hundreds of jobs at once: the
-event append (``APPEND_LUA``, per relayed fragment) and the webhook delivery settle. Each call sent on its own pays redis-py's pool checkout, packing, a syscall each
-way and a parse; ``ScriptSink`` sends whatever calls are waiting as one call of ``many_lua`` (on
-one Redis) or one pipeline (on a cluster, whose calls name keys of several slots), one round trip
-in flight at a time (200 concurrent calls go out in under 20 round trips, tests/test_event_sink.py).
+event append (``APPEND_LUA``, per relayed fragment) and the webhook delivery settle. Each call
+sent on its own pays redis-py's pool checkout, packing, a syscall each way and a parse;
+``ScriptSink`` sends whatever calls are waiting as one call of ``many_lua`` (on one Redis) or one
+pipeline (on a cluster, whose calls name keys of several slots), one round trip in flight at a
+time (200 concurrent calls go out in under 20 round trips, tests/test_event_sink.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,6 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from moonq.redisurl import is_cluster_client
+
+log = logging.getLogger("moonq.worker")
 
 # Most script calls in one pipeline; more wait for the next round trip.
 MAX_PIPELINE = 512
@@ -149,8 +153,11 @@ class ScriptSink:
     def _flusher_done(self, task: asyncio.Task[None]) -> None:
         """Cancelled (the node's loop closing), even before its first step: no caller or writer may wait
         for an answer forever."""
-        if not task.cancelled() and task.exception() is None:
-            return
+        if not task.cancelled():
+            error = task.exception()
+            if error is None:
+                return
+            log.error("event=script_sink_failed error=%r", error, exc_info=error)
         stopped = RuntimeError("the event sink stopped")
         calls, self._sending, self._queue = self._sending + self._queue, [], []
         writers, self._marked = self._marked, []
