@@ -22,7 +22,7 @@ from moonq.redisurl import is_cluster_client
 
 log = logging.getLogger("moonq.worker")
 
-# Most script calls in one pipeline; more wait for the next round trip.
+# Most script calls in one round trip; more wait for the next one.
 MAX_PIPELINE = 512
 
 
@@ -106,7 +106,7 @@ class ScriptSink:
         self._marked: list[Taker] = []  # takers with work queued and none in flight, in order
         self._flusher: asyncio.Task[None] | None = None
         self._sending: list[ScriptCall] = []  # the round trip in flight
-        self.pipelines = 0
+        self.pipelines = 0  # round trips sent (one script call, or one pipeline on a cluster)
         self.calls = 0
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
@@ -172,7 +172,7 @@ class ScriptSink:
         try:
             return await self._run(batch)
         except Exception:
-            # redis-py encodes every argument of the pipeline before it sends any: one argument that
+            # redis-py encodes every argument of a command or pipeline before it sends any: one argument that
             # cannot be encoded (a lone surrogate in a job's event) fails the whole batch with nothing
             # sent. Then each call is encoded alone; those that fail get their own error, the rest go
             # out again together (nothing of theirs ran, so nothing is written twice). Any other failure
