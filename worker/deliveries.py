@@ -217,7 +217,7 @@ class DeliveryWorker:
         self.prices = load_prices(settings.prices_file)
         self._promote = self.redis.register_script(PROMOTE_LUA)
         self._record = self.redis.register_script(RECORD_JSON_LUA)
-        self._settle = ScriptSink(self.redis, SETTLE_LUA)  # concurrent settles go out in shared pipelines
+        self._settle = ScriptSink(self.redis, SETTLE_LUA)  # concurrent settles share round trips
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._streams = [self.keys.deliveries_in(g) for g in GROUPS]

@@ -67,9 +67,9 @@ class EventWriter:
         self._owner = owner
         self._ttl_s = ttl_s
         self._max_events = max_events  # the replay log keeps at most this many entries (0 = no cap)
-        self._pending: list[str] = []  # bodies queued, not yet taken into a pipeline
+        self._pending: list[str] = []  # bodies queued, not yet taken into a round trip
         self._marked = False  # on the sink's list of writers to take from
-        self._in_flight = 0  # bodies taken into the pipeline in flight
+        self._in_flight = 0  # bodies taken into the round trip in flight
         self._idle: asyncio.Future[None] | None = None  # made by a drain that waits
         self._error: BaseException | None = None
         self.seq = seq  # the last seq in the log, as this writer knows it
