@@ -55,19 +55,34 @@ def json_problem(data: Any) -> tuple[str, str] | None:
     surrogates (not encodable as UTF-8), NaN/Infinity and integers beyond 64 bits. Iterative,
     so a hostile depth cannot exhaust the stack.
     """
+    if not isinstance(data, dict | list | tuple):
+        rule = _scalar_problem(data)
+        return None if rule is None else (field_path(()), rule)
+    # Only containers go on the stack with their path; a scalar is checked where it is found, and its
+    # path is built only for the error (most of a request is ASCII strings: one isascii() each).
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, dict | list | tuple):
-            if len(path) >= MAX_JSON_DEPTH:
-                return field_path(path), f"is nested deeper than {MAX_JSON_DEPTH} levels"
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(value, dict) and (rule := _key_problem(key)) is not None:
-                    return field_path(path), rule
+        if len(path) >= MAX_JSON_DEPTH:
+            return field_path(path), f"is nested deeper than {MAX_JSON_DEPTH} levels"
+        is_dict = isinstance(value, dict)
+        for key, item in value.items() if is_dict else enumerate(value):
+            if is_dict and (type(key) is not str or not key.isascii()) and (rule := _key_problem(key)) is not None:
+                return field_path(path), rule
+            kind = type(item)
+            if kind is str:
+                if item.isascii():
+                    continue
+            elif kind is dict or kind is list:
                 stack.append((item, (*path, key)))
-        elif (rule := _scalar_problem(value)) is not None:
-            return field_path(path), rule
+                continue
+            elif item is None or kind is bool:
+                continue
+            elif isinstance(item, dict | list | tuple):
+                stack.append((item, (*path, key)))
+                continue
+            if (rule := _scalar_problem(item)) is not None:
+                return field_path((*path, key)), rule
     return None
 
 

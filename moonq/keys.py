@@ -62,7 +62,7 @@ The Celery broker's own keys (queue lists, unacked hash) get ``P:`` as kombu's
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -100,9 +100,19 @@ def group_of(job_id: str) -> int:
     return _HEX.index(last) if last and last in _HEX else zlib.crc32(job_id.encode()) % len(GROUP_TAGS)
 
 
+def uuid4_str() -> str:
+    """``str(uuid.uuid4())``, built from the same 16 random bytes without the ``UUID`` object (1.2 us
+    instead of 3.6: a bulk enqueue makes two per job)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def new_job_id(group: int | None = None) -> str:
     """A fresh uuid4 job id; with ``group``, one whose last digit puts it in that group (still a uuid4)."""
-    job_id = str(uuid.uuid4())
+    job_id = uuid4_str()
     return job_id if group is None else job_id[:-1] + _HEX[group]
 
 

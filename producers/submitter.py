@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
@@ -27,7 +26,7 @@ from moonq.broker import PRIORITY_SEP, message_priority, producer_app, queue_for
 from moonq.errors import InvalidRequest, JobNotFound, TenantBudgetExceeded, TenantModelNotAllowed
 from moonq.eventlog import append_args, append_lua, event_body
 from moonq.indexes import newest_first
-from moonq.keys import GROUPS, Keys, group_of, new_job_id
+from moonq.keys import GROUPS, Keys, group_of, new_job_id, uuid4_str
 from moonq.models import check_builtin_tools
 from moonq.record import DEFAULT_TENANT, SET_IF_EXISTS_LUA, JobField, JobRecord, JobStatus, new_record, record_lua
 from moonq.redisurl import is_cluster_client
@@ -160,7 +159,7 @@ class TaskMessages:
             "body": base64.b64encode(ticket.encode()).decode(),
             "id": json.dumps(job_id),
             "argsrepr": json.dumps(f"(<job {job_id} {envelope.request.get('model')}>,)"),
-            "tag": uuid.uuid4(),
+            "tag": uuid4_str(),
         }
 
     def _template(self, tenant: str, priority: int) -> str:
@@ -334,11 +333,12 @@ class Submitter:
 
     def queue_push(self, pipe: Any, jobs: Sequence[_Job]) -> None:
         """Queue on ``pipe`` (a MULTI pipeline, redis-py's sync or asyncio one) a direct enqueue of
-        ``jobs`` (one tenant's, ``pushes_directly``): the records and index entries, the messages, then
-        the ``sent`` marks."""
+        ``jobs`` (one tenant's, ``pushes_directly``): the records (with their ``sent`` marks) and index
+        entries, and the messages; the ``sent`` marks of keyed jobs, whose claims wrote their records."""
         assert self._direct is not None
         tenant = jobs[0].record[JobField.TENANT]
-        self._write(pipe, jobs, tenant)
+        # A record this MULTI writes carries its sent mark: nothing sees it before its message is pushed.
+        self._write(pipe, jobs, tenant, sent=True)
         by_list: dict[str, list[str]] = {}
         for job in jobs:
             name = self._direct.list_for(tenant, job.envelope.priority)
@@ -346,7 +346,8 @@ class Submitter:
         for name, messages in by_list.items():
             pipe.lpush(name, *messages)  # in order: kombu pops a list from its other end
         for job in jobs:
-            pipe.hset(self.keys.job(job.id), JobField.SENT, "1")
+            if job.idem:  # its record was written by the key's claim
+                pipe.hset(self.keys.job(job.id), JobField.SENT, "1")
 
     def forget(self, jobs: Sequence[_Job]) -> None:
         """Undo jobs whose enqueue failed (their records, index entries and idempotency keys)."""
@@ -592,19 +593,21 @@ class Submitter:
             calls.append((keys, [job.id, job.digest, repr(job.envelope.enqueued_at), *flat]))
         return self._pipelined(self._claim_key, calls)
 
-    def _write(self, pipe: redis.client.Pipeline, jobs: Sequence[_Job], tenant: str) -> None:
+    def _write(self, pipe: redis.client.Pipeline, jobs: Sequence[_Job], tenant: str, sent: bool = False) -> None:
         """Queue on ``pipe`` the records and active-index entries of the jobs without a key (the claim
-        wrote the others'), and every job's recent-jobs entries."""
+        wrote the others'), and every job's recent-jobs entries; ``sent``: the records with their sent
+        mark (the caller's MULTI pushes their messages too)."""
         plain = [j for j in jobs if not j.idem]
         for job in plain:
-            pipe.hset(self.keys.job(job.id), mapping=job.record)  # type: ignore[arg-type]
+            record = {**job.record, JobField.SENT: "1"} if sent else job.record
+            pipe.hset(self.keys.job(job.id), mapping=record)  # type: ignore[arg-type]
         for active, enqueued in _by_group([j.envelope for j in plain], self.keys.active_in).items():
             pipe.zadd(active, enqueued)
         self._remember(pipe, {j.id: j.envelope.enqueued_at for j in jobs}, tenant)
 
     def _write_and_push(self, jobs: Sequence[_Job], tenant: str) -> None:
-        """The broker is this Redis: in one MULTI, the records and index entries, the messages, then the
-        ``sent`` marks. All or nothing (a Redis out of memory refuses the lot); a push refused anyway
+        """The broker is this Redis: in one MULTI, the records (marked sent), index entries and messages
+        (``queue_push``). All or nothing (a Redis out of memory refuses the lot); a push refused anyway
         (the list is not a list) forgets the jobs, as a refused publish does."""
         assert self._direct is not None
         if not jobs:
