@@ -3,8 +3,8 @@
 Reads (status, events, result) use redis.asyncio and never block the loop; following and
 waiting decide as ``Client`` does (``producers/follow.py``), and share one pub/sub connection
 per client (``producers/fanout.py``). Writes go through the same ``Submitter`` as ``Client``'s:
-a submit that is one MULTI on the data Redis (the broker too, no idempotency key, no budget) runs on
-the caller's loop; the rest (Celery's producer is synchronous) in a worker thread
+a submit that is one script call on the data Redis (the broker too, no idempotency key, no budget)
+runs on the caller's loop; the rest (Celery's producer is synchronous) in a worker thread
 (``asyncio.to_thread``). Validation errors are raised in the caller before anything is enqueued.
 """
 
@@ -28,7 +28,7 @@ from moonq.settings import ClientSettings
 from moonq.wire import DEFAULT_PRIORITY, ChatCompletion, ChatRequest, Event
 from producers.fanout import Fanout
 from producers.follow import Follower, ResultWait
-from producers.submitter import JobOptions, SubmitItem, Submitter
+from producers.submitter import COMMANDS_LUA, JobOptions, SubmitItem, Submitter
 
 # A request whose strings add up to more characters than this is prepared in a worker thread (``submit``).
 INLINE_REQUEST_CHARS = 256 * 1024
@@ -76,6 +76,7 @@ class AsyncClient:
         # The writes' own synchronous connection, used from worker threads only.
         self._sync_redis = sync_redis(settings.redis_url)
         self._submitter = Submitter(settings, self._sync_redis)
+        self._commands = self.redis.register_script(COMMANDS_LUA)
 
     async def submit(
         self,
@@ -87,8 +88,8 @@ class AsyncClient:
     ) -> AsyncJob:
         """As ``Client.submit``."""
         options["tenant"] = tenant = options.get("tenant") or self.tenant
-        # A small request whose enqueue is one MULTI on the data Redis (its broker, no idempotency key, no
-        # budget) is checked, built and pushed on this loop. Through a worker thread it queued behind the
+        # A small request whose enqueue is one script call on the data Redis (its broker, no idempotency
+        # key, no budget) is checked, built and pushed on this loop. Through a worker thread it queued behind the
         # loop's other work for the GIL: in a gateway streaming 200 answers, a submit's push reached Redis
         # ~0.5 s after the call. A large one (validating and serializing 100 MB takes seconds) and every
         # other submit run in a worker thread, as before.
@@ -102,11 +103,9 @@ class AsyncClient:
         return AsyncJob(self, await asyncio.to_thread(submit, request), tenant)
 
     async def _push(self, job: Any, tenant: str | None) -> AsyncJob:
-        """The one-MULTI enqueue of a prepared job (``Submitter.queue_push``), from this loop."""
+        """The one-script enqueue of a prepared job (``Submitter.push_commands``), from this loop."""
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                self._submitter.queue_push(pipe, [job])
-                await pipe.execute()
+            await self._commands(args=self._submitter.push_commands([job]))
         except Exception:  # refused (a Redis out of memory refuses the lot): nothing is left of it
             await asyncio.to_thread(self._submitter.forget, [job])
             raise

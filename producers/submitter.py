@@ -68,6 +68,56 @@ return 1
 """
 
 
+# A direct enqueue's writes (``Submitter.push_commands``) as one script call. ARGV is a run of commands,
+# each given as its argument count, then the command and its arguments. One command and one reply per
+# enqueue instead of a MULTI's dozen (redis-py packs each command and parses each reply, ~5 us apiece:
+# most of a submit's CPU on the producer, and of a gateway's per request); atomic, as the MULTI was. The
+# keys are not declared: a direct enqueue only happens on one plain Redis (never a Cluster). A chunk of
+# ``BULK_CHUNK`` jobs makes commands of at most ~2 x BULK_CHUNK arguments (Lua's unpack takes ~8,000).
+COMMANDS_LUA = """
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
+
+class Commands:
+    """Writes recorded for ``COMMANDS_LUA``, with the pipeline methods ``Submitter._write`` calls;
+    ``args`` is the script's ARGV (numbers as redis-py would send them)."""
+
+    def __init__(self) -> None:
+        self.args: list[str | float | int] = []
+
+    def _add(self, *command: str | float | int) -> None:
+        self.args.append(len(command))
+        self.args.extend(command)
+
+    def hset(
+        self, name: str, key: str | None = None, value: str | None = None, mapping: Mapping[str, str] | None = None
+    ) -> None:
+        pairs = [
+            *(() if key is None or value is None else (key, value)),
+            *(x for kv in (mapping or {}).items() for x in kv),
+        ]
+        self._add("HSET", name, *pairs)
+
+    def zadd(self, name: str, mapping: Mapping[str, float]) -> None:
+        self._add("ZADD", name, *(x for member, score in mapping.items() for x in (score, member)))
+
+    def zremrangebyscore(self, name: str, min: str | float, max: str | float) -> None:
+        self._add("ZREMRANGEBYSCORE", name, min, max)
+
+    def expire(self, name: str, time: int) -> None:
+        self._add("EXPIRE", name, time)
+
+    def lpush(self, name: str, *values: str) -> None:
+        self._add("LPUSH", name, *values)
+
+
 class JobOptions(TypedDict, total=False):
     """What a submit may say beside the request, its priority and idempotency key (``Client.submit``
     documents each): where its end is delivered, its builtin tools mode, and its tenant."""
@@ -119,8 +169,8 @@ _EMBED_JSON = json.dumps({"callbacks": None, "errbacks": None, "chain": None, "c
 class TaskMessages:
     """The Celery task messages of moonq's jobs, built here and pushed on the broker's list by the caller.
 
-    Used when the broker is the data Redis itself: the push then rides in the same Redis round trip
-    (a MULTI) as the job's record, its indexes and its ``sent`` mark, instead of one publish through
+    Used when the broker is the data Redis itself: the push then rides in the same script call
+    (``Submitter.push_commands``) as the job's record, its indexes and its ``sent`` mark, instead of one publish through
     Celery and kombu per job (about half the cost of a submit in a profile, the rest being Redis round
     trips). The message is byte for byte what ``send_envelope`` sends through kombu's Redis transport
     (protocol 2, JSON, base64 body, a fresh delivery tag; tests/test_bulk.py compares the two), on the
@@ -231,6 +281,7 @@ class Submitter:
         self._claim_key = client.register_script(IDEMPOTENCY_LUA)
         self._set_field = client.register_script(SET_IF_EXISTS_LUA)
         self._forget = client.register_script(FORGET_LUA)
+        self._commands = client.register_script(COMMANDS_LUA)
         self._celery = producer_app(settings)
         self.tenants: Tenants = cached_tenants(settings.tenants_file)
         # The broker is this very Redis (not a Cluster, not through Sentinel): messages are pushed here.
@@ -323,31 +374,35 @@ class Submitter:
 
     @property
     def direct(self) -> bool:
-        """Whether the broker is the data Redis itself, so an enqueue can be one MULTI there."""
+        """Whether the broker is the data Redis itself, so an enqueue can be one script call there."""
         return self._direct is not None
 
     def pushes_directly(self, job: _Job, config: TenantConfig) -> bool:
-        """Whether ``job`` is enqueued by ``queue_push`` alone: one MULTI on the data Redis, which is its
+        """Whether ``job`` is enqueued by ``push_commands`` alone: one script call on the data Redis, its
         broker, with no idempotency key to claim and no budget to read first."""
         return self._direct is not None and not job.idem and not budgets.limits(config)
 
-    def queue_push(self, pipe: Any, jobs: Sequence[_Job]) -> None:
-        """Queue on ``pipe`` (a MULTI pipeline, redis-py's sync or asyncio one) a direct enqueue of
-        ``jobs`` (one tenant's, ``pushes_directly``): the records (with their ``sent`` marks) and index
-        entries, and the messages; the ``sent`` marks of keyed jobs, whose claims wrote their records."""
+    def push_commands(self, jobs: Sequence[_Job]) -> list[str | float | int]:
+        """The ARGV of ``COMMANDS_LUA`` for a direct enqueue of ``jobs`` (one tenant's,
+        ``pushes_directly``): the messages first (a push refused, its list not a list, stops the script
+        before any write), then the records with their ``sent`` marks, the index entries, and the marks of
+        keyed jobs, whose claims wrote their records. One script call is atomic: nothing sees a record
+        before its message is pushed. The sync client runs it in ``_write_and_push``, the asyncio one
+        through its own registration of the script."""
         assert self._direct is not None
         tenant = jobs[0].record[JobField.TENANT]
-        # A record this MULTI writes carries its sent mark: nothing sees it before its message is pushed.
-        self._write(pipe, jobs, tenant, sent=True)
+        commands = Commands()
         by_list: dict[str, list[str]] = {}
         for job in jobs:
             name = self._direct.list_for(tenant, job.envelope.priority)
             by_list.setdefault(name, []).append(self._direct.message(job.envelope, tenant))
         for name, messages in by_list.items():
-            pipe.lpush(name, *messages)  # in order: kombu pops a list from its other end
+            commands.lpush(name, *messages)  # in order: kombu pops a list from its other end
+        self._write(commands, jobs, tenant, sent=True)
         for job in jobs:
-            if job.idem:  # its record was written by the key's claim
-                pipe.hset(self.keys.job(job.id), JobField.SENT, "1")
+            if job.idem:
+                commands.hset(self.keys.job(job.id), JobField.SENT, "1")
+        return commands.args
 
     def forget(self, jobs: Sequence[_Job]) -> None:
         """Undo jobs whose enqueue failed (their records, index entries and idempotency keys)."""
@@ -593,10 +648,12 @@ class Submitter:
             calls.append((keys, [job.id, job.digest, repr(job.envelope.enqueued_at), *flat]))
         return self._pipelined(self._claim_key, calls)
 
-    def _write(self, pipe: redis.client.Pipeline, jobs: Sequence[_Job], tenant: str, sent: bool = False) -> None:
+    def _write(
+        self, pipe: redis.client.Pipeline | Commands, jobs: Sequence[_Job], tenant: str, sent: bool = False
+    ) -> None:
         """Queue on ``pipe`` the records and active-index entries of the jobs without a key (the claim
         wrote the others'), and every job's recent-jobs entries; ``sent``: the records with their sent
-        mark (the caller's MULTI pushes their messages too)."""
+        mark (the caller's script call pushes their messages too: ``push_commands``)."""
         plain = [j for j in jobs if not j.idem]
         for job in plain:
             record = {**job.record, JobField.SENT: "1"} if sent else job.record
@@ -606,16 +663,14 @@ class Submitter:
         self._remember(pipe, {j.id: j.envelope.enqueued_at for j in jobs}, tenant)
 
     def _write_and_push(self, jobs: Sequence[_Job], tenant: str) -> None:
-        """The broker is this Redis: in one MULTI, the records (marked sent), index entries and messages
-        (``queue_push``). All or nothing (a Redis out of memory refuses the lot); a push refused anyway
+        """The broker is this Redis: in one script call, the messages, records (marked sent) and index
+        entries (``push_commands``). All or nothing (a Redis out of memory refuses the lot); a push refused anyway
         (the list is not a list) forgets the jobs, as a refused publish does."""
         assert self._direct is not None
         if not jobs:
             return
         try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                self.queue_push(pipe, jobs)
-                pipe.execute()
+            self._commands(args=self.push_commands(jobs))
         except Exception:
             self._forget_jobs(jobs)
             raise
@@ -646,7 +701,7 @@ class Submitter:
                 self.redis.script_load(script.script)
         raise AssertionError("unreachable")
 
-    def _remember(self, pipe: redis.client.Pipeline, enqueued: Mapping[str, float], tenant: str) -> None:
+    def _remember(self, pipe: redis.client.Pipeline | Commands, enqueued: Mapping[str, float], tenant: str) -> None:
         """Queue on ``pipe`` the jobs' entries in their groups' recent-jobs indexes (``P:recent:{g}``, and
         ``P:recent:<tenant>:{g}`` for the tenant's own list; moonq/keys.py).
 

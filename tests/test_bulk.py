@@ -108,3 +108,18 @@ def test_a_refused_push_forgets_the_jobs(fresh_prefix: Settings, r: redis.Redis,
             client.submit(REQ)
     assert not r.keys(f"{fresh_prefix.prefix}:job:*") and not active_count(r, fresh_prefix.keys)
     assert not r.exists(fresh_prefix.keys.idempotency("refused"))
+
+
+@pytest.mark.parametrize("how", ["one", "bulk"])
+def test_a_redis_out_of_memory_refuses_the_whole_enqueue(fresh_prefix: Settings, r: redis.Redis, how: str) -> None:
+    """The enqueue is one script call: a Redis above maxmemory refuses it before any write."""
+    with Client(settings=fresh_prefix) as client:
+        client.submit(REQ)  # scripts loaded, connections open
+        before = r.dbsize()
+        r.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                client.submit_many([REQ] * 3) if how == "bulk" else client.submit(REQ)
+        finally:
+            r.config_set("maxmemory", 0)
+        assert r.dbsize() == before
