@@ -369,9 +369,10 @@ def machine_section() -> str:
 
 
 def stamped(text: str) -> str:
-    """``text`` with "Machine as above" naming this machine's CPU and cores."""
+    """``text`` with "Machine as above" (or "machine as above") naming this machine's CPU and cores."""
     m = machine()
-    return text.replace("Machine as above", f"Machine: {m['CPU']}, {m['Cores']} cores, {m['OS']}")
+    named = f"{m['CPU']}, {m['Cores']} cores, {m['OS']}"
+    return text.replace("Machine as above", f"Machine: {named}").replace("machine as above", f"machine: {named}")
 
 
 def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
