@@ -49,7 +49,8 @@ def _key_problem(key: Any) -> str | None:
 
 
 def json_problem(data: Any) -> tuple[str, str] | None:
-    """The first place where ``data`` is not plain, portable JSON, as ``(field, rule)``; else None.
+    """A place where ``data`` is not plain, portable JSON, as ``(field, rule)`` (the first the walk
+    meets: a container's own scalars before its nested containers); else None.
 
     Checks what no schema rule covers, in known and unknown fields alike: nesting depth, lone
     surrogates (not encodable as UTF-8), NaN/Infinity and integers beyond 64 bits. Iterative,

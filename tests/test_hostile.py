@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from gateway.stream import ChunkStream
 from moonq.errors import InvalidRequest
+from moonq.jsonsafe import json_problem
 from moonq.request import MAX_JSON_DEPTH, MAX_STOP_BYTES, ChatRequest, validate_request
 from moonq.wire import ChatCompletion, Event, JobEnvelope
 from tests.helpers import nested
@@ -329,3 +330,52 @@ def test_a_runaway_line_or_event_ends_the_stream_clearly() -> None:
     with pytest.raises(StreamInterrupted, match="SSE event is longer than"):
         for _ in range(MAX_EVENT_BYTES // (1 << 20) + 2):
             dec.feed(line)
+
+
+def _reference_problem(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` breaks a plain-JSON rule, by plain recursion (what ``json_problem`` must agree with)."""
+    if isinstance(value, dict | list | tuple):
+        if depth >= MAX_JSON_DEPTH:
+            return True
+        if isinstance(value, dict) and any(not isinstance(k, str) or re.search("[\ud800-\udfff]", k) for k in value):
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        return any(_reference_problem(item, depth + 1) for item in items)
+    if isinstance(value, str):
+        return re.search("[\ud800-\udfff]", value) is not None
+    if value is None or isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > 2**63 - 1
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return True
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xFFFF), max_size=5),
+    st.binary(max_size=2),
+)
+_keys = st.one_of(st.text(max_size=3), st.text(alphabet="\ud800x", max_size=2), st.integers(0, 3), st.none())
+_documents = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.tuples(inner, inner), st.dictionaries(_keys, inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_documents, st.integers(0, MAX_JSON_DEPTH + 2))
+def test_the_plain_json_check_agrees_with_plain_recursion(document: Any, wrap: int) -> None:
+    # json_problem walks with a stack and checks scalars where it finds them (faster); wrapped in up to
+    # MAX_JSON_DEPTH + 2 lists, the depth rule is crossed too. It must find a problem exactly when there is one.
+    for _ in range(wrap):
+        document = [document]
+    found = json_problem(document)
+    assert (found is not None) == _reference_problem(document), found
