@@ -34,7 +34,7 @@ import httpx
 
 from bench.fleets import API_KEY, clean_env
 from bench.perf import PREFIX, Ended, Sim, wait_until
-from bench.report import write_section
+from bench.report import line_plot, write_section
 from console.top import Top
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
 from moonq.broker import QueueDepth
@@ -234,6 +234,13 @@ def section(result: dict[int, dict[str, float]], depths: list[int], rounds: int,
         return ratio(figure, result[deep][figure], result[base][figure]) + vs
 
     rows = [f"| {LABELS[f]} | " + " | ".join(cell(f, d) for d in depths) + f" | {last(f)} |" for f in FIGURES]
+    plot = line_plot(
+        "deep_queue",
+        "Read latency vs jobs waiting",
+        ("jobs waiting", "ms (median)"),
+        {LABELS[f]: (depths, [result[d][f] for d in depths]) for f in ("collect_ms", "scrape_ms", "top_ms")},
+        logx=True,
+    )
     return "\n".join(
         [
             SECTION,
@@ -248,6 +255,7 @@ def section(result: dict[int, dict[str, float]], depths: list[int], rounds: int,
             "|---|" + "---|" * (len(depths) + 1),
             *rows,
             "",
+            *([plot, ""] if plot else []),
             "Memory: `used_memory` growth over the enqueue divided by D (the job's record, its index entries and"
             " its broker message, all in the one Redis). Scrapes: `RedisCollector.collect()` is the node's"
             " scrape-time read (queue depth: one LLEN per priority list, whatever the depth); the HTTP GET goes"

@@ -137,8 +137,9 @@ def section(result: dict[str, dict[str, float]], jobs: int, rounds: int, baselin
             " by the producer (what Celery would send, tests/test_bulk.py compares them) and pushed on the"
             " broker's list in one script call with the record (marked `sent`) and its index entries"
             " (`COMMANDS_LUA`, atomic as a MULTI, one reply): one round trip per `submit` (two with a key:"
-            " the key's claim first), one per 1,000 jobs for `submit_many`. A broker apart still publishes through Celery and kombu (a profile of the old path:"
-            " half the time in `send_task`/kombu's publish, the rest in four to six Redis round trips). Keyed"
+            " the key's claim first), one per 1,000 jobs for `submit_many`. A broker apart still publishes"
+            " through Celery and kombu (a profile of the old path: half the time in `send_task`/kombu's publish,"
+            " the rest in four to six Redis round trips). Keyed"
             " `submit_many` claims its keys with one pipelined script per job, then sends only the new jobs.",
             "",
         ]

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.perf import PREFIX, Node, Sim, body, cpu_s, pct
-from bench.report import write_section
+from bench.report import line_plot, write_section
 from harness import RedisServer
 from producers import Client
 
@@ -404,6 +404,21 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
         *(row(p) for p in pub + sdk),
         "",
     ]
+    # The node's CPU per relayed delta: its share of a core over the window, per delta relayed in it.
+    plot = line_plot(
+        "cpu_per_fragment",
+        f"Node CPU per relayed fragment, streams at {RATE} tokens/s",
+        ("concurrent streams", "us of node CPU per fragment"),
+        {
+            "PSUBSCRIBE subscriber": (
+                [p.streams for p in pub],
+                [p.med(lambda r: r.cpu["node"] * 1e4 / r.per_s) for p in pub],
+            )
+        },
+        goal=(60.0, "goal: 60 us"),
+    )
+    if plot:
+        lines += [plot, ""]
     if best is not None:
         above = min((p for p in pub if p.streams > best.streams), key=lambda p: p.streams, default=None)
         lines.append(

@@ -14,7 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import celery
@@ -373,6 +373,48 @@ def stamped(text: str) -> str:
     m = machine()
     named = f"{m['CPU']}, {m['Cores']} cores, {m['OS']}"
     return text.replace("Machine as above", f"Machine: {named}").replace("machine as above", f"machine: {named}")
+
+
+PLOTS = Path(__file__).resolve().parent / "plots"
+
+
+def line_plot(
+    name: str,
+    title: str,
+    axes: tuple[str, str],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    logx: bool = False,
+    goal: tuple[float, str] | None = None,
+) -> str:
+    """Draws ``series`` (label -> (xs, ys)) with markers to ``bench/plots/<name>.png``, ``axes`` naming x and
+    y, and ``goal`` (y, label) as a dashed line; the Markdown line that shows it in a section, or "" when
+    matplotlib (the ``bench`` extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no plot)")
+        return ""
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", label=label)
+    if goal is not None:
+        ax.axhline(goal[0], linestyle="--", color="grey", label=goal[1])
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(PLOTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return f"![{title}](bench/plots/{name}.png)"
 
 
 def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:

@@ -37,7 +37,7 @@ from celery import Celery
 
 import producers.submitter
 from bench.fleets import REPO
-from bench.report import write_section
+from bench.report import line_plot, write_section
 from harness import RedisServer
 from moonq.broker import message_priority, queue_for, queue_lists
 from moonq.record import DEFAULT_TENANT
@@ -47,7 +47,13 @@ from producers import Client
 
 SECTION = "## One copy of each request: Redis bytes per queued job"
 # (label, request bytes wanted, jobs per round): enough jobs that the growth dwarfs Redis' own noise.
-SIZES = (("1 KB", 1_000, 400), ("100 KB", 100_000, 100), ("10 MB", 10_000_000, 6))
+SIZES = (
+    ("1 KB", 1_000, 400),
+    ("10 KB", 10_000, 200),
+    ("100 KB", 100_000, 100),
+    ("1 MB", 1_000_000, 20),
+    ("10 MB", 10_000_000, 6),
+)
 
 
 def request_of(size: int) -> dict[str, Any]:
@@ -143,6 +149,20 @@ def section(runs: list[list[Measured]], rounds: int) -> str:
             f" {med('ticket', label, 'logical_per_job'):.2f}x | {med('baseline', label, 'allocated_per_job'):.2f}x |"
             f" {med('baseline', label, 'logical_per_job'):.2f}x |"
         )
+    sizes = [next(m.request_bytes for m in runs[0] if m.label == label) for label, _, _ in SIZES]
+    curves = {
+        f"{way}, {attr.split('_')[0]}": (sizes, [med(way, label, attr) for label, _, _ in SIZES])
+        for way in ("ticket", "baseline")
+        for attr in ("allocated_per_job", "logical_per_job")
+    }
+    plot = line_plot(
+        "request_bytes",
+        "Redis bytes per queued job vs request size",
+        ("request JSON bytes", "Redis bytes / request bytes"),
+        curves,
+        logx=True,
+        goal=(1.1, "goal: 1.1x"),
+    )
     return "\n".join(
         [
             SECTION,
@@ -159,6 +179,7 @@ def section(runs: list[list[Measured]], rounds: int) -> str:
             "|---|---|---|---|---|---|",
             *rows,
             "",
+            *([plot, ""] if plot else []),
             f"The ticket leaves one copy of the request: its logical bytes are the request's own from 100 KB"
             f" up. What stays on top is fixed per job, about {fixed:,.0f} B logical (the broker message, mostly"
             " Celery's protocol headers, and the record's other fields), which is most of a 1 KB job; and,"
