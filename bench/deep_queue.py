@@ -238,7 +238,10 @@ def section(result: dict[int, dict[str, float]], depths: list[int], rounds: int,
         "deep_queue",
         "Read latency vs jobs waiting",
         ("jobs waiting", "ms (median)"),
-        {LABELS[f]: (depths, [result[d][f] for d in depths]) for f in ("collect_ms", "scrape_ms", "top_ms")},
+        {
+            LABELS[f].replace("`", ""): (depths, [result[d][f] for d in depths])
+            for f in ("collect_ms", "scrape_ms", "top_ms")
+        },
         logx=True,
     )
     return "\n".join(
