@@ -202,7 +202,7 @@ def test_a_refund_lowers_its_grant_and_creates_no_credit(redis_url: str) -> None
         # What the window holds now: its stored sum less the grants that have left but are not trimmed
         # yet (the 900 grant is trimmed by the late ask only if that ask woke after it had left too).
         sec, usec = await lim._redis.time()
-        gone = await lim._redis.zrangebyscore(lim.keys.tpm.grants, "-inf", sec * 1000 + usec // 1000 - 2_000)
+        gone: list[Any] = await lim._redis.zrangebyscore(lim.keys.tpm.grants, "-inf", sec * 1000 + usec // 1000 - 2_000)
         stored = await lim._redis.hget(units, SUM_FIELD)
         after_late_refund = window_used(stored, await lim._redis.hmget(units, gone) if gone else [])
         fresh = await lim.acquire(400, priority=5, enqueued_at_s=time.time())
