@@ -32,6 +32,10 @@ from producers.submitter import COMMANDS_LUA, JobOptions, SubmitItem, Submitter
 
 # A request whose strings add up to more characters than this is prepared in a worker thread (``submit``).
 INLINE_REQUEST_CHARS = 256 * 1024
+# A handle this young, from a submit that wrote its record, names a record that exists: a record lives
+# until result_ttl_s (60 s at least) after its job ends, and nothing else deletes it. Its first
+# ``events()`` skips the read that would raise JobNotFound (one round trip per streamed gateway request).
+FRESH_HANDLE_S = 30.0
 
 
 def text_size(value: Any) -> int:
@@ -109,7 +113,7 @@ class AsyncClient:
         except Exception:  # refused (a Redis out of memory refuses the lot): nothing is left of it
             await asyncio.to_thread(self._submitter.forget, [job])
             raise
-        return AsyncJob(self, job.id, tenant)
+        return AsyncJob(self, job.id, tenant, fresh=True)
 
     async def submit_many(
         self,
@@ -153,10 +157,12 @@ class AsyncClient:
 class AsyncJob:
     """A handle on one job; every method reads Redis afresh."""
 
-    def __init__(self, client: AsyncClient, job_id: str, tenant: str | None = None) -> None:
+    def __init__(self, client: AsyncClient, job_id: str, tenant: str | None = None, *, fresh: bool = False) -> None:
         self.client = client
         self.id = job_id
         self.tenant = tenant  # whose jobs this handle may see (None: any)
+        # Until then the record is known to exist and be this tenant's (``FRESH_HANDLE_S``).
+        self._known_until = time.monotonic() + FRESH_HANDLE_S if fresh else 0.0
 
     def __repr__(self) -> str:
         return f"<AsyncJob {self.id}>"
@@ -174,7 +180,8 @@ class AsyncJob:
 
     async def events(self, *, after_seq: int = 0, poll_s: float = 1.0) -> AsyncIterator[Event]:
         """As ``Job.events``: every event from the first (replayed), then live; ends after the terminal one."""
-        await self.record((JobField.STATUS,))  # JobNotFound rather than nothing; not the request (up to 100 MB)
+        if time.monotonic() >= self._known_until:
+            await self.record((JobField.STATUS,))  # JobNotFound rather than nothing; not the request (up to 100 MB)
         keys, r = self.client.keys, self.client.redis
         follower = Follower(after_seq)
         async with self.client.fanout.watch(keys.events(self.id)) as inbox:
