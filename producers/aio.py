@@ -93,10 +93,10 @@ class AsyncClient:
         """As ``Client.submit``."""
         options["tenant"] = tenant = options.get("tenant") or self.tenant
         # A small request whose enqueue is one script call on the data Redis (its broker, no idempotency
-        # key, no budget) is checked, built and pushed on this loop. Through a worker thread it queued behind the
-        # loop's other work for the GIL: in a gateway streaming 200 answers, a submit's push reached Redis
-        # ~0.5 s after the call. A large one (validating and serializing 100 MB takes seconds) and every
-        # other submit run in a worker thread, as before.
+        # key, no budget) is checked, built and pushed on this loop. Through a worker thread it queued
+        # behind the loop's other work for the GIL: in a gateway streaming 200 answers, a submit's push
+        # reached Redis ~0.5 s after the call. A large one (validating and serializing 100 MB takes
+        # seconds) and every other submit run in a worker thread, as before.
         if self._submitter.direct and idempotency_key is None and text_size(request) <= INLINE_REQUEST_CHARS:
             job, config = self._submitter.prepare(request, priority, idempotency_key, options)
             if self._submitter.pushes_directly(job, config):

@@ -170,9 +170,9 @@ class TaskMessages:
     """The Celery task messages of moonq's jobs, built here and pushed on the broker's list by the caller.
 
     Used when the broker is the data Redis itself: the push then rides in the same script call
-    (``Submitter.push_commands``) as the job's record, its indexes and its ``sent`` mark, instead of one publish through
-    Celery and kombu per job (about half the cost of a submit in a profile, the rest being Redis round
-    trips). The message is byte for byte what ``send_envelope`` sends through kombu's Redis transport
+    (``Submitter.push_commands``) as the job's record, its indexes and its ``sent`` mark, instead of one
+    publish through Celery and kombu per job (about half the cost of a submit in a profile, the rest
+    being Redis round trips). The message is byte for byte what ``send_envelope`` sends through kombu's Redis transport
     (protocol 2, JSON, base64 body, a fresh delivery tag; tests/test_bulk.py compares the two), on the
     list kombu would push it to.
     """
@@ -385,8 +385,8 @@ class Submitter:
     def push_commands(self, jobs: Sequence[_Job]) -> list[str | float | int]:
         """The ARGV of ``COMMANDS_LUA`` for a direct enqueue of ``jobs`` (one tenant's,
         ``pushes_directly``): the messages first (a push refused, its list not a list, stops the script
-        before any write), then the records with their ``sent`` marks, the index entries, and the marks of
-        keyed jobs, whose claims wrote their records. One script call is atomic: nothing sees a record
+        before any record is written), then the records with their ``sent`` marks, the index entries, and
+        the marks of keyed jobs, whose claims wrote their records. One script call is atomic: nothing sees a record
         before its message is pushed. The sync client runs it in ``_write_and_push``, the asyncio one
         through its own registration of the script."""
         assert self._direct is not None
@@ -664,8 +664,8 @@ class Submitter:
 
     def _write_and_push(self, jobs: Sequence[_Job], tenant: str) -> None:
         """The broker is this Redis: in one script call, the messages, records (marked sent) and index
-        entries (``push_commands``). All or nothing (a Redis out of memory refuses the lot); a push refused anyway
-        (the list is not a list) forgets the jobs, as a refused publish does."""
+        entries (``push_commands``). All or nothing (a Redis out of memory refuses the lot); a push
+        refused anyway (the list is not a list) forgets the jobs, as a refused publish does."""
         assert self._direct is not None
         if not jobs:
             return
