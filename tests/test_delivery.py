@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.asynchronous import Hub, set_event_loop
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
@@ -70,6 +71,36 @@ def test_a_redelivered_message_has_its_own_tag_and_a_stale_ack_leaves_it_alone(r
 
         channel.basic_ack(second.delivery_tag)
         assert not r.hkeys(f"{prefix}unacked")
+
+
+def test_acks_in_one_turn_of_the_consumer_loop_remove_their_entries_in_one_round_trip() -> None:
+    # Inside a worker (a kombu Hub is the current loop) an ack frees its prefetch slot at once and its
+    # unacked entry goes with those of every other ack of the same turn, in one ZREM + HDEL.
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    queue = Queue("jobs", Exchange("jobs"), "jobs")
+    hub = Hub()
+    with RedisServer() as server, _connection(server.url, prefix) as conn:
+        r = redis.Redis.from_url(server.url)
+        channel = conn.default_channel
+        queue(channel).declare()
+        producer = conn.Producer(serializer="json")
+        for i in range(5):
+            producer.publish({"job": i}, exchange=queue.exchange, routing_key="jobs", declare=[queue])
+        messages = [_receive(channel, "jobs") for _ in range(5)]
+        assert r.hlen(f"{prefix}unacked") == 5
+        zrem_before = r.info("commandstats").get("cmdstat_zrem", {}).get("calls", 0)
+        set_event_loop(hub)
+        try:
+            for message in messages:
+                channel.basic_ack(message.delivery_tag)
+            assert r.hlen(f"{prefix}unacked") == 5, "removed before the loop's turn"
+            assert channel.qos.can_consume(), "the acks did not free their slots at once"
+            hub.run_once()
+        finally:
+            set_event_loop(None)
+            hub.close()
+        assert r.hlen(f"{prefix}unacked") == 0 and r.zcard(f"{prefix}unacked_index") == 0
+        assert r.info("commandstats")["cmdstat_zrem"]["calls"] - zrem_before == 1
 
 
 @pytest.mark.parametrize("offset_s", [+15.0, -15.0])

@@ -9,6 +9,9 @@ its message's unacked entry fresh (keepalive.py), acks it over whatever connecti
 it ends, and a dead node's messages come back through the visibility timeout. So the node keeps
 running its jobs through a Redis restart and reconnects.
 
+Acks are cheaper too: an ack frees its prefetch slot at once, and the unacked entries of every ack
+of one turn of the consumer loop are removed together in the next turn, in one round trip (``QoS.ack``).
+
 Two more changes make redelivery exact:
 
 - **A tag per delivery.** kombu gives a message its delivery tag when it is published and keeps it
@@ -40,6 +43,7 @@ from queue import Empty
 from typing import Any
 
 import redis.sentinel
+from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -108,6 +112,7 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.clock = RedisClock()
         self.held: list[tuple[str, str]] | None = None  # unacked entries a receive holds until it ends
+        self.acked: list[str] = []  # tags acknowledged whose unacked entries are not removed yet (``ack``)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         # As kombu's, with the score on Redis' clock; inside a receive (``Channel._brpop_read``) the
@@ -136,8 +141,34 @@ class QoS(kombu_redis.QoS):
     # leave the entry behind it (to come back after the visibility timeout) and a requeue would find
     # nothing to put back.
     def ack(self, delivery_tag: str) -> None:
+        # The slot is free at once (kombu's bookkeeping); the entry's removal waits for the consumer loop's
+        # next turn, which removes every entry acknowledged meanwhile in one round trip. One round trip per
+        # ack cost the consumer thread ~245 us of CPU and ~1.4 ms blocked (a burst of 200 job ends: ~0.3 s
+        # of not receiving). An entry whose removal is lost (the node dies first, the connection breaks)
+        # comes back after the visibility timeout and its delivery finds the job ended, as a lost ack did.
         self._write_held()
-        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+        self.acked.append(delivery_tag)
+        if len(self.acked) == 1:
+            hub = get_event_loop()
+            if hub is None:  # not inside a worker's consumer loop
+                self.remove_acked()
+            else:
+                hub.call_soon(self.remove_acked)  # type: ignore[no-untyped-call]
+
+    def remove_acked(self) -> None:
+        """Remove the unacked entries of the tags acknowledged since the last call, in one round trip."""
+        tags, self.acked = self.acked, []
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except (AttributeError, RedisError, OSError):
+            # AttributeError: the channel was closed by a broker reconnect (its connection is None).
+            log.warning(
+                "acks of %d messages lost with their connection; redelivery will find the jobs ended", len(tags)
+            )
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         self._write_held()
@@ -261,6 +292,12 @@ class Channel(kombu_redis.Channel):
     # reconnect closed (its connection is None: kombu raises AttributeError, Celery calls that
     # "Unrecoverable" and stops the node). The ack is not needed for correctness: the message is
     # redelivered after the visibility timeout and the claim skips a job that already ended.
+    def close(self) -> None:
+        # Acks whose entries are still to be removed (``QoS.ack``) go before the pools are disconnected.
+        if not self.closed and self._qos is not None:
+            self._qos.remove_acked()
+        super().close()  # type: ignore[no-untyped-call]
+
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         _held.discard(delivery_tag)  # also when the ack is lost: its entry then goes stale and comes back
         try:
