@@ -37,6 +37,7 @@ URL and the whole list in the transport option ``sentinels`` (worker/app.py).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from queue import Empty
@@ -151,10 +152,12 @@ class QoS(kombu_redis.QoS):
         self.acked.append(delivery_tag)
         if len(self.acked) == 1:
             hub = get_event_loop()
-            if hub is None:  # not inside a worker's consumer loop
-                self.remove_acked()
-            else:
+            # Deferred only from inside the running consumer loop (its thread): a hub that is not running
+            # here (none at all, or one another component left set) would never get to the removal.
+            if hub is not None and getattr(hub, "_loop_thread", None) == threading.get_ident():
                 hub.call_soon(self.remove_acked)  # type: ignore[no-untyped-call]
+            else:
+                self.remove_acked()
 
     def remove_acked(self) -> None:
         """Remove the unacked entries of the tags acknowledged since the last call, in one round trip."""
