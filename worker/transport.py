@@ -291,16 +291,16 @@ class Channel(kombu_redis.Channel):
         for item in items or ():
             self.connection._deliver(_payload(item), dest)
 
-    # A job that outlives a broker reconnect acks through the channel it came from, which the
-    # reconnect closed (its connection is None: kombu raises AttributeError, Celery calls that
-    # "Unrecoverable" and stops the node). The ack is not needed for correctness: the message is
-    # redelivered after the visibility timeout and the claim skips a job that already ended.
     def close(self) -> None:
         # Acks whose entries are still to be removed (``QoS.ack``) go before the pools are disconnected.
         if not self.closed and self._qos is not None:
             self._qos.remove_acked()
         super().close()  # type: ignore[no-untyped-call]
 
+    # A job that outlives a broker reconnect acks through the channel it came from, which the
+    # reconnect closed (its connection is None: kombu raises AttributeError, Celery calls that
+    # "Unrecoverable" and stops the node). The ack is not needed for correctness: the message is
+    # redelivered after the visibility timeout and the claim skips a job that already ended.
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         _held.discard(delivery_tag)  # also when the ack is lost: its entry then goes stale and comes back
         try:
