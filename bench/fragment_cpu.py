@@ -10,7 +10,9 @@ fragments 20 ms apart. Per round, in turn on the same simulator:
 - **moonq**: N jobs through one ``celery -A worker worker`` node with its defaults (``submit_many``,
   then every result awaited); the node's user + system CPU over the batch (``/proc/<pid>/stat``),
   divided by N x F. The node reads each stream, writes every delta to the job's replay log and
-  channel, and runs the job's claim, limiter grant, retries bookkeeping and end.
+  channel, and runs the job's claim, limiter grant, retries bookkeeping and end. Beside it, Redis's
+  CPU over the batch (``INFO cpu``) per fragment: one Redis serves the whole fleet on one core, so
+  this caps the fragments per second a fleet can relay.
 - **direct httpx** / **direct aiohttp**: N streams read at once by one asyncio client in a process of
   its own, every chunk's JSON decoded (no more: the floor of reading the stream in Python).
 
@@ -28,6 +30,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 from bench.fleets import API_KEY, REPO, node_env, source_tree
 from bench.perf import Sim, cpu_s
@@ -79,7 +83,9 @@ class Round:
     httpx_us: float
     aiohttp_us: float
     node_wall_s: float
+    redis_us: float  # Redis's CPU per fragment while the node relayed
     before_us: float | None = None  # the baseline revision's node, with --baseline
+    before_redis_us: float | None = None
 
 
 def reader_us(kind: str, base_url: str, streams: int, fragments: int) -> float:
@@ -93,9 +99,15 @@ def reader_us(kind: str, base_url: str, streams: int, fragments: int) -> float:
     return float(done.stdout.split()[-1]) / (streams * fragments) * 1e6
 
 
-def node_us(server: RedisServer, sim: Sim, tree: Path, streams: int, fragments: int) -> tuple[float, float]:
-    """CPU per fragment of a node started from ``tree`` (this checkout or a baseline's) over one batch, and
-    the batch's wall time."""
+def redis_cpu_s(server: RedisServer) -> float:
+    with redis.Redis.from_url(server.url) as client:
+        cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def node_us(server: RedisServer, sim: Sim, tree: Path, streams: int, fragments: int) -> tuple[float, float, float]:
+    """CPU per fragment of a node started from ``tree`` (this checkout or a baseline's) over one batch, the
+    batch's wall time, and Redis's CPU per fragment over the batch."""
     prefix = f"fc{uuid.uuid4().hex[:6]}"
     env = node_env(server.url, sim.base_url, prefix, tree)
     with (
@@ -105,10 +117,12 @@ def node_us(server: RedisServer, sim: Sim, tree: Path, streams: int, fragments: 
         assert node.proc is not None
         client.submit(REQUEST).result(timeout=60)  # warm: connections open, scripts loaded
         time.sleep(1.0)
-        before, t0 = cpu_s(node.proc.pid), time.monotonic()
+        before, t0, redis_before = cpu_s(node.proc.pid), time.monotonic(), redis_cpu_s(server)
         for job in client.submit_many([REQUEST] * streams):
             job.result(timeout=600)
-        return (cpu_s(node.proc.pid) - before) / (streams * fragments) * 1e6, time.monotonic() - t0
+        n = streams * fragments
+        per_fragment = (cpu_s(node.proc.pid) - before) / n * 1e6
+        return per_fragment, time.monotonic() - t0, (redis_cpu_s(server) - redis_before) / n * 1e6
 
 
 def one_round(streams: int, fragments: int, baseline: Path | None) -> Round:
@@ -117,10 +131,10 @@ def one_round(streams: int, fragments: int, baseline: Path | None) -> Round:
         Sim(latency_ms=20, chunk_ms=20, answer=(fragments, fragments), per_chunk=1) as sim,
     ):
         httpx_us = reader_us("httpx", sim.base_url, streams, fragments)
-        before = node_us(server, sim, baseline, streams, fragments)[0] if baseline else None
-        now, wall = node_us(server, sim, REPO, streams, fragments)
+        before, _, before_redis = node_us(server, sim, baseline, streams, fragments) if baseline else (None, 0, None)
+        now, wall, redis_now = node_us(server, sim, REPO, streams, fragments)
         aiohttp_us = reader_us("aiohttp", sim.base_url, streams, fragments)
-    return Round(now, httpx_us, aiohttp_us, wall, before)
+    return Round(now, httpx_us, aiohttp_us, wall, redis_now, before, before_redis)
 
 
 def section(rounds: list[Round], args: argparse.Namespace) -> str:
@@ -130,19 +144,29 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
     node, hx, ah = med("node_us"), med("httpx_us"), med("aiohttp_us")
     met = "met" if node <= GOAL_US else "not met"
     before = med("before_us") if args.baseline else None
+    redis_now = med("redis_us")
+    redis_before = med("before_redis_us") if args.baseline else None
     command = f"python -m bench.fragment_cpu --streams {args.streams} --fragments {args.fragments}"
     command += f" --rounds {args.rounds}"
     if args.baseline:
         command += f" --baseline {args.baseline}"
-    rows = [f"| moonq node (relays and records every fragment) | {node:.0f} us | {node / ah:.2f}x |"]
-    if before is not None:
-        rows.insert(0, f"| moonq node before (`{args.baseline}`) | {before:.0f} us | {before / ah:.2f}x |")
+    rows = [
+        f"| moonq node (relays and records every fragment) | {node:.0f} us | {node / ah:.2f}x | {redis_now:.1f} us |"
+    ]
+    if before is not None and redis_before is not None:
+        cells = f"{before:.0f} us | {before / ah:.2f}x | {redis_before:.1f} us"
+        rows.insert(0, f"| moonq node before (`{args.baseline}`) | {cells} |")
     per_round = "; ".join(
         (f"{r.before_us:.0f} / " if r.before_us is not None else "")
         + f"{r.node_us:.0f} / {r.httpx_us:.0f} / {r.aiohttp_us:.0f}"
         for r in rounds
     )
     ratio = f" The node now spends {node / before:.2f}x the CPU of `{args.baseline}`'s." if before else ""
+    if redis_before:
+        ratio += f" Redis spends {redis_now / redis_before:.2f}x what it did for `{args.baseline}`'s node."
+    per_redis = "; ".join(
+        (f"{r.before_redis_us:.1f} / " if r.before_redis_us is not None else "") + f"{r.redis_us:.1f}" for r in rounds
+    )
     return "\n".join(
         [
             SECTION,
@@ -160,13 +184,14 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
             + " **direct**: the same streams read by one asyncio client in a process of its own, each chunk's JSON"
             f" decoded, its CPU divided by the fragments. Medians of {args.rounds} rounds.",
             "",
-            "| reader | CPU per fragment | vs direct aiohttp |",
-            "|---|---|---|",
+            "| reader | CPU per fragment | vs direct aiohttp | Redis CPU per fragment |",
+            "|---|---|---|---|",
             *rows,
-            f"| direct asyncio httpx (reads only) | {hx:.0f} us | {hx / ah:.2f}x |",
-            f"| direct asyncio aiohttp (reads only) | {ah:.0f} us | 1.00x |",
+            f"| direct asyncio httpx (reads only) | {hx:.0f} us | {hx / ah:.2f}x | - |",
+            f"| direct asyncio aiohttp (reads only) | {ah:.0f} us | 1.00x | - |",
             "",
-            f"Per round ({'before / ' if before else ''}node / httpx / aiohttp, us): {per_round}.{ratio} Goal: the"
+            f"Per round ({'before / ' if before else ''}node / httpx / aiohttp, us): {per_round}; Redis"
+            f" ({'before / ' if before else ''}now, us): {per_redis}.{ratio} Goal: the"
             f" node at most {GOAL_US:.0f} us per fragment, {met}; one core relays {1e6 / node:,.0f} fragments/s at"
             " this figure.",
             "",
@@ -191,7 +216,9 @@ def main() -> None:
             print(
                 f"round {i + 1}: "
                 + (f"before {r.before_us:.0f} us, " if r.before_us is not None else "")
-                + f"node {r.node_us:.0f} us, httpx {r.httpx_us:.0f} us, aiohttp {r.aiohttp_us:.0f} us",
+                + f"node {r.node_us:.0f} us, httpx {r.httpx_us:.0f} us, aiohttp {r.aiohttp_us:.0f} us, "
+                + (f"redis before {r.before_redis_us:.1f} us, " if r.before_redis_us is not None else "")
+                + f"redis {r.redis_us:.1f} us",
                 flush=True,
             )
     text = section(rounds, args)

@@ -45,17 +45,17 @@ from moonq.wire import Event
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
 # without a second copy: writes are idempotent for the owner.
 APPEND_LUA = record_lua("""
-local status = redis.call('HGET', KEYS[1], $status)
+local state = redis.call('HMGET', KEYS[1], $status, $seq, $owner)
+local status, owner = state[1], state[3]
 if not status then return 0 end
 local n = tonumber(ARGV[8])
-local seq = tonumber(redis.call('HGET', KEYS[1], $seq) or '0')
-if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and
-   (ARGV[3] == '' or redis.call('HGET', KEYS[1], $owner) == ARGV[3]) then
+local seq = tonumber(state[2] or '0')
+if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and (ARGV[3] == '' or owner == ARGV[3]) then
   return seq
 end
 if $is_terminal then return 0 end
 if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], $owner) ~= ARGV[3] then return 0 end
+if ARGV[3] ~= '' and owner ~= ARGV[3] then return 0 end
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 local subscribed = nil
 for i = 1, n do
@@ -72,12 +72,13 @@ for i = 1, n do
   end
 end
 redis.call('HSET', KEYS[1], $seq, seq)
+-- The log holds at most seq entries (seq 1 .. seq, less those trimmed): under the cap, nothing to trim.
+local cap = tonumber(ARGV[6])
+if n > 0 and cap > 0 and seq > cap then redis.call('XTRIM', KEYS[2], 'MAXLEN', cap) end
+-- Only the fields written here can change the status (a relayed delta writes none).
+if #ARGV < 9 + n then return math.max(seq, 1) end
 for i = 9 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-if n > 0 then
-  local cap = tonumber(ARGV[6])
-  if cap > 0 then redis.call('XTRIM', KEYS[2], 'MAXLEN', cap) end
 end
 status = redis.call('HGET', KEYS[1], $status)
 if $is_terminal then

@@ -123,3 +123,40 @@ def test_a_cancelled_sink_leaves_no_drain_waiting(redis_url: str, when: str) -> 
             await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed otherwise
 
     asyncio.run(main())
+
+
+def test_deltas_trim_the_log_only_past_its_cap_and_the_terminal_write_still_ends_the_job(redis_url: str) -> None:
+    """A delta's append reads the record once and writes no field: the log is trimmed once it holds more than
+    ``max_events`` (exactly, the newest kept), and only a write that sets fields can end the job."""
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            sink = ScriptSink(redis, APPEND_LUA)
+            (writer,) = await _writers(redis, keys, sink, 1)
+            job_id = writer.job_id
+            writer = EventWriter(sink, keys, job_id, owner="o0", ttl_s=60, seq=0, max_events=5)
+            await redis.zadd(keys.active_for(job_id), {job_id: 1})
+            for i in range(3):
+                writer.emit_delta(1, 0, {"content": str(i)})
+            await writer.drain()
+            assert [e["seq"] for e in await _log(redis, keys, job_id)] == [1, 2, 3]
+            for i in range(3, 7):
+                writer.emit_delta(1, 0, {"content": str(i)})
+                await writer.drain()  # one append per delta: each past the cap trims
+            assert [e["seq"] for e in await _log(redis, keys, job_id)] == [3, 4, 5, 6, 7]
+            # Deltas alone leave the job running, its keys without a TTL, in the active index.
+            assert await redis.hget(keys.job(job_id), "status") == b"running"
+            assert await redis.ttl(keys.job(job_id)) == -1 and await redis.ttl(keys.log(job_id)) == -1
+            assert await redis.zscore(keys.active_for(job_id), job_id) is not None
+            await writer.write("succeeded", {"status": "succeeded"})
+            assert [e["seq"] for e in await _log(redis, keys, job_id)] == [4, 5, 6, 7, 8]
+            assert 0 < await redis.ttl(keys.job(job_id)) <= 60 and 0 < await redis.ttl(keys.log(job_id)) <= 60
+            assert await redis.zscore(keys.active_for(job_id), job_id) is None
+            with pytest.raises(Fenced):  # ended: nothing more is written
+                await writer.write("delta", {})
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())

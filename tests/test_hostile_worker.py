@@ -305,6 +305,18 @@ def test_a_message_that_is_not_json_is_dropped_with_a_log_line(
     assert ask(gateway, "ok").status_code == 200
 
 
+def test_a_job_leaves_the_nodes_line_and_celerys_received_line_but_not_its_success_line(
+    node: WorkerProcess, gateway: str
+) -> None:
+    """Celery's "succeeded in" line says a failed job succeeded and costs CPU per job: off by default
+    (MOONQ_CELERY_SUCCESS_LOG); its "received" line, the delivery's record, stays."""
+    answer = ask(gateway, "ok")
+    assert answer.status_code == 200
+    assert wait_for(lambda: "event=job_succeeded" in node.log())
+    assert f"Task {TASK_NAME}[" in node.log() and "] received" in node.log()
+    assert " succeeded in " not in node.log()
+
+
 def test_a_task_argument_that_is_not_an_object_is_not_redelivered(
     node: WorkerProcess, node_settings: Settings, r: redis.Redis, gateway: str
 ) -> None:

@@ -34,3 +34,20 @@ def test_a_bad_secret_file_is_named_without_its_content(
     with pytest.raises(ValidationError, match=says) as err:
         Settings(moonshot_api_key_file=str(secret))
     assert str(secret) in str(err.value)
+
+
+def test_celerys_success_line_is_off_unless_asked_for() -> None:
+    """Celery reads its tracer's log level once, as the worker starts: the app sets it when it is made."""
+    import logging
+
+    from worker.app import create_app
+
+    trace = logging.getLogger("celery.app.trace")
+    before = trace.level
+    try:
+        create_app(Settings(celery_success_log=True))
+        assert trace.level == logging.NOTSET  # the worker's --loglevel decides, as in plain Celery
+        create_app(Settings())
+        assert trace.level == logging.WARNING
+    finally:
+        trace.setLevel(before)

@@ -75,6 +75,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app whose one task runs moonq jobs under ``settings`` (default: from the environment)."""
     settings = settings or Settings()
+    # Before the worker builds its task tracer, which reads the level once (worker/settings.py,
+    # celery_success_log). The logger is the process's: an embedder's last app decides.
+    trace_level = logging.NOTSET if settings.celery_success_log else logging.WARNING
+    logging.getLogger("celery.app.trace").setLevel(trace_level)
     app = Celery("moonq", set_as_current=False)
     app.conf.update(celery_config(settings))
 

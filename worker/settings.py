@@ -75,6 +75,11 @@ class Settings(ClientSettings):
     read_timeout_s: float = Field(default=300.0, gt=0)
     # A whole attempt, first byte to [DONE]; k3 answers may run for many minutes.
     attempt_timeout_s: float = Field(default=1800.0, gt=0)
+    # Celery's own INFO line at each task's end ("Task moonq.run_job[<id>] succeeded in 0.25s: 'failed'"):
+    # off by default. The node's event=job_succeeded / job_failed / ... line says more (a failed job is a
+    # Celery task that succeeded), and the second line per job cost ~0.1 ms of node CPU. Celery's
+    # "received" line and its warnings and errors stay.
+    celery_success_log: bool = False
 
     # Retries (worker/retry.py): attempts per job, first backoff, backoff cap, and a deadline
     # from the first attempt's start after which no new attempt begins.
