@@ -155,6 +155,28 @@ def test_a_message_a_node_took_but_has_not_claimed_is_not_sent_again(swept: Sett
     assert [sweep(), sweep()] == [0, 1]  # acknowledged and never claimed: now it is lost, and sent again
 
 
+def test_a_dead_owners_job_whose_message_is_still_unacknowledged_is_left_to_redelivery(
+    swept: Settings, r: redis.Redis
+) -> None:
+    # Its owner claimed it and died (or shut down and lost its requeue) holding the message: the entry in
+    # kombu's unacked hash comes back by redelivery once it is visibility_timeout_s old. A copy sent
+    # meanwhile was a second delivery (the nemesis, seed 62: re-sent at 8 s, redelivered at 33 s).
+    with Client(settings=swept) as client:
+        job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    options = broker_config(swept)["broker_transport_options"]
+    with Connection(swept.broker_url, transport=transport.Transport, transport_options=options) as conn:
+        message = conn.default_channel.basic_get(queue_for(swept, DEFAULT_TENANT))
+        assert message is not None and r.hlen(f"{swept.keys.broker_prefix}unacked") == 1
+        r.hset(swept.keys.job(job.id), mapping={"status": "running", "owner": "dead", "attempt": 1, "heartbeat_at": 1})
+        _age(r, swept, job.id)
+        sweep = Sweeps(swept)
+        assert [sweep(), sweep()] == [0, 0]
+        assert not any(r.llen(n) for n in queue_lists(swept))  # no copy was sent
+        message.ack()  # its entry gone without a redelivery (an ack that outlived the job's last write)
+    _age(r, swept, job.id)
+    assert sweep() == 1  # now the message is lost: sent again at once (a dead owner needs no second look)
+
+
 def test_a_job_whose_owner_died_and_whose_message_is_lost_is_taken_over(
     swept: Settings, r: redis.Redis, sim: SimServer
 ) -> None:

@@ -14,8 +14,11 @@ jobs with no sign of life for ``orphan_after_s`` and decides, per job:
   job, and no node holds its message unacknowledged (taken, not yet claimed: a node paused just after
   its receive), its message is not in the queue any more (it was popped and never recorded): send it again.
   On RabbitMQ a popped message is never lost (it is acknowledged late), so nothing is done;
-- ``running`` or ``retrying`` with a heartbeat older than ``orphan_after_s``: its owner is dead and
-  redelivery (``visibility_timeout_s``) did not bring it back: send it again.
+- ``running`` or ``retrying`` with a heartbeat older than ``orphan_after_s``: its owner is dead. If its
+  message is still unacknowledged in some node's hands (on a Redis broker), redelivery brings it back
+  once that entry is ``visibility_timeout_s`` old (the dead owner's entry stops being refreshed; a node
+  whose shutdown lost its requeue leaves one behind too): wait for it. Otherwise redelivery did not bring
+  it back: send it again.
 
 A re-sent message is a duplicate at worst: the claim runs a job once (worker/delivery.py). The
 decision is a pure function (``verdict``); the loop around it does the I/O.
@@ -212,15 +215,19 @@ class Sweeper:
         return min((t for t in times if t is not None), default=float("inf"))
 
     async def _in_a_nodes_hands(self, job_id: str, rec: JobRecord | None, taken: list[set[str] | None]) -> bool:
-        """Whether a queued job whose message is in no queue list is in a node's hands: popped, not claimed
-        yet (a node paused right after its receive, or one working through a burst it took). Redelivery
-        brings it back if that node dies; a copy sent now would be a second delivery. ``taken``: this
-        sweep's read of the unacked hash, made on first need."""
-        if rec is None or rec.status is not JobStatus.QUEUED or not rec.sent:
+        """Whether the message of a job the verdict would send again is in a node's hands, unacknowledged:
+        a queued job's popped, not claimed yet (a node paused right after its receive, or one working
+        through a burst it took), or a running job's whose owner died or whose requeue was lost.
+        Redelivery brings it back when that entry goes stale; a copy sent now would be a second delivery
+        (the nemesis found one: a node's shutdown requeue lost, the job re-sent, then redelivered).
+        ``taken``: this sweep's read of the unacked hash, made on first need."""
+        if rec is None or rec.terminal or (rec.status is JobStatus.QUEUED and not rec.sent):
             return False
         if not taken:
             taken.append(await self._unacked_jobs())
-        return taken[0] is None or job_id in taken[0]
+        if taken[0] is None:  # can't tell (a broker apart): a queued job waits, a dead owner's job is sent
+            return rec.status is JobStatus.QUEUED
+        return job_id in taken[0]
 
     async def _unacked_jobs(self) -> set[str] | None:
         """The jobs whose message some node has taken and not acknowledged (kombu's unacked hash, on a
