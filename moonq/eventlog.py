@@ -23,12 +23,18 @@ from moonq.record import record_lua
 from moonq.redisurl import is_cluster_client
 from moonq.wire import Event
 
+# A job's last write by its node (completed, failed) is refused once a cancel was asked for: the cancel's
+# announcement may not have reached the node (its link to Redis was down), and promise 5 of
+# docs/guarantees.md says the job then ends cancelled. Not a status name, so no record's status matches it.
+UNLESS_CANCELLED = "!unless_cancelled"
+
 # Field and status names come from moonq/record.py (``$status``, ``$seq``, ``$owner``, ``$is_terminal``).
 # KEYS[1] job hash, KEYS[2] log stream, KEYS[3] active-jobs index, KEYS[4] (optional) the deliveries
 # stream, KEYS[5] (optional) the job's idempotency key. (No empty key name is ever passed: a Redis ACL
 # that confines a user to the prefix's keys refuses it.)
 # ARGV[1] channel, ARGV[2] ttl_s, ARGV[3] owner token ('' = any), ARGV[4] required status ('' = any
-# that is not terminal), ARGV[5] expected seq before this write ('' = don't check), ARGV[6] most entries
+# that is not terminal; UNLESS_CANCELLED = any that is not terminal, and no cancel asked for), ARGV[5]
+# expected seq before this write ('' = don't check), ARGV[6] most entries
 # the log keeps (0 = no cap), ARGV[7] job id, ARGV[8] n = number of events, ARGV[9 .. 8+n] event
 # bodies: JSON objects without "seq" (the script assigns it), then field/value pairs to set on the job hash.
 # The cap trims the oldest entries (exact MAXLEN): the newest, and so the terminal event, always stays;
@@ -44,8 +50,9 @@ from moonq.wire import Event
 # already ended, owned by someone else, or not in the required status. A writer that retries a call
 # whose reply was lost finds the seq already advanced by exactly its n events and gets success
 # without a second copy: writes are idempotent for the owner.
-APPEND_LUA = record_lua("""
-local state = redis.call('HMGET', KEYS[1], $status, $seq, $owner)
+APPEND_LUA = record_lua(
+    """
+local state = redis.call('HMGET', KEYS[1], $status, $seq, $owner, $cancel_requested)
 local status, owner = state[1], state[3]
 if not status then return 0 end
 local n = tonumber(ARGV[8])
@@ -54,7 +61,9 @@ if ARGV[5] ~= '' and seq == tonumber(ARGV[5]) + n and n > 0 and (ARGV[3] == '' o
   return seq
 end
 if $is_terminal then return 0 end
-if ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
+if ARGV[4] == '$unless_cancelled' then
+  if state[4] == '1' then return 0 end
+elseif ARGV[4] ~= '' and status ~= ARGV[4] then return 0 end
 if ARGV[3] ~= '' and owner ~= ARGV[3] then return 0 end
 if ARGV[5] ~= '' and seq ~= tonumber(ARGV[5]) then return 0 end
 local subscribed = nil
@@ -94,7 +103,8 @@ if $is_terminal then
   end
 end
 return math.max(seq, 1)
-""")
+""".replace("$unless_cancelled", UNLESS_CANCELLED)
+)
 
 
 # On a Redis Cluster the channel is a shard channel: a fragment goes to the one shard that holds its job

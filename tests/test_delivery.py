@@ -21,7 +21,7 @@ from kombu.transport import redis as kombu_redis
 from harness import RedisServer, WorkerProcess
 from moonq.broker import broker_config, queue_for
 from moonq.keys import Keys
-from moonq.record import DEFAULT_TENANT
+from moonq.record import DEFAULT_TENANT, JobField
 from producers import Client
 from simulator import SimConfig, SimServer
 from tests.helpers import LONG, make_settings, node_env, wait_until
@@ -212,6 +212,37 @@ def test_a_cancel_announced_while_the_node_is_not_listening_still_stops_the_job(
                 assert job.status() == "cancelled"
         finally:
             rt.stop()
+
+
+def test_a_cancel_the_node_never_heard_of_still_ends_the_job_cancelled(
+    fresh_prefix: Settings, story_sim: SimServer
+) -> None:
+    # The nemesis (seed 63): a node's link to Redis refused for 2.6 s right after a cancel was announced;
+    # the answer ended meanwhile and the node wrote it completed as its link came back. Here the announcement
+    # is never made and the heartbeat that reads the flag back is slow: the job's own end must see the flag.
+    slow_beat = {
+        "heartbeat_interval_s": 60.0,
+        "heartbeat_stale_s": 180.0,
+        "visibility_timeout_s": 240.0,
+        "orphan_after_s": 600.0,
+    }
+    settings = make_settings(
+        fresh_prefix.redis_url, prefix=fresh_prefix.prefix, moonshot_base_url=story_sim.base_url, **slow_beat
+    )
+    rt = Runtime(settings).start()
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        with Client(settings=settings) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            future = rt.submit(_envelope(client, job.id))
+            wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+            r.hset(settings.keys.job(job.id), JobField.CANCEL_REQUESTED, "1")  # a cancel whose announcement was lost
+            assert future.result(timeout=30) == "cancelled"
+            assert job.status() == "cancelled"
+            types = [e.type for e in job.events()]
+            assert types[-1] == "cancelled" and "completed" not in types and types.count("delta") > 3
+    finally:
+        rt.stop()
 
 
 def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(

@@ -160,3 +160,27 @@ def test_deltas_trim_the_log_only_past_its_cap_and_the_terminal_write_still_ends
             await redis.aclose()
 
     asyncio.run(main())
+
+
+def test_an_end_written_unless_cancelled_is_refused_once_a_cancel_was_asked_for(redis_url: str) -> None:
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            sink = ScriptSink(redis, APPEND_LUA)
+            kept, asked = await _writers(redis, keys, sink, 2)
+            await redis.hset(keys.job(asked.job_id), "cancel_requested", "1")
+            for writer in (kept, asked):
+                writer.emit_delta(1, 0, {"content": "a"})
+            await kept.write("completed", {"status": "succeeded"}, unless_cancelled=True)
+            with pytest.raises(Fenced):
+                await asked.write("completed", {"status": "succeeded"}, unless_cancelled=True)
+            assert [e["type"] for e in await _log(redis, keys, asked.job_id)] == ["delta"]  # its deltas, no end
+            await asked.write("cancelled", {"status": "cancelled"})  # what the job ends with instead
+            assert [e["type"] for e in await _log(redis, keys, asked.job_id)] == ["delta", "cancelled"]
+            assert await redis.hget(keys.job(kept.job_id), "status") == b"succeeded"
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())

@@ -335,16 +335,20 @@ async def _end_succeeded(
     counts = token_counts(result.get("usage"))
     usd = cost_usd(counts, ctx.prices.get(str(envelope.request.get("model"))))
     await ctx.budgets.count(tenant, result.get("usage"), usd)  # before the end: see worker/budgets.py
-    await writer.write(
-        "completed",
-        {JobField.STATUS: JobStatus.SUCCEEDED, JobField.RESULT: result, JobField.FINISHED_AT: str(time.time())},
-        attempt=attempt,
-        result=result,
-    )
-    for kind, n in counts.items():
-        if n:
-            metrics.TOKENS.labels(model, kind, metrics.tenant_label(tenant)).inc(n)
-    metrics.COST.labels(model, metrics.tenant_label(tenant)).inc(usd)
+    record: dict[str, Any] = {
+        JobField.STATUS: JobStatus.SUCCEEDED,
+        JobField.RESULT: result,
+        JobField.FINISHED_AT: str(time.time()),
+    }
+    try:
+        await writer.write("completed", record, unless_cancelled=True, attempt=attempt, result=result)
+    except Fenced:
+        cancelled = await _cancelled_unheard(ctx, writer, envelope, tenant)
+        if cancelled is None:
+            raise
+        _count_spent(model, tenant, counts, usd)  # the answer was whole: its tokens were spent
+        return cancelled
+    _count_spent(model, tenant, counts, usd)
     _record_end(envelope, "succeeded", tenant)
     log.info(
         "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
@@ -358,6 +362,13 @@ async def _end_succeeded(
         time.time() - envelope.enqueued_at,
     )
     return "succeeded"
+
+
+def _count_spent(model: str, tenant: str, counts: dict[str, int], usd: float) -> None:
+    for kind, n in counts.items():
+        if n:
+            metrics.TOKENS.labels(model, kind, metrics.tenant_label(tenant)).inc(n)
+    metrics.COST.labels(model, metrics.tenant_label(tenant)).inc(usd)
 
 
 async def _builtin_tools(ctx: JobContext, envelope: JobEnvelope) -> str | None:
@@ -498,7 +509,13 @@ async def _end_failed(
     now = time.time()
     await _index_dead_letter(ctx, writer.job_id, now)
     record: dict[str, Any] = {JobField.STATUS: JobStatus.FAILED, JobField.ERROR: info, JobField.FINISHED_AT: str(now)}
-    await writer.write("failed", record, error=info)
+    try:
+        await writer.write("failed", record, unless_cancelled=True, error=info)
+    except Fenced:
+        cancelled = await _cancelled_unheard(ctx, writer, envelope, tenant)
+        if cancelled is None:
+            raise
+        return cancelled
     _record_end(envelope, "failed", tenant)
     log.info(
         "event=job_failed job_id=%s model=%s attempt=%s error_type=%s status=%s latency_s=%.3f",
@@ -510,6 +527,18 @@ async def _end_failed(
         now - envelope.enqueued_at,
     )
     return "failed"
+
+
+async def _cancelled_unheard(
+    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, tenant: str
+) -> Outcome | None:
+    """After the job's own end was refused: a cancel asked for that the node did not hear of in time (its
+    link to Redis was down when it was announced, and the answer ended meanwhile) ends it cancelled, as
+    docs/guarantees.md promises (5); None when the refusal had another cause (the job is not ours)."""
+    if not await _cancel_requested(ctx, envelope.job_id):
+        return None
+    log.info("event=cancel_unheard job_id=%s: asked for before the job's end was written", envelope.job_id)
+    return await _end_cancelled(writer, envelope, tenant)
 
 
 async def _end_cancelled(writer: EventWriter, envelope: JobEnvelope, tenant: str) -> Outcome:

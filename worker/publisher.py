@@ -17,7 +17,7 @@ import asyncio
 import json
 from typing import Any
 
-from moonq.eventlog import append_args, delta_body, event_body
+from moonq.eventlog import UNLESS_CANCELLED, append_args, delta_body, event_body
 from moonq.keys import Keys
 from worker.sink import ScriptCall, ScriptSink
 
@@ -126,13 +126,16 @@ class EventWriter:
             self._idle.set_result(None)
             self._idle = None
 
-    def _args(self, bodies: list[str], fields: dict[str, str]) -> tuple[list[str], list[str | int]]:
+    def _args(
+        self, bodies: list[str], fields: dict[str, str], require_status: str = ""
+    ) -> tuple[list[str], list[str | int]]:
         return append_args(
             self._keys,
             self.job_id,
             bodies,
             ttl_s=self._ttl_s,
             owner=self._owner,
+            require_status=require_status,
             expected_seq=self.seq,
             max_events=self._max_events,
             fields=fields,
@@ -140,8 +143,8 @@ class EventWriter:
             job_keys=self._job_keys,
         )
 
-    async def _append(self, bodies: list[str], fields: dict[str, str]) -> None:
-        keys, argv = self._args(bodies, fields)
+    async def _append(self, bodies: list[str], fields: dict[str, str], require_status: str = "") -> None:
+        keys, argv = self._args(bodies, fields, require_status)
         if not await self._sink(keys=keys, args=argv):
             raise Fenced(self.job_id)
         self.seq += len(bodies)
@@ -156,12 +159,16 @@ class EventWriter:
         if self._error is not None:
             raise self._error
 
-    async def write(self, type: str | None, record: dict[str, Any], **fields: Any) -> None:
+    async def write(
+        self, type: str | None, record: dict[str, Any], *, unless_cancelled: bool = False, **fields: Any
+    ) -> None:
         """After everything queued: one event (or none) and job-record fields, in one atomic step.
 
         ``record`` maps ``JobField`` names (moonq/record.py) to values; a value that is not a
-        string (a result, an error) is stored as compact JSON.
+        string (a result, an error) is stored as compact JSON. ``unless_cancelled``: refused (``Fenced``)
+        once a cancel was asked for, as the job's own end is.
         """
         await self.drain()
         encoded = {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in record.items()}
-        await self._append([event_body(self.job_id, type, **fields)] if type else [], encoded)
+        require = UNLESS_CANCELLED if unless_cancelled else ""
+        await self._append([event_body(self.job_id, type, **fields)] if type else [], encoded, require)
