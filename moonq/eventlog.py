@@ -47,9 +47,9 @@ UNLESS_CANCELLED = "!unless_cancelled"
 # node killed right after the job ended still has them delivered (worker/deliveries.py). Likewise a
 # ``retry`` event, when the record's ``webhook_events`` subscribes to it: its entry carries the event.
 # Returns the last seq written, or 0 when nothing was written because the job is missing (expired),
-# already ended, owned by someone else, or not in the required status. A writer that retries a call
-# whose reply was lost finds the seq already advanced by exactly its n events and gets success
-# without a second copy: writes are idempotent for the owner.
+# already ended, owned by someone else, not in the required status, or (UNLESS_CANCELLED) asked to
+# cancel. A writer that retries a call whose reply was lost finds the seq already advanced by exactly its
+# n events and gets success without a second copy: writes are idempotent for the owner.
 APPEND_LUA = record_lua(
     """
 local state = redis.call('HMGET', KEYS[1], $status, $seq, $owner, $cancel_requested)
