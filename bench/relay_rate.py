@@ -416,6 +416,7 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
             )
         },
         goal=(60.0, "goal: 60 us"),
+        save=not args.no_write,
     )
     if plot:
         lines += [plot, ""]

@@ -386,10 +386,14 @@ def line_plot(
     *,
     logx: bool = False,
     goal: tuple[float, str] | None = None,
+    save: bool = True,
 ) -> str:
     """Draws ``series`` (label -> (xs, ys)) with markers to ``bench/plots/<name>.png``, ``axes`` naming x and
     y, and ``goal`` (y, label) as a dashed line; the Markdown line that shows it in a section, or "" when
-    matplotlib (the ``bench`` extra) is not installed."""
+    matplotlib (the ``bench`` extra) is not installed or ``save`` is false (a ``--no-write`` run leaves the
+    committed plots as they are)."""
+    if not save:
+        return ""
     try:
         import matplotlib
 

@@ -131,7 +131,7 @@ def run(rounds: int) -> list[list[Measured]]:
     ]
 
 
-def section(runs: list[list[Measured]], rounds: int) -> str:
+def section(runs: list[list[Measured]], rounds: int, *, save_plot: bool = True) -> str:
     def med(way: str, label: str, attr: str) -> float:
         return float(
             statistics.median(
@@ -162,6 +162,7 @@ def section(runs: list[list[Measured]], rounds: int) -> str:
         curves,
         logx=True,
         goal=(1.1, "goal: 1.1x"),
+        save=save_plot,
     )
     return "\n".join(
         [
@@ -197,7 +198,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     runs = run(args.rounds)
-    text = section(runs, args.rounds)
+    text = section(runs, args.rounds, save_plot=not args.no_write)
     print(text)
     if not args.no_write:
         write_section(args.out, SECTION, text)
