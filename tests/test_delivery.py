@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -22,10 +23,11 @@ from harness import RedisServer, WorkerProcess
 from moonq.broker import broker_config, queue_for
 from moonq.keys import Keys
 from moonq.record import DEFAULT_TENANT, JobField
-from producers import Client
+from producers import Client, Job
 from simulator import SimConfig, SimServer
 from tests.helpers import LONG, make_settings, node_env, wait_until
 from worker import transport
+from worker.job import Outcome
 from worker.loop import Runtime
 from worker.settings import Settings
 
@@ -154,6 +156,14 @@ def _envelope(client: Client, job_id: str) -> dict[str, Any]:
     return dict(json.loads(client.job(job_id).record()["envelope"]))
 
 
+def _streaming(rt: Runtime, client: Client) -> tuple[Job, Future[Outcome]]:
+    """A job submitted and run on ``rt``, once a few of its deltas are written."""
+    job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    future = rt.submit(_envelope(client, job.id))
+    wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+    return job, future
+
+
 def _forget(r: redis.Redis, keys: Keys, job_id: str) -> None:
     """What expiry does to an ended job: its record and log are gone."""
     r.delete(keys.job(job_id), keys.log(job_id))
@@ -198,9 +208,7 @@ def test_a_cancel_announced_while_the_node_is_not_listening_still_stops_the_job(
         r = redis.Redis.from_url(server.url)
         try:
             with Client(settings=settings) as client:
-                job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
-                future = rt.submit(_envelope(client, job.id))
-                wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+                job, future = _streaming(rt, client)
                 # The node's listener loses its connection (it resubscribes a second later) and the
                 # cancel is announced in that gap: pub/sub delivers it to nobody.
                 r.client_kill_filter(_type="pubsub")
@@ -233,15 +241,14 @@ def test_a_cancel_the_node_never_heard_of_still_ends_the_job_cancelled(
     r = redis.Redis.from_url(settings.redis_url)
     try:
         with Client(settings=settings) as client:
-            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
-            future = rt.submit(_envelope(client, job.id))
-            wait_until(lambda: job.status() == "running" and int(job.record()["seq"]) > 3, 10, "streaming")
+            job, future = _streaming(rt, client)
             r.hset(settings.keys.job(job.id), JobField.CANCEL_REQUESTED, "1")  # a cancel whose announcement was lost
             assert future.result(timeout=30) == "cancelled"
             assert job.status() == "cancelled"
             types = [e.type for e in job.events()]
             assert types[-1] == "cancelled" and "completed" not in types and types.count("delta") > 3
     finally:
+        r.close()
         rt.stop()
 
 
