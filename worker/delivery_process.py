@@ -10,7 +10,8 @@ process:
   key's variables taken out of its environment —, restarts it if it dies (backing off up to
   ``RESTART_MAX_S``), and stops it with the node (SIGTERM, then SIGKILL).
 - The child asks the kernel to SIGTERM it when the node dies (``PR_SET_PDEATHSIG``) and checks its
-  parent every second besides, so a node killed with SIGKILL leaves no delivery process behind.
+  parent every second besides, so a node killed with SIGKILL leaves no delivery process behind; once
+  told to stop it exits within ``EXIT_GRACE_S`` even if its loop missed the cancel.
   Deliveries it had begun stay pending in the stream and are taken over (at least once).
 - Metrics: the child counts into a ``Tally`` that it writes to stdout as one JSON line every
   ``RELAY_EVERY_S``; the node reads the lines and adds them to its own metrics, so ``/metrics``
