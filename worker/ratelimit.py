@@ -172,6 +172,7 @@ class _Waiter:
     future: asyncio.Future[Lease] = field(compare=False)
     since: float = field(compare=False, default=0.0)
     held_by: str = field(compare=False, default="none")
+    counted: bool = field(compare=False, default=False)  # in ``Limiter.waiting()``: an ask held it back
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,10 @@ class Limiter:
         self._wake.set()
 
     def waiting(self) -> dict[str, int]:
-        """How many calls of each tenant this process has waiting for capacity now (safe from any thread)."""
+        """How many calls of each tenant this process has waiting for capacity now: asked for and held back
+        (safe from any thread). A call that goes at its first ask never counts: counting it for the round
+        trip of that ask made a 2-slot node take its tenants' queues about 1:1 instead of by weight (the
+        broker's ``TenantCycle`` puts the tenant with the fewest waiting first)."""
         return self._waiting.copy()  # one C-level copy: atomic under the GIL
 
     async def acquire(
@@ -301,7 +305,6 @@ class Limiter:
         waiter = _Waiter(order, next(self._seq), cost_tokens, loop.create_future(), loop.time())
         heapq.heappush(self._heaps.setdefault(tenant, []), waiter)
         self._wake.set()
-        self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
         try:
             async with asyncio.timeout(self.max_wait_s):
                 return await asyncio.shield(waiter.future)
@@ -319,11 +322,12 @@ class Limiter:
                 await self.release(waiter.future.result(), used_tokens=0)
             raise
         finally:
-            left = self._waiting[tenant] - 1
-            if left:
-                self._waiting[tenant] = left
-            else:
-                del self._waiting[tenant]
+            if waiter.counted:
+                left = self._waiting[tenant] - 1
+                if left:
+                    self._waiting[tenant] = left
+                else:
+                    del self._waiting[tenant]
 
     async def release(self, lease: Lease, used_tokens: int | None) -> None:
         """Give the slot back and refund ``reserved - used`` tokens (nothing when usage is unknown)."""
@@ -446,6 +450,10 @@ class Limiter:
             self._registered.discard(tenant)  # its last waiter went: the grant took its place in line
             return 0.0
         self._registered.add(tenant)
+        for waiter in heap:  # held back by this ask, or in line behind those that were: waiting for capacity
+            if not waiter.counted and not waiter.future.done():
+                waiter.counted = True
+                self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
         if count < len(batch) and reason != "parked":  # parked: still held back by what parked it
             for waiter in batch[count:]:
                 waiter.held_by = reason
