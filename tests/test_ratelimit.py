@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from harness import WorkerProcess
+from moonq.record import DEFAULT_TENANT
 from moonq.settings import ClientSettings
 from producers import Client, JobFailed
 from simulator import SimConfig, SimServer, max_in_window
@@ -387,3 +388,26 @@ def test_the_old_burst_settings_are_accepted_ignored_and_warned_about_once(
     assert settings[0].limits == Limits(rpm=600)
     warned = [r.getMessage() for r in caplog.records if "deprecated_setting" in r.getMessage()]
     assert len(warned) == 1 and "MOONQ_RPM_BURST,MOONQ_TPM_BURST" in warned[0]
+
+
+def test_only_calls_an_ask_held_back_count_as_waiting(redis_url: str) -> None:
+    """``waiting()`` orders a node's intake (moonq/broker.py, TenantCycle): a call granted at its first ask
+    never counts, also while that ask is in flight; one held back counts until it goes."""
+
+    async def body(limiter: Callable[..., Limiter]) -> bool:
+        lim = limiter(Limits(max_inflight=1))
+        seen: list[dict[str, int]] = []
+        first = asyncio.create_task(lim.acquire(1, priority=5, enqueued_at_s=time.time()))
+        while not first.done():  # the ask's round trip: not waiting
+            seen.append(lim.waiting())
+            await asyncio.sleep(0)
+        lease = first.result()
+        assert seen and all(not w for w in seen) and not lim.waiting()
+        second = asyncio.create_task(lim.acquire(1, priority=5, enqueued_at_s=time.time()))
+        await asyncio.sleep(0.2)
+        assert lim.waiting() == {DEFAULT_TENANT: 1}  # held back by max_inflight
+        await lim.release(lease, used_tokens=None)
+        await lim.release(await asyncio.wait_for(second, 5), used_tokens=None)
+        return not lim.waiting()
+
+    assert run(redis_url, body)
