@@ -52,11 +52,6 @@ def connect(settings: Settings) -> Redis:
     )
 
 
-# How long a node's shutdown waits for its loop's own tasks to end, and for its whole close.
-BACKGROUND_STOP_S = 5.0
-STOP_TIMEOUT_S = 15.0
-
-
 class Runtime:
     """Start with ``start()``; ``run(envelope)`` from any thread; ``shutdown()`` then ``stop()``."""
 
@@ -172,13 +167,7 @@ class Runtime:
 
     def stop(self) -> None:
         if self.ctx is not None:
-            closing = asyncio.run_coroutine_threadsafe(self._close(self.ctx), self.loop)
-            try:
-                closing.result(timeout=STOP_TIMEOUT_S)
-            except TimeoutError:
-                # The process is on its way out: what did not close goes with it. A line, not a traceback
-                # from the shutdown signal's handler.
-                log.error("event=runtime_stop_slow: closing took over %gs; stopping the loop", STOP_TIMEOUT_S)
+            asyncio.run_coroutine_threadsafe(self._close(self.ctx), self.loop).result(timeout=15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
@@ -187,13 +176,7 @@ class Runtime:
     async def _close(self, ctx: JobContext) -> None:
         for task in self._background:
             task.cancel()
-        if self._background:
-            # redis-py 8.1 loses a cancel that lands during a call at times (worker/ratelimit.py, Limiter.stop):
-            # a task that missed its cancel must not hold the shutdown; closing the client below ends it.
-            _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_S)
-            for task in stuck:
-                name = getattr(task.get_coro(), "__qualname__", task.get_name())
-                log.warning("event=task_not_stopped task=%s: left to the client's close", name)
+        await asyncio.gather(*self._background, return_exceptions=True)
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
             for upstream in ctx.upstreams.values():
