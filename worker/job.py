@@ -340,15 +340,13 @@ async def _end_succeeded(
         JobField.RESULT: result,
         JobField.FINISHED_AT: str(time.time()),
     }
-    try:
-        await writer.write("completed", record, unless_cancelled=True, attempt=attempt, result=result)
-    except Fenced:
-        cancelled = await _cancelled_unheard(ctx, writer, envelope, tenant)
-        if cancelled is None:
-            raise
-        _count_spent(model, tenant, counts, usd)  # the answer was whole: its tokens were spent
+    cancelled = await _write_end(ctx, writer, envelope, tenant, "completed", record, attempt=attempt, result=result)
+    for kind, n in counts.items():  # spent either way: the answer was whole
+        if n:
+            metrics.TOKENS.labels(model, kind, metrics.tenant_label(tenant)).inc(n)
+    metrics.COST.labels(model, metrics.tenant_label(tenant)).inc(usd)
+    if cancelled is not None:
         return cancelled
-    _count_spent(model, tenant, counts, usd)
     _record_end(envelope, "succeeded", tenant)
     log.info(
         "event=job_succeeded job_id=%s model=%s attempt=%s prompt_tokens=%s completion_tokens=%s"
@@ -362,13 +360,6 @@ async def _end_succeeded(
         time.time() - envelope.enqueued_at,
     )
     return "succeeded"
-
-
-def _count_spent(model: str, tenant: str, counts: dict[str, int], usd: float) -> None:
-    for kind, n in counts.items():
-        if n:
-            metrics.TOKENS.labels(model, kind, metrics.tenant_label(tenant)).inc(n)
-    metrics.COST.labels(model, metrics.tenant_label(tenant)).inc(usd)
 
 
 async def _builtin_tools(ctx: JobContext, envelope: JobEnvelope) -> str | None:
@@ -509,12 +500,8 @@ async def _end_failed(
     now = time.time()
     await _index_dead_letter(ctx, writer.job_id, now)
     record: dict[str, Any] = {JobField.STATUS: JobStatus.FAILED, JobField.ERROR: info, JobField.FINISHED_AT: str(now)}
-    try:
-        await writer.write("failed", record, unless_cancelled=True, error=info)
-    except Fenced:
-        cancelled = await _cancelled_unheard(ctx, writer, envelope, tenant)
-        if cancelled is None:
-            raise
+    cancelled = await _write_end(ctx, writer, envelope, tenant, "failed", record, error=info)
+    if cancelled is not None:
         return cancelled
     _record_end(envelope, "failed", tenant)
     log.info(
@@ -529,14 +516,30 @@ async def _end_failed(
     return "failed"
 
 
-async def _cancelled_unheard(
-    ctx: JobContext, writer: EventWriter, envelope: JobEnvelope, tenant: str
+async def _write_end(
+    ctx: JobContext,
+    writer: EventWriter,
+    envelope: JobEnvelope,
+    tenant: str,
+    type: str,
+    record: dict[str, Any],
+    **fields: Any,
 ) -> Outcome | None:
-    """After the job's own end was refused: a cancel asked for that the node did not hear of in time (its
-    link to Redis was down when it was announced, and the answer ended meanwhile) ends it cancelled, as
-    docs/guarantees.md promises (5); None when the refusal had another cause (the job is not ours)."""
-    if not await _cancel_requested(ctx, envelope.job_id):
+    """Write the job's own end (``completed``, ``failed``) unless a cancel was asked for; None when written.
+
+    A cancel the node did not hear of in time (its link to Redis was down when it was announced, and the
+    answer ended meanwhile) ends the job cancelled instead, as docs/guarantees.md promises (5): that
+    outcome is returned.
+
+    Raises:
+        Fenced: the job is not ours (another attempt owns it, or it ended).
+    """
+    try:
+        await writer.write(type, record, unless_cancelled=True, **fields)
         return None
+    except Fenced:
+        if not await _cancel_requested(ctx, envelope.job_id):
+            raise
     log.info("event=cancel_unheard job_id=%s: asked for before the job's end was written", envelope.job_id)
     return await _end_cancelled(writer, envelope, tenant)
 
