@@ -15,10 +15,11 @@ import uuid
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from moonq.connect import resilient_redis
 from moonq.eventlog import APPEND_LUA
 from moonq.keys import Keys
 from worker.publisher import EventWriter, Fenced
-from worker.sink import ScriptSink
+from worker.sink import EAGER_CALLS, ScriptSink
 
 
 async def _writers(redis: Redis, keys: Keys, sink: ScriptSink, n: int) -> list[EventWriter]:
@@ -182,5 +183,77 @@ def test_an_end_written_unless_cancelled_is_refused_once_a_cancel_was_asked_for(
             assert await redis.hget(keys.job(kept.job_id), "status") == b"succeeded"
         finally:
             await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_burst_goes_out_as_the_node_makes_it_before_the_loop_turns(redis_url: str) -> None:
+    """Fragments that arrive in step are written in pieces of EAGER_CALLS as they are emitted, not as one
+    round trip on the loop's next turn (a burst's first fragment would wait for all of it)."""
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            sink = ScriptSink(redis, APPEND_LUA)
+            writers = await _writers(redis, keys, sink, 4 * EAGER_CALLS)
+            writers[0].emit_delta(1, 0, {"content": "warm"})  # the sink connects on its first round trip
+            await writers[0].drain()
+            before = sink.pipelines
+            for writer in writers:  # one loop turn: no await between the emits
+                writer.emit_delta(1, 0, {"content": "x"})
+            assert sink.pipelines - before == 4, "each EAGER_CALLS emits must go out at once"
+            await asyncio.gather(*(w.drain() for w in writers))
+            for i, writer in enumerate(writers):
+                log = await _log(redis, keys, writer.job_id)
+                assert [e["delta"]["content"] for e in log] == (["warm", "x"] if i == 0 else ["x"])  # type: ignore[index]
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_round_trips_in_flight_when_the_connection_dies_are_written_again_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sink's own connection killed (CLIENT KILL) with round trips written and unanswered: it reconnects
+    and writes them again; every delta is in its job's log once, in order, nothing lost or doubled."""
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> None:
+        redis = resilient_redis(redis_url, max_connections=8)  # the node's client: its retries
+        admin = Redis.from_url(redis_url)
+        try:
+            sink = ScriptSink(redis, APPEND_LUA)
+            writers = await _writers(redis, keys, sink, 64)
+            kills = 0
+
+            async def stream(writer: EventWriter) -> None:
+                for i in range(40):
+                    writer.emit_delta(1, 0, {"content": f"{i} "})
+                    await asyncio.sleep(0.002)
+                await writer.write("succeeded", {"status": "succeeded"})
+
+            async def killer() -> None:  # only the sink's connection: the session's node shares this Redis
+                nonlocal kills
+                for _ in range(5):
+                    await asyncio.sleep(0.005)
+                    conn = sink._conn
+                    if conn is not None and conn.is_connected:
+                        host, port = conn._writer.get_extra_info("sockname")[:2]
+                        kills += await admin.client_kill_filter(addr=f"{host}:{port}")
+
+            await asyncio.gather(killer(), *(stream(w) for w in writers))
+            assert kills >= 1
+            replayed = [r.message for r in caplog.records if "script_sink_reconnect" in r.message]
+            assert replayed and not all("in_flight=0" in m for m in replayed), replayed
+            for writer in writers:
+                log = await _log(redis, keys, writer.job_id)
+                assert [e["seq"] for e in log] == list(range(1, 42))
+                assert [e["delta"]["content"] for e in log[:-1]] == [f"{i} " for i in range(40)]  # type: ignore[index]
+                assert log[-1]["type"] == "succeeded"
+        finally:
+            await redis.aclose()
+            await admin.aclose()
 
     asyncio.run(main())

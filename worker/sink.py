@@ -5,18 +5,27 @@ event append (``APPEND_LUA``, per relayed fragment) and the webhook delivery set
 sent on its own pays redis-py's pool checkout, packing, a syscall each way and a parse;
 ``ScriptSink`` sends whatever calls are waiting as one call of ``many_lua`` (on one Redis) or one
 pipeline (on a cluster, whose calls name keys of several slots), one round trip in flight at a
-time (200 concurrent calls go out in under 20 round trips, tests/test_event_sink.py).
+time on a cluster (200 concurrent calls go out in under 20 round trips, tests/test_event_sink.py).
+
+On one Redis the sink writes on a connection of its own, several round trips in flight, and writes
+as soon as ``EAGER_CALLS`` calls are waiting, without waiting for its loop's next turn. Streams from
+one upstream arrive in step (a model decodes a batch of answers a token at a time), so a node gets
+its fragments in bursts: 100 streams at 50 tokens/s are 100 fragments every 20 ms, several ms of
+decoding. Sent as one round trip after the whole burst, the burst's first fragment waited for all
+of it; written in pieces as the node decodes them, it waits for a handful (BENCHMARKS.md, "Relay at
+a realistic rate").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 
 from moonq.redisurl import is_cluster_client
 
@@ -24,6 +33,12 @@ log = logging.getLogger("moonq.worker")
 
 # Most script calls in one round trip; more wait for the next one.
 MAX_PIPELINE = 512
+# Calls waiting that are written at once, from the call that makes them that many, rather than on the
+# loop's next turn (one Redis only). Fewer: more round trips per fragment (each ~30 us of the node's
+# CPU and ~5 us of Redis'); more: a burst's first fragment waits behind more of its peers.
+EAGER_CALLS = 16
+# Most round trips written and not yet answered; more calls wait for one to be back.
+MAX_IN_FLIGHT = 8
 
 
 def many_lua(script_text: str) -> str:
@@ -83,15 +98,23 @@ class Taker(Protocol):
 class ScriptSink:
     """Runs one script for every job of the process, many calls to a round trip.
 
-    ``await sink(keys=..., args=...)`` returns what the script returned. One round trip is in
-    flight at a time; calls made meanwhile go out together in the next one. Each call is
-    independent: a failed one fails only its caller.
+    ``await sink(keys=..., args=...)`` returns what the script returned. Calls made while round
+    trips are in flight go out together in the next one. Each call is independent: a failed one
+    fails only its caller.
 
     A ``Taker`` (an ``EventWriter`` with deltas to send) does not call: it marks itself
     (``mark``), and the sink takes its queued work as it builds the next round trip. A relayed
     fragment then costs no task and no future of its own (a task and a future per fragment were
     a quarter of a node's CPU per fragment on paced streams; BENCHMARKS.md, "CPU per relayed
     fragment").
+
+    On one Redis (module docstring) the round trips go over one connection the sink holds from the
+    client's pool: up to ``MAX_IN_FLIGHT`` written, their replies read in order by one task (the
+    pump), which alone (re)connects. A lost connection, a timeout or a flushed script (NOSCRIPT)
+    makes it reconnect, load the script and write again every round trip not answered, under the
+    client's retry policy, as redis-py retries a command of its own: a script call the sink may
+    run twice must be idempotent (``APPEND_LUA`` is, for its owner). When the retries run out,
+    the callers of the round trips in flight hear the error.
     """
 
     def __init__(self, redis: Redis, script_text: str) -> None:
@@ -105,7 +128,13 @@ class ScriptSink:
         self._queue: list[ScriptCall] = []
         self._marked: list[Taker] = []  # takers with work queued and none in flight, in order
         self._flusher: asyncio.Task[None] | None = None
-        self._sending: list[ScriptCall] = []  # the round trip in flight
+        self._sending: list[ScriptCall] = []  # the round trip in flight (cluster)
+        self._conn: Any = None  # the connection of our own (one Redis), once the pump has it
+        # It is connected, greeted (AUTH, SELECT) and holds again every round trip not answered: others may
+        # write. (While redis-py greets a new connection it counts as connected; a write then would come
+        # between the greeting's command and its reply.)
+        self._live = False
+        self._flights: deque[list[ScriptCall]] = deque()  # written, not answered, oldest first
         self.pipelines = 0  # round trips sent (one script call, or one pipeline on a cluster)
         self.calls = 0
 
@@ -130,17 +159,122 @@ class ScriptSink:
         self._wake()
 
     def _wake(self) -> None:
+        if self._many is not None and len(self._queue) + len(self._marked) >= EAGER_CALLS and self._writable():
+            self._write(self._next_batch())
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+            self._flusher = asyncio.create_task(self._pump() if self._many is not None else self._flush())
             self._flusher.add_done_callback(self._flusher_done)
+
+    def _next_batch(self) -> list[ScriptCall]:
+        batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+        room = MAX_PIPELINE - len(batch)
+        if room and self._marked:
+            writers, self._marked = self._marked[:room], self._marked[room:]
+            batch += [writer.take() for writer in writers]
+        return batch
+
+    # One Redis: a connection of our own, round trips written as calls come, replies read by the pump.
+
+    def _writable(self) -> bool:
+        """A round trip may be written now: the pump holds a live connection and has room in flight."""
+        conn = self._conn
+        return self._live and conn.is_connected and len(self._flights) < MAX_IN_FLIGHT
+
+    def _write(self, batch: list[ScriptCall]) -> None:
+        """Write ``batch`` as one ``many_lua`` call now (no await); the pump reads its reply."""
+        assert self._many is not None
+        try:
+            packed = self._pack(batch)
+        except Exception as err:
+            # A call whose arguments redis-py cannot encode (a lone surrogate in a job's event) fails the
+            # packing of the whole batch, nothing written: it gets its own error, the rest go out.
+            unencodable = self._unencodable(batch)
+            if not unencodable:  # not the arguments: every call of the batch hears it
+                unencodable = dict.fromkeys(range(len(batch)), err)
+            for i, error in unencodable.items():
+                batch[i][2](error)
+            batch = [call for i, call in enumerate(batch) if i not in unencodable]
+            if not batch:
+                return
+            packed = self._pack(batch)
+        # redis-py's StreamWriter: its write is the socket's (buffered by asyncio only when the socket is
+        # full), where ``send_packed_command`` would wait for the loop's next turn.
+        self._conn._writer.writelines(packed)
+        self._flights.append(batch)
+        self.pipelines += 1
+        self.calls += len(batch)
+
+    def _pack(self, batch: list[ScriptCall]) -> list[bytes]:
+        assert self._many is not None
+        keys, argv = self._together_args(batch)
+        packed: list[bytes] = self._conn.pack_command("EVALSHA", self._many[1], len(keys), *keys, *argv)
+        return packed
+
+    async def _pump(self) -> None:
+        """Writes what waits and reads the replies in order, until nothing waits or is in flight."""
+        while self._flights or self._queue or self._marked:
+            retry = self._conn.retry if self._conn is not None else self._redis.get_retry()
+            try:
+                if retry is None:
+                    batch, reply = await self._step()
+                else:
+                    batch, reply = await retry.call_with_retry(self._step, self._lost)
+            except Exception as err:  # after the client's retries: every caller in flight or waiting hears it
+                calls = [call for batch in self._flights for call in batch]
+                self._flights = deque()
+                while self._queue or self._marked:
+                    calls += self._next_batch()
+                for _, _, settle in calls:
+                    settle(err)
+                continue
+            for (_, _, settle), result in zip(batch, reply, strict=True):
+                settle(result)  # a writer with more queued marks itself again: the loop goes on
+
+    async def _step(self) -> tuple[list[ScriptCall], list[Any]]:
+        """Connect if need be, write what waits (room allowing), read the oldest round trip's reply."""
+        assert self._many is not None
+        if self._conn is None:
+            pool = self._redis.connection_pool
+            # Held as in use for good, within the pool's bound; the client's close closes it.
+            try:
+                self._conn = pool.get_available_connection()  # type: ignore[no-untyped-call]
+            except MaxConnectionsError:  # every connection in use: a bounded pool's wait
+                self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn = self._conn
+        if not self._live:
+            if not conn.is_connected:
+                await conn.connect()
+            for batch in self._flights:  # not answered: written again, in order (idempotent, class docstring)
+                conn._writer.writelines(self._pack(batch))
+            self._live = True
+        while (self._queue or self._marked) and len(self._flights) < MAX_IN_FLIGHT:
+            self._write(self._next_batch())
+        if not self._flights:
+            return [], []
+        try:
+            reply = await conn.read_response()
+        except NoScriptError:
+            # Redis restarted (or its scripts were flushed): nothing of this round trip ran; those written
+            # after it may have. Load the script and write them all again.
+            self._live = False
+            await conn.disconnect()
+            await self._redis.script_load(self._many[0])
+            return await self._step()
+        except ResponseError as err:  # the whole call refused (each call's own errors come in its reply)
+            reply = [err] * len(self._flights[0])
+        return self._flights.popleft(), list(reply)
+
+    async def _lost(self, error: Exception) -> None:
+        log.warning("event=script_sink_reconnect in_flight=%d error=%r", len(self._flights), error)
+        self._live = False
+        if self._conn is not None:
+            await self._conn.disconnect()
+
+    # A cluster: one pipeline of calls at a time, through the client's pool.
 
     async def _flush(self) -> None:
         while self._queue or self._marked:
-            batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
-            room = MAX_PIPELINE - len(batch)
-            if room and self._marked:
-                writers, self._marked = self._marked[:room], self._marked[room:]
-                batch += [writer.take() for writer in writers]
+            batch = self._next_batch()
             self._sending = batch
             try:
                 results = await self._send(batch)
@@ -159,7 +293,8 @@ class ScriptSink:
                 return
             log.error("event=script_sink_failed error=%r", error, exc_info=error)
         stopped = RuntimeError("the event sink stopped")
-        calls, self._sending, self._queue = self._sending + self._queue, [], []
+        flights = [call for batch in self._flights for call in batch]
+        calls, self._sending, self._queue, self._flights = self._sending + flights + self._queue, [], [], deque()
         writers, self._marked = self._marked, []
         for _, _, settle in calls:
             settle(stopped)
@@ -200,15 +335,8 @@ class ScriptSink:
         return failed
 
     async def _run(self, batch: list[ScriptCall]) -> list[Any]:
-        """The batch's calls in one round trip: one script call running them all (``many_lua``) on one
-        Redis, a pipeline of them on a cluster; those answered NOSCRIPT run again once it is loaded."""
-        if self._many is not None:
-            try:
-                return await self._together(batch, self._many[1])
-            except NoScriptError:
-                # Redis restarted (or its scripts were flushed): nothing of the batch ran.
-                await self._redis.script_load(self._many[0])
-                return await self._together(batch, self._many[1])
+        """The batch's calls in one round trip on a cluster: a pipeline of them; those answered NOSCRIPT
+        run again once it is loaded."""
         results = await self._pipeline(batch)
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis restarted (or its scripts were flushed): load the script, run those calls again.
@@ -219,7 +347,9 @@ class ScriptSink:
                 results[i] = result
         return results
 
-    async def _together(self, batch: list[ScriptCall], sha: str) -> list[Any]:
+    @staticmethod
+    def _together_args(batch: list[ScriptCall]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one ``many_lua`` call running every call of ``batch``."""
         keys: list[str] = []
         argv: list[Any] = [len(batch)]
         for call_keys, call_args, _ in batch:
@@ -227,10 +357,7 @@ class ScriptSink:
         for call_keys, call_args, _ in batch:
             keys += call_keys
             argv += call_args
-        results = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-            "EVALSHA", sha, len(keys), *keys, *argv
-        )
-        return list(results)
+        return keys, argv
 
     async def _pipeline(self, batch: list[ScriptCall]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
