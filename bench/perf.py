@@ -42,7 +42,7 @@ import httpx
 import redis
 
 from bench import celery_plain
-from bench.fleets import API_KEY, clean_env, stop_all, wait_for_nodes
+from bench.fleets import API_KEY, clean_env, stop_all, tree_env, wait_for_nodes
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
 from moonq.broker import producer_app
@@ -164,7 +164,10 @@ def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 class Node:
     """One ``celery -A worker worker`` node as users start it, with its metrics endpoint."""
 
-    def __init__(self, redis_url: str, base_url: str, log_dir: Path, concurrency: int | None) -> None:
+    def __init__(
+        self, redis_url: str, base_url: str, log_dir: Path, concurrency: int | None, tree: Path | None = None
+    ) -> None:
+        """``tree``: a baseline revision's files to start the node from (``bench.fleets.source_tree``)."""
         self.metrics_port = free_port()
         env = {
             "REDIS_URL": redis_url,
@@ -176,7 +179,9 @@ class Node:
         }
         if concurrency is not None:
             env["MOONQ_CONCURRENCY"] = str(concurrency)
-        self.worker = WorkerProcess(env, args=("-n", "perf@bench"), log_path=log_dir / "node.log")
+        if tree is not None:
+            env.update(tree_env(tree))
+        self.worker = WorkerProcess(env, args=("-n", "perf@bench"), log_path=log_dir / "node.log", cwd=tree)
         self.worker.env = clean_env(env)
         self.settings = ClientSettings(redis_url=redis_url, prefix=PREFIX)
 

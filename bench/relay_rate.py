@@ -1,7 +1,7 @@
 """Relay latency at a realistic rate: how many 50 tokens/s streams one node holds, and the relay then.
 
     python -m bench.relay_rate [--streams 100,200,250,300] [--seconds 8] [--rounds 3] [--sdk-streams 100]
-                               [--no-write]
+                               [--baseline REV] [--no-write]
 
 Each run (one N, one round): a fresh Redis and a fresh ``celery -A worker worker`` node with its defaults, the
 simulator (its own process) answering each request with one-token fragments 20 ms apart (50 tokens/s),
@@ -16,6 +16,8 @@ their events, so its CPU is its own and the driver's is nothing of it:
   each message read raw off the connection, the clock read, then the event decoded with orjson:
   relay = now - event ``ts`` (taken by the node as it turns the chunk into its delta event).
 - **SDK** (``--sdk-streams``): ``AsyncClient.job(id).events()`` per job, as ``bench.perf`` does.
+- **before** (``--baseline REV``): the pub/sub subscriber on a node started from revision REV's files,
+  at every N, in the same rounds.
 
 The steady window runs from 0.5 s after the last stream's first delta for ``--seconds`` (cut short if a
 stream ends before). Over it: the node's CPU (and the subscriber's, the simulator's, Redis') as a share
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.fleets import source_tree
 from bench.perf import PREFIX, Node, Sim, body, cpu_s, pct
 from bench.report import line_plot, write_section
 from harness import RedisServer
@@ -54,6 +57,7 @@ CORE_LIMIT = 80.0  # % of one core the node may use
 GOAL_P99_S = 0.002  # relay p99 at 100 streams
 # The node keeps pace while it reads each fragment about as it is sent: upstream stamp -> event ts, p50.
 PACE_P50_S = 0.005
+SUBSCRIBERS = {"pubsub": "PSUBSCRIBE", "sdk": "`events()` (SDK)", "before": "PSUBSCRIBE, node of `{baseline}`"}
 STAMP = re.compile(r"\[t=(\d+\.\d+)\]")
 FIRST_TOKEN_MS = 1000
 SETTLE_S = 0.5  # after the last stream's first delta, before the window opens
@@ -286,9 +290,13 @@ def warm(node: Node) -> None:
             job.result(timeout=60)
 
 
-def one_run(sim: Sim, log_dir: Path, mode: str, streams: int, rnd: int, args: argparse.Namespace) -> Run:
-    """One batch of ``streams`` jobs on a fresh Redis and a fresh node (what earlier runs left cannot weigh on it)."""
-    with RedisServer() as server, Node(server.url, sim.base_url, log_dir, None) as node:
+def one_run(
+    sim: Sim, log_dir: Path, mode: str, streams: int, rnd: int, args: argparse.Namespace, base: Path | None
+) -> Run:
+    """One batch of ``streams`` jobs on a fresh Redis and a fresh node (what earlier runs left cannot weigh on it);
+    mode ``before``: the pub/sub subscriber on a node started from the baseline's files ``base``."""
+    tree = base if mode == "before" else None
+    with RedisServer() as server, Node(server.url, sim.base_url, log_dir, None, tree) as node:
         warm(node)
         return measured(node, sim, server, mode, streams, rnd, args)
 
@@ -303,7 +311,7 @@ def measured(
         "-m",
         "bench.relay_rate",
         "--subscriber",
-        mode,
+        "pubsub" if mode == "before" else mode,
         node.settings.redis_url,
         PREFIX,
         str(streams),
@@ -338,9 +346,11 @@ def ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.2f} ms"
 
 
-def measure(args: argparse.Namespace, sizes: list[int]) -> list[Point]:
+def measure(args: argparse.Namespace, sizes: list[int], base: Path | None) -> list[Point]:
     tokens = int(RATE * (args.seconds + MARGIN_S))
     points = {("pubsub", n): Point("pubsub", n) for n in sizes}
+    if base is not None:
+        points.update({("before", n): Point("before", n) for n in sizes})
     if args.sdk_streams:
         points[("sdk", args.sdk_streams)] = Point("sdk", args.sdk_streams)
     log_dir = Path(tempfile.mkdtemp(prefix="moonq-relay-rate-"))
@@ -348,7 +358,7 @@ def measure(args: argparse.Namespace, sizes: list[int]) -> list[Point]:
     with Sim(latency_ms=FIRST_TOKEN_MS, chunk_ms=1000 / RATE, answer=(tokens, tokens), per_chunk=1) as sim:
         for rnd in range(1, args.rounds + 1):
             for mode, n in points:
-                points[(mode, n)].runs.append(one_run(sim, log_dir, mode, n, rnd, args))
+                points[(mode, n)].runs.append(one_run(sim, log_dir, mode, n, rnd, args, base))
     return list(points.values())
 
 
@@ -358,6 +368,7 @@ def measure(args: argparse.Namespace, sizes: list[int]) -> list[Point]:
 def section(points: list[Point], args: argparse.Namespace, total_s: float) -> str:
     pub = [p for p in points if p.mode == "pubsub"]
     sdk = [p for p in points if p.mode == "sdk"]
+    before = [p for p in points if p.mode == "before"]
     held = [p for p in pub if p.holds]
     best = max(held, key=lambda p: p.streams) if held else None
     at100 = next((p for p in pub if p.streams == 100), None)
@@ -366,7 +377,7 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
     def row(p: Point) -> str:
         rel = p.med(lambda r: r.relay["p99"])
         return (
-            f"| {p.streams:,} | {'`events()` (SDK)' if p.mode == 'sdk' else 'PSUBSCRIBE'} |"
+            f"| {p.streams:,} | {SUBSCRIBERS[p.mode].format(baseline=args.baseline)} |"
             f" {p.med(lambda r: r.per_s):,.0f} of {p.streams * RATE:,} | **{p.node:.0f}%** |"
             f" {ms(p.med(lambda r: r.relay['p50']))} | {ms(rel)} |"
             f" {' / '.join(ms(r.relay['p99']) for r in p.runs)} | {ms(max(r.relay['max'] for r in p.runs))} |"
@@ -378,6 +389,7 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
     command = (
         f".venv/bin/python -m bench.relay_rate --streams {args.streams} --seconds {args.seconds:g}"
         f" --rounds {args.rounds} --sdk-streams {args.sdk_streams}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
     )
     lines = [
         SECTION,
@@ -396,12 +408,18 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
         " <prefix>:events:*`, each message read raw off the connection, the clock read, then the event decoded"
         " with orjson; relay = that clock - the event's `ts` (taken by the node as it turns the decoded chunk"
         " into its delta event). The `events()` row instead follows every job with"
-        " `AsyncClient.job(id).events()`, as `bench.perf` and users do.",
+        " `AsyncClient.job(id).events()`, as `bench.perf` and users do."
+        + (
+            f" **before** rows: the same PSUBSCRIBE subscriber on a node started from `{args.baseline}`'s files"
+            " (this environment), in the same rounds."
+            if before
+            else ""
+        ),
         "",
         "| N streams | subscriber | deltas/s relayed (of N x 50) | node CPU (% of one core) | relay p50 | relay p99 |"
         " p99 of each round | max | upstream -> event p50 / p99 | subscriber CPU | simulator CPU | Redis CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *(row(p) for p in pub + sdk),
+        *(row(p) for p in sorted(pub + before, key=lambda p: (p.streams, p.mode != "before")) + sdk),
         "",
     ]
     # The node's CPU per relayed delta: its share of a core over the window, per delta relayed in it.
@@ -455,6 +473,15 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
             f"**Goal, relay p99 < {GOAL_P99_S * 1000:.0f} ms at 100 streams** (node has the chunk -> subscriber,"
             f" PSUBSCRIBE subscriber): p99 {ms(p99)}, {'met' if p99 < GOAL_P99_S else 'missed'}.",
         ]
+        was = next((p for p in before if p.streams == 100), None)
+        if was is not None:
+            was50, was99 = was.med(lambda r: r.relay["p50"]), was.med(lambda r: r.relay["p99"])
+            now50 = at100.med(lambda r: r.relay["p50"])
+            lines[-1] += (
+                f" The node of `{args.baseline}` in the same rounds: p50 {ms(was50)}, p99 {ms(was99)}"
+                f" (now {now50 / was50:.2f}x and {p99 / was99:.2f}x), its CPU {was.node:.0f}% of a core"
+                f" (now {at100.node:.0f}%)."
+            )
         for p in sdk:
             sp99 = p.med(lambda r: r.relay["p99"])
             lines[-1] += (
@@ -484,12 +511,14 @@ def main() -> None:
     parser.add_argument("--sdk-streams", type=int, default=100, help="N for the SDK events() run (0: none)")
     parser.add_argument("--load-below", type=float, default=1.0, help="wait for this 1-minute load average")
     parser.add_argument("--load-wait-s", type=float, default=600.0, help="at most this long before each run")
+    parser.add_argument("--baseline", help="a git revision whose node to measure beside this checkout's")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     sizes = [int(s) for s in args.streams.split(",")]
     started = time.monotonic()
-    points = measure(args, sizes)
+    with source_tree(args.baseline) as tree:
+        points = measure(args, sizes, tree if args.baseline else None)
     text = section(points, args, time.monotonic() - started)
     print(text)
     if not args.no_write:
