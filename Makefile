@@ -137,7 +137,7 @@ bench-gateway: $(BENCH_STAMP) check-redis
 # Relay at a realistic rate: how many 50 tokens/s streams one node holds at <= 80% of a core, relay p50/p99
 # (~25 minutes on a shared machine: it waits for the load average before each run).
 bench-relay-rate: $(BENCH_STAMP) check-redis
-	$(BIN)/python -m bench.relay_rate
+	$(BIN)/python -m bench.relay_rate --baseline 6a3e92a
 
 # The nemesis: 10 seeds x 500 jobs through three real nodes while faults strike (kills, pauses past the
 # visibility timeout, clock skew, Redis restarts and pauses, cut and black-holed links), each seed checked

@@ -220,6 +220,7 @@ class ScriptSink:
                 else:
                     batch, reply = await retry.call_with_retry(self._step, self._lost)
             except Exception as err:  # after the client's retries: every caller in flight or waiting hears it
+                await self._reset()  # replies of what is failed here must not be read as others'
                 calls = [call for batch in self._flights for call in batch]
                 self._flights = deque()
                 while self._queue or self._marked:
@@ -241,9 +242,11 @@ class ScriptSink:
             except MaxConnectionsError:  # every connection in use: a bounded pool's wait
                 self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
-        if not self._live:
-            if not conn.is_connected:
-                await conn.connect()
+        if not self._live or not conn.is_connected:
+            # A fresh connection: the old one may hold replies to round trips already settled (failed, or
+            # stopped with the loop), which would be read as the replies of those written next.
+            await self._reset()
+            await conn.connect()
             for batch in self._flights:  # not answered: written again, in order (idempotent, class docstring)
                 conn._writer.writelines(self._pack(batch))
             self._live = True
@@ -256,8 +259,7 @@ class ScriptSink:
         except NoScriptError:
             # Redis restarted (or its scripts were flushed): nothing of this round trip ran; those written
             # after it may have. Load the script and write them all again.
-            self._live = False
-            await conn.disconnect()
+            await self._reset()
             await self._redis.script_load(self._many[0])
             return await self._step()
         except ResponseError as err:  # the whole call refused (each call's own errors come in its reply)
@@ -266,6 +268,10 @@ class ScriptSink:
 
     async def _lost(self, error: Exception) -> None:
         log.warning("event=script_sink_reconnect in_flight=%d error=%r", len(self._flights), error)
+        await self._reset()
+
+    async def _reset(self) -> None:
+        """No writes until the pump has a fresh connection."""
         self._live = False
         if self._conn is not None:
             await self._conn.disconnect()
@@ -292,6 +298,7 @@ class ScriptSink:
             if error is None:
                 return
             log.error("event=script_sink_failed error=%r", error, exc_info=error)
+        self._live = False  # what is settled below may still have replies on the connection: the next pump resets it
         stopped = RuntimeError("the event sink stopped")
         flights = [call for batch in self._flights for call in batch]
         calls, self._sending, self._queue, self._flights = self._sending + flights + self._queue, [], [], deque()
