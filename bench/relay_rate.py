@@ -68,18 +68,22 @@ MARGIN_S = 4.0  # stream length beyond the window: claims spread, settling, the 
 
 
 def _summary(
-    seen: list[tuple[float, float, float]], spans: dict[bytes, list[float]], seconds: float, terminal: int
+    seen: list[tuple[float, float, float, float]], spans: dict[bytes, list[float]], seconds: float, terminal: int
 ) -> dict[str, Any]:
-    """The window and the figures over it, from every delta seen: (received, event ts, upstream stamp or 0)."""
+    """The window and the figures over it, from every delta seen: (received, decoded, event ts, upstream stamp
+    or 0); received is when the subscriber's read returned the message's bytes, decoded when it had decoded
+    this message after every one before it in the same read."""
     firsts = [s[0] for s in spans.values()]
     lasts = [s[1] for s in spans.values()]
     t0 = max(firsts) + SETTLE_S
     t1 = min(t0 + seconds, min(lasts))
-    relay = [now - ts for now, ts, _ in seen if t0 <= ts <= t1]
-    upstream = [ts - stamp for _, ts, stamp in seen if t0 <= ts <= t1 and stamp]
+    relay = [now - ts for now, _, ts, _ in seen if t0 <= ts <= t1]
+    decoded = [done - ts for _, done, ts, _ in seen if t0 <= ts <= t1]
+    upstream = [ts - stamp for _, _, ts, stamp in seen if t0 <= ts <= t1 and stamp]
     out: dict[str, Any] = {"t0": t0, "t1": t1, "jobs": len(spans), "terminal": terminal, "events": len(relay)}
     if relay:
         out["relay"] = {"p50": pct(relay, 0.5), "p99": pct(relay, 0.99), "p999": pct(relay, 0.999), "max": max(relay)}
+        out["decoded"] = {"p50": pct(decoded, 0.5), "p99": pct(decoded, 0.99)}
     if upstream:
         out["upstream"] = {"p50": pct(upstream, 0.5), "p99": pct(upstream, 0.99), "max": max(upstream)}
     return out
@@ -92,6 +96,7 @@ def _stamp(content: str | None) -> float:
 
 def subscribe_pubsub(redis_url: str, prefix: str, streams: int, seconds: float, timeout_s: float) -> dict[str, Any]:
     """PSUBSCRIBEs every job channel, submits ``streams`` jobs, reads until they have all ended."""
+    import hiredis
     import orjson
     import redis
 
@@ -110,32 +115,41 @@ def subscribe_pubsub(redis_url: str, prefix: str, streams: int, seconds: float, 
     conn.read_response()  # the psubscribe confirmation: from here on nothing published is missed
     with Client(settings=ClientSettings(redis_url=redis_url, prefix=prefix)) as client:
         client.submit_many([body(i, stamp=True) for i in range(streams)])
-    seen: list[tuple[float, float, float]] = []
+    seen: list[tuple[float, float, float, float]] = []
     spans: dict[bytes, list[float]] = {}
     terminal = 0
     deadline = time.monotonic() + timeout_s
-    read = conn.read_response
+    # Straight off the socket: the clock is read as each read returns, before any of its messages is decoded,
+    # so a burst's later messages are not stamped late by the decoding of the earlier ones (``decoded`` keeps
+    # that figure too). Nothing was published before the confirmation, so redis-py's parser holds nothing.
+    sock = conn._sock
+    assert sock is not None
+    reader = hiredis.Reader()
     while terminal < streams and time.monotonic() < deadline:
-        # ["pmessage", pattern, channel, data], parsed by hiredis; the clock first, then the decode.
         try:
-            msg = read()
-        except redis.TimeoutError:
+            data = sock.recv(1 << 20)
+        except TimeoutError:
             break
         now = time.time()
-        if msg[0] != b"pmessage":
-            continue
-        event = orjson.loads(msg[3])
-        kind = event["type"]
-        if kind == "delta":
-            ts = event["ts"]
-            seen.append((now, ts, _stamp((event.get("delta") or {}).get("content"))))
-            span = spans.get(msg[2])
-            if span is None:
-                spans[msg[2]] = [ts, ts]
-            else:
-                span[1] = ts
-        elif kind.encode() in terminal_types:
-            terminal += 1
+        if not data:
+            break
+        reader.feed(data)
+        while (msg := reader.gets()) is not False:
+            # ["pmessage", pattern, channel, data]
+            if msg[0] != b"pmessage":
+                continue
+            event = orjson.loads(msg[3])
+            kind = event["type"]
+            if kind == "delta":
+                ts = event["ts"]
+                seen.append((now, time.time(), ts, _stamp((event.get("delta") or {}).get("content"))))
+                span = spans.get(msg[2])
+                if span is None:
+                    spans[msg[2]] = [ts, ts]
+                else:
+                    span[1] = ts
+            elif kind.encode() in terminal_types:
+                terminal += 1
     pubsub.close()
     return _summary(seen, spans, seconds, terminal)
 
@@ -145,7 +159,7 @@ def subscribe_sdk(redis_url: str, prefix: str, streams: int, seconds: float, tim
     from moonq.settings import ClientSettings
     from producers import AsyncClient
 
-    seen: list[tuple[float, float, float]] = []
+    seen: list[tuple[float, float, float, float]] = []
     spans: dict[bytes, list[float]] = {}
     ended = [0]
 
@@ -154,7 +168,7 @@ def subscribe_sdk(redis_url: str, prefix: str, streams: int, seconds: float, tim
         async for event in client.job(job_id).events(poll_s=0.5):
             now = time.time()
             if event.type == "delta":
-                seen.append((now, event.ts, _stamp((event.delta or {}).get("content"))))
+                seen.append((now, now, event.ts, _stamp((event.delta or {}).get("content"))))
                 span = spans.setdefault(key, [event.ts, event.ts])
                 span[1] = event.ts
             elif event.terminal:
@@ -237,6 +251,7 @@ class Run:
     relay: dict[str, float]
     upstream: dict[str, float]
     cpu: dict[str, float]  # % of one core over the window: node, subscriber, sim, redis
+    decoded: dict[str, float] = field(default_factory=dict)  # relay stamped after decoding (``_summary``)
 
     @property
     def per_s(self) -> float:
@@ -330,7 +345,18 @@ def measured(
     if got["jobs"] < streams or got["terminal"] < streams:
         print(f"    warning: {got['jobs']} streams seen, {got['terminal']}/{streams} ended", flush=True)
     cpu = {name: sampler.share(name, t0, t1) for name in pids}
-    run = Run(mode, streams, rnd, load, t1 - t0, got["events"], got.get("relay", {}), got.get("upstream", {}), cpu)
+    run = Run(
+        mode,
+        streams,
+        rnd,
+        load,
+        t1 - t0,
+        got["events"],
+        got.get("relay", {}),
+        got.get("upstream", {}),
+        cpu,
+        got.get("decoded", {}),
+    )
     print(
         f"  round {rnd} {mode} N={streams}: load {load:.2f}, window {run.window_s:.1f} s,"
         f" {run.per_s:,.0f} deltas/s (of {streams * RATE:,}), node {cpu['node']:.0f}% of a core,"
@@ -380,6 +406,7 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
             f"| {p.streams:,} | {SUBSCRIBERS[p.mode].format(baseline=args.baseline)} |"
             f" {p.med(lambda r: r.per_s):,.0f} of {p.streams * RATE:,} | **{p.node:.0f}%** |"
             f" {ms(p.med(lambda r: r.relay['p50']))} | {ms(rel)} |"
+            f" {ms(p.med(lambda r: r.decoded['p50']))} / {ms(p.med(lambda r: r.decoded['p99']))} |"
             f" {' / '.join(ms(r.relay['p99']) for r in p.runs)} | {ms(max(r.relay['max'] for r in p.runs))} |"
             f" {ms(p.med(lambda r: r.upstream['p50']))} / {ms(p.med(lambda r: r.upstream['p99']))} |"
             f" {p.med(lambda r: r.cpu['subscriber']):.0f}% | {p.med(lambda r: r.cpu['sim']):.0f}% |"
@@ -404,10 +431,13 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
         " turn, so every N sees the same machine).",
         "",
         "**The subscriber** is a process of its own, so neither its CPU nor the driver's is the node's, and it"
-        " spends as little as it can: one plain redis-py connection (hiredis parser) with a single `PSUBSCRIBE"
-        " <prefix>:events:*`, each message read raw off the connection, the clock read, then the event decoded"
-        " with orjson; relay = that clock - the event's `ts` (taken by the node as it turns the decoded chunk"
-        " into its delta event). The `events()` row instead follows every job with"
+        " spends as little as it can: one plain redis-py connection with a single `PSUBSCRIBE <prefix>:events:*`,"
+        " then its socket read directly: the clock is read as each read returns, then the read's messages are"
+        " parsed (hiredis) and decoded (orjson); relay = that clock - the event's `ts` (taken by the node as it"
+        " turns the decoded chunk into its delta event). Streams arrive in step, so one read often holds a"
+        " burst of messages; *stamped after decoding* reads the clock again after each message is decoded,"
+        " behind every earlier one of its read (the subscriber's own work added: how this section measured"
+        " relay before 2026-12-01's last runs). The `events()` row instead follows every job with"
         " `AsyncClient.job(id).events()`, as `bench.perf` and users do."
         + (
             f" **before** rows: the same PSUBSCRIBE subscriber on a node started from `{args.baseline}`'s files"
@@ -417,8 +447,9 @@ def section(points: list[Point], args: argparse.Namespace, total_s: float) -> st
         ),
         "",
         "| N streams | subscriber | deltas/s relayed (of N x 50) | node CPU (% of one core) | relay p50 | relay p99 |"
-        " p99 of each round | max | upstream -> event p50 / p99 | subscriber CPU | simulator CPU | Redis CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " stamped after decoding, p50 / p99 | p99 of each round | max | upstream -> event p50 / p99 | subscriber CPU"
+        " | simulator CPU | Redis CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(row(p) for p in sorted(pub + before, key=lambda p: (p.streams, p.mode != "before")) + sdk),
         "",
     ]
