@@ -6,7 +6,9 @@ import asyncio
 import uuid
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, ResponseError
 
 from moonq.eventlog import APPEND_LUA, append_args, event_body
 from moonq.keys import Keys
@@ -62,3 +64,30 @@ def test_a_failing_call_fails_only_its_caller(redis_url: str) -> None:
     good, bad = asyncio.run(main())
     assert good == 2
     assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
+
+
+# A call that holds Redis for a while (a busy loop), so a round trip is surely in flight when the link is cut.
+SLOW_ECHO = "local i = 0 while i < tonumber(ARGV[2]) do i = i + 1 end return ARGV[1]"
+
+
+def test_when_retries_run_out_the_callers_in_flight_hear_it_and_the_next_call_gets_its_own_reply(
+    redis_url: str,
+) -> None:
+    async def main() -> tuple[object, list[object]]:
+        redis = Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0), retry_on_error=[ConnectionError])
+        try:
+            sink = ScriptSink(redis, SLOW_ECHO)
+            assert await sink([], ["warm", 0]) == b"warm"  # the sink holds its connection from here on
+            slow = asyncio.ensure_future(sink([], ["lost", 3_000_000]))
+            await asyncio.sleep(0.01)  # written; Redis is still in the loop
+            sink._conn._writer.transport.abort()  # the link cut under the round trip
+            lost = await asyncio.gather(slow, return_exceptions=True)
+            # A fresh connection: the cut one's reply ("lost") can never be read as these calls'.
+            after = await asyncio.gather(*(sink([], [f"after{i}", 0]) for i in range(3)))
+            return lost[0], after
+        finally:
+            await redis.aclose()
+
+    lost, after = asyncio.run(main())
+    assert isinstance(lost, ConnectionError), lost
+    assert after == [b"after0", b"after1", b"after2"]
