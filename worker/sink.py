@@ -4,8 +4,8 @@ A node runs some scripts once per fragment or per delivery for hundreds of jobs 
 event append (``APPEND_LUA``, per relayed fragment) and the webhook delivery settle. Each call
 sent on its own pays redis-py's pool checkout, packing, a syscall each way and a parse;
 ``ScriptSink`` sends whatever calls are waiting as one call of ``many_lua`` (on one Redis) or one
-pipeline (on a cluster, whose calls name keys of several slots), one round trip in flight at a
-time on a cluster (200 concurrent calls go out in under 20 round trips, tests/test_event_sink.py).
+pipeline (on a cluster, whose calls name keys of several slots, one round trip in flight at a
+time there): 200 concurrent calls go out in under 20 round trips (tests/test_event_sink.py).
 
 On one Redis the sink writes on a connection of its own, several round trips in flight, and writes
 as soon as ``EAGER_CALLS`` calls are waiting, without waiting for its loop's next turn. Streams from
@@ -34,8 +34,9 @@ log = logging.getLogger("moonq.worker")
 # Most script calls in one round trip; more wait for the next one.
 MAX_PIPELINE = 512
 # Calls waiting that are written at once, from the call that makes them that many, rather than on the
-# loop's next turn (one Redis only). Fewer: more round trips per fragment (each ~30 us of the node's
-# CPU and ~5 us of Redis'); more: a burst's first fragment waits behind more of its peers.
+# loop's next turn (one Redis only). Fewer: more round trips per fragment; more: a burst's first fragment
+# waits behind more of its peers. At 100 streams, 4 and 8 gave no lower relay p99 than 16 and a few points
+# more of the node's CPU (bench.relay_rate, 2 rounds each).
 EAGER_CALLS = 16
 # Most round trips written and not yet answered; more calls wait for one to be back.
 MAX_IN_FLIGHT = 8
