@@ -183,8 +183,8 @@ class AsyncJob:
         if time.monotonic() >= self._known_until:
             await self.record((JobField.STATUS,))  # JobNotFound rather than nothing; not the request (up to 100 MB)
         keys, r = self.client.keys, self.client.redis
-        follower = Follower(after_seq)
         async with self.client.fanout.watch(keys.events(self.id)) as inbox:
+            follower = Follower(after_seq, confirmation_coming=inbox.confirmation_coming)
             while not follower.done:
                 if follower.needs_log:
                     entries = await r.xrange(keys.log(self.id), min=follower.log_min)

@@ -44,6 +44,9 @@ class Inbox:
     def __init__(self) -> None:
         self.messages: deque[Delivery] = deque()
         self.ready = asyncio.Event()
+        # This watch subscribed the channel itself, so the subscription's confirmation (a RESYNC) is on
+        # its way to this inbox. A watch that joined a channel already subscribed gets no RESYNC of its own.
+        self.confirmation_coming = False
 
     def put(self, item: Delivery) -> None:
         deliver(self.messages, item)
@@ -90,6 +93,7 @@ class Fanout:
         inbox = Inbox()
         inboxes = self._inboxes.setdefault(channel, set())
         first = not inboxes
+        inbox.confirmation_coming = first
         inboxes.add(inbox)
         try:
             if first:

@@ -63,11 +63,13 @@ class Follower:
     was handed out, or the job's record is gone).
     """
 
-    def __init__(self, after_seq: int = 0) -> None:
+    def __init__(self, after_seq: int = 0, *, confirmation_coming: bool = False) -> None:
         self.last_seq = after_seq
         # Read first: the log holds everything published before the subscription was confirmed
-        # (the confirmation's RESYNC reads it again, for what was published in between).
-        self.needs_log = True
+        # (the confirmation's RESYNC reads it again, for what was published in between). A reader whose
+        # own subscription's confirmation is on its way waits for that RESYNC instead: one log read, not
+        # two (a gateway stream's read fewer per job), and none missed: its subscription is live by then.
+        self.needs_log = not confirmation_coming
         self.done = False
 
     @property

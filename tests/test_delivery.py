@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -47,6 +48,17 @@ def _receive(channel: Any, queue: str) -> Any:
             return message
         time.sleep(0.05)
     raise AssertionError("no message")
+
+
+def _consume(conn: Connection, queue: Queue, n: int) -> list[Any]:
+    """The next ``n`` messages, received as a node receives them (BRPOP), not acknowledged."""
+    got: list[Any] = []
+    with conn.Consumer(queue, callbacks=[lambda _body, message: got.append(message)], accept=["json"]):
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            conn.drain_events(timeout=1)
+    assert len(got) == n, f"{len(got)} of {n} messages"
+    return got
 
 
 def test_a_redelivered_message_has_its_own_tag_and_a_stale_ack_leaves_it_alone(redis_url: str) -> None:
@@ -104,6 +116,32 @@ def test_acks_in_one_turn_of_the_consumer_loop_remove_their_entries_in_one_round
             hub.close()
         assert r.hlen(f"{prefix}unacked") == 0 and r.zcard(f"{prefix}unacked_index") == 0
         assert r.info("commandstats")["cmdstat_zrem"]["calls"] - zrem_before == 1
+
+
+def test_a_message_comes_back_from_its_unacked_entry_as_it_was_sent_typed_values_and_all(redis_url: str) -> None:
+    """A plain message (every one moonq sends) is read and its unacked entry written by orjson; one with
+    kombu's typed values (a datetime, a UUID in its headers) by kombu's JSON. Restored, each comes back
+    with the same body and headers, its types kept."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    queue = Queue("jobs", Exchange("jobs"), "jobs")
+    r = redis.Redis.from_url(redis_url)
+    typed = {"when": datetime(2026, 12, 1, 21, 30, tzinfo=UTC), "ref": uuid.UUID(int=7)}
+    with _connection(redis_url, prefix) as conn:
+        channel = conn.default_channel
+        queue(channel).declare()
+        producer = conn.Producer(serializer="json")
+        producer.publish({"job": 1, "text": "é ✓"}, exchange=queue.exchange, routing_key="jobs", declare=[queue])
+        producer.publish({"job": 2}, exchange=queue.exchange, routing_key="jobs", headers=typed)
+        sent = _consume(conn, queue, 2)  # BRPOP, as a node receives
+        assert [type(m._raw) for m in sent] == [transport.PlainPayload, dict]
+        entry = r.hget(f"{prefix}unacked", sent[0].delivery_tag)
+        assert isinstance(entry, bytes) and json.loads(entry)[0]["properties"]["delivery_tag"] == sent[0].delivery_tag
+        for message in sent:
+            channel.qos.restore_by_tag(message.delivery_tag)
+        back = {m.decode()["job"]: m for m in _consume(conn, queue, 2)}
+        assert back[1].decode() == {"job": 1, "text": "é ✓"}
+        assert back[2].decode() == {"job": 2}
+        assert {k: back[2].headers[k] for k in typed} == typed  # a datetime and a UUID again, not strings
 
 
 @pytest.mark.parametrize("offset_s", [+15.0, -15.0])

@@ -73,3 +73,46 @@ def test_a_gap_in_live_messages_is_filled_from_the_log(fresh_prefix: Settings) -
         (3, "delta"),
         (4, "cancelled"),
     ]
+
+
+def test_a_follower_reads_the_log_once_its_subscription_is_live(fresh_prefix: Settings) -> None:
+    """The follower that subscribed a job's channel reads the log when the subscription is confirmed, not
+    also before it (one read per stream, not two); one that joins a channel already subscribed gets no
+    confirmation of its own and reads it at once. Events written before either watched are not lost."""
+    r = redis.Redis.from_url(fresh_prefix.redis_url)
+    keys = fresh_prefix.keys
+
+    async def main() -> tuple[list[Any], list[Any], int]:
+        async with AsyncClient(settings=fresh_prefix) as client:
+            job = await client.submit(REQ)  # nobody consumes this prefix: we play the worker
+            for seq, type in ((1, "started"), (2, "delta")):  # before anyone watches: in the log only
+                fields = {"attempt": 1, "index": 0, "delta": {"content": "2"}} if type == "delta" else {}
+                r.xadd(keys.log(job.id), {"e": _event(job.id, seq, type, **fields)}, id=f"{seq}-0")
+            reads = 0
+            xrange = client.redis.xrange
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal reads
+                reads += 1
+                return await xrange(*args, **kwargs)
+
+            client.redis.xrange = counted  # type: ignore[method-assign]
+
+            async def follow() -> list[Any]:
+                return [e async for e in client.job(job.id).events(poll_s=30)]  # no quiet poll to the rescue
+
+            first = asyncio.create_task(follow())
+            while reads == 0:  # its subscription confirmed, the log read
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(follow())
+            while reads == 1:
+                await asyncio.sleep(0.01)
+            final = _event(job.id, 3, "completed")
+            r.xadd(keys.log(job.id), {"e": final}, id="3-0")
+            r.publish(keys.events(job.id), final)
+            return await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10), reads
+
+    first, second, reads = asyncio.run(main())
+    assert [(e.seq, e.type) for e in first] == [(1, "started"), (2, "delta"), (3, "completed")]
+    assert [(e.seq, e.type) for e in second] == [(1, "started"), (2, "delta"), (3, "completed")]
+    assert reads == 2  # one per follower

@@ -29,12 +29,14 @@ def wire(seq: int, type: str = "delta") -> bytes:
     return event(seq, type).model_dump_json().encode()
 
 
-def run(steps: list[tuple[Any, ...]], after_seq: int = 0) -> tuple[list[int], Follower]:
+def run(
+    steps: list[tuple[Any, ...]], after_seq: int = 0, confirmation_coming: bool = False
+) -> tuple[list[int], Follower]:
     """Play ``steps`` against a new follower; returns the seqs it handed out, in order.
 
     Steps: ("log", [seq, ...], terminal_seq|None), ("live", seq, type), ("resync",), ("quiet", job_exists).
     """
-    follower = Follower(after_seq)
+    follower = Follower(after_seq, confirmation_coming=confirmation_coming)
     out: list[int] = []
     for step in steps:
         kind = step[0]
@@ -135,6 +137,30 @@ CASES: dict[str, tuple[list[tuple[Any, ...]], int, list[int], bool, bool]] = {
 def test_follower(name: str) -> None:
     steps, after_seq, handed_out, needs_log, done = CASES[name]
     out, follower = run(steps, after_seq)
+    assert out == handed_out
+    assert (follower.needs_log, follower.done) == (needs_log, done)
+
+
+# A follower whose own subscription's confirmation is coming: (steps, handed out, needs_log after, done after).
+CONFIRMING: dict[str, tuple[list[tuple[Any, ...]], list[int], bool, bool]] = {
+    "waits for its confirmation before reading the log": ([], [], False, False),
+    "the confirmation asks for the log": ([("resync",)], [], True, False),
+    "the log read at the confirmation has what came before": (
+        [("resync",), ("log", [1, 2], None)],
+        [1, 2],
+        False,
+        False,
+    ),
+    "a first live event before the confirmation is handed out": ([("live", 1, "started")], [1], False, False),
+    "a gap before the confirmation asks for the log": ([("live", 2, "delta")], [], True, False),
+    "a quiet poll before the confirmation reads the log": ([("quiet", True), ("log", [1], None)], [1], False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIRMING))
+def test_follower_whose_confirmation_is_coming(name: str) -> None:
+    steps, handed_out, needs_log, done = CONFIRMING[name]
+    out, follower = run(steps, confirmation_coming=True)
     assert out == handed_out
     assert (follower.needs_log, follower.done) == (needs_log, done)
 
