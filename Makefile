@@ -66,7 +66,6 @@ $(BENCH_STAMP): $(STAMP)
 bench-limiter: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.limiter
 
-# submit one by one vs submit_many (~30 s).
 # Fair share between tenants and two accounts, in the limiter itself (~8 minutes, time scaled by 1/10).
 bench-fairshare: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.fairshare
@@ -92,8 +91,9 @@ bench-fragment-cpu: $(BENCH_STAMP) check-redis
 bench-failover: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.failover
 
+# submit one by one vs submit_many, beside f27dc10's producer (before issue 15's enqueue work) (~2 minutes).
 bench-enqueue: $(BENCH_STAMP) check-redis
-	$(BIN)/python -m bench.enqueue
+	$(BIN)/python -m bench.enqueue --baseline f27dc10
 
 # One node: in-flight capacity, relay latency, per-job overhead, memory, Redis cost (~5 minutes; PNGs in bench/plots).
 bench-perf: $(BENCH_STAMP) check-redis

@@ -29,10 +29,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from bench.fleets import API_KEY, REPO, node_env, source_tree
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
+from moonq.record import JobField
+from moonq.settings import ClientSettings
 
 SECTION = "## Time to first token through the queue: a burst through the gateway and one node"
 TOKEN = "bench-ttft-token"
@@ -47,10 +51,11 @@ url, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 body = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Count slowly."}], "stream": True}
 
 async def one(session):
-    start = time.monotonic()
+    sent, start = time.time(), time.monotonic()
     first, text = None, []
     async with session.post(url, json=body, headers={"Authorization": "Bearer " + key}) as r:
         r.raise_for_status()
+        job = r.headers.get("X-Moonq-Job-Id")
         async for line in r.content:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
@@ -62,7 +67,7 @@ async def one(session):
                         first = time.monotonic()
                     text.append(piece)
     end = time.monotonic()
-    return [(first - start) * 1e3 if first else -1.0, (end - start) * 1e3, len("".join(text))]
+    return [(first - start) * 1e3 if first else -1.0, (end - start) * 1e3, len("".join(text)), sent, job]
 
 async def main():
     connector = aiohttp.TCPConnector(limit=0)
@@ -79,11 +84,19 @@ class Burst:
     ttft_ms: list[float]
     end_ms: list[float]
     chars: int
+    sent: list[float] = field(default_factory=list)  # each request's send, unix s
+    jobs: list[str | None] = field(default_factory=list)  # its job id (through moonq)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Through moonq, from each job's record: stage -> ms per request (STAGES).
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
     def pct(self, which: str, q: float) -> float:
-        values: list[float] = sorted(getattr(self, which))
-        return values[min(len(values) - 1, int(q * len(values)))]
+        return self.quantile(getattr(self, which), q)
+
+    @staticmethod
+    def quantile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def burst(url: str, key: str, clients: int, expect_chars: int | None = None) -> Burst:
@@ -95,7 +108,32 @@ def burst(url: str, key: str, clients: int, expect_chars: int | None = None) -> 
     bad = [r for r in rows if r[0] < 0 or r[2] != (expect_chars or chars)]
     if bad:
         raise SystemExit(f"{len(bad)} of {clients} streams came back without the whole answer: {bad[:3]}")
-    return Burst([r[0] for r in rows], [r[1] for r in rows], chars)
+    return Burst([r[0] for r in rows], [r[1] for r in rows], chars, [r[3] for r in rows], [r[4] for r in rows])
+
+
+# Where a request's time to its first content byte went through moonq, from its job's record.
+STAGES = {
+    "submit": "request sent -> job enqueued by the gateway",
+    "queued": "enqueued -> started by the node (its claim)",
+    "first": "started -> first content byte at the client (the simulator's 20 ms and its role-only chunk first)",
+}
+
+
+def stages(redis_url: str, prefix: str, b: Burst) -> dict[str, list[float]]:
+    """Each request's TTFT split at its job's ``enqueued_at`` and ``started_at``, in ms (without both: left out)."""
+    keys = ClientSettings(prefix=prefix).keys
+    with redis.Redis.from_url(redis_url) as r, r.pipeline(transaction=False) as pipe:
+        for job in b.jobs:
+            pipe.hmget(keys.job(job or "-"), [JobField.ENQUEUED_AT, JobField.STARTED_AT])
+        records = pipe.execute()
+    out: dict[str, list[float]] = {name: [] for name in STAGES}
+    for ttft, sent, (enqueued, started) in zip(b.ttft_ms, b.sent, records, strict=True):
+        if enqueued is None or started is None:
+            continue
+        out["submit"].append((float(enqueued) - sent) * 1e3)
+        out["queued"].append((float(started) - float(enqueued)) * 1e3)
+        out["first"].append(ttft - (float(started) - sent) * 1e3)
+    return out
 
 
 @dataclass
@@ -107,7 +145,8 @@ class Round:
 def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int) -> Burst:
     """A burst through a gateway and a node started from ``tree`` (this checkout, or a baseline's)."""
     assert sim.proc is not None and server.proc is not None
-    env = node_env(server.url, sim.base_url, f"tt{uuid.uuid4().hex[:6]}", tree, MOONQ_GATEWAY_TOKENS=TOKEN)
+    prefix = f"tt{uuid.uuid4().hex[:6]}"
+    env = node_env(server.url, sim.base_url, prefix, tree, MOONQ_GATEWAY_TOKENS=TOKEN)
     port = free_port()
     gateway = subprocess.Popen(
         [str(Path(sys.executable).parent / "moonq"), "gateway", "--host", "127.0.0.1", "--port", str(port)],
@@ -127,6 +166,7 @@ def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars
             before = {name: cpu_s(pid) for name, pid in pids.items()}
             result = burst(url, TOKEN, clients, chars)
             result.cpu_s = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+            result.stages = stages(server.url, prefix, result)
             return result
     finally:
         gateway.terminate()
@@ -166,6 +206,16 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
         p50, p99 = (b.pct("ttft_ms", q) - d.pct("ttft_ms", q) for q in (0.5, 0.99))
         return f"+{p50:.0f} / +{p99:.0f}"
 
+    stage_lines = []
+    for n in names:
+        cells = []
+        for stage, what in STAGES.items():
+            values = [r.moonq[n].stages.get(stage) or [] for r in rounds]
+            if all(values):
+                p50, p99 = (med([Burst.quantile(v, q) for v in values]) for q in (0.5, 0.99))
+                cells.append(f"{what} {p50:.0f} / {p99:.0f} ms")
+        if cells:
+            stage_lines.append(f"- {label[n]}: " + "; ".join(cells) + ".")
     cpu_lines = []
     for n in names:
         cpu = {proc: med([r.moonq[n].cpu_s.get(proc, 0.0) for r in rounds]) for proc in rounds[0].moonq[n].cpu_s}
@@ -205,6 +255,17 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
             + f". Goal: p50 within +{GOAL_P50_MS:.0f} ms and p99 within +{GOAL_P99_MS:.0f} ms of a direct call:"
             f" {met}.",
             "",
+            *(
+                [
+                    "Where the time to first content went through moonq, from each job's record (`enqueued_at`,"
+                    " `started_at`; p50 / p99, median of rounds):",
+                    "",
+                    *stage_lines,
+                    "",
+                ]
+                if stage_lines
+                else []
+            ),
             "CPU over the burst through moonq (medians; 2 cores shared by all of them and the load process):",
             "",
             *cpu_lines,

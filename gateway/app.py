@@ -15,19 +15,19 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Literal
 
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.console import console_routes
 from gateway.openapi import openapi_document
-from gateway.stream import ChunkStream, error_body, sse
+from gateway.stream import ChunkStream, EventStream, error_body, sse
 from moonq import budgets
 from moonq.errors import (
     InvalidRequest,
@@ -258,7 +258,7 @@ class Gateway:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             builtin = request.headers.get(BUILTIN_TOOLS_HEADER) is not None
             chunks = ChunkStream(job.id, body.model, int(time.time()), include_usage, builtin_tools=builtin)
-            return StreamingResponse(self._stream(job, chunks), media_type="text/event-stream", headers=headers)
+            return EventStream(self._stream(job, chunks), headers=headers)
         waiter = asyncio.create_task(job.result())
         if not await _finished_before_disconnect(request, waiter):
             await self._disconnected(job)
@@ -277,7 +277,7 @@ class Gateway:
         # mode="json": a NaN or Infinity an upstream slipped into its answer becomes null, not a 500.
         return JSONResponse(result.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncIterator[bytes]:
+    async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncGenerator[bytes, None]:
         try:
             async for event in job.events():
                 data = chunks.feed(event)
@@ -325,12 +325,12 @@ class Gateway:
             raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
         await job.record((JobField.STATUS,))  # 404 for an unknown (or another tenant's) job, before streaming
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events() -> AsyncGenerator[bytes, None]:
             async for event in job.events(after_seq=int(last)):
                 data = json.dumps(event.model_dump(mode="json", exclude_none=True), ensure_ascii=False)
                 yield f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events())
 
     async def cancel_job(self, request: Request) -> Response:
         job = self.client.job(request.path_params["job_id"], scope_of(request))

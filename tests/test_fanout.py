@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from producers import AsyncClient
+from producers.fanout import Inbox
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Fan out, please."}], "stream": True}
@@ -116,3 +117,28 @@ def test_a_follower_reads_the_log_once_its_subscription_is_live(fresh_prefix: Se
     assert [(e.seq, e.type) for e in first] == [(1, "started"), (2, "delta"), (3, "completed")]
     assert [(e.seq, e.type) for e in second] == [(1, "started"), (2, "delta"), (3, "completed")]
     assert reads == 2  # one per follower
+
+
+def test_an_inbox_wait_ends_at_its_own_deadline_whatever_the_waits_before_it() -> None:
+    """One timer serves an inbox's waits: a wait times out when its own timeout is up, neither earlier
+    (a shorter wait before it left the timer set sooner) nor later (a longer one left it set later)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        inbox = Inbox()
+        loop.call_later(0.01, inbox.put, b"a")
+        assert await inbox.get(0.05) == b"a"  # its timer stays set for 0.05 s
+        loop.call_later(0.15, inbox.put, b"b")
+        assert await inbox.get(1.0) == b"b"  # not ended by the first wait's timer at 0.05 s
+        start = loop.time()
+        assert await inbox.get(0.1) is None  # the timer, set for the 1 s wait, is brought forward
+        assert 0.09 <= loop.time() - start < 0.5
+        start = loop.time()
+        assert await inbox.get(0.3) is None
+        assert loop.time() - start >= 0.29
+        loop.call_later(0.01, inbox.put, b"c")
+        assert await inbox.get(0.2) == b"c"
+        inbox.close()  # the watch ends: its timer with it
+        assert inbox._timer is None
+
+    asyncio.run(main())

@@ -165,6 +165,29 @@ def test_jobs_api_and_sse_resume(gateway: str, worker: Any) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "resource_not_found_error"
 
 
+def test_a_follower_that_hangs_up_leaves_no_subscription_and_the_job_runs_on(
+    gateway: str, settings: Settings, worker: Any
+) -> None:
+    """``/v1/jobs/{id}/events`` only watches: a caller gone mid-stream ends its stream at once (the gateway
+    gives its subscription back) and the job goes on to its end."""
+    request = {"model": "moonshot-v1-8k", "messages": USER, "sim": {"fault": "slow_first:2"}}
+    job_id = httpx.post(f"{gateway}/v1/jobs", json=request, headers=h()).json()["id"]
+    channel = settings.keys.events(job_id)
+    with Client(settings=settings) as client:
+        r = client.redis
+        with httpx.stream("GET", f"{gateway}/v1/jobs/{job_id}/events", headers=h(), timeout=10) as resp:
+            assert resp.status_code == 200
+            deadline = time.monotonic() + 5
+            while r.pubsub_numsub(channel)[0][1] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert r.pubsub_numsub(channel)[0][1] == 1  # the gateway follows the job
+        deadline = time.monotonic() + 5  # hung up, before the first token
+        while r.pubsub_numsub(channel)[0][1] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert r.pubsub_numsub(channel)[0][1] == 0
+        assert client.job(job_id).result(timeout=30).choices[0].message.content
+
+
 def test_idempotency_key_header(gateway: str, fresh_prefix: Settings) -> None:
     request = {"model": "moonshot-v1-8k", "messages": USER}
     key = uuid.uuid4().hex
