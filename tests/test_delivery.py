@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -142,6 +144,17 @@ def test_a_message_comes_back_from_its_unacked_entry_as_it_was_sent_typed_values
         assert back[1].decode() == {"job": 1, "text": "é ✓"}
         assert back[2].decode() == {"job": 2}
         assert {k: back[2].headers[k] for k in typed} == typed  # a datetime and a UUID again, not strings
+
+
+def test_an_unacked_entry_of_a_plain_message_that_came_to_hold_a_typed_value_is_written_by_kombu() -> None:
+    """A value added to a plain message after it was read that orjson cannot write (a Decimal) sends its
+    entry through kombu's JSON, which marks the type, rather than failing the receive."""
+    raw = transport.PlainPayload({"body": "e30=", "properties": {"delivery_tag": "t1", "cost": Decimal("0.5")}})
+    message = SimpleNamespace(_raw=raw, delivery_info={"exchange": "jobs", "routing_key": "jobs"})
+    entry = transport._entry(message)
+    assert json.loads(entry)[0]["properties"]["cost"] == {"__type__": "decimal", "__value__": "0.5"}
+    plain = SimpleNamespace(_raw=transport.PlainPayload({"body": "e30="}), delivery_info=message.delivery_info)
+    assert json.loads(transport._entry(plain)) == [{"body": "e30="}, "jobs", "jobs"]
 
 
 @pytest.mark.parametrize("offset_s", [+15.0, -15.0])

@@ -36,6 +36,7 @@ URL and the whole list in the transport option ``sentinels`` (worker/app.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -125,7 +126,8 @@ def _entry(message: Any) -> str:
     delivery = message.delivery_info
     value = [message._raw, delivery["exchange"], delivery["routing_key"]]
     if type(message._raw) is PlainPayload:
-        return orjson.dumps(value).decode()
+        with contextlib.suppress(orjson.JSONEncodeError):  # a value kombu or Celery added that is not JSON's
+            return orjson.dumps(value).decode()
     return dumps(value)  # type: ignore[no-untyped-call,no-any-return]
 
 
