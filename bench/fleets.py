@@ -25,6 +25,7 @@ from celery import Celery
 from bench import celery_baseline
 from harness import WorkerProcess
 from moonq.broker import producer_app
+from moonq.record import JobField
 from moonq.settings import ClientSettings
 from producers import Client
 
@@ -205,3 +206,23 @@ class CeleryFleet:
         stop_all(self.procs)
         self.app.close()
         self.redis.close()
+
+
+def first_chunk_stages(r: redis.Redis, prefix: str, requests: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """Where each streamed request's time to its first chunk went, from its job's record, in seconds:
+    ``submit`` (sent -> enqueued by the gateway), ``queued`` (-> started by a node: its claim) and
+    ``relay`` (-> the first chunk at the client). ``requests``: (job id, sent at (unix s), time to the
+    first chunk (s)); one whose record lacks either stamp is left out."""
+    keys = ClientSettings(prefix=prefix).keys
+    with r.pipeline(transaction=False) as pipe:
+        for job_id, _, _ in requests:
+            pipe.hmget(keys.job(job_id), [JobField.ENQUEUED_AT, JobField.STARTED_AT])
+        records = pipe.execute()
+    out: dict[str, list[float]] = {"submit": [], "queued": [], "relay": []}
+    for (_, sent, first_s), (enqueued, started) in zip(requests, records, strict=True):
+        if enqueued is None or started is None:
+            continue
+        out["submit"].append(float(enqueued) - sent)
+        out["queued"].append(float(started) - float(enqueued))
+        out["relay"].append(first_s - (float(started) - sent))
+    return out

@@ -41,16 +41,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from bench.fleets import API_KEY, REPO, clean_env, stop_all, wait_for_nodes
+from bench.fleets import API_KEY, REPO, clean_env, first_chunk_stages, stop_all, wait_for_nodes
 from bench.perf import Sim, rss_kib
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_listening
 from moonq.broker import producer_app
-from moonq.record import JobField
 from moonq.settings import ClientSettings
 from simulator import SimConfig
 from simulator.answer import answer
@@ -389,23 +387,6 @@ def expected_texts(cfg: SimConfig, tag: str, n: int) -> list[str]:
     return out
 
 
-def stages(r: redis.Redis, streams: list[list[Any]]) -> dict[str, list[float]]:
-    """Where each stream's time to first chunk went, from its job's record (gateway streams only)."""
-    keys = ClientSettings(prefix=PREFIX).keys
-    with r.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            pipe.hmget(keys.job(stream[4]), [JobField.ENQUEUED_AT, JobField.STARTED_AT])
-        records = pipe.execute()
-    out: dict[str, list[float]] = {"submit": [], "queued": [], "relay": []}
-    for (ttfb, _, _, _, _, sent), (enqueued, started) in zip(streams, records, strict=True):
-        if ttfb is None or enqueued is None or started is None:
-            continue
-        out["submit"].append(float(enqueued) - sent)
-        out["queued"].append(float(started) - float(enqueued))
-        out["relay"].append(ttfb - (float(started) - sent))
-    return out
-
-
 def run_load(
     path: str,
     base_url: str,
@@ -451,7 +432,9 @@ def run_load(
     peak = sampler.peak if sampler else None
     load = Load(path, len(expected), ok, errors, ttfb, end, float(out["wall_s"]), cpu, peak)
     if r is not None:
-        load.stages = stages(r, [s for s in out["streams"] if s[4]])
+        # Stream rows: (ttfb s, ..., job id, sent at); the gateway's streams only (with a job id).
+        timed = [(s[4], s[5], s[0]) for s in out["streams"] if s[4] and s[0] is not None]
+        load.stages = first_chunk_stages(r, PREFIX, timed)
     return load
 
 

@@ -31,12 +31,10 @@ from pathlib import Path
 
 import redis
 
-from bench.fleets import API_KEY, REPO, node_env, source_tree
+from bench.fleets import API_KEY, REPO, first_chunk_stages, node_env, source_tree
 from bench.perf import Sim, cpu_s
 from bench.report import write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
-from moonq.record import JobField
-from moonq.settings import ClientSettings
 
 SECTION = "## Time to first token through the queue: a burst through the gateway and one node"
 TOKEN = "bench-ttft-token"
@@ -115,25 +113,15 @@ def burst(url: str, key: str, clients: int, expect_chars: int | None = None) -> 
 STAGES = {
     "submit": "request sent -> job enqueued by the gateway",
     "queued": "enqueued -> started by the node (its claim)",
-    "first": "started -> first content byte at the client (the simulator's 20 ms and its role-only chunk first)",
+    "relay": "started -> first content byte at the client (the simulator's 20 ms and its role-only chunk first)",
 }
 
 
 def stages(redis_url: str, prefix: str, b: Burst) -> dict[str, list[float]]:
-    """Each request's TTFT split at its job's ``enqueued_at`` and ``started_at``, in ms (without both: left out)."""
-    keys = ClientSettings(prefix=prefix).keys
-    with redis.Redis.from_url(redis_url) as r, r.pipeline(transaction=False) as pipe:
-        for job in b.jobs:
-            pipe.hmget(keys.job(job or "-"), [JobField.ENQUEUED_AT, JobField.STARTED_AT])
-        records = pipe.execute()
-    out: dict[str, list[float]] = {name: [] for name in STAGES}
-    for ttft, sent, (enqueued, started) in zip(b.ttft_ms, b.sent, records, strict=True):
-        if enqueued is None or started is None:
-            continue
-        out["submit"].append((float(enqueued) - sent) * 1e3)
-        out["queued"].append((float(started) - float(enqueued)) * 1e3)
-        out["first"].append(ttft - (float(started) - sent) * 1e3)
-    return out
+    """Each request's time to its first content split at its job's record (``first_chunk_stages``), in ms."""
+    timed = [(job, sent, ttft / 1e3) for job, sent, ttft in zip(b.jobs, b.sent, b.ttft_ms, strict=True) if job]
+    with redis.Redis.from_url(redis_url) as r:
+        return {stage: [x * 1e3 for x in xs] for stage, xs in first_chunk_stages(r, prefix, timed).items()}
 
 
 @dataclass
