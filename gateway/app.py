@@ -15,19 +15,19 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.console import console_routes
 from gateway.openapi import openapi_document
-from gateway.stream import ChunkStream, EventStream, error_body, sse
+from gateway.stream import ChunkStream, error_body, sse
 from moonq import budgets
 from moonq.errors import (
     InvalidRequest,
@@ -258,7 +258,11 @@ class Gateway:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             builtin = request.headers.get(BUILTIN_TOOLS_HEADER) is not None
             chunks = ChunkStream(job.id, body.model, int(time.time()), include_usage, builtin_tools=builtin)
-            return EventStream(self._stream(job, chunks), headers=headers)
+            # Starlette's StreamingResponse, whose anyio cancel scope delivers the hang-up's cancel again until the
+            # stream ends: on Python 3.11 a single task.cancel() can be lost inside redis-py (asyncio.wait_for in
+            # its send, python/cpython#86296), and the stream then ran on to the job's end uncancelled (a plain
+            # listener task tried and reverted; tests/test_gateway.py hang-up tests).
+            return StreamingResponse(self._stream(job, chunks), media_type="text/event-stream", headers=headers)
         waiter = asyncio.create_task(job.result())
         if not await _finished_before_disconnect(request, waiter):
             await self._disconnected(job)
@@ -277,7 +281,7 @@ class Gateway:
         # mode="json": a NaN or Infinity an upstream slipped into its answer becomes null, not a 500.
         return JSONResponse(result.model_dump(mode="json", exclude_none=True), headers=headers)
 
-    async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncGenerator[bytes, None]:
+    async def _stream(self, job: AsyncJob, chunks: ChunkStream) -> AsyncIterator[bytes]:
         try:
             async for event in job.events():
                 data = chunks.feed(event)
@@ -325,12 +329,12 @@ class Gateway:
             raise InvalidRequest([("Last-Event-ID", f"must be a sequence number (got {last[:40]!r})")])
         await job.record((JobField.STATUS,))  # 404 for an unknown (or another tenant's) job, before streaming
 
-        async def events() -> AsyncGenerator[bytes, None]:
+        async def events() -> AsyncIterator[bytes]:
             async for event in job.events(after_seq=int(last)):
                 data = json.dumps(event.model_dump(mode="json", exclude_none=True), ensure_ascii=False)
                 yield f"id: {event.seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
 
-        return EventStream(events())
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def cancel_job(self, request: Request) -> Response:
         job = self.client.job(request.path_params["job_id"], scope_of(request))

@@ -21,15 +21,10 @@ completed result holds the usage of all of them, so it goes on the last choice's
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
 
@@ -141,52 +136,3 @@ class ChunkStream:
             out.append(self._chunk([], usage=usage))
         out.append(DONE)
         return b"".join(out)
-
-
-class EventStream(Response):
-    """A ``text/event-stream`` response: Starlette's ``StreamingResponse`` without a task group per response.
-
-    Under an ASGI server of spec 2.3 (uvicorn as of 0.54), Starlette streams in an anyio task group
-    beside a listener for the caller's disconnect; building and tearing that down for every stream was
-    about 6% of the gateway's samples (py-spy, 200 streams at once). Here the stream runs in the
-    request's own task and one plain task listens: when the caller hangs up it cancels the stream at
-    once (wherever it waits: for the job to start, or for its next event), so ``body`` ends in its
-    ``finally`` as under Starlette, and the request ends normally. Under spec 2.4, where a send to a
-    caller gone raises ``OSError``, that ends it the same way.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None) -> None:
-        self.body_iterator = body
-        self.status_code = 200
-        self.background = None
-        self.init_headers(headers)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()
-        gone = False
-
-        async def listen() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            task.cancel()
-
-        listener = asyncio.create_task(listen())
-        try:
-            async with contextlib.aclosing(self.body_iterator) as body:
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for chunk in body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not gone or task.uncancel() > cancelling:  # not (only) ours: the server is stopping, say
-                raise
-        except OSError:  # ASGI 2.4: the caller is gone
-            pass
-        finally:
-            listener.cancel()
