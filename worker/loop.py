@@ -27,6 +27,7 @@ from moonq.eventlog import append_lua
 from moonq.tenants import cached_tenants
 from moonq.wire import JobEnvelope, JobTicket
 from worker.accounts import load_accounts
+from worker.cancel import cancel_and_wait
 from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
 from worker.delivery_process import DeliveryProcess
@@ -174,9 +175,7 @@ class Runtime:
             self.loop.close()
 
     async def _close(self, ctx: JobContext) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)  # worker/cancel.py: a cancel can be lost in redis-py
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
             for upstream in ctx.upstreams.values():

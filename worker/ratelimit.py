@@ -76,6 +76,7 @@ from redis.exceptions import RedisError
 
 from moonq.record import DEFAULT_TENANT
 from moonq.tenants import Tenants
+from worker.cancel import cancel_and_wait
 from worker.errors import CapacityWaitTimeout, UnknownAccount
 from worker.limiter_state import FLEET, MAX_WINDOW_MS, VTIME_UNIT, WINDOW_MS, LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
@@ -263,9 +264,7 @@ class Limiter:
         # would then wait for a wake for ever.
         self._stopping = True
         self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         for tenant in list(self._registered):
             with contextlib.suppress(RedisError):
                 await self._leave(
