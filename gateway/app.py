@@ -29,6 +29,7 @@ from gateway.console import console_routes
 from gateway.openapi import openapi_document
 from gateway.stream import ChunkStream, error_body, sse
 from moonq import budgets
+from moonq.cancel import cancel_and_wait
 from moonq.errors import (
     InvalidRequest,
     JobCancelled,
@@ -351,11 +352,10 @@ async def _finished_before_disconnect(request: Request, waiter: asyncio.Task[Any
 
     watcher = asyncio.create_task(disconnected())
     done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
-    if waiter not in done:
-        waiter.cancel()
-        return False
-    return True
+    # The waiter follows its job in Redis, where a one-shot cancel can be lost (moonq/cancel.py): it would
+    # then hold its subscription until the job ends.
+    await cancel_and_wait([watcher] if waiter in done else [watcher, waiter])
+    return waiter in done
 
 
 async def _errors(request: Request, exc: Exception) -> Response:

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from moonq.cancel import cancel_and_wait
 from moonq.redisurl import is_cluster_client
 from producers.follow import RESYNC, Delivery, deliver
 
@@ -205,9 +206,7 @@ class Fanout:
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            await cancel_and_wait([self._reader])  # its cancel can be lost in a Redis call (moonq/cancel.py)
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -1,4 +1,4 @@
-"""Stopping background tasks whose first cancel is lost (worker/cancel.py).
+"""Stopping background tasks whose first cancel is lost (moonq/cancel.py).
 
 On Python 3.11 redis-py's ``asyncio.wait_for`` around each write can swallow a cancel (a task
 cancelled during a new connection's handshake returned as if uncancelled in 3 of 8 timings against a
@@ -8,8 +8,9 @@ real redis-server, checked by hand); here a loop that loses its first cancel tha
 from __future__ import annotations
 
 import asyncio
+import gc
 
-from worker.cancel import cancel_and_wait
+from moonq.cancel import cancel_and_wait
 
 
 def test_a_loop_that_lost_its_cancel_is_stopped_all_the_same() -> None:
@@ -46,3 +47,24 @@ def test_a_loop_that_lost_its_cancel_is_stopped_all_the_same() -> None:
         return heard["deaf"], heard["clean"], cleaned
 
     assert asyncio.run(main()) == (2, 1, True)
+
+
+def test_a_task_that_had_failed_is_not_reported_as_never_retrieved() -> None:
+    """Stopping takes the exception of a task that ended with one (as ``await task`` did before): asyncio
+    does not log it as never retrieved when the task is dropped."""
+
+    async def main() -> list[str]:
+        reported: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+
+        async def fails() -> None:
+            raise ValueError("the reader's last error")
+
+        tasks = [asyncio.create_task(fails())]
+        await asyncio.sleep(0)
+        await cancel_and_wait(tasks)
+        del tasks
+        gc.collect()
+        return reported
+
+    assert asyncio.run(main()) == []

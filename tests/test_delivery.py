@@ -24,11 +24,13 @@ from kombu.transport import redis as kombu_redis
 
 from harness import RedisServer, WorkerProcess
 from moonq.broker import broker_config, queue_for
+from moonq.eventlog import read_log
 from moonq.keys import Keys
 from moonq.record import DEFAULT_TENANT, JobField
 from producers import Client, Job
 from simulator import SimConfig, SimServer
 from tests.helpers import LONG, make_settings, node_env, wait_until
+from worker import job as worker_job
 from worker import transport
 from worker.job import Outcome
 from worker.loop import Runtime
@@ -324,6 +326,60 @@ def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(
             assert second.result(timeout=10) == "skipped"  # it finds the job ended at its next claim
             assert not ctx.deliveries.of_job(job.id)
             assert job.record()["attempt"] == "1"
+    finally:
+        rt.stop()
+
+
+def test_a_shutdown_whose_cancel_was_lost_still_hands_the_job_back_before_its_call(
+    fresh_prefix: Settings, story_sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Runtime.shutdown`` sets its flag and cancels each job once; on Python 3.11 a cancel that lands
+    while a Redis command is sent is lost (moonq/cancel.py). Here the shutdown comes during the job's
+    last check before its upstream call and its cancel never arrives: the job goes back all the same."""
+    rt = _runtime(fresh_prefix, story_sim.base_url)
+    assert rt.ctx is not None
+    ctx = rt.ctx
+    before = story_sim.stats()["requests"]
+    real = worker_job._still_ours
+
+    async def shutdown_during_the_check(*args: Any) -> None:
+        ctx.shutting_down = True  # Runtime.shutdown's flag; its cancel, lost in the Redis call, never comes
+        await real(*args)
+
+    monkeypatch.setattr(worker_job, "_still_ours", shutdown_during_the_check)
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            assert rt.submit(_envelope(client, job.id)).result(timeout=10) == "requeued"
+            assert job.status() == "queued"
+            assert read_log(client.redis, client.keys, job.id)[-1].reason == "worker_shutdown"
+            assert story_sim.stats()["requests"] == before  # no upstream call was paid for
+    finally:
+        rt.stop()
+
+
+def test_a_parked_delivery_stops_waiting_when_the_node_shuts_down_even_without_its_cancel(
+    fresh_prefix: Settings, story_sim: SimServer
+) -> None:
+    """A second delivery parked behind the job's live owner goes back once the node shuts down, also
+    when the shutdown's cancel was lost (the flag alone is set here): it does not wait out the job."""
+    rt = _runtime(fresh_prefix, story_sim.base_url)
+    assert rt.ctx is not None
+    ctx = rt.ctx
+    try:
+        with Client(settings=fresh_prefix) as client:
+            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+            envelope = _envelope(client, job.id)
+            first = rt.submit(envelope, "tag-1")
+            wait_until(lambda: job.status() == "running", 10, "the first delivery runs")
+            second = rt.submit(envelope, "tag-2")
+            wait_until(lambda: len(ctx.deliveries.of_job(job.id)) == 2, 5, "the second delivery parked")
+            ctx.shutting_down = True
+            # Within a parked wait (heartbeat_interval_s: 0.5 s in tests), long before the ~5 s answer ends.
+            assert second.result(timeout=2) == "requeued"
+            assert not first.done()
+            rt.shutdown()
+            assert first.result(timeout=10) == "requeued"
     finally:
         rt.stop()
 

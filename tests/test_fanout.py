@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import redis
+from redis.asyncio import Redis
 
 from producers import AsyncClient
-from producers.fanout import Inbox
+from producers.fanout import Fanout, Inbox
+from producers.follow import RESYNC
 from worker.settings import Settings
 
 REQ = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "Fan out, please."}], "stream": True}
@@ -142,3 +144,36 @@ def test_an_inbox_wait_ends_at_its_own_deadline_whatever_the_waits_before_it() -
         assert inbox._timer is None
 
     asyncio.run(main())
+
+
+def test_closing_stops_a_reader_that_lost_its_cancel(fresh_prefix: Settings) -> None:
+    """On Python 3.11 a cancel that lands while redis-py sends a command can be lost (moonq/cancel.py);
+    the shared reader is cancelled on close while it may be resubscribing. Here it loses the first
+    cancel: the close cancels it again and returns, instead of waiting on the reader for ever."""
+
+    async def main() -> int:
+        client = Redis.from_url(fresh_prefix.redis_url)
+        fanout = Fanout(client)
+        heard = 0
+        real_next = fanout._next
+
+        async def deaf_next(pubsub: Any) -> Any:
+            nonlocal heard
+            try:
+                return await real_next(pubsub)
+            except asyncio.CancelledError:
+                heard += 1
+                if heard == 1:
+                    return None  # as if the cancel had landed in redis-py's wait_for: lost
+                raise
+
+        fanout._next = deaf_next  # type: ignore[method-assign]
+        async with fanout.watch(f"{fresh_prefix.prefix}:fanout-close") as inbox:
+            assert await inbox.get(5) is RESYNC  # subscribed, the reader reading
+        closing = asyncio.create_task(fanout.close())
+        await asyncio.wait({closing}, timeout=3)  # not wait_for: its own cancel would end the reader
+        assert closing.done(), "close() still waits on its reader"
+        await client.aclose()
+        return heard
+
+    assert asyncio.run(main()) == 2

@@ -15,7 +15,7 @@ acts on "the job running here" acts on one delivery, never on a job id alone:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,10 +134,13 @@ async def claim(
     stale_s: float,
     wait_s: float,
     envelope: bool = False,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Claim:
     """Claim the job for ``delivery``; while another live node runs it, wait parked (it may die, or finish).
 
     ``envelope``: also read the record's envelope (the message was a ``JobTicket``, without the request).
+    ``stopping``: true once the node is shutting down; a parked delivery then stops waiting (raising
+    ``asyncio.CancelledError``), also when the shutdown's cancel was lost in a Redis call (moonq/cancel.py).
     """
     args: list[str | int] = [delivery.owner, int(stale_s * 1000), delivery.job_id, "1" if envelope else ""]
     while True:
@@ -150,4 +153,6 @@ async def claim(
             named = _text(rest[0]) if rest else ""
             stored = _text(rest[1]) if len(rest) > 1 else ""
             return Claim(_text(verdict), int(attempt), int(seq), _text(idem), named or DEFAULT_TENANT, stored)
+        if stopping():
+            raise asyncio.CancelledError
         await asyncio.sleep(wait_s)

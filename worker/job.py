@@ -130,6 +130,7 @@ async def _claim(ctx: JobContext, delivery: Delivery, envelope: bool) -> Claim |
             stale_s=ctx.settings.heartbeat_stale_s,
             wait_s=ctx.settings.heartbeat_interval_s,
             envelope=envelope,
+            stopping=lambda: ctx.shutting_down,
         )
     except asyncio.CancelledError:
         if ctx.shutting_down:  # a parked delivery owns nothing: its message just goes back
@@ -385,15 +386,22 @@ def _record_end(envelope: JobEnvelope, outcome: str, tenant: str) -> None:
 
 
 async def _still_ours(ctx: JobContext, job_id: str, owner: str) -> None:
-    """Before a call upstream (which is billed): the job is still this delivery's, and not cancelled.
+    """Before a call upstream (which is billed): the job is still this delivery's, not cancelled, and the
+    node is not shutting down.
 
     A delivery that stalled (a paused process, a long wait for capacity) may have been taken over,
     or the job cancelled, meanwhile; its writes would be fenced, but only after it paid for a call.
+    A shutdown's cancel (``Runtime.shutdown``) is delivered once, and on Python 3.11 one that lands
+    while a Redis command is sent is lost (moonq/cancel.py): the flag it sets is checked here too,
+    or the job would stream to its end while the node waits to exit.
 
     Raises:
         Fenced: another delivery owns the job, or it ended.
-        asyncio.CancelledError: a cancel was requested (whether or not its announcement arrived).
+        asyncio.CancelledError: a cancel was requested (whether or not its announcement arrived), or
+            the node is shutting down (the job goes back to the queue).
     """
+    if ctx.shutting_down:
+        raise asyncio.CancelledError
     raw = await ctx.redis.hmget(ctx.keys.job(job_id), [JobField.OWNER, JobField.STATUS, JobField.CANCEL_REQUESTED])
     mine, status, cancel = (x.decode() if isinstance(x, bytes) else x for x in raw)
     if mine != owner or status is None or JobStatus(status).terminal:

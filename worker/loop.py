@@ -22,12 +22,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from moonq.broker import queue_for, set_queue_load
+from moonq.cancel import cancel_and_wait
 from moonq.connect import resilient_redis
 from moonq.eventlog import append_lua
 from moonq.tenants import cached_tenants
 from moonq.wire import JobEnvelope, JobTicket
 from worker.accounts import load_accounts
-from worker.cancel import cancel_and_wait
 from worker.deliveries import DeliveryWorker
 from worker.delivery import CLAIM_LUA
 from worker.delivery_process import DeliveryProcess
@@ -175,7 +175,7 @@ class Runtime:
             self.loop.close()
 
     async def _close(self, ctx: JobContext) -> None:
-        await cancel_and_wait(self._background)  # worker/cancel.py: a cancel can be lost in redis-py
+        await cancel_and_wait(self._background)  # moonq/cancel.py: a cancel can be lost in redis-py
         await ctx.limiter.stop()
         with contextlib.suppress(Exception):
             for upstream in ctx.upstreams.values():

@@ -74,9 +74,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moonq.cancel import cancel_and_wait
 from moonq.record import DEFAULT_TENANT
 from moonq.tenants import Tenants
-from worker.cancel import cancel_and_wait
 from worker.errors import CapacityWaitTimeout, UnknownAccount
 from worker.limiter_state import FLEET, MAX_WINDOW_MS, VTIME_UNIT, WINDOW_MS, LimiterKeys
 from worker.ratelimit_scripts import ACQUIRE_LUA, COOLDOWN_LUA, LEAVE_LUA, RELEASE_LUA, RENEW_LUA
