@@ -72,7 +72,7 @@ bench-fairshare: $(BENCH_STAMP) check-redis
 
 # Redis commands and CPU per job and per relayed fragment (~2 minutes; docs/scaling.md uses them).
 bench-redis-cost: $(BENCH_STAMP) check-redis
-	$(BIN)/python -m bench.redis_cost --followers
+	$(BIN)/python -m bench.redis_cost --followers --paced-jobs 100 --paced-ms 20
 
 # How the Redis load spreads over a 3-primary Redis Cluster's shards, vs one plain Redis (~3 minutes).
 bench-cluster: $(BENCH_STAMP) check-redis

@@ -1,6 +1,7 @@
 """What one job and one relayed fragment cost Redis: commands, command time and CPU.
 
-    python -m bench.redis_cost [--jobs N] [--short F1] [--long F2] [--followers] [--no-write]
+    python -m bench.redis_cost [--jobs N] [--short F1] [--long F2] [--followers]
+                               [--paced-jobs P] [--paced-ms MS] [--no-write]
 
 One ``celery -A worker worker`` node with its defaults on a private redis-server, the simulator in
 its own process answering every job with exactly F fragments (one token each, 2 ms apart). Two
@@ -15,6 +16,12 @@ per-job figure is a job's fixed cost (submit, claim, limiter, start and end even
 per-fragment figure what each relayed delta adds (its append to the replay log and its publish).
 With ``--followers``, each job also has a live follower (``Job.events()``) so publishes reach a
 subscriber, as in production. docs/scaling.md turns these figures into Redis sizing.
+
+Fragments 2 ms apart fill each of the node's round trips with dozens of appends, which is Redis'
+cheapest case. Real answers arrive 20-30 ms apart per stream, and a round trip then carries only
+the fragments of the streams that moved since the last one. So the same two runs are made again
+with P jobs whose fragments come MS ms apart (``--paced-jobs``, ``--paced-ms``; P streams at once,
+the realistic case), and their per-fragment figure is the one to size Redis with; 0 skips them.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import redis
 
 from bench.fleets import REPO, node_env
 from bench.perf import Sim
-from bench.report import write_section
+from bench.report import machine, write_section
 from harness import RedisServer, WorkerProcess
 from moonq.settings import ClientSettings
 from producers import Client
@@ -81,10 +88,10 @@ def spent(after: Books, before: Books, idle: Cost, jobs: int) -> Cost:
     )
 
 
-def one_run(fragments: int, jobs: int, followers: bool) -> Cost:
+def one_run(fragments: int, jobs: int, followers: bool, chunk_ms: float = 2) -> Cost:
     with (
         RedisServer() as server,
-        Sim(latency_ms=20, chunk_ms=2, answer=(fragments, fragments), per_chunk=1) as sim,
+        Sim(latency_ms=20, chunk_ms=chunk_ms, answer=(fragments, fragments), per_chunk=1) as sim,
     ):
         prefix = f"rc{uuid.uuid4().hex[:6]}"
         env = node_env(server.url, sim.base_url, prefix)
@@ -114,20 +121,44 @@ def one_run(fragments: int, jobs: int, followers: bool) -> Cost:
         return spent(after, before, idle, jobs)
 
 
+def host() -> str:
+    m = machine()
+    return f"{m['CPU']}, {m['Cores']} cores, {m['OS']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--short", type=int, default=10, help="F1: fragments per job in the first run")
     parser.add_argument("--long", type=int, default=200, help="F2: fragments per job in the second run")
     parser.add_argument("--followers", action="store_true", help="a live follower per job")
+    parser.add_argument("--paced-jobs", type=int, default=100, help="P: jobs of the paced runs (0: none)")
+    parser.add_argument("--paced-ms", type=float, default=20.0, help="MS: fragment spacing of the paced runs")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     rows = []
     costs = {}
-    for followers in (False, True) if args.followers else (False,):
-        a = one_run(args.short, args.jobs, followers)
-        b = one_run(args.long, args.jobs, followers)
+    # (label, jobs, fragment spacing in ms, followers)
+    runs = [
+        (f"fragments 2 ms apart, {args.jobs} jobs", args.jobs, 2.0, False),
+        *([(f"fragments 2 ms apart, {args.jobs} jobs", args.jobs, 2.0, True)] if args.followers else []),
+        *(
+            [
+                (
+                    f"paced: fragments {args.paced_ms:g} ms apart, {args.paced_jobs} streams",
+                    args.paced_jobs,
+                    args.paced_ms,
+                    True,
+                )
+            ]
+            if args.paced_jobs
+            else []
+        ),
+    ]
+    for run_label, jobs, chunk_ms, followers in runs:
+        a = one_run(args.short, jobs, followers, chunk_ms)
+        b = one_run(args.long, jobs, followers, chunk_ms)
         span = args.long - args.short
         frag = Cost(
             (b.commands - a.commands) / span, (b.command_us - a.command_us) / span, (b.cpu_us - a.cpu_us) / span, {}
@@ -138,8 +169,8 @@ def main() -> None:
             a.cpu_us - args.short * frag.cpu_us,
             {},
         )
-        costs[followers] = (job, frag, a, b)
-        label = "with a live follower per job" if followers else "no subscriber"
+        label = f"{run_label}, " + ("a live follower per job" if followers else "no subscriber")
+        costs[label] = (job, frag, a, b)
         rows.append(
             f"| per job ({label}) | {job.commands:.1f} | {job.command_us:.0f} | {job.cpu_us:.0f} |\n"
             f"| per fragment ({label}) | {frag.commands:.2f} | {frag.command_us:.1f} | {frag.cpu_us:.1f} |"
@@ -155,8 +186,7 @@ def main() -> None:
         ]
     )
     tops = []
-    for followers, (_, _, _, b) in costs.items():
-        label = "with followers" if followers else "no subscriber"
+    for label, (_, _, _, b) in costs.items():
         tops.append(
             f"- {label}, F = {args.long}, commands per job by name: "
             + ", ".join(f"`{k}` {v:.1f}" for k, v in b.top.items())
@@ -164,14 +194,18 @@ def main() -> None:
     text = (
         f"{SECTION}\n\n"
         f"`python -m bench.redis_cost --jobs {args.jobs} --short {args.short} --long {args.long}"
-        f"{' --followers' if args.followers else ''}` (one node with its defaults, the simulator in its own"
-        " process answering F one-token fragments 2 ms apart; Redis' `INFO commandstats` and `INFO cpu` over each"
-        " run, the node's idle traffic subtracted; per job and per fragment solved from the two runs)."
+        f"{' --followers' if args.followers else ''} --paced-jobs {args.paced_jobs} --paced-ms {args.paced_ms:g}`"
+        f" (`make bench-redis-cost`), {time.strftime('%Y-%m-%d')}; machine: {host()}. One node with its"
+        " defaults, the simulator in its own process answering F one-token fragments (F ="
+        f" {args.short} and F = {args.long}, all jobs submitted at once); Redis' `INFO commandstats` and `INFO cpu`"
+        " over each run, the node's idle traffic subtracted; per job and per fragment solved from the two runs."
         "\n\n" + table + "\n\n" + "\n".join(tops) + "\n\n"
         "Command time is what Redis spent executing commands (a script's inner commands included); CPU is the"
         " redis-server process's, which adds reading and writing the sockets. A relayed fragment is one"
-        " event appended to the job's replay log and published on its channel, batched per flush. docs/scaling.md"
-        " turns these into Redis sizing per Moonshot tier.\n"
+        " event appended to the job's replay log and published on its channel; the node sends the fragments"
+        " that wait together in one script call, so with fragments 2 ms apart a call carries dozens and with"
+        f" paced streams ({args.paced_ms:g} ms apart, as real answers arrive) a few: the paced per-fragment"
+        " figure is the one to size with. docs/scaling.md turns these into Redis sizing per Moonshot tier.\n"
     )
     if not args.no_write:
         write_section(args.out, SECTION, text)

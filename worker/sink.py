@@ -199,7 +199,9 @@ class ScriptSink:
                 return
             packed = self._pack(batch)
         # redis-py's StreamWriter: its write is the socket's (buffered by asyncio only when the socket is
-        # full), where ``send_packed_command`` would wait for the loop's next turn.
+        # full), where ``send_packed_command`` would wait for the loop's next turn. ``_writer`` is redis-py's
+        # own attribute, as are ``get_available_connection`` and ``is_connected`` below: the same in every
+        # release pyproject.toml admits (6.4, 7.0 and 8.1 read; its pin stops before 9).
         self._conn._writer.writelines(packed)
         self._flights.append(batch)
         self.pipelines += 1
