@@ -217,6 +217,20 @@ def _streaming(rt: Runtime, client: Client) -> tuple[Job, Future[Outcome]]:
     return job, future
 
 
+def _parked_behind_the_owner(rt: Runtime, client: Client) -> tuple[Job, Future[Outcome], Future[Outcome]]:
+    """A job running on ``rt`` (its delivery tagged ``tag-1``) and a second delivery of it (``tag-2``), which
+    the claim parks behind the live owner."""
+    job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
+    envelope = _envelope(client, job.id)
+    first = rt.submit(envelope, "tag-1")
+    wait_until(lambda: job.status() == "running", 10, "the first delivery runs")
+    second = rt.submit(envelope, "tag-2")
+    assert rt.ctx is not None
+    ctx = rt.ctx
+    wait_until(lambda: len(ctx.deliveries.of_job(job.id)) == 2, 5, "both deliveries tracked, the second parked")
+    return job, first, second
+
+
 def _forget(r: redis.Redis, keys: Keys, job_id: str) -> None:
     """What expiry does to an ended job: its record and log are gone."""
     r.delete(keys.job(job_id), keys.log(job_id))
@@ -312,14 +326,9 @@ def test_two_deliveries_of_one_job_in_one_process_are_tracked_apart(
     rt = _runtime(fresh_prefix, story_sim.base_url)
     try:
         with Client(settings=fresh_prefix) as client:
-            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
-            envelope = _envelope(client, job.id)
-            first = rt.submit(envelope, "tag-1")
-            wait_until(lambda: job.status() == "running", 10, "the first delivery runs")
-            second = rt.submit(envelope, "tag-2")
+            job, first, second = _parked_behind_the_owner(rt, client)
             assert rt.ctx is not None
             ctx = rt.ctx
-            wait_until(lambda: len(ctx.deliveries.of_job(job.id)) == 2, 5, "both deliveries tracked")
             owners = [d for d in ctx.deliveries.of_job(job.id) if d.owns]
             assert [d.tag for d in owners] == ["tag-1"]
             assert first.result(timeout=20) == "succeeded"
@@ -368,12 +377,7 @@ def test_a_parked_delivery_stops_waiting_when_the_node_shuts_down_even_without_i
     ctx = rt.ctx
     try:
         with Client(settings=fresh_prefix) as client:
-            job = client.submit({"model": "moonshot-v1-8k", "messages": [USER]})
-            envelope = _envelope(client, job.id)
-            first = rt.submit(envelope, "tag-1")
-            wait_until(lambda: job.status() == "running", 10, "the first delivery runs")
-            second = rt.submit(envelope, "tag-2")
-            wait_until(lambda: len(ctx.deliveries.of_job(job.id)) == 2, 5, "the second delivery parked")
+            _job, first, second = _parked_behind_the_owner(rt, client)
             ctx.shutting_down = True
             # Within a parked wait (heartbeat_interval_s: 0.5 s in tests), long before the ~5 s answer ends.
             assert second.result(timeout=2) == "requeued"
