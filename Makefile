@@ -126,7 +126,7 @@ bench-deep-queue: $(BENCH_STAMP) check-redis
 # Time to first token: 200 streams at once through the gateway and one node vs direct, beside the
 # gateway and node of 5454059 (before the job-start work of issue 15) in the same rounds (~3 minutes).
 bench-ttft: $(BENCH_STAMP) check-redis
-	$(BIN)/python -m bench.ttft --baseline 5454059
+	$(BIN)/python -m bench.ttft --baseline 5454059 --two-nodes
 
 # The gateway for thousands: 2,000 streams through one `moonq gateway` (Redis connections, memory per
 # client, TTFB/end vs direct) and 200 streams direct vs gateway vs the LiteLLM proxy (pip-installed into

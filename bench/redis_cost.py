@@ -37,7 +37,7 @@ import redis
 
 from bench.fleets import REPO, node_env
 from bench.perf import Sim
-from bench.report import machine, write_section
+from bench.report import machine_line, write_section
 from harness import RedisServer, WorkerProcess
 from moonq.settings import ClientSettings
 from producers import Client
@@ -121,11 +121,6 @@ def one_run(fragments: int, jobs: int, followers: bool, chunk_ms: float = 2) -> 
         return spent(after, before, idle, jobs)
 
 
-def host() -> str:
-    m = machine()
-    return f"{m['CPU']}, {m['Cores']} cores, {m['OS']}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=300)
@@ -195,7 +190,7 @@ def main() -> None:
         f"{SECTION}\n\n"
         f"`python -m bench.redis_cost --jobs {args.jobs} --short {args.short} --long {args.long}"
         f"{' --followers' if args.followers else ''} --paced-jobs {args.paced_jobs} --paced-ms {args.paced_ms:g}`"
-        f" (`make bench-redis-cost`), {time.strftime('%Y-%m-%d')}; machine: {host()}. One node with its"
+        f" (`make bench-redis-cost`), {time.strftime('%Y-%m-%d')}; machine: {machine_line()}. One node with its"
         " defaults, the simulator in its own process answering F one-token fragments (F ="
         f" {args.short} and F = {args.long}, all jobs submitted at once); Redis' `INFO commandstats` and `INFO cpu`"
         " over each run, the node's idle traffic subtracted; per job and per fragment solved from the two runs."

@@ -63,6 +63,12 @@ def machine() -> dict[str, str]:
     }
 
 
+def machine_line() -> str:
+    """This machine in a few words, for a section's first paragraph (its CPU, cores and kernel)."""
+    m = machine()
+    return f"{m['CPU']}, {m['Cores']} cores, {m['OS']}"
+
+
 def _amount(r: Result, value: float) -> str:
     return f"{value:,.0f}" + ("" if r.scenario.axis == "requests" else " tok")
 

@@ -20,6 +20,7 @@ wall time another one did not get).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import redis
 
 from bench.fleets import API_KEY, REPO, first_chunk_stages, node_env, source_tree
 from bench.perf import Sim, cpu_s
-from bench.report import write_section
+from bench.report import machine_line, write_section
 from harness import RedisServer, WorkerProcess, free_port, wait_for_port
 
 SECTION = "## Time to first token through the queue: a burst through the gateway and one node"
@@ -130,8 +131,9 @@ class Round:
     moonq: dict[str, Burst]  # "now", and "before" with --baseline
 
 
-def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int) -> Burst:
-    """A burst through a gateway and a node started from ``tree`` (this checkout, or a baseline's)."""
+def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int, nodes: int = 1) -> Burst:
+    """A burst through a gateway and ``nodes`` nodes started from ``tree`` (this checkout, or a baseline's);
+    the nodes' CPU is summed as ``node``."""
     assert sim.proc is not None and server.proc is not None
     prefix = f"tt{uuid.uuid4().hex[:6]}"
     env = node_env(server.url, sim.base_url, prefix, tree, MOONQ_GATEWAY_TOKENS=TOKEN)
@@ -146,14 +148,17 @@ def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars
     try:
         wait_for_port(port, timeout_s=30)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        with WorkerProcess(env, cwd=tree) as node:
-            assert node.proc is not None
+        with contextlib.ExitStack() as stack:
+            workers = [
+                stack.enter_context(WorkerProcess(env, cwd=tree, args=("-n", f"ttft{i}@bench"))) for i in range(nodes)
+            ]
             burst(url, TOKEN, clients)  # warm: the pools hold the connections a burst needs, scripts loaded
             time.sleep(1.0)
-            pids = {"node": node.proc.pid, "gateway": gateway.pid, "simulator": sim.proc.pid, "redis": server.proc.pid}
-            before = {name: cpu_s(pid) for name, pid in pids.items()}
+            procs = {"node": [w.proc.pid for w in workers if w.proc is not None]}
+            procs |= {"gateway": [gateway.pid], "simulator": [sim.proc.pid], "redis": [server.proc.pid]}
+            before = {name: sum(cpu_s(pid) for pid in pids) for name, pids in procs.items()}
             result = burst(url, TOKEN, clients, chars)
-            result.cpu_s = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+            result.cpu_s = {name: sum(cpu_s(pid) for pid in pids) - before[name] for name, pids in procs.items()}
             result.stages = stages(server.url, prefix, result)
             return result
     finally:
@@ -161,10 +166,14 @@ def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars
         gateway.wait(timeout=30)
 
 
-def one_round(clients: int, trees: dict[str, Path]) -> Round:
+def one_round(clients: int, trees: dict[str, tuple[Path, int]]) -> Round:
+    """``trees``: each path's code tree and its number of nodes."""
     with RedisServer() as server, Sim(latency_ms=20, chunk_ms=20, answer=(FRAGMENTS, FRAGMENTS), per_chunk=1) as sim:
         direct = burst(sim.base_url + "/chat/completions", API_KEY, clients)
-        moonq = {name: through_moonq(server, sim, tree, clients, direct.chars) for name, tree in trees.items()}
+        moonq = {
+            name: through_moonq(server, sim, tree, clients, direct.chars, nodes)
+            for name, (tree, nodes) in trees.items()
+        }
         return Round(direct, moonq)
 
 
@@ -174,7 +183,7 @@ def med(values: list[float]) -> float:
 
 def section(rounds: list[Round], args: argparse.Namespace) -> str:
     names = list(rounds[0].moonq)
-    label = {"before": f"moonq before (`{args.baseline}`)", "now": "moonq now"}
+    label = {"before": f"moonq before (`{args.baseline}`)", "now": "moonq now", "two": "moonq now, two nodes"}
 
     def fig(name: str | None, which: str, q: float) -> float:
         return med([(r.direct if name is None else r.moonq[name]).pct(which, q) for r in rounds])
@@ -210,17 +219,21 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
         cpu_lines.append(
             f"- {label[n]}: "
             + ", ".join(f"{proc} {seconds:.2f} s" for proc, seconds in cpu.items())
-            + f"; per job, the node {cpu.get('node', 0.0) / args.clients * 1e3:.2f} ms and the gateway"
+            + f"; per job, {'the two nodes' if n == 'two' else 'the node'}"
+            f" {cpu.get('node', 0.0) / args.clients * 1e3:.2f} ms and the gateway"
             f" {cpu.get('gateway', 0.0) / args.clients * 1e3:.2f} ms."
         )
-    command = f"python -m bench.ttft --clients {args.clients} --rounds {args.rounds}" + (
-        f" --baseline {args.baseline}" if args.baseline else ""
+    command = (
+        f"python -m bench.ttft --clients {args.clients} --rounds {args.rounds}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + (" --two-nodes" if args.two_nodes else "")
     )
     return "\n".join(
         [
             SECTION,
             "",
-            f"`{command}` (`make bench-ttft`). Machine as above. {args.clients} streaming chat completions sent at"
+            f"`{command}` (`make bench-ttft`), {time.strftime('%Y-%m-%d')}; machine: {machine_line()}."
+            f" {args.clients} streaming chat completions sent at"
             " once by a load process of its own (aiohttp); the simulator answers each with"
             f" {FRAGMENTS} one-token fragments 20 ms apart after 20 ms. **direct**: straight to the simulator;"
             " **moonq**: to `moonq gateway` (its own process) in front of one `celery -A worker worker` node with"
@@ -229,6 +242,12 @@ def section(rounds: list[Round], args: argparse.Namespace) -> str:
                 f" **before**: the gateway and node of `{args.baseline}` (its files, this environment), in the same"
                 " rounds."
                 if args.baseline
+                else ""
+            )
+            + (
+                " **two nodes**: this checkout's gateway in front of two nodes (two processes, so two GILs) on the"
+                " same 2 cores, in the same rounds: not the goal's setup (one node), but what a user can do."
+                if args.two_nodes
                 else ""
             )
             + " Each request is timed from its send to the first chunk with content and to `[DONE]`; a figure is"
@@ -267,12 +286,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", help="a git revision whose gateway and node to measure beside this checkout's")
+    parser.add_argument("--two-nodes", action="store_true", help="also this checkout's gateway with two nodes")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     rounds = []
     with source_tree(args.baseline) as base:
-        trees = {"before": base, "now": REPO} if args.baseline else {"now": REPO}
+        trees = {"before": (base, 1), "now": (REPO, 1)} if args.baseline else {"now": (REPO, 1)}
+        if args.two_nodes:
+            trees["two"] = (REPO, 2)
         for i in range(args.rounds):
             rounds.append(one_round(args.clients, trees))
             r = rounds[-1]
