@@ -124,7 +124,8 @@ bench-deep-queue: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.deep_queue
 
 # Time to first token: 200 streams at once through the gateway and one node vs direct, beside the
-# gateway and node of 5454059 (before the job-start work of issue 15) in the same rounds (~3 minutes).
+# gateway and node of 5454059 (before the job-start work of issue 15), and through two nodes, in the same
+# rounds (~2 minutes).
 bench-ttft: $(BENCH_STAMP) check-redis
 	$(BIN)/python -m bench.ttft --baseline 5454059 --two-nodes
 

@@ -1,6 +1,6 @@
 """Time to the first token through the queue: a burst of streaming completions, gateway + one node vs direct.
 
-    python -m bench.ttft [--clients 200] [--rounds 3] [--no-write]
+    python -m bench.ttft [--clients 200] [--rounds 3] [--baseline REV] [--two-nodes] [--no-write]
 
 A new user's first test of a queue in front of an LLM API: many streaming chat completions sent
 at once, each timed to its first content byte. The simulator (its own process) answers each with
@@ -9,6 +9,8 @@ at once, each timed to its first content byte. The simulator (its own process) a
 - **direct**: the N requests straight to the simulator.
 - **moonq**: the same N requests to ``POST /v1/chat/completions`` on ``moonq gateway`` (its own
   process), served by one ``celery -A worker worker`` node with its defaults.
+- with ``--baseline REV``: the same through REV's gateway and node; with ``--two-nodes``: through this
+  checkout's gateway and two nodes (two processes on the same cores: does a second GIL help?).
 
 A load process of its own (aiohttp) sends all N at once and times each from its send to the first
 SSE chunk with content (TTFT) and to ``[DONE]`` (end), and checks each answer's text. The figures
@@ -128,7 +130,7 @@ def stages(redis_url: str, prefix: str, b: Burst) -> dict[str, list[float]]:
 @dataclass
 class Round:
     direct: Burst
-    moonq: dict[str, Burst]  # "now", and "before" with --baseline
+    moonq: dict[str, Burst]  # "now"; "before" with --baseline; "two" (two nodes) with --two-nodes
 
 
 def through_moonq(server: RedisServer, sim: Sim, tree: Path, clients: int, chars: int, nodes: int = 1) -> Burst:
